@@ -1,0 +1,655 @@
+"""Calibration metrics for voxel-wise class probabilities.
+
+Every metric is a thin wrapper over :class:`CalibrationAccumulator`, which walks the voxels in
+chunks (``2**22`` voxels by default) and keeps only per-bin sums, so memory stays bounded for
+any volume size and results merge across batches and workers.
+
+Binning follows Guo et al. (2017): bin ``b`` holds the confidences in ``(e_b, e_{b+1}]`` (the
+first bin also holds 0). ECE is the count-weighted mean of ``|accuracy - confidence|`` over the
+bins, MCE the largest gap over non-empty bins. "Top-label" uses the confidence
+``max_k p_k`` and the correctness of ``argmax_k p_k``; "class-wise" uses, for each class ``k``,
+``p_k`` against ``1[y == k]`` and averages over classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from uqseg._optional import import_optional
+from uqseg._validation import check_labels, check_scores
+
+__all__ = [
+    "CalibrationAccumulator",
+    "adaptive_calibration_error",
+    "brier_score",
+    "expected_calibration_error",
+    "foreground_roi",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
+    "plot_reliability_diagram",
+    "reliability_curve",
+]
+
+DEFAULT_CHUNK = 1 << 22
+
+
+def _check_edges(edges, name):
+    e = np.asarray(edges, dtype=np.float64)
+    if e.ndim < 1 or e.shape[-1] < 2 or not np.isfinite(e).all() or np.any(np.diff(e) < 0):
+        raise ValueError(f"{name} must be non-decreasing finite bin edges (at least 2), got {edges!r}")
+    return e
+
+
+def _blocks(n_img: int, n_vox: int, chunk: int):
+    """(image slice, voxel slice) pairs covering at most ``chunk`` voxels each."""
+    if n_vox >= chunk:
+        for i in range(n_img):
+            for s in range(0, n_vox, chunk):
+                yield slice(i, i + 1), slice(s, min(s + chunk, n_vox))
+    else:
+        step = max(1, chunk // n_vox)
+        for i in range(0, n_img, step):
+            yield slice(i, min(i + step, n_img)), slice(0, n_vox)
+
+
+def _check_mask(mask, shape):
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {m.dtype}")
+    if m.shape != tuple(shape):
+        raise ValueError(f"mask must have shape {tuple(shape)} (N, *spatial), got {m.shape}")
+    return m
+
+
+def _softmax_block(z: np.ndarray) -> np.ndarray:
+    z = np.array(z, dtype=np.float32, copy=True)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+class CalibrationAccumulator:
+    """Streaming histogram statistics for ECE, MCE, Brier score, NLL and reliability curves.
+
+    Parameters
+    ----------
+    n_bins : int, default=15
+        Number of equal-width bins on ``[0, 1]`` (ignored when ``edges`` is given).
+    n_classes : int, optional
+        Number of classes; inferred from the first update when None.
+    edges : array_like of shape (n_bins + 1,), optional
+        Explicit bin edges for the top-label (and, unless ``class_edges``, class-wise) statistics.
+    classwise : bool, default=False
+        Also keep per-class one-vs-rest histograms (needed for ``classwise_ece``/``classwise_mce``).
+    class_edges : array_like of shape (n_classes, n_bins + 1), optional
+        Per-class bin edges for the class-wise histograms.
+    ignore_index : int, optional
+        Label value whose voxels are skipped.
+    eps : float, default=1e-7
+        NLL clips ``p_y`` below at ``eps`` (so a zero probability costs ``-log(eps)``).
+    chunk_size : int, default=2**22
+        Voxels handled at once; bounds the temporary memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)   # (1, 2, 2)
+    >>> acc = CalibrationAccumulator(n_bins=10).update(p, np.array([[0, 1]]))
+    >>> round(acc.ece, 3), round(acc.brier, 3)
+    (0.4, 0.4)
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 15,
+        n_classes: int | None = None,
+        *,
+        edges=None,
+        classwise: bool = False,
+        class_edges=None,
+        ignore_index: int | None = None,
+        eps: float = 1e-7,
+        chunk_size: int = DEFAULT_CHUNK,
+    ):
+        if edges is None:
+            if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+                raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+            edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+        self.edges = _check_edges(edges, "edges")
+        if self.edges.ndim != 1:
+            raise ValueError(f"edges must be 1-D, got shape {self.edges.shape}")
+        self.n_bins = self.edges.size - 1
+        if n_classes is not None and (not isinstance(n_classes, (int, np.integer)) or n_classes < 2):
+            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if not (0 < eps < 1):
+            raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+        self.classwise = bool(classwise or class_edges is not None)
+        self.class_edges = None if class_edges is None else _check_edges(class_edges, "class_edges")
+        if self.class_edges is not None and (
+            self.class_edges.ndim != 2 or self.class_edges.shape[1] != self.n_bins + 1
+        ):
+            raise ValueError(
+                f"class_edges must have shape (n_classes, {self.n_bins + 1}), "
+                f"got {self.class_edges.shape}"
+            )
+        self.ignore_index = ignore_index
+        self.eps = float(eps)
+        self.chunk_size = int(chunk_size)
+        self.n_classes = None
+        self.n_voxels = 0
+        self._count = np.zeros(self.n_bins)
+        self._conf = np.zeros(self.n_bins)
+        self._acc = np.zeros(self.n_bins)
+        self._brier = 0.0
+        self._nll = 0.0
+        self._ccount = self._cconf = self._cacc = None
+        if n_classes is not None:
+            self._set_classes(int(n_classes))
+
+    def _set_classes(self, k: int) -> None:
+        if self.class_edges is not None and self.class_edges.shape[0] != k:
+            raise ValueError(f"class_edges has {self.class_edges.shape[0]} rows for {k} classes")
+        self.n_classes = k
+        if self.classwise:
+            self._ccount = np.zeros(k * self.n_bins)
+            self._cconf = np.zeros(k * self.n_bins)
+            self._cacc = np.zeros(k * self.n_bins)
+
+    def __repr__(self) -> str:
+        return (f"CalibrationAccumulator(n_bins={self.n_bins}, n_classes={self.n_classes}, "
+                f"n_voxels={self.n_voxels})")
+
+    # ------------------------------------------------------------------ updates
+    def _check_inputs(self, scores, y, mask, kind):
+        name = "proba" if kind == "proba" else "logits"
+        scores = check_scores(scores, name=name, kind=kind)
+        k = scores.shape[1]
+        if self.n_classes is None:
+            self._set_classes(k)
+        elif k != self.n_classes:
+            raise ValueError(f"{name} has {k} classes on axis 1, expected {self.n_classes}")
+        shape = (scores.shape[0], *scores.shape[2:])
+        y = check_labels(y, n_classes=k, shapes=shape, ignore_index=self.ignore_index)
+        return scores, y, _check_mask(mask, shape)
+
+    def update(self, proba, y, mask=None) -> CalibrationAccumulator:
+        """Add probabilities ``(N, K, *spatial)`` with labels ``(N, *spatial)``; returns self.
+
+        ``mask`` (boolean, ``(N, *spatial)``) keeps only the voxels where it is True.
+        """
+        proba, y, mask = self._check_inputs(proba, y, mask, "proba")
+        self._consume(proba, y, mask, logits=False)
+        return self
+
+    def update_logits(self, logits, y, mask=None) -> CalibrationAccumulator:
+        """Like :meth:`update` with logits; the softmax is taken chunk by chunk."""
+        logits, y, mask = self._check_inputs(logits, y, mask, "logits")
+        self._consume(logits, y, mask, logits=True)
+        return self
+
+    def _consume(self, scores, y, mask, logits):
+        n, k = scores.shape[:2]
+        s3 = scores.reshape(n, k, -1)
+        y2 = y.reshape(n, -1)
+        m2 = None if mask is None else mask.reshape(n, -1)
+        for si, sv in _blocks(n, s3.shape[2], self.chunk_size):
+            p = s3[si, :, sv]
+            if logits:
+                p = _softmax_block(p)
+            yy = y2[si, sv]
+            keep = None if m2 is None else m2[si, sv]
+            if self.ignore_index is not None:
+                valid = yy != self.ignore_index
+                keep = valid if keep is None else keep & valid
+                yy = np.where(valid, yy, 0)  # any in-range index; these voxels are dropped
+            self._add_block(p, yy, keep)
+
+    def _add_block(self, p, yy, keep):
+        # p: (b, K, v); one pass gives confidence and predicted label
+        pred = p.argmax(axis=1)
+        conf = np.take_along_axis(p, pred[:, None], axis=1)[:, 0]
+        p_y = np.take_along_axis(p, yy[:, None], axis=1)[:, 0].astype(np.float64)
+        sq = np.einsum("bkv,bkv->bv", p, p, dtype=np.float64)
+        correct = pred == yy
+        if keep is not None:
+            conf, p_y, sq, correct, yy = conf[keep], p_y[keep], sq[keep], correct[keep], yy[keep]
+            if self.classwise:
+                pk = p.transpose(0, 2, 1)[keep]  # (n_kept, K)
+        elif self.classwise:
+            pk = p.transpose(0, 2, 1).reshape(-1, p.shape[1])
+        conf = conf.ravel().astype(np.float64)
+        correct = correct.ravel()
+        n_kept = conf.size
+        if n_kept == 0:
+            return
+        b = np.searchsorted(self.edges[1:-1], conf, side="left")
+        self._count += np.bincount(b, minlength=self.n_bins)
+        self._conf += np.bincount(b, weights=conf, minlength=self.n_bins)
+        self._acc += np.bincount(b, weights=correct, minlength=self.n_bins)
+        # multi-class Brier: sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_y + 1
+        self._brier += float(sq.sum() - 2.0 * p_y.sum() + n_kept)
+        self._nll -= float(np.log(np.maximum(p_y, self.eps)).sum())
+        self.n_voxels += n_kept
+        if self.classwise:
+            self._add_classwise(pk, yy.ravel())
+
+    def _add_classwise(self, pk, yy):
+        k, nb = pk.shape[1], self.n_bins
+        for c in range(k):
+            e = self.edges if self.class_edges is None else self.class_edges[c]
+            pc = pk[:, c].astype(np.float64)
+            idx = np.searchsorted(e[1:-1], pc, side="left") + c * nb
+            size = k * nb
+            self._ccount += np.bincount(idx, minlength=size)
+            self._cconf += np.bincount(idx, weights=pc, minlength=size)
+            self._cacc += np.bincount(idx, weights=yy == c, minlength=size)
+
+    def merge(self, other: CalibrationAccumulator) -> CalibrationAccumulator:
+        """Add the statistics of ``other`` (same bins and classes); returns self."""
+        if not isinstance(other, CalibrationAccumulator):
+            raise TypeError(f"other must be a CalibrationAccumulator, got {type(other).__name__}")
+        if other.edges.shape != self.edges.shape or not np.array_equal(other.edges, self.edges):
+            raise ValueError("cannot merge accumulators with different bin edges")
+        if self.classwise and not other.classwise and other.n_voxels:
+            raise ValueError("other does not keep class-wise histograms")
+        if other.n_classes is None:
+            return self
+        if self.n_classes is None:
+            self._set_classes(other.n_classes)
+        elif other.n_classes != self.n_classes:
+            raise ValueError(f"cannot merge {other.n_classes} classes into {self.n_classes}")
+        self._count += other._count
+        self._conf += other._conf
+        self._acc += other._acc
+        self._brier += other._brier
+        self._nll += other._nll
+        self.n_voxels += other.n_voxels
+        if self.classwise and other._ccount is not None:
+            self._ccount += other._ccount
+            self._cconf += other._cconf
+            self._cacc += other._cacc
+        return self
+
+    # ------------------------------------------------------------------ results
+    @staticmethod
+    def _gaps(count, conf, acc):
+        gap = np.zeros_like(count)
+        np.divide(np.abs(conf - acc), count, out=gap, where=count > 0)
+        return gap
+
+    def _need_classwise(self):
+        if not self.classwise:
+            raise ValueError("class-wise metrics need CalibrationAccumulator(classwise=True)")
+
+    @property
+    def ece(self) -> float:
+        """Top-label expected calibration error (NaN before any voxel)."""
+        if self.n_voxels == 0:
+            return float("nan")
+        return float(np.abs(self._conf - self._acc).sum() / self.n_voxels)
+
+    @property
+    def mce(self) -> float:
+        """Top-label maximum calibration error over non-empty bins (NaN before any voxel)."""
+        if self.n_voxels == 0:
+            return float("nan")
+        return float(self._gaps(self._count, self._conf, self._acc).max())
+
+    def _class_tables(self):
+        shape = (self.n_classes, self.n_bins)
+        return (self._ccount.reshape(shape), self._cconf.reshape(shape),
+                self._cacc.reshape(shape))
+
+    @property
+    def classwise_ece(self) -> float:
+        """Mean over classes of the one-vs-rest ECE of ``p_k`` against ``y == k``."""
+        self._need_classwise()
+        if self.n_voxels == 0:
+            return float("nan")
+        _, conf, acc = self._class_tables()
+        return float((np.abs(conf - acc).sum(axis=1) / self.n_voxels).mean())
+
+    @property
+    def classwise_mce(self) -> float:
+        """Mean over classes of the one-vs-rest MCE."""
+        self._need_classwise()
+        if self.n_voxels == 0:
+            return float("nan")
+        return float(self._gaps(*self._class_tables()).max(axis=1).mean())
+
+    @property
+    def brier(self) -> float:
+        """Mean over voxels of ``sum_k (p_k - 1[y == k])^2`` (range ``[0, 2]``)."""
+        return float(self._brier / self.n_voxels) if self.n_voxels else float("nan")
+
+    @property
+    def nll(self) -> float:
+        """Mean over voxels of ``-log(max(p_y, eps))``."""
+        return float(self._nll / self.n_voxels) if self.n_voxels else float("nan")
+
+    def reliability_curve(self):
+        """Per-bin ``(confidence, accuracy, count)``; NaN confidence/accuracy for empty bins."""
+        c = self._count
+        conf = np.divide(self._conf, c, out=np.full(self.n_bins, np.nan), where=c > 0)
+        acc = np.divide(self._acc, c, out=np.full(self.n_bins, np.nan), where=c > 0)
+        return conf, acc, c.astype(np.int64)
+
+
+# ---------------------------------------------------------------------- functions
+def _quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    if values.size == 0:
+        return np.linspace(0.0, 1.0, n_bins + 1)
+    e = np.quantile(values.astype(np.float64), np.linspace(0.0, 1.0, n_bins + 1))
+    e[0], e[-1] = 0.0, 1.0  # catch every value, also rounding just outside the data range
+    return np.maximum.accumulate(e)
+
+
+def _collect(proba, y, mask, ignore_index, chunk, what):
+    """Kept voxels' values of ``what`` (-1: top-label confidence, c: p_c), chunk by chunk."""
+    n, k = proba.shape[:2]
+    s3, y2 = proba.reshape(n, k, -1), y.reshape(n, -1)
+    m2 = None if mask is None else mask.reshape(n, -1)
+    out = []
+    for si, sv in _blocks(n, s3.shape[2], chunk):
+        p = s3[si, :, sv]
+        v = p.max(axis=1) if what < 0 else p[:, what]
+        keep = None if m2 is None else m2[si, sv]
+        if ignore_index is not None:
+            valid = y2[si, sv] != ignore_index
+            keep = valid if keep is None else keep & valid
+        out.append(v.ravel() if keep is None else v[keep])
+    return np.concatenate(out)
+
+
+def _accumulate(proba, y, n_bins, strategy, classwise, mask, ignore_index, eps=1e-7,
+                chunk_size=DEFAULT_CHUNK):
+    if strategy not in ("uniform", "quantile"):
+        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    proba = check_scores(proba, name="proba", kind="proba")
+    shape = (proba.shape[0], *proba.shape[2:])
+    y = check_labels(y, n_classes=proba.shape[1], shapes=shape, ignore_index=ignore_index)
+    mask = _check_mask(mask, shape)
+    edges = class_edges = None
+    if strategy == "quantile":
+        # exact equal-mass edges: one extra pass per statistic, one float per kept voxel
+        edges = _quantile_edges(_collect(proba, y, mask, ignore_index, chunk_size, -1), n_bins)
+        if classwise:
+            class_edges = np.stack([
+                _quantile_edges(_collect(proba, y, mask, ignore_index, chunk_size, c), n_bins)
+                for c in range(proba.shape[1])
+            ])
+    acc = CalibrationAccumulator(n_bins, proba.shape[1], edges=edges, classwise=classwise,
+                                 class_edges=class_edges, ignore_index=ignore_index, eps=eps,
+                                 chunk_size=chunk_size)
+    acc._consume(proba, y, mask, logits=False)  # inputs are validated above
+    return acc
+
+
+def expected_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "uniform",
+                               classwise: bool = False, mask=None, ignore_index=None) -> float:
+    """Expected calibration error over voxels.
+
+    Parameters
+    ----------
+    proba : array_like of shape (N, K, *spatial)
+        Class probabilities (class axis 1), 2-D or 3-D spatial.
+    y : array_like of int, shape (N, *spatial)
+        True labels.
+    n_bins : int, default=15
+    strategy : {"uniform", "quantile"}, default="uniform"
+        Equal-width bins (Guo et al.; Mehrtash et al.) or equal-mass bins at the exact
+        quantiles of the confidences (adaptive ECE).
+    classwise : bool, default=False
+        False: top-label ECE. True: mean over classes of the one-vs-rest ECE of ``p_k``.
+    mask : array_like of bool, shape (N, *spatial), optional
+        Only voxels where True count, e.g. :func:`foreground_roi` for the segment-level ECE.
+    ignore_index : int, optional
+        Voxels with this label are skipped.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; NaN when no voxel is selected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)   # (1, 2, 2)
+    >>> round(expected_calibration_error(p, np.array([[0, 1]]), n_bins=10), 3)
+    0.4
+    """
+    acc = _accumulate(proba, y, n_bins, strategy, classwise, mask, ignore_index)
+    return acc.classwise_ece if classwise else acc.ece
+
+
+def maximum_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "uniform",
+                              classwise: bool = False, mask=None, ignore_index=None) -> float:
+    """Largest ``|accuracy - confidence|`` over non-empty bins.
+
+    Parameters and binning as in :func:`expected_calibration_error`; ``classwise=True`` gives
+    the mean over classes of the one-vs-rest MCE.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; NaN when no voxel is selected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)
+    >>> round(maximum_calibration_error(p, np.array([[0, 1]]), n_bins=10), 3)
+    0.6
+    """
+    acc = _accumulate(proba, y, n_bins, strategy, classwise, mask, ignore_index)
+    return acc.classwise_mce if classwise else acc.mce
+
+
+def adaptive_calibration_error(proba, y, n_bins: int = 15, *, classwise: bool = False,
+                               mask=None, ignore_index=None) -> float:
+    """ECE with equal-mass bins: ``expected_calibration_error(..., strategy="quantile")``.
+
+    Parameters
+    ----------
+    proba, y, n_bins, classwise, mask, ignore_index
+        As in :func:`expected_calibration_error`.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)
+    >>> round(adaptive_calibration_error(p, np.array([[0, 0]]), n_bins=2), 3)   # bins {0.6}, {0.8}
+    0.3
+    """
+    return expected_calibration_error(proba, y, n_bins, strategy="quantile", classwise=classwise,
+                                      mask=mask, ignore_index=ignore_index)
+
+
+def brier_score(proba, y, mask=None, *, ignore_index=None) -> float:
+    """Multi-class Brier score.
+
+    Convention: the mean over voxels of ``sum_k (p_k - 1[y == k])^2`` (Brier's original
+    multi-class form, range ``[0, 2]``). For two classes it is twice the binary Brier score
+    ``mean((p_1 - 1[y == 1])^2)`` of scikit-learn.
+
+    Parameters
+    ----------
+    proba : array_like of shape (N, K, *spatial)
+    y : array_like of int, shape (N, *spatial)
+    mask : array_like of bool, shape (N, *spatial), optional
+    ignore_index : int, optional
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)
+    >>> round(brier_score(p, np.array([[0, 1]])), 3)
+    0.4
+    """
+    return _accumulate(proba, y, 1, "uniform", False, mask, ignore_index).brier
+
+
+def negative_log_likelihood(proba, y, mask=None, *, eps: float = 1e-7,
+                            ignore_index=None) -> float:
+    """Mean over voxels of ``-log p_y`` (cross-entropy), with ``p_y`` clipped below at ``eps``.
+
+    Parameters
+    ----------
+    proba : array_like of shape (N, K, *spatial)
+    y : array_like of int, shape (N, *spatial)
+    mask : array_like of bool, shape (N, *spatial), optional
+    eps : float, default=1e-7
+    ignore_index : int, optional
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.5, 0.25]], [[0.5, 0.75]]]).transpose(1, 0, 2)
+    >>> round(negative_log_likelihood(p, np.array([[0, 1]])), 4)   # (log 2 + log 4/3) / 2
+    0.4904
+    """
+    return _accumulate(proba, y, 1, "uniform", False, mask, ignore_index, eps=eps).nll
+
+
+def reliability_curve(proba, y, n_bins: int = 15, *, strategy: str = "uniform", mask=None,
+                      ignore_index=None):
+    """Top-label reliability curve.
+
+    Parameters
+    ----------
+    proba, y, n_bins, strategy, mask, ignore_index
+        As in :func:`expected_calibration_error`.
+
+    Returns
+    -------
+    confidence : ndarray of shape (n_bins,)
+        Mean confidence per bin (NaN for an empty bin).
+    accuracy : ndarray of shape (n_bins,)
+        Fraction correct per bin (NaN for an empty bin).
+    count : ndarray of int, shape (n_bins,)
+        Voxels per bin.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)
+    >>> conf, acc, count = reliability_curve(p, np.array([[0, 1]]), n_bins=2)
+    >>> conf, acc, count
+    (array([nan, 0.7]), array([nan, 0.5]), array([0, 2]))
+    """
+    acc = _accumulate(proba, y, n_bins, strategy, False, mask, ignore_index)
+    return acc.reliability_curve()
+
+
+def plot_reliability_diagram(proba, y, n_bins: int = 15, ax=None, label=None, *, mask=None,
+                             ignore_index=None):
+    """Draw a reliability diagram (accuracy against confidence per bin) on ``ax``.
+
+    Needs matplotlib (``pip install 'uqseg[plot]'``).
+
+    Parameters
+    ----------
+    proba, y, n_bins, mask, ignore_index
+        As in :func:`reliability_curve`.
+    ax : matplotlib Axes, optional
+        Default: a new figure's axes.
+    label : str, optional
+        Legend label of the curve; the ECE is appended.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import numpy as np, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> p = np.array([[[0.8, 0.6]], [[0.2, 0.4]]]).transpose(1, 0, 2)
+    >>> ax = plot_reliability_diagram(p, np.array([[0, 1]]), n_bins=5, label="net")
+    >>> ax.get_xlabel()
+    'confidence'
+    """
+    plt = import_optional("matplotlib.pyplot", extra="plot", purpose="reliability diagrams")
+    acc = _accumulate(proba, y, n_bins, "uniform", False, mask, ignore_index)
+    conf, accuracy, count = acc.reliability_curve()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    ok = count > 0
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    text = f"ECE {acc.ece:.3f}"
+    ax.plot(conf[ok], accuracy[ok], marker="o",
+            label=f"{label} ({text})" if label else text)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    return ax
+
+
+def foreground_roi(y_or_pred, margin=10, *, background: int = 0) -> np.ndarray:
+    """Bounding box of the non-background voxels of each image, grown by ``margin`` voxels.
+
+    Mehrtash et al. compute "segment-level" calibration metrics inside such a box so that the
+    easy background does not dominate. An image without foreground gets an empty ROI.
+
+    Parameters
+    ----------
+    y_or_pred : array_like of int, shape (N, *spatial)
+        Labels (truth or prediction).
+    margin : int or sequence of int, default=10
+        Voxels added on each side, per spatial axis or one for all; clipped at the image border.
+    background : int, default=0
+
+    Returns
+    -------
+    ndarray of bool, shape (N, *spatial)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.zeros((1, 5, 5), int); y[0, 2, 2] = 1
+    >>> foreground_roi(y, margin=1)[0].astype(int)
+    array([[0, 0, 0, 0, 0],
+           [0, 1, 1, 1, 0],
+           [0, 1, 1, 1, 0],
+           [0, 1, 1, 1, 0],
+           [0, 0, 0, 0, 0]])
+    """
+    lab = check_labels(y_or_pred, name="y_or_pred")
+    nd = lab.ndim - 1
+    marg = np.broadcast_to(np.asarray(margin), (nd,))
+    if not np.issubdtype(marg.dtype, np.integer) or (marg < 0).any():
+        raise ValueError(f"margin must be a non-negative integer or {nd} of them, got {margin!r}")
+    roi = np.zeros(lab.shape, bool)
+    for i in range(lab.shape[0]):
+        fg = lab[i] != background
+        if not fg.any():
+            continue
+        box = []
+        for ax in range(nd):
+            hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(nd) if a != ax)))
+            lo = max(int(hit[0]) - int(marg[ax]), 0)
+            hi = min(int(hit[-1]) + int(marg[ax]) + 1, lab.shape[ax + 1])
+            box.append(slice(lo, hi))
+        roi[(i, *box)] = True
+    return roi
