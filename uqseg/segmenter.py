@@ -1,0 +1,412 @@
+"""OnnxSegmenter: one exported segmentation network as a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from itertools import product
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from uqseg import backends
+from uqseg._validation import ImageBatch, check_images, n_images
+from uqseg.backends import graph
+from uqseg.backends._model import image_input_names, metadata, read_model
+
+MC_MASK = "mc_mask"
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Numerically stable softmax in float32 (written into a new array)."""
+    out = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=axis, keepdims=True)
+    return out
+
+
+def _gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weights, highest at the window centre (patch borders are least reliable)."""
+    grids = []
+    for w in window:
+        x = np.arange(w, dtype=np.float64) - (w - 1) / 2
+        sigma = max(w * sigma_scale, 1e-3)
+        grids.append(np.exp(-0.5 * (x / sigma) ** 2))
+    imp = grids[0]
+    for g in grids[1:]:
+        imp = np.multiply.outer(imp, g)
+    imp = imp / imp.max()
+    return np.maximum(imp, 1e-3).astype(np.float32)  # never zero: every voxel gets a weight
+
+
+def _window_starts(size: int, window: int, step: int) -> list[int]:
+    if size <= window:
+        return [0]
+    n = int(np.ceil((size - window) / step)) + 1
+    return sorted({min(i * step, size - window) for i in range(n)})
+
+
+class OnnxSegmenter(TransformerMixin, BaseEstimator):
+    """One exported segmentation network, run through an inference backend.
+
+    Parameters
+    ----------
+    model : str or path-like
+        ONNX file of a network mapping images ``(N, C, *spatial)`` to logits ``(N, K, *spatial)``.
+    backend : {"auto", "onnxruntime", "tensorrt"}, default="auto"
+    device : {"auto", "cpu", "cuda", "cuda:N", "tensorrt"}, default="auto"
+    precision : {"fp32", "fp16"}, default="fp32"
+    batch_size : int, default=16
+        Images (or sliding-window patches) per inference call.
+    tta : None, "flips" or list of tuples of spatial axes, default=None
+        Test-time flips; logits are averaged over the flipped passes.
+    overlap : float in [0, 1), default=0.5
+        Overlap of sliding windows, used when images are larger than a fixed-size model input.
+    threads : int, optional
+        CPU threads of the backend (default: all cores this process may use).
+
+    Attributes
+    ----------
+    n_classes_ : int
+    input_shape_ : tuple
+        ``(C, *spatial)`` the model takes; ``None`` for dynamic spatial axes.
+    n_input_channels_ : int
+    spatial_dims_ : int
+    feature_layers_ : list of str
+        Candidate feature tensors, the preferred (deepest or exporter-chosen) first.
+    spatial_divisor_ : int
+        Dynamic-size inputs are padded to a multiple of this.
+    mc_dropout_ : dict or None
+        ``{"input", "p", "size"}`` when the model takes an MC-dropout mask.
+
+    Examples
+    --------
+    >>> from uqseg import OnnxSegmenter, datasets                      # doctest: +SKIP
+    >>> seg = OnnxSegmenter(datasets.reference_models()[0]).fit()      # doctest: +SKIP
+    >>> seg.predict(datasets.load_brain_tissue("test")[0][:2]).shape   # doctest: +SKIP
+    (2, 128, 128)
+    """
+
+    def __init__(self, model, backend="auto", device="auto", precision="fp32", batch_size=16,
+                 tta=None, overlap=0.5, threads=None):
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.tta = tta
+        self.overlap = overlap
+        self.threads = threads
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X=None, y=None):
+        """Validate the model and record its interface; ``X`` (optional) is checked against it."""
+        if isinstance(self.model, (bytes, bytearray)):
+            raise TypeError("model must be a path to an ONNX file (bytes cannot be cloned safely)")
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path to an ONNX file, got {type(self.model).__name__}")
+        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not 0 <= float(self.overlap) < 1:
+            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}")
+        backends.resolve(self.backend, self.device)  # unknown names fail here, before any work
+        if self.precision not in backends.PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of "
+                             f"{backends.PRECISIONS}")
+        proto, _ = read_model(self.model)
+        meta = metadata(proto)
+        inputs = image_input_names(proto)
+        image_inputs = [n for n in inputs if n != MC_MASK]
+        if len(image_inputs) != 1:
+            raise ValueError(f"the model must take exactly one image input (plus an optional "
+                             f"{MC_MASK!r}); it takes {inputs}")
+        self.input_name_ = image_inputs[0]
+        in_vi = next(i for i in proto.graph.input if i.name == self.input_name_)
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in in_vi.type.tensor_type.shape.dim]
+        if len(dims) not in (4, 5):
+            raise ValueError(f"the model input {self.input_name_!r} has rank {len(dims)}; expected "
+                             "(N, C, H, W) or (N, C, D, H, W)")
+        if dims[1] is None:
+            raise ValueError(f"the model input {self.input_name_!r} has no fixed channel count")
+        self.input_shape_ = tuple(dims[1:])
+        self.n_input_channels_ = int(dims[1])
+        self.spatial_dims_ = len(dims) - 2
+        self.output_name_ = "logits" if any(o.name == "logits" for o in proto.graph.output) \
+            else proto.graph.output[0].name
+        out_vi = next(o for o in proto.graph.output if o.name == self.output_name_)
+        out_dims = [d.dim_value if d.HasField("dim_value") else None
+                    for d in out_vi.type.tensor_type.shape.dim]
+        if out_vi.type.tensor_type.HasField("shape") and len(out_dims) != len(dims):
+            raise ValueError(
+                f"the model output {self.output_name_!r} has rank {len(out_dims)} but a "
+                f"segmentation network must output (N, K, *spatial) of rank {len(dims)}"
+            )
+        self.mc_dropout_ = json.loads(meta["uqseg.mc_dropout"]) if "uqseg.mc_dropout" in meta \
+            else ({"input": MC_MASK, "p": None, "size": None} if MC_MASK in inputs else None)
+        if self.mc_dropout_ is not None and self.mc_dropout_.get("size") is None:
+            mask_vi = next(i for i in proto.graph.input if i.name == MC_MASK)
+            self.mc_dropout_["size"] = mask_vi.type.tensor_type.shape.dim[1].dim_value or None
+        self.spatial_divisor_ = int(meta.get("uqseg.spatial_divisor", 1))
+        self.feature_layers_ = [info.name for info in graph.candidate_layers(proto)]
+        self._reset()
+        n_classes = meta.get("uqseg.n_classes")
+        if n_classes is None and out_dims and out_dims[1]:
+            n_classes = out_dims[1]
+        if n_classes is None:  # symbolic class axis: one probe run tells
+            probe = np.zeros((1, *self._probe_shape()), dtype=np.float32)
+            n_classes = self._raw_run(probe, [self.output_name_])[self.output_name_].shape[1]
+        self.n_classes_ = int(n_classes)
+        if self.n_classes_ < 2:
+            raise ValueError(f"the model outputs {self.n_classes_} class(es); need at least 2")
+        if X is not None:
+            self._check_X(X)
+        return self
+
+    def _probe_shape(self):
+        d = max(self.spatial_divisor_, 8)
+        return (self.n_input_channels_, *[s or d for s in self.input_shape_[1:]])
+
+    # ------------------------------------------------------------------ runtime state
+    def _reset(self):
+        self._runners = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_runners", None)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def _runner(self, layers: tuple[str, ...] = ()):
+        if not hasattr(self, "_runners"):
+            self._reset()
+        runner = self._runners.get(layers)
+        if runner is None:
+            with self._lock:
+                runner = self._runners.get(layers)
+                if runner is None:
+                    runner = backends.load(
+                        self.model, self.backend, self.device, self.precision,
+                        outputs=list(layers) or None, threads=self.threads,
+                        max_batch=int(self.batch_size))
+                    self._runners[layers] = runner
+        return runner
+
+    def _raw_run(self, batch: np.ndarray, outputs: list[str], mask: np.ndarray | None = None):
+        layers = tuple(o for o in outputs if o != self.output_name_)
+        runner = self._runner(layers)
+        feeds = {self.input_name_: batch}
+        if self.mc_dropout_ is not None:
+            if mask is None:
+                mask = np.ones((batch.shape[0], self.mc_dropout_["size"]), dtype=np.float32)
+            feeds[self.mc_dropout_["input"]] = mask
+        try:
+            out = runner.run(feeds, outputs)
+        except ValueError:
+            raise
+        except Exception as exc:  # engine errors on sizes the network cannot take
+            raise ValueError(
+                f"the model failed on an input of shape {batch.shape}: {exc}. Check that the "
+                "spatial size is one the network accepts"
+            ) from exc
+        return {k: (v if v.dtype == np.float32 else v.astype(np.float32)) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ checks
+    def _check_X(self, X) -> ImageBatch:
+        return check_images(X, spatial_dims=self.spatial_dims_, n_channels=self.n_input_channels_)
+
+    def _resolve_layers(self, layers) -> list[str]:
+        if isinstance(layers, str):
+            layers = [layers]
+        out = []
+        for name in layers:
+            if name == "auto":
+                if not self.feature_layers_:
+                    raise ValueError("the model has no candidate feature layer for layers='auto'")
+                name = self.feature_layers_[0]
+            if name not in out:
+                out.append(name)
+        return out
+
+    def _flips(self) -> list[tuple[int, ...]]:
+        if self.tta is None:
+            return [()]
+        axes = range(2, 2 + self.spatial_dims_)
+        if self.tta == "flips":
+            combos = [tuple(a for a, on in zip(axes, bits, strict=True) if on)
+                      for bits in product([0, 1], repeat=self.spatial_dims_)]
+            return combos
+        if isinstance(self.tta, (list, tuple)):
+            flips = [()]
+            for item in self.tta:
+                t = tuple(item) if isinstance(item, (list, tuple)) else (item,)
+                if any(not isinstance(a, (int, np.integer)) or not 0 <= a < self.spatial_dims_
+                       for a in t):
+                    raise ValueError(f"tta flips name spatial axes 0..{self.spatial_dims_ - 1}; "
+                                     f"got {item!r}")
+                flips.append(tuple(a + 2 for a in t))
+            return flips
+        raise ValueError(f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}")
+
+    # ------------------------------------------------------------------ inference
+    def run(self, X, layers=("auto",), *, mc_mask=None) -> dict:
+        """Logits and feature maps from one inference pass.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
+        layers : list of str
+            Feature tensor names (see ``feature_layers_``); ``"auto"`` is the preferred one.
+        mc_mask : array ``(N, D)``, optional
+            MC-dropout multipliers for models exported with a dropout mask.
+
+        Returns
+        -------
+        dict
+            ``"logits"`` ``(N, K, *spatial)`` and one entry per layer (lists for list input).
+        """
+        check_is_fitted(self)
+        X = self._check_X(X)
+        names = self._resolve_layers(layers)
+        if mc_mask is not None:
+            if self.mc_dropout_ is None:
+                raise ValueError("mc_mask given but the model takes no MC-dropout mask input")
+            mc_mask = np.asarray(mc_mask, dtype=np.float32)
+            want = (n_images(X), self.mc_dropout_["size"])
+            if mc_mask.shape != want:
+                raise ValueError(f"mc_mask must have shape {want}, got {mc_mask.shape}")
+        if isinstance(X, list):
+            # images of one size share batches; results go back in the caller's order
+            groups: dict[tuple, list[int]] = {}
+            for i, x in enumerate(X):
+                groups.setdefault(x.shape, []).append(i)
+            result: dict[str, list] = {}
+            for idx in groups.values():
+                sub = np.stack([X[i] for i in idx])
+                out = self._run_array(sub, names, None if mc_mask is None else mc_mask[idx])
+                for key, val in out.items():
+                    slot = result.setdefault(key, [None] * len(X))
+                    for j, i in enumerate(idx):
+                        slot[i] = val[j]
+            return result
+        return self._run_array(X, names, mc_mask)
+
+    def _run_array(self, X: np.ndarray, layers: list[str], mask) -> dict:
+        spatial = X.shape[2:]
+        fixed = self.input_shape_[1:]
+        if any(f is not None and s > f for s, f in zip(spatial, fixed, strict=True)):
+            if layers:
+                raise ValueError(
+                    f"feature maps need the whole image in one pass, but the image {spatial} is "
+                    f"larger than the model input {fixed} (sliding window); crop or resize first"
+                )
+            return {"logits": self._sliding_window(X, mask)}
+        target = tuple(
+            f if f is not None else int(np.ceil(s / self.spatial_divisor_) * self.spatial_divisor_)
+            for s, f in zip(spatial, fixed, strict=True))
+        pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
+        padded = np.pad(X, pad, mode="reflect" if min(spatial) > 1 else "edge") \
+            if target != spatial else X
+        outputs = [self.output_name_, *layers]
+        result = self._batched(padded, outputs, mask)
+        crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)
+        out = {"logits": result[self.output_name_][crop] if target != spatial
+               else result[self.output_name_]}
+        for name in layers:
+            out[name] = result[name]
+        return out
+
+    def _batched(self, X: np.ndarray, outputs: list[str], mask) -> dict:
+        """Run in batches (and over flips), filling preallocated outputs without concatenation."""
+        flips = self._flips()
+        n = X.shape[0]
+        bs = int(self.batch_size)
+        result: dict[str, np.ndarray] = {}
+        for start in range(0, n, bs):
+            batch = X[start:start + bs]
+            bmask = None if mask is None else mask[start:start + bs]
+            acc: dict[str, np.ndarray] = {}
+            for flip in flips:
+                inp = np.flip(batch, axis=flip) if flip else batch
+                res = self._raw_run(np.ascontiguousarray(inp), outputs, bmask)
+                for name, val in res.items():
+                    if flip and name == self.output_name_:
+                        val = np.flip(val, axis=flip)
+                    elif flip:
+                        continue  # features of flipped passes do not align voxel-wise
+                    if name in acc:
+                        acc[name] += val
+                    else:
+                        acc[name] = val.copy() if flip or len(flips) > 1 else val
+            if len(flips) > 1:
+                acc[self.output_name_] /= len(flips)
+            for name, val in acc.items():
+                if name not in result:
+                    result[name] = np.empty((n, *val.shape[1:]), dtype=np.float32)
+                result[name][start:start + bs] = val
+        return result
+
+    def _sliding_window(self, X: np.ndarray, mask) -> np.ndarray:
+        window = tuple(f if f is not None else s for s, f in zip(
+            X.shape[2:], self.input_shape_[1:], strict=True))
+        pad = [(0, 0), (0, 0)] + [(0, max(0, w - s)) for s, w in zip(X.shape[2:], window,
+                                                                     strict=True)]
+        Xp = np.pad(X, pad, mode="constant") if any(p[1] for p in pad) else X
+        spatial = Xp.shape[2:]
+        steps = [max(1, int(round(w * (1 - float(self.overlap))))) for w in window]
+        starts = list(product(*[_window_starts(s, w, st)
+                                for s, w, st in zip(spatial, window, steps, strict=True)]))
+        imp = _gaussian_importance(window)
+        out = np.zeros((X.shape[0], self.n_classes_, *spatial), dtype=np.float32)
+        norm = np.zeros(spatial, dtype=np.float32)
+        for st in starts:
+            norm[tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))] += imp
+        for i in range(X.shape[0]):
+            imask = None if mask is None else np.repeat(mask[i:i + 1], len(starts), axis=0)
+            patches = np.stack([Xp[i][(slice(None),) + tuple(
+                slice(a, a + w) for a, w in zip(st, window, strict=True))] for st in starts])
+            logits = self._batched(patches, [self.output_name_], imask)[self.output_name_]
+            for st, lg in zip(starts, logits, strict=True):
+                out[i][(slice(None),) + tuple(slice(a, a + w)
+                                              for a, w in zip(st, window, strict=True))] += lg * imp
+        out /= norm
+        crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in X.shape[2:])
+        return out[crop]
+
+    def transform(self, X) -> np.ndarray | list[np.ndarray]:
+        """Logits ``(N, K, *spatial)`` float32 (a list for a list of differently sized images)."""
+        return self.run(X, layers=[])["logits"]
+
+    def predict_proba(self, X):
+        """Softmax probabilities ``(N, K, *spatial)``."""
+        logits = self.transform(X)
+        if isinstance(logits, list):
+            return [softmax(lg[None])[0] for lg in logits]
+        return softmax(logits)
+
+    def predict(self, X):
+        """Labels ``(N, *spatial)`` (argmax over classes)."""
+        logits = self.transform(X)
+        if isinstance(logits, list):
+            return [lg.argmax(axis=0) for lg in logits]
+        return logits.argmax(axis=1)
+
+    def features(self, X, layers: Sequence[str] = ("auto",)) -> dict:
+        """Feature maps only (``run`` without the logits)."""
+        out = self.run(X, layers=layers)
+        out.pop("logits")
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.two_d_array = False
+        return tags
