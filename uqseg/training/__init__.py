@@ -11,8 +11,8 @@ from .._optional import import_optional
 import_optional("torch", "train", purpose="uqseg.training")
 
 from .export import export_onnx  # noqa: E402
-from .losses import CrossEntropyLoss, DiceCELoss, DiceLoss  # noqa: E402
 from .loop import fit_segmenter, predict_logits  # noqa: E402
+from .losses import CrossEntropyLoss, DiceCELoss, DiceLoss  # noqa: E402
 from .networks import UNet  # noqa: E402
 
 # further modules (VLS, hierarchical U-Net, multi-task) add their names here

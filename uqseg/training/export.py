@@ -45,7 +45,7 @@ def _dynamic_shapes(dims: int, divisor: int, use_mask: bool, dynamic_spatial: bo
     if dynamic_spatial:
         # sizes are multiples of the divisor: stating so lets torch.export prove that the
         # pooled/upsampled skip connections line up for every size
-        names = ("depth", "height", "width")[3 - dims:]
+        names = ("depth", "height", "width")[3 - dims :]
         for axis, name in enumerate(names, start=2):
             base = Dim(f"{name}_blocks", min=1, max=4096)
             image[axis] = base * divisor if divisor > 1 else base
@@ -80,9 +80,7 @@ def _ort_outputs(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[n
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(
-        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 
@@ -142,8 +140,11 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    example_t = torch.as_tensor(np.asarray(example, dtype=np.float32)) if isinstance(
-        example, np.ndarray) else example
+    example_t = (
+        torch.as_tensor(np.asarray(example, dtype=np.float32))
+        if isinstance(example, np.ndarray)
+        else example
+    )
     if not isinstance(example_t, torch.Tensor) or example_t.dim() not in (4, 5):
         raise ValueError(
             "example must be a float tensor/array of shape (N, C, *spatial) with 2 or 3 "
@@ -194,19 +195,32 @@ def export_onnx(
             exporter = "dynamo"
             dyn = dynamic_spatial
             try:
-                proto = _run_dynamo(wrapper, args, input_names, output_names, opset,
-                                    _dynamic_shapes(dims, divisor, mc_dropout, dyn))
+                proto = _run_dynamo(
+                    wrapper,
+                    args,
+                    input_names,
+                    output_names,
+                    opset,
+                    _dynamic_shapes(dims, divisor, mc_dropout, dyn),
+                )
             except Exception as exc:  # noqa: BLE001 - any exporter failure: retry fixed
                 if not dyn:
                     raise
                 warnings.warn(
                     f"dynamic spatial export failed ({type(exc).__name__}: {exc}); "
                     "exporting with the example's fixed spatial size",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 dyn = False
-                proto = _run_dynamo(wrapper, args, input_names, output_names, opset,
-                                    _dynamic_shapes(dims, divisor, mc_dropout, False))
+                proto = _run_dynamo(
+                    wrapper,
+                    args,
+                    input_names,
+                    output_names,
+                    opset,
+                    _dynamic_shapes(dims, divisor, mc_dropout, False),
+                )
 
             # features stay intermediate tensors, keeping the names the export gave them
             kept = [o for o in proto.graph.output if o.name == "logits"]
@@ -244,8 +258,9 @@ def export_onnx(
                     feeds["mc_mask"] = m.numpy().astype(np.float32)
                 out = _ort_outputs(proto, feeds)[0]
                 if out.shape != tuple(ref.shape):
-                    raise ValueError(f"onnxruntime output shape {out.shape} != torch "
-                                     f"{tuple(ref.shape)}")
+                    raise ValueError(
+                        f"onnxruntime output shape {out.shape} != torch {tuple(ref.shape)}"
+                    )
                 max_diff = max(max_diff, float(np.max(np.abs(out - ref.numpy()))))
             if not max_diff <= MAX_ABS_DIFF:
                 raise ValueError(

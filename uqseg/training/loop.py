@@ -23,8 +23,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def _as_images(X, name: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
     if t.dim() not in (4, 5):
-        raise ValueError(f"{name} must have shape (N, C, *spatial) with 2 or 3 spatial axes, "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape (N, C, *spatial) with 2 or 3 spatial axes, "
+            f"got {tuple(t.shape)}"
+        )
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64, torch.uint8)):
         raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
     if t.shape[0] == 0:
@@ -38,8 +40,9 @@ def _as_labels(y, X: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must hold integer class labels, got {t.dtype}")
     expected = (X.shape[0], *X.shape[2:])
     if tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} to match the images, "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape {expected} to match the images, got {tuple(t.shape)}"
+        )
     return t.long()
 
 
@@ -60,8 +63,9 @@ def _augment(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
     return xb * scale.view(view) + (shift * std).view(view), yb
 
 
-def foreground_dice(pred: np.ndarray, y: np.ndarray, n_classes: int,
-                    ignore_index: int | None = None) -> np.ndarray:
+def foreground_dice(
+    pred: np.ndarray, y: np.ndarray, n_classes: int, ignore_index: int | None = None
+) -> np.ndarray:
     """Hard Dice ``(N, K-1)`` per image and foreground class (1 when both are empty)."""
     n = pred.shape[0]
     pred = pred.reshape(n, -1)
@@ -77,8 +81,9 @@ def foreground_dice(pred: np.ndarray, y: np.ndarray, n_classes: int,
     return out
 
 
-def predict_logits(model: nn.Module, X, batch_size: int = 16, device: str = "auto",
-                   mc_mask=None) -> np.ndarray:
+def predict_logits(
+    model: nn.Module, X, batch_size: int = 16, device: str = "auto", mc_mask=None
+) -> np.ndarray:
     """Logits ``(N, K, *spatial)`` float32 of ``model`` in eval mode, batch by batch.
 
     Parameters
@@ -103,12 +108,13 @@ def predict_logits(model: nn.Module, X, batch_size: int = 16, device: str = "aut
     try:
         with torch.no_grad():
             for s in range(0, Xt.shape[0], batch_size):
-                xb = Xt[s:s + batch_size].to(dev)
+                xb = Xt[s : s + batch_size].to(dev)
                 if mc_mask is None:
                     outs.append(model(xb).float().cpu().numpy())
                 else:
-                    mb = torch.as_tensor(np.asarray(mc_mask[s:s + batch_size]),
-                                         dtype=torch.float32, device=dev)
+                    mb = torch.as_tensor(
+                        np.asarray(mc_mask[s : s + batch_size]), dtype=torch.float32, device=dev
+                    )
                     outs.append(model(xb, mb).float().cpu().numpy())
     finally:
         model.to(old_dev).train(was_training)
@@ -194,8 +200,10 @@ def fit_segmenter(
         yv = _as_labels(y_val, Xv, "y_val")
     divisor = int(getattr(model, "spatial_divisor", 1))
     if any(s % divisor for s in Xt.shape[2:]):
-        raise ValueError(f"spatial shape {tuple(Xt.shape[2:])} must be a multiple of the "
-                         f"model's spatial_divisor={divisor}")
+        raise ValueError(
+            f"spatial shape {tuple(Xt.shape[2:])} must be a multiple of the "
+            f"model's spatial_divisor={divisor}"
+        )
     criterion = make_loss(loss, ignore_index)
     dev = resolve_device(device)
     param = next(model.parameters())
@@ -209,9 +217,17 @@ def fit_segmenter(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if cosine else None
     n = Xt.shape[0]
     n_batches = math.ceil(n / batch_size)
-    hist: dict = {"loss": [], "val_dice": [], "val_dice_per_class": [], "best_epoch": None,
-                  "best_val_dice": None, "epochs_run": 0, "seconds": 0.0,
-                  "stopped": "epochs", "device": str(dev)}
+    hist: dict = {
+        "loss": [],
+        "val_dice": [],
+        "val_dice_per_class": [],
+        "best_epoch": None,
+        "best_val_dice": None,
+        "epochs_run": 0,
+        "seconds": 0.0,
+        "stopped": "epochs",
+        "device": str(dev),
+    }
     best_state, best, since_best = None, -np.inf, 0
     start = time.perf_counter()
     bar = range(epochs)
@@ -225,7 +241,7 @@ def fit_segmenter(
             order = torch.randperm(n, generator=gen)
             total = 0.0
             for b in range(n_batches):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+                idx = order[b * batch_size : (b + 1) * batch_size]
                 xb, yb = Xt[idx], yt[idx]
                 if augment:
                     xb, yb = _augment(xb, yb, gen)

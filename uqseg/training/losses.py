@@ -75,7 +75,9 @@ class DiceLoss(nn.Module):
     """
 
     def __init__(
-        self, smooth: float = 1e-5, include_background: bool = False,
+        self,
+        smooth: float = 1e-5,
+        include_background: bool = False,
         ignore_index: int | None = None,
     ) -> None:
         super().__init__()
@@ -123,8 +125,12 @@ class DiceCELoss(nn.Module):
     """
 
     def __init__(
-        self, dice_weight: float = 1.0, ce_weight: float = 1.0, smooth: float = 1e-5,
-        include_background: bool = False, ignore_index: int | None = None,
+        self,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        smooth: float = 1e-5,
+        include_background: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__()
         if dice_weight < 0 or ce_weight < 0:

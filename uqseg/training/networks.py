@@ -119,7 +119,11 @@ class UNet(nn.Module):
             raise ValueError(f"up must be 'transpose' or 'upsample', got {up!r}")
         self.in_channels, self.n_classes, self.dims = in_channels, n_classes, dims
         self.width, self.depth, self.dropout, self.norm, self.up_mode = (
-            width, depth, float(dropout), norm, up,
+            width,
+            depth,
+            float(dropout),
+            norm,
+            up,
         )
         self.mc_dropout = False
         chans = [width * 2**i for i in range(depth)]
@@ -136,8 +140,9 @@ class UNet(nn.Module):
                 self.ups.append(_CONVT[dims](2 * c, c, 2, stride=2))
             else:
                 self.ups.append(
-                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                  _CONV[dims](2 * c, c, 1))
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"), _CONV[dims](2 * c, c, 1)
+                    )
                 )
             self.decoders.append(ConvBlock(2 * c, c, dims, norm))
         self.head = _CONV[dims](chans[0], n_classes, 1)
@@ -194,7 +199,7 @@ class UNet(nn.Module):
         def drop(h: torch.Tensor, site: int) -> torch.Tensor:
             if mc_mask is None:
                 return h
-            m = mc_mask[:, offsets[site]:offsets[site + 1]]
+            m = mc_mask[:, offsets[site] : offsets[site + 1]]
             return h * m.reshape(m.shape[0], m.shape[1], *bshape)
 
         feats: dict[str, torch.Tensor] = {}
