@@ -15,6 +15,9 @@ from uqseg.metrics.calibration import (
     plot_reliability_diagram,
     reliability_curve,
 )
+from uqseg.metrics.ood import detection_report, fpr_at_tpr, ood_aupr, ood_auroc
+from uqseg.metrics.quality import mean_absolute_error, pearson_r, quality_report, spearman_rho
+from uqseg.metrics.segmentation import dice_score, hausdorff_distance_95, iou_score
 from uqseg.metrics.uncertainty import (
     binary_entropy,
     segment_uncertainty,
@@ -26,12 +29,23 @@ __all__ = [
     "adaptive_calibration_error",
     "binary_entropy",
     "brier_score",
+    "detection_report",
+    "dice_score",
     "expected_calibration_error",
     "foreground_roi",
+    "fpr_at_tpr",
+    "hausdorff_distance_95",
+    "iou_score",
     "maximum_calibration_error",
+    "mean_absolute_error",
     "negative_log_likelihood",
+    "ood_aupr",
+    "ood_auroc",
+    "pearson_r",
     "plot_reliability_diagram",
+    "quality_report",
     "reliability_curve",
     "segment_uncertainty",
+    "spearman_rho",
     "uncertainty_error_overlap",
 ]

@@ -36,7 +36,9 @@ DEFAULT_CHUNK = 1 << 22
 def _check_edges(edges, name):
     e = np.asarray(edges, dtype=np.float64)
     if e.ndim < 1 or e.shape[-1] < 2 or not np.isfinite(e).all() or np.any(np.diff(e) < 0):
-        raise ValueError(f"{name} must be non-decreasing finite bin edges (at least 2), got {edges!r}")
+        raise ValueError(
+            f"{name} must be non-decreasing finite bin edges (at least 2), got {edges!r}"
+        )
     return e
 
 
@@ -122,7 +124,9 @@ class CalibrationAccumulator:
         if self.edges.ndim != 1:
             raise ValueError(f"edges must be 1-D, got shape {self.edges.shape}")
         self.n_bins = self.edges.size - 1
-        if n_classes is not None and (not isinstance(n_classes, (int, np.integer)) or n_classes < 2):
+        if n_classes is not None and (
+            not isinstance(n_classes, (int, np.integer)) or n_classes < 2
+        ):
             raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
         if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
