@@ -1,0 +1,30 @@
+"""Data that ship with uqseg, and the reference ONNX model zoo (no torch needed).
+
+- :func:`load_brain_tissue`: grey/white matter segmentation built from the real MNI ICBM152
+  2009a template (in the nilearn wheel), with distinct augmented subjects per split.
+- :func:`load_ood` / :data:`OOD_KINDS`: real out-of-distribution images (CT, other MR,
+  ultrasound, natural images from pydicom and scikit-image) and acquisition faults.
+- :func:`corrupt` / :data:`CORRUPTIONS`: image corruptions with a severity knob.
+- :func:`normalize_intensity`: the per-image robust intensity scaling every loader applies.
+- :func:`reference_models` / :func:`reference_model_info`: the shipped ONNX networks.
+
+Generated arrays are cached in ``$UQSEG_DATA_DIR`` (default ``~/.cache/uqseg``).
+See ``uqseg/datasets/README.md`` for construction details and licences.
+"""
+
+from ._brain import load_brain_tissue
+from ._corrupt import CORRUPTIONS, corrupt
+from ._intensity import normalize_intensity
+from ._ood import OOD_KINDS, load_ood
+from ._zoo import reference_model_info, reference_models
+
+__all__ = [
+    "CORRUPTIONS",
+    "OOD_KINDS",
+    "corrupt",
+    "load_brain_tissue",
+    "load_ood",
+    "normalize_intensity",
+    "reference_model_info",
+    "reference_models",
+]
