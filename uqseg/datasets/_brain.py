@@ -112,10 +112,12 @@ class Subject:
     def to_template(self, points: np.ndarray) -> np.ndarray:
         """Map subject-space voxel coordinates ``(3, n)`` to template coordinates."""
         grid = (self._unit(points.T).T + 1.0) * 2.5  # [-1, 1] -> control grid [0, 5]
-        disp = np.stack([
-            ndi.map_coordinates(c, grid, order=3, mode="nearest", prefilter=False)
-            for c in self.control
-        ])
+        disp = np.stack(
+            [
+                ndi.map_coordinates(c, grid, order=3, mode="nearest", prefilter=False)
+                for c in self.control
+            ]
+        )
         return self.center[:, None] + self.matrix @ (points - self.center[:, None]) + disp
 
     def sample(self, points: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,17 +125,31 @@ class Subject:
         tpl = load_template()
         src = self.to_template(points)
         vals = {
-            k: ndi.map_coordinates(tpl[k], src, order=1, mode="constant", cval=0.0,
-                                   output=np.float32).astype(np.float64) / 255.0
+            k: ndi.map_coordinates(
+                tpl[k], src, order=1, mode="constant", cval=0.0, output=np.float32
+            ).astype(np.float64)
+            / 255.0
             for k in ("t1", "gm", "wm")
         }
         labels = labels_from_probabilities(vals["gm"], vals["wm"])
-        img = vals["t1"] * (1.0 + self.tissue_gain[0] * vals["gm"]
-                            + self.tissue_gain[1] * vals["wm"])
+        img = vals["t1"] * (
+            1.0 + self.tissue_gain[0] * vals["gm"] + self.tissue_gain[1] * vals["wm"]
+        )
         img = np.clip(img, 0.0, None) ** self.gamma
         u = self._unit(points.T).T
-        terms = np.stack([u[0], u[1], u[2], u[0] * u[1], u[0] * u[2], u[1] * u[2],
-                          u[0] ** 2, u[1] ** 2, u[2] ** 2])
+        terms = np.stack(
+            [
+                u[0],
+                u[1],
+                u[2],
+                u[0] * u[1],
+                u[0] * u[2],
+                u[1] * u[2],
+                u[0] ** 2,
+                u[1] ** 2,
+                u[2] ** 2,
+            ]
+        )
         img = img * np.exp(self.bias @ terms)
         # Rician noise: magnitude of a complex signal with Gaussian noise in both channels
         n1, n2 = self.rng.normal(0.0, self.noise, size=(2, img.size))
@@ -193,14 +209,16 @@ def _check_size(size: object, dims: int) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise TypeError(f"size must be a tuple of {dims} ints, got {size!r}") from None
     if not ok or len(out) != dims or any(s < 8 for s in out):
-        raise ValueError(
-            f"size must be {dims} integers >= 8 for dims={dims}, got {size!r}"
-        )
+        raise ValueError(f"size must be {dims} integers >= 8 for dims={dims}, got {size!r}")
     return out
 
 
 def load_brain_tissue(
-    split: str, *, plane: str = "axial", size: tuple[int, ...] | None = None, dims: int = 2,
+    split: str,
+    *,
+    plane: str = "axial",
+    size: tuple[int, ...] | None = None,
+    dims: int = 2,
     return_subjects: bool = False,
 ):
     """Brain tissue segmentation data (background / grey matter / white matter).
@@ -261,8 +279,15 @@ def load_brain_tissue(
     if isinstance(dims, bool) or dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims!r}")
     size_t = _check_size(size, dims)
-    key = cache_key("brain_tissue", split=split, plane=plane, size=list(size_t), dims=dims,
-                    subjects=SPLITS[split], slices=SLICES_PER_SUBJECT)
+    key = cache_key(
+        "brain_tissue",
+        split=split,
+        plane=plane,
+        size=list(size_t),
+        dims=dims,
+        subjects=SPLITS[split],
+        slices=SLICES_PER_SUBJECT,
+    )
     data = cached(key, lambda: build_brain_tissue(split, plane, size_t, dims))
     X, y = data["X"], data["y"].astype(np.int64)
     if return_subjects:

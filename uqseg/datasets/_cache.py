@@ -60,9 +60,7 @@ def _write(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def cached(
-    key: str, build: Callable[[], dict[str, np.ndarray]]
-) -> dict[str, np.ndarray]:
+def cached(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Return the arrays stored under ``key``, building and storing them when missing or bad."""
     path = cache_path(key)
     if path.exists():

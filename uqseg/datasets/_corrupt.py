@@ -11,7 +11,14 @@ from .._validation import check_images
 from ._intensity import normalize_intensity, resize_image
 
 CORRUPTIONS = (
-    "noise", "ghosting", "bias", "blur", "gamma", "contrast", "downsample", "rotate",
+    "noise",
+    "ghosting",
+    "bias",
+    "blur",
+    "gamma",
+    "contrast",
+    "downsample",
+    "rotate",
 )
 
 
@@ -81,13 +88,20 @@ def _downsample(img, s, rng):
 
 def _rotate(img, s, rng):
     angle = 90.0 * s * (1.0 if rng.random() < 0.5 else -1.0)
-    return ndi.rotate(img, angle, axes=(-2, -1), reshape=False, order=1, mode="constant",
-                      cval=float(img.min()))
+    return ndi.rotate(
+        img, angle, axes=(-2, -1), reshape=False, order=1, mode="constant", cval=float(img.min())
+    )
 
 
 _FUNCS = {
-    "noise": _noise, "ghosting": _ghosting, "bias": _bias, "blur": _blur, "gamma": _gamma,
-    "contrast": _contrast, "downsample": _downsample, "rotate": _rotate,
+    "noise": _noise,
+    "ghosting": _ghosting,
+    "bias": _bias,
+    "blur": _blur,
+    "gamma": _gamma,
+    "contrast": _contrast,
+    "downsample": _downsample,
+    "rotate": _rotate,
 }
 
 

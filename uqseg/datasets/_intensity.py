@@ -54,7 +54,8 @@ def normalize_intensity(img: object) -> np.ndarray:
     """
     arr = np.asarray(img)
     if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
         or arr.dtype == np.bool_
     ):
         raise TypeError(f"img must hold real numbers, got dtype {arr.dtype}")
@@ -80,7 +81,11 @@ def resize_image(img: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.
     """Resize one 2-D/3-D image to ``shape`` (anti-aliased when shrinking)."""
     shrinking = any(s < i for s, i in zip(shape, img.shape, strict=True))
     out = resize(
-        img.astype(np.float64), shape, order=order, mode="edge",
-        anti_aliasing=shrinking, preserve_range=True,
+        img.astype(np.float64),
+        shape,
+        order=order,
+        mode="edge",
+        anti_aliasing=shrinking,
+        preserve_range=True,
     )
     return out.astype(np.float32)

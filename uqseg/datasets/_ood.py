@@ -15,8 +15,15 @@ from ._corrupt import corrupt
 from ._intensity import normalize_intensity, resize_image
 
 OOD_KINDS = (
-    "ct", "mri_other", "ultrasound", "natural",
-    "noise", "ghosting", "bias", "blur", "orientation",
+    "ct",
+    "mri_other",
+    "ultrasound",
+    "natural",
+    "noise",
+    "ghosting",
+    "bias",
+    "blur",
+    "orientation",
 )
 # severities of the faults applied to the test split: strong, clearly visible degradations
 FAULT_SEVERITY = {"noise": 0.6, "ghosting": 0.8, "bias": 1.0, "blur": 0.75}
@@ -26,9 +33,27 @@ _N_VIEWS = 24
 # windows (HU) under which the one CT slice is viewed: soft tissue, bone, lung, wide
 _CT_WINDOWS = ((-160.0, 240.0), (-500.0, 1300.0), (-1000.0, 200.0), (-1024.0, 1500.0))
 _NATURAL = (
-    "camera", "moon", "coins", "brick", "grass", "gravel", "text", "page", "clock", "cell",
-    "microaneurysms", "retina", "immunohistochemistry", "astronaut", "chelsea", "coffee",
-    "rocket", "hubble_deep_field", "horse", "cat", "stereo_motorcycle",
+    "camera",
+    "moon",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "text",
+    "page",
+    "clock",
+    "cell",
+    "microaneurysms",
+    "retina",
+    "immunohistochemistry",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "horse",
+    "cat",
+    "stereo_motorcycle",
 )
 
 
@@ -73,7 +98,7 @@ def _views(img: np.ndarray, n: int) -> list[np.ndarray]:
         corner = (i // 3) % 4  # centre, then three off-centre positions
         r0 = ((h - ch) // 2, 0, h - ch, (h - ch) // 3)[corner]
         c0 = ((w - cw) // 2, w - cw, 0, (w - cw) * 2 // 3)[corner]
-        v = img[r0:r0 + ch, c0:c0 + cw]
+        v = img[r0 : r0 + ch, c0 : c0 + cw]
         if (i // 12) % 2:
             v = v[:, ::-1]
         out.append(v)
@@ -96,8 +121,10 @@ def _mri_other() -> list[np.ndarray]:
 def _ultrasound() -> list[np.ndarray]:
     cine, _ = _read_dicom("examples_ybr_color.dcm")  # 30-frame echocardiography cine loop
     frames = [_gray(f) for f in cine[:: max(1, len(cine) // 18)][:18]]
-    others = [_gray(_read_dicom(n)[0]) for n in
-              ("examples_palette.dcm", "examples_rgb_color.dcm", "ExplVR_BigEnd.dcm")]
+    others = [
+        _gray(_read_dicom(n)[0])
+        for n in ("examples_palette.dcm", "examples_rgb_color.dcm", "ExplVR_BigEnd.dcm")
+    ]
     extra = [v for o in others for v in _views(o, 2)]
     return frames + extra
 
@@ -143,15 +170,14 @@ def _build(kind: str, size: tuple[int, int], plane: str) -> dict[str, np.ndarray
         return {"X": corrupt(X, kind, FAULT_SEVERITY[kind], seed=_FAULT_SEED[kind])}
     if kind == "orientation":
         return {"X": normalize_intensity(_orientation(size, plane))}
-    images = {"ct": _ct, "mri_other": _mri_other, "ultrasound": _ultrasound,
-              "natural": _natural}[kind]()
+    images = {"ct": _ct, "mri_other": _mri_other, "ultrasound": _ultrasound, "natural": _natural}[
+        kind
+    ]()
     X = np.stack([normalize_intensity(resize_image(img, size)) for img in images])
     return {"X": X[:, None].astype(np.float32)}
 
 
-def load_ood(
-    kind: str, *, size: tuple[int, int] = (128, 128), plane: str = "axial"
-) -> np.ndarray:
+def load_ood(kind: str, *, size: tuple[int, int] = (128, 128), plane: str = "axial") -> np.ndarray:
     """Real out-of-distribution images for the brain tissue task.
 
     All images are 2-D, resized to ``size`` (aspect ratio not kept, as for the brain data)
