@@ -226,12 +226,14 @@ class CalibrationAccumulator:
                 pk = p.transpose(0, 2, 1)[keep]  # (n_kept, K)
         elif self.classwise:
             pk = p.transpose(0, 2, 1).reshape(-1, p.shape[1])
-        conf = conf.ravel().astype(np.float64)
+        conf = conf.ravel()
         correct = correct.ravel()
         n_kept = conf.size
         if n_kept == 0:
             return
-        b = np.searchsorted(self.edges[1:-1], conf, side="left")
+        # compare in the data's precision so float32 0.8 lands in (0.6, 0.8], not above it
+        b = np.searchsorted(self.edges[1:-1].astype(conf.dtype), conf, side="left")
+        conf = conf.astype(np.float64)
         self._count += np.bincount(b, minlength=self.n_bins)
         self._conf += np.bincount(b, weights=conf, minlength=self.n_bins)
         self._acc += np.bincount(b, weights=correct, minlength=self.n_bins)
@@ -246,8 +248,9 @@ class CalibrationAccumulator:
         k, nb = pk.shape[1], self.n_bins
         for c in range(k):
             e = self.edges if self.class_edges is None else self.class_edges[c]
-            pc = pk[:, c].astype(np.float64)
-            idx = np.searchsorted(e[1:-1], pc, side="left") + c * nb
+            pc = pk[:, c]
+            idx = np.searchsorted(e[1:-1].astype(pc.dtype), pc, side="left") + c * nb
+            pc = pc.astype(np.float64)
             size = k * nb
             self._ccount += np.bincount(idx, minlength=size)
             self._cconf += np.bincount(idx, weights=pc, minlength=size)
