@@ -46,13 +46,13 @@ def _as_labels(y, X: torch.Tensor, name: str) -> torch.Tensor:
     return t.long()
 
 
-def _augment(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
-    """Random per-sample flips of every spatial axis and small intensity scale/shift."""
+def _augment(xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator, flip_axes: list[int]):
+    """Random per-sample flips of ``flip_axes`` and small intensity scale/shift."""
     n, dims = xb.shape[0], xb.dim() - 2
     xb, yb = xb.clone(), yb.clone()
     flips = torch.rand(n, dims, generator=gen) < 0.5
     for i in range(n):
-        axes = [a for a in range(dims) if flips[i, a]]
+        axes = [a for a in flip_axes if flips[i, a]]
         if axes:
             xb[i] = torch.flip(xb[i], [a + 1 for a in axes])
             yb[i] = torch.flip(yb[i], axes)
@@ -141,6 +141,7 @@ def fit_segmenter(
     max_minutes: float | None = None,
     ignore_index: int | None = None,
     cosine: bool = True,
+    flip_axes: tuple[int, ...] | None = None,
 ) -> dict:
     """Train a segmentation network with AdamW; early stopping on validation Dice.
 
@@ -158,7 +159,7 @@ def fit_segmenter(
         Soft Dice, cross-entropy, their sum, or any ``loss(logits, target)`` module.
     epochs, batch_size, lr, weight_decay : training schedule (cosine-annealed ``lr``).
     augment : bool
-        Random flips of every spatial axis and +-10 % intensity scale/shift per sample.
+        Random flips (see ``flip_axes``) and +-10 % intensity scale/shift per sample.
     seed : int
         Seeds shuffling, augmentation and dropout: a run is reproducible given the seed
         and the model's initial weights (create the model under ``torch.manual_seed``).
@@ -174,6 +175,9 @@ def fit_segmenter(
         Label value left out of the loss and of the validation Dice.
     cosine : bool
         Cosine-anneal the learning rate over ``epochs``.
+    flip_axes : tuple of int, optional
+        Spatial axes (0-based, negative allowed) that augmentation may mirror; default all.
+        E.g. ``(-1,)`` for left-right only.
 
     Returns
     -------
@@ -204,6 +208,13 @@ def fit_segmenter(
             f"spatial shape {tuple(Xt.shape[2:])} must be a multiple of the "
             f"model's spatial_divisor={divisor}"
         )
+    dims = Xt.dim() - 2
+    try:
+        flips = sorted({range(dims)[a] for a in (range(dims) if flip_axes is None else flip_axes)})
+    except (IndexError, TypeError):
+        raise ValueError(
+            f"flip_axes must hold spatial axes in [-{dims}, {dims}), got {flip_axes!r}"
+        ) from None
     criterion = make_loss(loss, ignore_index)
     dev = resolve_device(device)
     param = next(model.parameters())
@@ -244,7 +255,7 @@ def fit_segmenter(
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 xb, yb = Xt[idx], yt[idx]
                 if augment:
-                    xb, yb = _augment(xb, yb, gen)
+                    xb, yb = _augment(xb, yb, gen, flips)
                 xb, yb = xb.to(dev), yb.to(dev)
                 opt.zero_grad(set_to_none=True)
                 value = criterion(model(xb), yb)
