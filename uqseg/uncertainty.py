@@ -88,7 +88,7 @@ def entropy(proba, axis: int = 1) -> np.ndarray:
     if not np.issubdtype(p.dtype, np.floating):
         p = p.astype(np.float64)
     h = -xlogy(p, p).sum(axis=axis)
-    return np.maximum(h, 0, out=h)
+    return np.maximum(h, 0, out=h) if isinstance(h, np.ndarray) else np.maximum(h, 0)
 
 
 def _check_members(member_proba) -> np.ndarray:

@@ -42,7 +42,7 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
         p = p.astype(np.float64)
     h = -(xlogy(p, p) + xlogy(1 - p, 1 - p))
     # rounding can give -0.0 or a tiny negative value at p in {0, 1}
-    return np.maximum(h, 0, out=h)
+    return np.maximum(h, 0, out=h) if isinstance(h, np.ndarray) else np.maximum(h, 0)
 
 
 def _as_mask(mask, shape, name="mask"):
