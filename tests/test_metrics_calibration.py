@@ -44,8 +44,13 @@ def ref_bins(conf, correct, edges):
     for b in range(len(edges) - 1):
         lo, hi = edges[b], edges[b + 1]
         sel = (conf > lo) & (conf <= hi) if b > 0 else (conf <= hi)
-        out.append((conf[sel].mean() if sel.any() else np.nan,
-                    correct[sel].mean() if sel.any() else np.nan, int(sel.sum())))
+        out.append(
+            (
+                conf[sel].mean() if sel.any() else np.nan,
+                correct[sel].mean() if sel.any() else np.nan,
+                int(sel.sum()),
+            )
+        )
     return out
 
 
@@ -80,9 +85,11 @@ def test_classwise_ece_matches_per_class_loop(dim):
     edges = np.linspace(0, 1, 11)
     per_class = [ref_ece_mce(pk[:, c], (yy == c).astype(float), edges) for c in range(p.shape[1])]
     assert expected_calibration_error(p, y, 10, classwise=True) == pytest.approx(
-        np.mean([e for e, _ in per_class]), abs=1e-9)
+        np.mean([e for e, _ in per_class]), abs=1e-9
+    )
     assert maximum_calibration_error(p, y, 10, classwise=True) == pytest.approx(
-        np.mean([m for _, m in per_class]), abs=1e-9)
+        np.mean([m for _, m in per_class]), abs=1e-9
+    )
 
 
 def test_adaptive_uses_equal_mass_quantile_bins():
@@ -103,7 +110,8 @@ def test_adaptive_uses_equal_mass_quantile_bins():
         e[0], e[-1] = 0.0, 1.0
         per_class.append(ref_ece_mce(pk[:, c], (yy == c).astype(float), e)[0])
     assert adaptive_calibration_error(p, y, 5, classwise=True) == pytest.approx(
-        np.mean(per_class), abs=1e-9)
+        np.mean(per_class), abs=1e-9
+    )
 
 
 def test_perfectly_calibrated_gives_zero_and_hand_computed_value():
@@ -131,12 +139,15 @@ def test_mask_and_ignore_index_select_voxels(dim):
     assert expected_calibration_error(p, y, 10, mask=mask) == pytest.approx(ece, abs=1e-9)
     y_ign = np.where(mask, y, 255)
     assert expected_calibration_error(p, y_ign, 10, ignore_index=255) == pytest.approx(
-        ece, abs=1e-9)
+        ece, abs=1e-9
+    )
     pk, yy = flat(p, y, mask)
     assert brier_score(p, y_ign, ignore_index=255) == pytest.approx(
-        np.mean(((pk - np.eye(p.shape[1])[yy]) ** 2).sum(axis=1)), rel=1e-6)
+        np.mean(((pk - np.eye(p.shape[1])[yy]) ** 2).sum(axis=1)), rel=1e-6
+    )
     assert negative_log_likelihood(p, y, mask=mask) == pytest.approx(
-        log_loss(yy, pk / pk.sum(1, keepdims=True), labels=range(p.shape[1])), rel=1e-6)
+        log_loss(yy, pk / pk.sum(1, keepdims=True), labels=range(p.shape[1])), rel=1e-6
+    )
 
 
 def test_empty_selection_gives_nan_without_warning():
@@ -262,13 +273,18 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="classwise"):
         _ = CalibrationAccumulator(5).update(p, y).classwise_ece
     with pytest.raises(ValueError, match="classes"):
-        CalibrationAccumulator(5).update(p, y).update(p[:, :2] / p[:, :2].sum(1, keepdims=True),
-                                                      np.zeros_like(y))
+        CalibrationAccumulator(5).update(p, y).update(
+            p[:, :2] / p[:, :2].sum(1, keepdims=True), np.zeros_like(y)
+        )
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 10_000), st.integers(2, 4), st.integers(1, 20),
-       st.sampled_from(["uniform", "quantile"]))
+@given(
+    st.integers(0, 10_000),
+    st.integers(2, 4),
+    st.integers(1, 20),
+    st.sampled_from(["uniform", "quantile"]),
+)
 def test_ece_bounds_property(seed, k, n_bins, strategy):
     p, y = random_case((2, k, 3, 4), seed=seed, sharpness=3.0)
     ece = expected_calibration_error(p, y, n_bins, strategy=strategy)

@@ -78,8 +78,10 @@ def test_detection_report_counts():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(-5, 5), min_size=1, max_size=30),
-       st.lists(st.integers(-5, 5), min_size=1, max_size=30))
+@given(
+    st.lists(st.integers(-5, 5), min_size=1, max_size=30),
+    st.lists(st.integers(-5, 5), min_size=1, max_size=30),
+)
 def test_auroc_symmetry_property(a, b):
     a, b = np.array(a, float), np.array(b, float)
     auc = ood_auroc(a, b)

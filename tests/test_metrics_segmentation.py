@@ -112,8 +112,9 @@ def test_hd95_3d_shift_and_empty_cases():
     assert 0 < got[0, 0] <= 6.0  # 2 slices of 3 mm
     np.testing.assert_array_equal(hausdorff_distance_95(y, y, spacing=2.0), [[0.0]])
     empty = np.zeros_like(y)
-    res = hausdorff_distance_95(np.concatenate([empty, y, empty]),
-                                np.concatenate([empty, empty, y]), n_classes=2)
+    res = hausdorff_distance_95(
+        np.concatenate([empty, y, empty]), np.concatenate([empty, empty, y]), n_classes=2
+    )
     assert np.isnan(res[0, 0]) and np.isinf(res[1, 0]) and np.isinf(res[2, 0])
     with pytest.raises(ValueError, match="spacing"):
         hausdorff_distance_95(y, y, spacing=(1.0, 1.0))

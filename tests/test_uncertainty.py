@@ -48,8 +48,9 @@ def test_maps_match_scipy_and_numpy(shape):
     np.testing.assert_allclose(entropy(mean), scipy_entropy(mean, axis=1), rtol=1e-5)
     ee = np.mean([scipy_entropy(p, axis=1) for p in P], axis=0)
     np.testing.assert_allclose(expected_entropy(P), ee, rtol=1e-5)
-    np.testing.assert_allclose(mutual_information(P),
-                               np.maximum(scipy_entropy(mean, axis=1) - ee, 0), atol=1e-6)
+    np.testing.assert_allclose(
+        mutual_information(P), np.maximum(scipy_entropy(mean, axis=1) - ee, 0), atol=1e-6
+    )
     np.testing.assert_allclose(variance(P, per_class=True), P.var(0), atol=1e-7)
     np.testing.assert_allclose(variance(P), P.var(0).mean(1), atol=1e-7)
     assert entropy(mean).shape == (shape[0], *shape[2:])
@@ -178,8 +179,9 @@ def test_segment_uncertainty_loop(shape):
     for i in range(shape[0]):
         for c in range(1, shape[1]):
             seg = pred[i] == c
-            vals = [binary_entropy(float(P[(i, c, *idx)])) for idx in zip(*np.nonzero(seg),
-                                                                          strict=True)]
+            vals = [
+                binary_entropy(float(P[(i, c, *idx)])) for idx in zip(*np.nonzero(seg), strict=True)
+            ]
             assert got[i, c - 1] == pytest.approx(np.mean(vals), rel=1e-5)
             edge = seg & ~ndimage.binary_erosion(seg, st1)
             assert bnd[i, c - 1] == pytest.approx(binary_entropy(P[i, c][edge]).mean(), rel=1e-5)

@@ -94,9 +94,7 @@ def entropy(proba, axis: int = 1) -> np.ndarray:
 def _check_members(member_proba) -> np.ndarray:
     arr = np.asarray(member_proba)
     if arr.ndim < 4:
-        raise ValueError(
-            f"member_proba must have shape (M, N, K, *spatial), got shape {arr.shape}"
-        )
+        raise ValueError(f"member_proba must have shape (M, N, K, *spatial), got shape {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError("member_proba has no members (axis 0 is empty)")
     for m in range(arr.shape[0]):

@@ -165,8 +165,10 @@ class CalibrationAccumulator:
             self._cacc = np.zeros(k * self.n_bins)
 
     def __repr__(self) -> str:
-        return (f"CalibrationAccumulator(n_bins={self.n_bins}, n_classes={self.n_classes}, "
-                f"n_voxels={self.n_voxels})")
+        return (
+            f"CalibrationAccumulator(n_bins={self.n_bins}, n_classes={self.n_classes}, "
+            f"n_voxels={self.n_voxels})"
+        )
 
     # ------------------------------------------------------------------ updates
     def _check_inputs(self, scores, y, mask, kind):
@@ -309,8 +311,7 @@ class CalibrationAccumulator:
 
     def _class_tables(self):
         shape = (self.n_classes, self.n_bins)
-        return (self._ccount.reshape(shape), self._cconf.reshape(shape),
-                self._cacc.reshape(shape))
+        return (self._ccount.reshape(shape), self._cconf.reshape(shape), self._cacc.reshape(shape))
 
     @property
     def classwise_ece(self) -> float:
@@ -373,8 +374,9 @@ def _collect(proba, y, mask, ignore_index, chunk, what):
     return np.concatenate(out)
 
 
-def _accumulate(proba, y, n_bins, strategy, classwise, mask, ignore_index, eps=1e-7,
-                chunk_size=DEFAULT_CHUNK):
+def _accumulate(
+    proba, y, n_bins, strategy, classwise, mask, ignore_index, eps=1e-7, chunk_size=DEFAULT_CHUNK
+):
     if strategy not in ("uniform", "quantile"):
         raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
@@ -388,19 +390,36 @@ def _accumulate(proba, y, n_bins, strategy, classwise, mask, ignore_index, eps=1
         # exact equal-mass edges: one extra pass per statistic, one float per kept voxel
         edges = _quantile_edges(_collect(proba, y, mask, ignore_index, chunk_size, -1), n_bins)
         if classwise:
-            class_edges = np.stack([
-                _quantile_edges(_collect(proba, y, mask, ignore_index, chunk_size, c), n_bins)
-                for c in range(proba.shape[1])
-            ])
-    acc = CalibrationAccumulator(n_bins, proba.shape[1], edges=edges, classwise=classwise,
-                                 class_edges=class_edges, ignore_index=ignore_index, eps=eps,
-                                 chunk_size=chunk_size)
+            class_edges = np.stack(
+                [
+                    _quantile_edges(_collect(proba, y, mask, ignore_index, chunk_size, c), n_bins)
+                    for c in range(proba.shape[1])
+                ]
+            )
+    acc = CalibrationAccumulator(
+        n_bins,
+        proba.shape[1],
+        edges=edges,
+        classwise=classwise,
+        class_edges=class_edges,
+        ignore_index=ignore_index,
+        eps=eps,
+        chunk_size=chunk_size,
+    )
     acc._consume(proba, y, mask, logits=False)  # inputs are validated above
     return acc
 
 
-def expected_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "uniform",
-                               classwise: bool = False, mask=None, ignore_index=None) -> float:
+def expected_calibration_error(
+    proba,
+    y,
+    n_bins: int = 15,
+    *,
+    strategy: str = "uniform",
+    classwise: bool = False,
+    mask=None,
+    ignore_index=None,
+) -> float:
     """Expected calibration error over voxels.
 
     Parameters
@@ -436,8 +455,16 @@ def expected_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "u
     return acc.classwise_ece if classwise else acc.ece
 
 
-def maximum_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "uniform",
-                              classwise: bool = False, mask=None, ignore_index=None) -> float:
+def maximum_calibration_error(
+    proba,
+    y,
+    n_bins: int = 15,
+    *,
+    strategy: str = "uniform",
+    classwise: bool = False,
+    mask=None,
+    ignore_index=None,
+) -> float:
     """Largest ``|accuracy - confidence|`` over non-empty bins.
 
     Parameters and binning as in :func:`expected_calibration_error`; ``classwise=True`` gives
@@ -459,8 +486,9 @@ def maximum_calibration_error(proba, y, n_bins: int = 15, *, strategy: str = "un
     return acc.classwise_mce if classwise else acc.mce
 
 
-def adaptive_calibration_error(proba, y, n_bins: int = 15, *, classwise: bool = False,
-                               mask=None, ignore_index=None) -> float:
+def adaptive_calibration_error(
+    proba, y, n_bins: int = 15, *, classwise: bool = False, mask=None, ignore_index=None
+) -> float:
     """ECE with equal-mass bins: ``expected_calibration_error(..., strategy="quantile")``.
 
     Parameters
@@ -479,8 +507,15 @@ def adaptive_calibration_error(proba, y, n_bins: int = 15, *, classwise: bool = 
     >>> round(adaptive_calibration_error(p, np.array([[0, 0]]), n_bins=2), 3)   # bins {0.6}, {0.8}
     0.3
     """
-    return expected_calibration_error(proba, y, n_bins, strategy="quantile", classwise=classwise,
-                                      mask=mask, ignore_index=ignore_index)
+    return expected_calibration_error(
+        proba,
+        y,
+        n_bins,
+        strategy="quantile",
+        classwise=classwise,
+        mask=mask,
+        ignore_index=ignore_index,
+    )
 
 
 def brier_score(proba, y, mask=None, *, ignore_index=None) -> float:
@@ -511,8 +546,7 @@ def brier_score(proba, y, mask=None, *, ignore_index=None) -> float:
     return _accumulate(proba, y, 1, "uniform", False, mask, ignore_index).brier
 
 
-def negative_log_likelihood(proba, y, mask=None, *, eps: float = 1e-7,
-                            ignore_index=None) -> float:
+def negative_log_likelihood(proba, y, mask=None, *, eps: float = 1e-7, ignore_index=None) -> float:
     """Mean over voxels of ``-log p_y`` (cross-entropy), with ``p_y`` clipped below at ``eps``.
 
     Parameters
@@ -537,8 +571,9 @@ def negative_log_likelihood(proba, y, mask=None, *, eps: float = 1e-7,
     return _accumulate(proba, y, 1, "uniform", False, mask, ignore_index, eps=eps).nll
 
 
-def reliability_curve(proba, y, n_bins: int = 15, *, strategy: str = "uniform", mask=None,
-                      ignore_index=None):
+def reliability_curve(
+    proba, y, n_bins: int = 15, *, strategy: str = "uniform", mask=None, ignore_index=None
+):
     """Top-label reliability curve.
 
     Parameters
@@ -567,8 +602,9 @@ def reliability_curve(proba, y, n_bins: int = 15, *, strategy: str = "uniform", 
     return acc.reliability_curve()
 
 
-def plot_reliability_diagram(proba, y, n_bins: int = 15, ax=None, label=None, *, mask=None,
-                             ignore_index=None):
+def plot_reliability_diagram(
+    proba, y, n_bins: int = 15, ax=None, label=None, *, mask=None, ignore_index=None
+):
     """Draw a reliability diagram (accuracy against confidence per bin) on ``ax``.
 
     Needs matplotlib (``pip install 'uqseg[plot]'``).
@@ -603,8 +639,7 @@ def plot_reliability_diagram(proba, y, n_bins: int = 15, ax=None, label=None, *,
     ok = count > 0
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     text = f"ECE {acc.ece:.3f}"
-    ax.plot(conf[ok], accuracy[ok], marker="o",
-            label=f"{label} ({text})" if label else text)
+    ax.plot(conf[ok], accuracy[ok], marker="o", label=f"{label} ({text})" if label else text)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")

@@ -13,8 +13,9 @@ def _paired(pred, true):
     p = np.asarray(pred, dtype=np.float64)
     t = np.asarray(true, dtype=np.float64)
     if p.shape != t.shape:
-        raise ValueError(f"pred_dice and true_dice must have the same shape, got {p.shape} "
-                         f"and {t.shape}")
+        raise ValueError(
+            f"pred_dice and true_dice must have the same shape, got {p.shape} and {t.shape}"
+        )
     p, t = p.ravel(), t.ravel()
     if np.isinf(p).any() or np.isinf(t).any():
         raise ValueError("pred_dice and true_dice must not contain infinite values")

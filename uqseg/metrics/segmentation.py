@@ -27,12 +27,18 @@ def _pairs(pred, y, n_classes, ignore_index):
         if len(pred) == 0:
             raise ValueError("pred is an empty list: at least one label map is required")
         p = check_labels(list(pred), n_classes=n_classes, name="pred")
-        t = check_labels(list(y), n_classes=n_classes, ignore_index=ignore_index,
-                         shapes=[a.shape for a in p], name="y")
+        t = check_labels(
+            list(y),
+            n_classes=n_classes,
+            ignore_index=ignore_index,
+            shapes=[a.shape for a in p],
+            name="y",
+        )
     else:
         p = check_labels(pred, n_classes=n_classes, name="pred")
-        t = check_labels(y, n_classes=n_classes, ignore_index=ignore_index, shapes=p.shape,
-                         name="y")
+        t = check_labels(
+            y, n_classes=n_classes, ignore_index=ignore_index, shapes=p.shape, name="y"
+        )
         if p.shape[0] == 0:
             raise ValueError("pred is an empty batch: at least one label map is required")
         p, t = list(p), list(t)
@@ -42,8 +48,14 @@ def _pairs(pred, y, n_classes, ignore_index):
             bv = b if ignore_index is None else b[b != ignore_index]
             top = max(top, int(a.max(initial=0)), int(bv.max(initial=0)))
         for name, maps in (("pred", p), ("y", t)):
-            lo = min(int((m if ignore_index is None or name == "pred" else m[m != ignore_index])
-                         .min(initial=0)) for m in maps)
+            lo = min(
+                int(
+                    (m if ignore_index is None or name == "pred" else m[m != ignore_index]).min(
+                        initial=0
+                    )
+                )
+                for m in maps
+            )
             if lo < 0:
                 raise ValueError(f"{name} holds negative labels (min {lo}); labels are 0..K-1")
         n_classes = top + 1
@@ -172,8 +184,11 @@ def hausdorff_distance_95(pred, y, spacing=None, n_classes: int | None = None):
     if spacing is None:
         sp = np.ones(nd)
     else:
-        sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,)) \
-            if np.ndim(spacing) <= 1 and np.size(spacing) in (1, nd) else None
+        sp = (
+            np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+            if np.ndim(spacing) <= 1 and np.size(spacing) in (1, nd)
+            else None
+        )
         if sp is None or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
             raise ValueError(
                 f"spacing must be one positive number or {nd} of them, got {spacing!r}"
