@@ -30,7 +30,7 @@ __all__ = [
     "reliability_curve",
 ]
 
-DEFAULT_CHUNK = 1 << 22
+DEFAULT_CHUNK = 1 << 20  # voxels per chunk: ~40 MB of temporaries
 
 
 def _check_edges(edges, name):
@@ -63,6 +63,21 @@ def _check_mask(mask, shape):
     if m.shape != tuple(shape):
         raise ValueError(f"mask must have shape {tuple(shape)} (N, *spatial), got {m.shape}")
     return m
+
+
+def _check_scores_chunked(scores, name, kind, chunk):
+    """``check_scores`` applied chunk by chunk, so validation temporaries stay bounded too."""
+    arr = np.asarray(scores)
+    if arr.ndim < 3 or arr.size == 0:
+        return check_scores(arr, name=name, kind=kind)
+    # dtype, rank and class count from a one-voxel slice; values chunk by chunk below
+    check_scores(
+        arr[(slice(0, 1), slice(None)) + (slice(0, 1),) * (arr.ndim - 2)], name=name, kind=kind
+    )
+    s3 = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    for si, sv in _blocks(s3.shape[0], s3.shape[2], chunk):
+        check_scores(s3[si, :, sv], name=name, kind=kind)
+    return arr
 
 
 def _softmax_block(z: np.ndarray) -> np.ndarray:
@@ -173,7 +188,7 @@ class CalibrationAccumulator:
     # ------------------------------------------------------------------ updates
     def _check_inputs(self, scores, y, mask, kind):
         name = "proba" if kind == "proba" else "logits"
-        scores = check_scores(scores, name=name, kind=kind)
+        scores = _check_scores_chunked(scores, name, kind, self.chunk_size)
         k = scores.shape[1]
         if self.n_classes is None:
             self._set_classes(k)
@@ -381,7 +396,7 @@ def _accumulate(
         raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    proba = check_scores(proba, name="proba", kind="proba")
+    proba = _check_scores_chunked(proba, "proba", "proba", chunk_size)
     shape = (proba.shape[0], *proba.shape[2:])
     y = check_labels(y, n_classes=proba.shape[1], shapes=shape, ignore_index=ignore_index)
     mask = _check_mask(mask, shape)
