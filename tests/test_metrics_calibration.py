@@ -291,3 +291,17 @@ def test_ece_bounds_property(seed, k, n_bins, strategy):
     mce = maximum_calibration_error(p, y, n_bins, strategy=strategy)
     assert 0.0 <= ece <= mce + 1e-12 <= 1.0 + 1e-12
     assert 0.0 <= brier_score(p, y) <= 2.0
+
+
+def test_public_names_of_the_design_contract():
+    import uqseg
+
+    names = [
+        "expected_calibration_error", "maximum_calibration_error", "adaptive_calibration_error",
+        "brier_score", "negative_log_likelihood", "reliability_curve", "plot_reliability_diagram",
+        "dice_score", "hausdorff_distance_95", "uncertainty_error_overlap", "ood_auroc",
+        "ood_aupr", "fpr_at_tpr",
+    ]  # fmt: skip
+    missing = [n for n in names if not callable(getattr(uqseg.metrics, n, None))]
+    assert missing == []
+    assert set(uqseg.metrics.__all__) >= set(names)

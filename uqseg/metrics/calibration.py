@@ -1,7 +1,7 @@
 """Calibration metrics for voxel-wise class probabilities.
 
 Every metric is a thin wrapper over :class:`CalibrationAccumulator`, which walks the voxels in
-chunks (``2**22`` voxels by default) and keeps only per-bin sums, so memory stays bounded for
+chunks (``2**20`` voxels by default) and keeps only per-bin sums, so memory stays bounded for
 any volume size and results merge across batches and workers.
 
 Binning follows Guo et al. (2017): bin ``b`` holds the confidences in ``(e_b, e_{b+1}]`` (the
@@ -107,7 +107,7 @@ class CalibrationAccumulator:
         Label value whose voxels are skipped.
     eps : float, default=1e-7
         NLL clips ``p_y`` below at ``eps`` (so a zero probability costs ``-log(eps)``).
-    chunk_size : int, default=2**22
+    chunk_size : int, default=2**20
         Voxels handled at once; bounds the temporary memory.
 
     Examples
