@@ -38,7 +38,8 @@ def cache_path(key: str) -> Path:
 
 def _read(path: Path, key: str) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # own file handle: np.load leaks its handle when the file is not a valid archive
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             if str(f["__key__"]) != key:
                 return None
             return {k: f[k] for k in f.files if k != "__key__"}

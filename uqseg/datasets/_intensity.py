@@ -20,6 +20,7 @@ def _normalize_one(img: np.ndarray) -> np.ndarray:
         lo, hi = flat.min(), flat.max()
     if hi <= lo:
         return np.zeros_like(img, dtype=np.float32)
+    lo, hi = float(lo), float(hi)  # float64 arithmetic keeps the mapping of hi exactly 1
     out = (img.astype(np.float64) - lo) / (hi - lo)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
