@@ -1,0 +1,621 @@
+"""Per-image segmentation quality prediction (Mehrtash et al. 2020; DeVries & Taylor 2018).
+
+:class:`QualityRegressor` runs a segmenter (or an ensemble) once per image, summarises the
+prediction and its uncertainty into a few dozen per-image features (segment-level entropy and
+mutual information inside the predicted structure and on its boundary, predicted volumes,
+uncertainty histograms, ...) and regresses the true per-class Dice (or IoU) on them. A second
+option follows DeVries & Taylor: a small CNN exported to ONNX that reads the stacked
+``(image, probabilities, uncertainty map)`` and outputs the quality directly.
+
+:func:`make_quality_set` widens a labelled split with corrupted copies so the regressor sees a
+spread of good and bad segmentations.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import expit, logit
+from sklearn.base import BaseEstimator, clone
+from sklearn.ensemble import ExtraTreesRegressor
+from sklearn.exceptions import NotFittedError
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.utils import get_tags
+from sklearn.utils.validation import check_is_fitted
+
+from uqseg._validation import check_images, check_labels
+from uqseg.metrics.quality import quality_report
+from uqseg.metrics.segmentation import dice_score, iou_score
+from uqseg.metrics.uncertainty import binary_entropy
+from uqseg.uncertainty import KINDS, entropy, expected_entropy, mutual_information, variance
+
+__all__ = ["QualityRegressor", "make_quality_set", "maps_input", "TARGETS"]
+
+TARGETS = ("dice", "iou")
+TARGET_TRANSFORMS = ("identity", "logit")
+REGRESSOR_INPUTS = ("auto", "features", "maps")
+_CHUNK = 32  # images per inference call: bounds the memory of member probabilities
+_EPS = 1e-3  # logit targets are clipped to [eps, 1 - eps]
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_ensemble(est) -> bool:
+    return callable(getattr(est, "predict_members", None))
+
+
+def _unc_scale(kind: str, n_classes: int) -> float:
+    """Largest possible value of an uncertainty map: histograms and CNN inputs use [0, 1]."""
+    return 0.25 if kind == "variance" else float(np.log(n_classes))
+
+
+def _batch_structure(nd: int) -> np.ndarray:
+    """Face-neighbour structure that never connects two images of a batch."""
+    return ndimage.generate_binary_structure(nd, 1)[None]
+
+
+def _boundary(seg: np.ndarray) -> np.ndarray:
+    """Inner boundary of a batch of masks ``(n, *sp)`` (face neighbours, image border outside)."""
+    return seg & ~ndimage.binary_erosion(seg, _batch_structure(seg.ndim - 1))
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over ``mask`` per image (axis 0 is the image); 0 where empty."""
+    axes = tuple(range(1, values.ndim))
+    count = mask.sum(axis=axes)
+    total = np.where(mask, values, 0).sum(axis=axes, dtype=np.float64)
+    return np.divide(total, count, out=np.zeros(len(count)), where=count > 0)
+
+
+def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
+    """Names of the columns :meth:`QualityRegressor.features` returns, in order."""
+    per_class = ["volume", "self_dice", "soft_volume_ratio", "mean_proba", "seg_binary_entropy",
+                 "boundary_binary_entropy", f"seg_{kind}", f"boundary_{kind}", "boundary_fraction",
+                 "log_components"]
+    names = [f"{f}_c{c}" for c in range(1, n_classes) for f in per_class]
+    names += ["foreground_fraction", f"mean_{kind}", f"foreground_{kind}",
+              "foreground_max_proba", "mean_entropy"]
+    names += [f"{kind}_hist_{b}" for b in range(n_bins)]
+    return names
+
+
+def _features(proba: np.ndarray, unc: np.ndarray, kind: str, n_bins: int) -> np.ndarray:
+    """Per-image features from probabilities ``(n, K, *sp)`` and an uncertainty map ``(n, *sp)``."""
+    n, k = proba.shape[:2]
+    pred = proba.argmax(axis=1)
+    n_vox = float(np.prod(proba.shape[2:]))
+    cols = []
+    for c in range(1, k):
+        seg = pred == c
+        bnd = _boundary(seg)
+        p = proba[:, c].astype(np.float64)
+        size = seg.reshape(n, -1).sum(axis=1).astype(np.float64)
+        soft = p.reshape(n, -1).sum(axis=1)
+        overlap = np.where(seg, p, 0).reshape(n, -1).sum(axis=1)
+        # Dice of the hard prediction against the model's own soft one: 1 when both are empty
+        denom = soft + size
+        self_dice = np.divide(2 * overlap, denom, out=np.ones(n), where=denom > 1e-6)
+        h = binary_entropy(p)
+        n_comp = np.array([ndimage.label(s)[1] for s in seg], dtype=np.float64)
+        cols += [
+            size / n_vox,
+            self_dice,
+            np.minimum(np.divide(soft, size, out=np.zeros(n), where=size > 0), 10.0),
+            _masked_mean(p, seg),
+            _masked_mean(h, seg),
+            _masked_mean(h, bnd),
+            _masked_mean(unc, seg),
+            _masked_mean(unc, bnd),
+            np.divide(bnd.reshape(n, -1).sum(axis=1), size, out=np.zeros(n), where=size > 0),
+            np.log1p(n_comp),
+        ]
+    fg = pred > 0
+    # the histogram region includes a one-voxel rim: errors sit on the predicted border
+    region = ndimage.binary_dilation(fg, _batch_structure(fg.ndim - 1))
+    cols += [
+        fg.reshape(n, -1).mean(axis=1),
+        unc.reshape(n, -1).mean(axis=1),
+        _masked_mean(unc, fg),
+        _masked_mean(proba.max(axis=1), fg),
+        entropy(proba).reshape(n, -1).mean(axis=1),
+    ]
+    scale = _unc_scale(kind, k)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    scaled = np.clip(unc / scale, 0.0, 1.0)
+    hist = np.zeros((n, n_bins))
+    for i in range(n):
+        vals = scaled[i][region[i]]
+        if vals.size:
+            hist[i] = np.histogram(vals, bins=edges)[0] / vals.size
+    cols += list(hist.T)
+    return np.column_stack(cols).astype(np.float64)
+
+
+def maps_input(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str) -> np.ndarray:
+    """Stack ``(image, probabilities, uncertainty / max)`` into the CNN input.
+
+    Parameters
+    ----------
+    X : ndarray of shape (N, C, *spatial)
+    proba : ndarray of shape (N, K, *spatial)
+    unc : ndarray of shape (N, *spatial)
+    kind : str
+        Uncertainty kind (sets the scale that maps the uncertainty to ``[0, 1]``).
+
+    Returns
+    -------
+    ndarray of float32, shape (N, C + K + 1, *spatial)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.zeros((2, 1, 4, 4)); P = np.full((2, 3, 4, 4), 1 / 3)
+    >>> m = maps_input(X, P, np.full((2, 4, 4), np.log(3)), "entropy")
+    >>> m.shape, float(m[0, -1, 0, 0])
+    ((2, 5, 4, 4), 1.0)
+    """
+    scale = _unc_scale(kind, proba.shape[1])
+    u = np.clip(unc / scale, 0.0, 1.0)[:, None]
+    return np.concatenate([X, proba, u], axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- estimator
+class QualityRegressor(BaseEstimator):
+    """Predict the per-class Dice (or IoU) of a segmentation without the ground truth.
+
+    ``fit(X, y)`` runs the segmenter once per image, computes the true per-image, per-class
+    Dice against ``y`` with :func:`uqseg.metrics.dice_score` and regresses it on features of
+    the prediction and its uncertainty. Where a class is absent from both the prediction and
+    the truth, Dice is undefined (NaN); the target is then ``empty_score`` (default 1: the
+    network correctly found nothing).
+
+    Parameters
+    ----------
+    estimator : segmenter, EnsembleSegmenter or str
+        Anything following the segmenter protocol (``predict_proba``); an object with
+        ``predict_members`` (an ensemble) gives mutual information too. A path is wrapped in
+        :class:`uqseg.OnnxSegmenter`. A fitted estimator is used as is; an unfitted one is
+        fitted with ``fit(X)``.
+    regressor : sklearn regressor, object with fit/predict, str or path-like, optional
+        ``None``: ``ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
+        random_state=0)`` on the features (chosen by cross-validation, see ``docs/quality.md``).
+        Any scikit-learn regressor is cloned and fitted on :meth:`features`; one without native
+        multi-output support is wrapped in ``MultiOutputRegressor``. A path to an ONNX file is
+        a pretrained quality network (DeVries & Taylor): it reads :func:`maps_input`
+        ``(N, C + K + 1, *spatial)`` and outputs ``(N, K - 1)`` qualities in ``[0, 1]``; it is
+        not retrained by ``fit``.
+    target : {"dice", "iou"}, default="dice"
+        What is regressed and returned by :meth:`predict` (DeVries & Taylor regress IoU).
+    uncertainty : {"auto", "entropy", "mutual_information", "expected_entropy", "variance"}
+        Uncertainty map summarised by the features (and fed to a quality CNN). ``"auto"``:
+        mutual information for an ensemble, entropy of the softmax otherwise. Kinds other than
+        ``"entropy"`` need an ensemble.
+    target_transform : {"logit", "identity"}, default="logit"
+        Fit the feature regressor on ``logit(clip(t, 1e-3, 1 - 1e-3))`` (as Mehrtash et al.
+        regress logit(Dice)) or on ``t`` itself. Predictions are mapped back and clipped to
+        ``[0, 1]``.
+    n_bins : int, default=8
+        Bins of the uncertainty histogram over the predicted foreground (plus a one-voxel rim).
+    empty_score : float, default=1.0
+        Target where a class is absent from both prediction and truth.
+    regressor_input : {"auto", "features", "maps"}, default="auto"
+        What a regressor object receives: the feature table, or the stacked maps of
+        :func:`maps_input` (e.g. ``uqseg.training.quality_net.QualityNetRegressor``).
+        ``"auto"``: maps for an ONNX path, features otherwise.
+
+    Attributes
+    ----------
+    estimator_ : segmenter
+    regressor_ : estimator or str
+        The fitted regressor, or the ONNX path.
+    input_kind_ : {"features", "maps"}
+    n_classes_ : int
+    uncertainty_kind_ : str
+    feature_names_ : list of str
+    fit_report_ : dict
+        ``quality_report`` of predicted against true targets on the fitting set (in-sample).
+
+    Examples
+    --------
+    >>> from uqseg import QualityRegressor, EnsembleSegmenter, datasets      # doctest: +SKIP
+    >>> X, y = datasets.load_brain_tissue("val")                             # doctest: +SKIP
+    >>> qr = QualityRegressor(EnsembleSegmenter(datasets.reference_models()))  # doctest: +SKIP
+    >>> qr.fit(X, y).predict(X[:2]).shape                                    # doctest: +SKIP
+    (2, 2)
+    """
+
+    def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
+                 target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto"):
+        self.estimator = estimator
+        self.regressor = regressor
+        self.target = target
+        self.uncertainty = uncertainty
+        self.target_transform = target_transform
+        self.n_bins = n_bins
+        self.empty_score = empty_score
+        self.regressor_input = regressor_input
+
+    # ----------------------------------------------------------------- validation
+    def _check_params(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target_transform not in TARGET_TRANSFORMS:
+            raise ValueError(f"target_transform must be one of {TARGET_TRANSFORMS}, got "
+                             f"{self.target_transform!r}")
+        if self.regressor_input not in REGRESSOR_INPUTS:
+            raise ValueError(f"regressor_input must be one of {REGRESSOR_INPUTS}, got "
+                             f"{self.regressor_input!r}")
+        if (isinstance(self.n_bins, bool) or not isinstance(self.n_bins, numbers.Integral)
+                or self.n_bins < 1):
+            raise ValueError(f"n_bins must be a positive integer, got {self.n_bins!r}")
+        if (isinstance(self.empty_score, bool) or not isinstance(self.empty_score, numbers.Real)
+                or not 0 <= self.empty_score <= 1):
+            raise ValueError(f"empty_score must be a number in [0, 1], got {self.empty_score!r}")
+        if self.uncertainty != "auto" and self.uncertainty not in KINDS:
+            raise ValueError(f"uncertainty must be 'auto' or one of {KINDS}, got "
+                             f"{self.uncertainty!r}")
+
+    def _resolve_estimator(self, X):
+        est = self.estimator
+        if isinstance(est, (str, os.PathLike)):
+            from uqseg.segmenter import OnnxSegmenter
+
+            est = OnnxSegmenter(est)
+        if not callable(getattr(est, "predict_proba", None)):
+            raise TypeError("estimator must be a segmenter with predict_proba (or a path to an "
+                            f"ONNX file), got {type(est).__name__}")
+        try:
+            check_is_fitted(est)
+        except NotFittedError:
+            est = (clone(est) if hasattr(est, "get_params") else est).fit(X)
+        except TypeError:  # not a scikit-learn estimator: trusted to be ready
+            pass
+        return est
+
+    def _resolve_regressor(self, n_out: int):
+        reg = self.regressor
+        if isinstance(reg, (str, os.PathLike)):
+            if self.regressor_input == "features":
+                raise ValueError("regressor is an ONNX path, which reads maps; "
+                                 "regressor_input='features' cannot apply")
+            return os.fspath(reg), "maps"
+        if reg is None:
+            reg = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
+                                      random_state=0, n_jobs=1)
+        if not (callable(getattr(reg, "fit", None)) and callable(getattr(reg, "predict", None))):
+            raise TypeError("regressor must be None, a path to an ONNX quality network or an "
+                            f"object with fit and predict, got {type(reg).__name__}")
+        kind = "maps" if self.regressor_input == "maps" else "features"
+        reg = clone(reg) if hasattr(reg, "get_params") else reg
+        if kind == "features" and n_out > 1 and isinstance(reg, BaseEstimator):
+            if not get_tags(reg).target_tags.multi_output:
+                reg = MultiOutputRegressor(reg)
+        return reg, kind
+
+    # ----------------------------------------------------------------- inference
+    def _maps(self, X):
+        """Yield ``(slice, X chunk, proba, uncertainty)`` over chunks, one inference each."""
+        est, kind = self.estimator_, self.uncertainty_kind_
+        if isinstance(X, list):
+            for i, x in enumerate(X):
+                yield from self._chunk_maps(est, kind, x[None], slice(i, i + 1))
+            return
+        for start in range(0, X.shape[0], _CHUNK):
+            sl = slice(start, min(start + _CHUNK, X.shape[0]))
+            yield from self._chunk_maps(est, kind, X[sl], sl)
+
+    @staticmethod
+    def _chunk_maps(est, kind, xb, sl):
+        if _is_ensemble(est):
+            members = np.asarray(est.predict_members(xb), dtype=np.float32)
+            proba = members.mean(axis=0)
+            unc = {"entropy": lambda: entropy(proba),
+                   "mutual_information": lambda: mutual_information(members),
+                   "expected_entropy": lambda: expected_entropy(members),
+                   "variance": lambda: variance(members)}[kind]()
+        else:
+            proba = np.asarray(est.predict_proba(xb), dtype=np.float32)
+            unc = entropy(proba)
+        yield sl, xb, proba, unc
+
+    def _targets(self, proba_pred, y, k):
+        fn = dice_score if self.target == "dice" else iou_score
+        # NaN = class absent from prediction and truth alike
+        return np.nan_to_num(fn(proba_pred, y, n_classes=k), nan=float(self.empty_score))
+
+    # ----------------------------------------------------------------- public API
+    def fit(self, X, y):
+        """Run the segmenter once on ``X``, compute the true quality and fit the regressor.
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+        y : array of int, shape (N, *spatial), or list of (*spatial) arrays
+            True labels in ``[0, K)``.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        X = check_images(X)
+        est = self._resolve_estimator(X)
+        ensemble = _is_ensemble(est)
+        kind = ("mutual_information" if ensemble else "entropy") if self.uncertainty == "auto" \
+            else self.uncertainty
+        if kind != "entropy" and not ensemble:
+            raise ValueError(f"uncertainty={kind!r} needs an ensemble (an estimator with "
+                             f"predict_members); {type(est).__name__} gives only 'entropy'")
+        shapes = [x.shape[1:] for x in X] if isinstance(X, list) else None
+        if isinstance(X, list):
+            if not isinstance(y, (list, tuple)):
+                raise TypeError("X is a list of images, so y must be a list of label maps, got "
+                                f"{type(y).__name__}")
+            y = check_labels(list(y), shapes=shapes)
+        else:
+            y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
+        self.estimator_ = est
+        self.uncertainty_kind_ = kind
+        feats, targets, maps, k = [], [], [], None
+        reg_obj = self.regressor
+        wants_maps = isinstance(reg_obj, (str, os.PathLike)) or self.regressor_input == "maps"
+        for sl, xb, proba, unc in self._maps(X):
+            k = proba.shape[1]
+            yb = y[sl] if not isinstance(y, list) else [y[i] for i in range(sl.start, sl.stop)]
+            yb = np.asarray(yb)
+            hi = int(yb.max())
+            if yb.min() < 0 or hi >= k:
+                raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
+                                 f"predicts {k} classes (valid labels 0..{k - 1})")
+            targets.append(self._targets(proba.argmax(axis=1), yb, k))
+            feats.append(_features(proba, unc, kind, int(self.n_bins)))
+            if wants_maps:
+                maps.append(maps_input(xb, proba, unc, kind))
+        self.n_classes_ = int(k)
+        self.feature_names_ = feature_names(k, kind, int(self.n_bins))
+        T = np.concatenate(targets)
+        F = np.concatenate(feats)
+        reg, self.input_kind_ = self._resolve_regressor(k - 1)
+        self._runner = None
+        if isinstance(reg, str):
+            self.regressor_ = reg
+            self._check_onnx_regressor(maps[0])
+        elif self.input_kind_ == "maps":
+            self.regressor_ = reg.fit(np.concatenate(maps), T)
+        else:
+            Tt = logit(np.clip(T, _EPS, 1 - _EPS)) if self.target_transform == "logit" else T
+            self.regressor_ = reg.fit(F, Tt if Tt.shape[1] > 1 else Tt.ravel())
+        if isinstance(reg, str) or self.input_kind_ == "maps":
+            pred = np.concatenate([self._predict_maps(m) for m in maps])
+        else:
+            pred = self._predict_features(F)
+        self.fit_report_ = quality_report(pred, T)
+        return self
+
+    def _check_onnx_regressor(self, sample: np.ndarray):
+        runner = self._onnx_runner()
+        name = runner.input_names
+        if len(name) != 1:
+            raise ValueError(f"the ONNX regressor {self.regressor_!r} must take one input "
+                             f"(the stacked maps), it takes {name}")
+        want_c = sample.shape[1]
+        shape = runner.input_shapes.get(name[0])
+        if shape is not None and len(shape) != sample.ndim:
+            raise ValueError(f"the ONNX regressor {self.regressor_!r} takes rank-{len(shape)} "
+                             f"input, expected (N, C + K + 1, *spatial) of rank {sample.ndim}")
+        if shape is not None and shape[1] is not None and shape[1] != want_c:
+            raise ValueError(
+                f"the ONNX regressor {self.regressor_!r} takes {shape[1]} input channels, "
+                f"expected {want_c} = image channels + {self.n_classes_} class probabilities "
+                "+ 1 uncertainty map")
+        self._predict_maps(sample[:1])
+
+    def _onnx_runner(self):
+        if getattr(self, "_runner", None) is None:
+            from uqseg import backends
+
+            self._runner = backends.load(self.regressor_)
+        return self._runner
+
+    def _predict_maps(self, maps: np.ndarray) -> np.ndarray:
+        want = (maps.shape[0], self.n_classes_ - 1)
+        if isinstance(self.regressor_, str):
+            runner = self._onnx_runner()
+            try:
+                out = runner.run({runner.input_names[0]: maps})
+            except ValueError:
+                raise
+            except Exception as exc:  # engine errors on inputs the network cannot take
+                raise ValueError(f"the ONNX regressor {self.regressor_!r} failed on maps of "
+                                 f"shape {maps.shape}: {exc}") from exc
+            out = np.asarray(out[runner.output_names[0]], dtype=np.float64)
+        else:
+            out = np.asarray(self.regressor_.predict(maps), dtype=np.float64)
+        if out.ndim == 1 and want[1] == 1:
+            out = out[:, None]
+        if out.shape != want:
+            raise ValueError(f"the quality regressor must output shape (N, K - 1) = {want}, "
+                             f"got {out.shape}")
+        return np.clip(out, 0.0, 1.0)
+
+    def _predict_features(self, F: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.regressor_.predict(F), dtype=np.float64).reshape(F.shape[0], -1)
+        if self.target_transform == "logit":
+            out = expit(out)
+        return np.clip(out, 0.0, 1.0)
+
+    def features(self, X) -> np.ndarray:
+        """Per-image features (columns named by ``feature_names_``), one inference per image.
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+
+        Returns
+        -------
+        ndarray of shape (N, len(feature_names_))
+        """
+        check_is_fitted(self)
+        X = check_images(X)
+        return np.concatenate([_features(p, u, self.uncertainty_kind_, int(self.n_bins))
+                               for _, _, p, u in self._maps(X)])
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted quality (Dice, or IoU for ``target="iou"``) per foreground class.
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+
+        Returns
+        -------
+        ndarray of shape (N, K - 1), values in ``[0, 1]``
+        """
+        check_is_fitted(self)
+        X = check_images(X)
+        out = []
+        for _, xb, p, u in self._maps(X):
+            if self.input_kind_ == "maps":
+                out.append(self._predict_maps(maps_input(xb, p, u, self.uncertainty_kind_)))
+            else:
+                out.append(self._predict_features(
+                    _features(p, u, self.uncertainty_kind_, int(self.n_bins))))
+        return np.concatenate(out)
+
+    def flag(self, X, min_dice=0.8, reduce="any") -> np.ndarray:
+        """Images to route to human review: predicted Dice below ``min_dice``.
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+        min_dice : float in [0, 1], default=0.8
+            Always a Dice threshold: with ``target="iou"`` the predicted IoU ``J`` is
+            converted to Dice ``2J / (1 + J)`` first.
+        reduce : {"any", "mean"}, default="any"
+            ``"any"``: flag when any foreground class is predicted below ``min_dice``;
+            ``"mean"``: when the mean over foreground classes is.
+
+        Returns
+        -------
+        ndarray of bool, shape (N,)
+        """
+        check_is_fitted(self)
+        if isinstance(min_dice, bool) or not isinstance(min_dice, numbers.Real) \
+                or not 0 <= min_dice <= 1:
+            raise ValueError(f"min_dice must be a number in [0, 1], got {min_dice!r}")
+        if reduce not in ("any", "mean"):
+            raise ValueError(f"reduce must be 'any' or 'mean', got {reduce!r}")
+        q = self.predict(X)
+        if self.target == "iou":
+            q = 2 * q / (1 + q)
+        return (q < min_dice).any(axis=1) if reduce == "any" else q.mean(axis=1) < min_dice
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_runner", None)  # onnxruntime sessions do not pickle; rebuilt lazily
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.two_d_array = False
+        return tags
+
+
+# --------------------------------------------------------------------------- training data
+def _rotated_labels(x_clean: np.ndarray, x_rot: np.ndarray, y: np.ndarray, angle: float):
+    """Rotate labels like ``corrupt(kind="rotate")`` rotated the image (sign read off the image)."""
+    from uqseg.datasets import normalize_intensity
+
+    base = normalize_intensity(x_clean[None])[0].astype(np.float64)
+    best, best_err = None, np.inf
+    for sign in (1.0, -1.0):
+        cand = np.stack([ndimage.rotate(c, sign * angle, axes=(-2, -1), reshape=False, order=1,
+                                        mode="constant", cval=float(c.min())) for c in base])
+        err = float(np.mean((normalize_intensity(cand[None])[0] - x_rot) ** 2))
+        if err < best_err:
+            best, best_err = sign, err
+    return ndimage.rotate(y, best * angle, axes=(-2, -1), reshape=False, order=0,
+                          mode="constant", cval=0)
+
+
+def make_quality_set(X, y, corruptions=None, severities=(0.25, 0.5, 0.75, 1.0), seed=0,
+                     include_clean=True):
+    """Widen a labelled split with corrupted copies, for a spread of segmentation quality.
+
+    Every image is repeated once per (corruption, severity) with
+    :func:`uqseg.datasets.corrupt`; the labels are repeated alongside (and rotated with the
+    image for ``"rotate"``, the one corruption that moves the anatomy).
+
+    Parameters
+    ----------
+    X : array of shape (N, C, *spatial)
+    y : array of int, shape (N, *spatial)
+    corruptions : sequence of str, optional
+        Kinds from :data:`uqseg.datasets.CORRUPTIONS` (default: all of them).
+    severities : sequence of float in (0, 1], default=(0.25, 0.5, 0.75, 1.0)
+    seed : int, default=0
+        Seed of the corruptions' random parts (each (kind, severity) gets its own stream).
+    include_clean : bool, default=True
+        Keep the original images (intensity-normalised) first.
+
+    Returns
+    -------
+    X_wide : ndarray of float32, shape (N * n_copies, C, *spatial)
+    y_wide : ndarray of int64, shape (N * n_copies, *spatial)
+    info : dict
+        ``source`` (index into ``X``), ``corruption`` (``"none"`` for clean copies) and
+        ``severity`` (0 for clean copies), one entry per output image (numpy arrays).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).random((2, 1, 16, 16)).astype(np.float32)
+    >>> y = np.zeros((2, 16, 16), int)
+    >>> Xw, yw, info = make_quality_set(X, y, corruptions=["blur", "noise"], severities=[0.5])
+    >>> Xw.shape, list(info["corruption"])
+    ((6, 1, 16, 16), ['none', 'none', 'blur', 'blur', 'noise', 'noise'])
+    """
+    from uqseg.datasets import CORRUPTIONS, corrupt, normalize_intensity
+
+    X = check_images(X, allow_list=False)
+    y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
+    kinds = list(CORRUPTIONS) if corruptions is None else (
+        [corruptions] if isinstance(corruptions, str) else list(corruptions))
+    bad = [c for c in kinds if c not in CORRUPTIONS]
+    if bad:
+        raise ValueError(f"corruptions must be taken from {CORRUPTIONS}, got unknown {bad}")
+    sevs = [severities] if isinstance(severities, numbers.Real) else list(severities)
+    for s in sevs:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 < s <= 1:
+            raise ValueError(f"severities must be numbers in (0, 1], got {severities!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not kinds and not include_clean:
+        raise ValueError("nothing to return: no corruption and include_clean=False")
+    n = X.shape[0]
+    xs, ys, src, names, levels = [], [], [], [], []
+    if include_clean:
+        xs.append(normalize_intensity(X))
+        ys.append(y)
+        src.append(np.arange(n))
+        names += ["none"] * n
+        levels.append(np.zeros(n))
+    for j, kind in enumerate(kinds):
+        for m, s in enumerate(sevs):
+            xc = corrupt(X, kind, float(s), seed=int(seed) * 1000 + 37 * j + m)
+            yc = y
+            if kind == "rotate":
+                yc = np.stack([_rotated_labels(X[i], xc[i], y[i], 90.0 * float(s))
+                               for i in range(n)])
+            xs.append(xc)
+            ys.append(yc)
+            src.append(np.arange(n))
+            names += [kind] * n
+            levels.append(np.full(n, float(s)))
+    info = {"source": np.concatenate(src), "corruption": np.array(names),
+            "severity": np.concatenate(levels)}
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), info
+
