@@ -1,0 +1,610 @@
+"""Temperature scaling for segmentation networks (Guo et al. 2017), global or class-wise.
+
+The calibrator streams the segmenter's output batch by batch and keeps a *stratified,
+weighted voxel sample* of bounded size instead of all logits (a 3-D validation set of 100
+volumes holds ~1e9 voxels). Strata are (true class, uncalibrated confidence bin); inside each
+stratum the sample is uniform (priority sampling: each voxel draws a random key and the
+stratum keeps its smallest keys, which merges exactly across batches); every sampled voxel is
+weighted by ``stratum size / stratum sample size``, so the weighted NLL is an unbiased
+estimate of the NLL over all voxels. Rare strata (wrong or unsure voxels, small classes),
+which decide the temperature, are kept whole; only the huge confident-background strata are
+thinned. When the data hold at most ``max_voxels`` voxels, nothing is dropped and the fit is
+exact.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+from scipy.optimize import minimize
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from uqseg._validation import check_labels, check_scores
+from uqseg.metrics.calibration import CalibrationAccumulator, foreground_roi
+
+__all__ = ["TemperatureCalibrator"]
+
+#: Upper edges of the uncalibrated-confidence bins used as strata (the last bin is open).
+CONFIDENCE_EDGES = (0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9999)
+#: log-temperature bounds of the optimiser: T in [1e-2, 1e2].
+LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
+_CHUNK = 1 << 20  # voxels per streaming step: bounds temporaries to ~K * 8 MiB
+_OBJ_CHUNK = 1 << 18  # sample rows per objective step
+
+
+# ---------------------------------------------------------------------- objective
+def _nll_and_grad(log_t, z, y, w, classwise):
+    """Weighted mean NLL of ``softmax(z / T)`` and its exact gradient in ``log T``.
+
+    With ``a = exp(-log T)`` and ``p = softmax(a * z)``, the voxel loss is
+    ``L = logsumexp(a * z) - a_y z_y``, so ``dL/da_k = (p_k - 1[y == k]) z_k`` and
+    ``dL/dlog T_k = -a_k dL/da_k`` (global mode sums over k).
+    """
+    log_t = np.atleast_1d(np.asarray(log_t, dtype=np.float64))
+    a = np.exp(-log_t)
+    k = z.shape[1]
+    f = 0.0
+    g = np.zeros(k)
+    for s in range(0, z.shape[0], _OBJ_CHUNK):
+        zc = z[s:s + _OBJ_CHUNK].astype(np.float64)
+        yc, wc = y[s:s + _OBJ_CHUNK], w[s:s + _OBJ_CHUNK]
+        u = zc * a
+        m = u.max(axis=1, keepdims=True)
+        e = np.exp(u - m)
+        tot = e.sum(axis=1, keepdims=True)
+        rows = np.arange(u.shape[0])
+        f += float(wc @ (m[:, 0] + np.log(tot[:, 0]) - u[rows, yc]))
+        e /= tot  # now p
+        e[rows, yc] -= 1.0
+        g += (wc[:, None] * e * zc).sum(axis=0)
+    wsum = float(w.sum())
+    f /= wsum
+    g = -a * g / wsum
+    if not classwise:
+        return f, np.array([g.sum()])
+    return f, g
+
+
+def _water_fill(counts: np.ndarray, budget: int) -> float:
+    """Per-stratum cap ``c`` with ``sum(min(counts, c)) <= budget`` (inf if all fit)."""
+    if counts.sum() <= budget:
+        return np.inf
+    srt = np.sort(counts)
+    left = budget
+    for j, n in enumerate(srt):
+        rest = srt.size - j
+        if n * rest >= left:
+            return float(max(left // rest, 1))
+        left -= n
+    return np.inf  # pragma: no cover - the first test above returns
+
+
+def _is_fitted(est) -> bool:
+    try:
+        check_is_fitted(est)
+    except (NotFittedError, TypeError):
+        return False
+    return True
+
+
+class TemperatureCalibrator(TransformerMixin, BaseEstimator):
+    """Temperature scaling of a segmenter's logits, fitted by voxel-wise NLL.
+
+    ``softmax(z / T)`` with one temperature (``mode="global"``; never changes the predicted
+    labels) or one per class (``mode="classwise"``: vector scaling ``z_k / T_k``, which *can*
+    change labels). The log-temperature minimises the mean negative log-likelihood over the
+    voxels with L-BFGS-B and the exact analytic gradient.
+
+    Parameters
+    ----------
+    estimator : segmenter, str, path-like or None, default=None
+        What produces the scores. A segmenter is any object with ``transform(X)`` giving
+        logits or log-probabilities ``(N, K, *spatial)`` (``OnnxSegmenter``,
+        ``EnsembleSegmenter``); a path is wrapped in ``OnnxSegmenter(path)``; None means that
+        ``X`` itself holds the scores (e.g. as the step after a segmenter in a ``Pipeline``).
+        A fitted estimator is used as is; an unfitted one is cloned and fitted on ``X``.
+    mode : {"global", "classwise"}, default="global"
+    input_kind : {"logits", "proba"}, default="logits"
+        What the scores are. Probabilities are turned into ``log(max(p, eps))`` and those are
+        scaled (``p_k^(1/T)`` renormalised). Scores that look like the other kind are an error
+        (probabilities given as logits, or values outside ``[0, 1]`` given as ``"proba"``).
+    roi : {None, "foreground"}, default=None
+        ``"foreground"``: fit only inside the bounding box of the true foreground (labels other
+        than 0) grown by ``margin`` voxels, so the easy background does not dominate.
+    margin : int, default=10
+        Margin of the ``"foreground"`` box, in voxels.
+    ignore_index : int, optional
+        Label whose voxels are left out of the fit and the score.
+    max_voxels : int, default=2_000_000
+        Budget of the stratified voxel sample kept for the fit (and for ``partial_fit``); the
+        sample takes about ``max_voxels * (4 K + 10)`` bytes. Larger data are subsampled per
+        stratum (true class x confidence bin) and reweighted, see the module docstring.
+    batch_size : int, default=8
+        Images passed to the estimator at once while streaming.
+    random_state : int or None, default=0
+        Seed of the sample's random keys.
+    eps : float, default=1e-7
+        Clipping of probabilities before the log (``input_kind="proba"``).
+
+    Attributes
+    ----------
+    temperature_ : float or ndarray of shape (n_classes_,)
+        Global temperature, or one per class.
+    n_classes_ : int
+    n_voxels_fit_ : int
+        Voxels the fit represents (all valid voxels seen, inside the ROI).
+    n_voxels_sampled_ : int
+        Voxels held in the sample (``<= max_voxels``).
+    nll_before_, nll_after_ : float
+        Estimated mean NLL over the fit voxels at ``T = 1`` and at the fitted temperature.
+    estimator_ : segmenter or None
+    sample_ : dict of ndarray
+        The weighted voxel sample (``scores``, ``labels``, ``strata``, ``keys``) and the
+        per-stratum voxel ``counts``; what ``partial_fit`` continues from.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(4, 3, 64, 64)).astype(np.float32) * 2
+    >>> p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    >>> y = (p[:, :2].cumsum(1) < rng.random((4, 1, 64, 64))).sum(1)   # y ~ softmax(z)
+    >>> cal = TemperatureCalibrator().fit(3 * z, y)                   # 3x over-confident
+    >>> round(cal.temperature_, 1)
+    3.0
+    >>> bool((cal.predict(3 * z) == z.argmax(1)).all())
+    True
+    """
+
+    def __init__(self, estimator=None, *, mode="global", input_kind="logits", roi=None,
+                 margin=10, ignore_index=None, max_voxels=2_000_000, batch_size=8,
+                 random_state=0, eps=1e-7):
+        self.estimator = estimator
+        self.mode = mode
+        self.input_kind = input_kind
+        self.roi = roi
+        self.margin = margin
+        self.ignore_index = ignore_index
+        self.max_voxels = max_voxels
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.eps = eps
+
+    # ------------------------------------------------------------------ parameters
+    def _check_params(self):
+        if self.mode not in ("global", "classwise"):
+            raise ValueError(f"mode must be 'global' or 'classwise', got {self.mode!r}")
+        if self.input_kind not in ("logits", "proba"):
+            raise ValueError(f"input_kind must be 'logits' or 'proba', got {self.input_kind!r}")
+        if self.roi not in (None, "foreground"):
+            raise ValueError(f"roi must be None or 'foreground', got {self.roi!r}")
+        for name, low in (("margin", 0), ("max_voxels", 1), ("batch_size", 1)):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {val!r}")
+        if self.ignore_index is not None and (
+                isinstance(self.ignore_index, bool)
+                or not isinstance(self.ignore_index, numbers.Integral)):
+            raise TypeError(f"ignore_index must be an integer or None, got {self.ignore_index!r}")
+        if self.random_state is not None and (
+                isinstance(self.random_state, bool)
+                or not isinstance(self.random_state, numbers.Integral)):
+            raise TypeError(f"random_state must be an integer or None, got {self.random_state!r}")
+        if not (isinstance(self.eps, numbers.Real) and 0 < self.eps < 1):
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+
+    def _make_estimator(self, X):
+        est = self.estimator
+        if est is None:
+            return None
+        if isinstance(est, (str, os.PathLike)):
+            from uqseg.segmenter import OnnxSegmenter  # only needed for a path
+
+            return OnnxSegmenter(est).fit()
+        if not callable(getattr(est, "transform", None)):
+            raise TypeError("estimator must be None, a path to an ONNX file or a segmenter with "
+                            f"transform(X) -> logits; got {type(est).__name__}")
+        if _is_fitted(est):
+            return est
+        return clone(est).fit(X)
+
+    # ------------------------------------------------------------------ scores in batches
+    def _check_scores(self, S, name):
+        arr = check_scores(S, name=name, kind="logits")  # float, (N, K, ...), finite
+        lo, hi = float(arr.min()), float(arr.max())
+        if self.input_kind == "logits":
+            if lo >= 0 and hi <= 1 and float(np.abs(arr.sum(axis=1) - 1).max()) <= 1e-3:
+                raise ValueError(
+                    f"{name} looks like probabilities (values in [0, 1] summing to 1 over axis "
+                    "1) but input_kind='logits'; pass input_kind='proba' if they are")
+        elif lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(
+                f"input_kind='proba' but {name} holds values in [{lo:.3g}, {hi:.3g}], outside "
+                "[0, 1]; pass input_kind='logits' if these are logits")
+        return arr
+
+    def _to_log(self, arr):
+        """Scores as float32 logits (probabilities become clipped log-probabilities)."""
+        if self.input_kind == "proba":
+            return np.log(np.maximum(arr, self.eps), dtype=np.float32)
+        return arr.astype(np.float32, copy=False)
+
+    def _score_batches(self, X):
+        """Yield validated float32 logits ``(n, K, *spatial)`` batch by batch (one image per
+        batch for lists of differently sized images)."""
+        est = getattr(self, "estimator_", None)
+        bs = int(self.batch_size)
+        if est is None:
+            if isinstance(X, (list, tuple)):
+                for i, x in enumerate(X):
+                    yield self._to_log(self._check_scores(np.asarray(x)[None], f"X[{i}]"))
+                return
+            arr = self._check_scores(X, "X")
+            for s in range(0, arr.shape[0], bs):
+                yield self._to_log(arr[s:s + bs])
+            return
+        n = len(X)
+        for s in range(0, n, bs):
+            out = est.transform(X[s:s + bs])
+            parts = [o[None] for o in out] if isinstance(out, list) else [out]
+            for part in parts:
+                yield self._to_log(self._check_scores(part, "the estimator's transform output"))
+
+    def _pairs(self, X, y):
+        """Yield (logits, labels, voxel mask or None) per batch, labels checked against logits."""
+        if isinstance(y, (list, tuple)):
+            y_items = list(y)
+        else:
+            y_items = np.asarray(y)
+            if y_items.ndim < 2:
+                raise ValueError(f"y must have shape (N, *spatial), got shape {y_items.shape}")
+        pos = 0
+        for z in self._score_batches(X):
+            n = z.shape[0]
+            if pos + n > len(y_items):
+                raise ValueError(f"X has more images than y has label maps ({len(y_items)})")
+            yb = y_items[pos:pos + n]
+            yb = np.stack([np.asarray(v) for v in yb]) if isinstance(yb, list) else yb
+            pos += n
+            k = getattr(self, "n_classes_", None) or z.shape[1]
+            if z.shape[1] != k:
+                raise ValueError(f"the scores have {z.shape[1]} classes on axis 1 but the "
+                                 f"calibrator was fitted with {k}")
+            yb = check_labels(yb, n_classes=k, shapes=(n, *z.shape[2:]),
+                              ignore_index=self.ignore_index, name="y")
+            mask = None
+            if self.roi == "foreground":
+                fg = yb if self.ignore_index is None else np.where(
+                    yb == self.ignore_index, 0, yb)
+                mask = foreground_roi(fg, margin=int(self.margin))
+            if self.ignore_index is not None:
+                valid = yb != self.ignore_index
+                mask = valid if mask is None else mask & valid
+            yield z, yb, mask
+        if pos != len(y_items):
+            raise ValueError(f"X has {pos} images but y has {len(y_items)} label maps")
+
+    # ------------------------------------------------------------------ the sample
+    def _reset_sample(self, k):
+        n_strata = k * (len(CONFIDENCE_EDGES) + 1)
+        self.sample_ = {
+            "scores": np.zeros((0, k), np.float32), "labels": np.zeros(0, np.int32),
+            "strata": np.zeros(0, np.int32), "keys": np.zeros(0, np.float32),
+            "counts": np.zeros(n_strata, np.int64),
+        }
+        self._thresh = np.full(n_strata, np.inf, np.float32)
+
+    def _ingest(self, z, yb, mask, rng):
+        """Add one batch's valid voxels to the sample (chunk by chunk, bounded memory)."""
+        n, k = z.shape[:2]
+        z3, y2 = z.reshape(n, k, -1), yb.reshape(n, -1)
+        m2 = None if mask is None else mask.reshape(n, -1)
+        edges = np.asarray(CONFIDENCE_EDGES, np.float32)
+        nb = edges.size + 1
+        counts = self.sample_["counts"]
+        if not hasattr(self, "_thresh"):  # after unpickling: rebuilt at the next merge
+            self._thresh = np.full(counts.size, np.inf, np.float32)
+        buf = []
+        n_buf = 0
+        flush = max(int(self.max_voxels) // 2, 1 << 16)
+        vox = z3.shape[2]
+        for i in range(n):
+            for s in range(0, vox, _CHUNK):
+                zc = z3[i, :, s:s + _CHUNK].T  # (v, K) view
+                yc = y2[i, s:s + _CHUNK]
+                if m2 is not None:
+                    keep = m2[i, s:s + _CHUNK]
+                    zc, yc = zc[keep], yc[keep]
+                if yc.size == 0:
+                    continue
+                # max softmax probability = 1 / sum exp(z - max)
+                conf = 1.0 / np.exp(zc - zc.max(axis=1, keepdims=True)).sum(axis=1)
+                strata = yc.astype(np.int32) * nb + np.searchsorted(edges, conf)
+                counts += np.bincount(strata, minlength=counts.size)
+                keys = rng.random(yc.size, dtype=np.float32)
+                cand = keys < self._thresh[strata]  # a full stratum keeps only smaller keys
+                if cand.any():
+                    buf.append((np.ascontiguousarray(zc[cand]), yc[cand].astype(np.int32),
+                                strata[cand], keys[cand]))
+                    n_buf += int(cand.sum())
+                if n_buf >= flush:
+                    self._merge(buf)
+                    buf, n_buf = [], 0
+        self._merge(buf)
+
+    def _merge(self, buf):
+        smp = self.sample_
+        if buf:
+            smp["scores"] = np.concatenate([smp["scores"], *[b[0] for b in buf]])
+            smp["labels"] = np.concatenate([smp["labels"], *[b[1] for b in buf]])
+            smp["strata"] = np.concatenate([smp["strata"], *[b[2] for b in buf]])
+            smp["keys"] = np.concatenate([smp["keys"], *[b[3] for b in buf]])
+        cap = _water_fill(smp["counts"], int(self.max_voxels))
+        n_strata = smp["counts"].size
+        self._thresh = np.full(n_strata, np.inf, np.float32)
+        if not np.isfinite(cap):
+            return
+        order = np.lexsort((smp["keys"], smp["strata"]))  # by stratum, then key
+        st = smp["strata"][order]
+        first = np.searchsorted(st, np.arange(n_strata))
+        rank = np.arange(st.size) - first[st]
+        kept = order[rank < cap]
+        for key in ("scores", "labels", "strata", "keys"):
+            smp[key] = smp[key][kept]
+        # strata at the cap admit only keys below their largest kept key
+        full = np.bincount(smp["strata"], minlength=n_strata) >= cap
+        if full.any():
+            kmax = np.full(n_strata, -np.inf, np.float32)
+            np.maximum.at(kmax, smp["strata"], smp["keys"])
+            self._thresh[full] = kmax[full]
+
+    def _weights(self):
+        smp = self.sample_
+        held = np.bincount(smp["strata"], minlength=smp["counts"].size)
+        w = np.divide(smp["counts"], held, out=np.zeros(held.size), where=held > 0)
+        return w[smp["strata"]]
+
+    # ------------------------------------------------------------------ fitting
+    def _start(self, X, k):
+        self.n_classes_ = int(k)
+        self._reset_sample(k)
+
+    def _rng(self):
+        seed = None if self.random_state is None else [int(self.random_state),
+                                                       getattr(self, "_n_calls", 0)]
+        return np.random.default_rng(seed)
+
+    def _consume(self, X, y, first_call):
+        rng = self._rng()
+        seen = False
+        for z, yb, mask in self._pairs(X, y):
+            if first_call and not seen:
+                self._start(X, z.shape[1])
+            seen = True
+            self._ingest(z, yb, mask, rng)
+        if not seen:
+            raise ValueError("X is empty: at least one image is required")
+        self._n_calls = getattr(self, "_n_calls", 0) + 1
+
+    def _solve(self):
+        smp = self.sample_
+        if smp["labels"].size == 0:
+            raise ValueError("no voxel to fit on: every voxel is outside the ROI or has "
+                             f"ignore_index={self.ignore_index}")
+        w = self._weights()
+        classwise = self.mode == "classwise"
+        dim = self.n_classes_ if classwise else 1
+        prev = getattr(self, "temperature_", None)
+        x0 = np.zeros(dim) if prev is None else np.broadcast_to(np.log(prev), (dim,)).copy()
+        args = (smp["scores"], smp["labels"], w, classwise)
+        res = minimize(_nll_and_grad, x0, args=args, jac=True, method="L-BFGS-B",
+                       bounds=[LOG_T_BOUNDS] * dim)
+        t = np.exp(res.x)
+        self.temperature_ = t if classwise else float(t[0])
+        self.nll_after_ = float(res.fun)
+        self.nll_before_ = float(_nll_and_grad(np.zeros(dim), *args)[0])
+        self.n_iter_ = int(res.nit)
+        self.n_voxels_fit_ = int(smp["counts"].sum())
+        self.n_voxels_sampled_ = int(smp["labels"].size)
+
+    def fit(self, X, y):
+        """Fit the temperature(s) on validation images (or scores) and labels.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of images, or scores ``(N, K, *spatial)``
+            Images for the estimator; with ``estimator=None`` the logits (or probabilities,
+            ``input_kind="proba"``) themselves.
+        y : array of int ``(N, *spatial)`` or list of label maps
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)   # (1, 2, 1, 2)
+        >>> TemperatureCalibrator().fit(z, np.array([[[0, 1]]])).temperature_ < 1   # both right
+        True
+        """
+        self._check_params()
+        for attr in ("temperature_", "n_classes_", "sample_"):
+            self.__dict__.pop(attr, None)
+        self.estimator_ = self._make_estimator(X)
+        self._n_calls = 0
+        self._consume(X, y, first_call=True)
+        self._solve()
+        return self
+
+    def partial_fit(self, X, y):
+        """Add one batch to the voxel sample and refit the temperature on the whole sample.
+
+        The first call starts the sample; later calls continue it (also after :meth:`fit`),
+        warm-starting the optimiser from the current temperature. Feeding the batches of a
+        data set one by one gives the same sample, hence nearly the same temperature, as
+        :meth:`fit` on all of it.
+
+        Parameters
+        ----------
+        X, y
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        self
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> cal = TemperatureCalibrator().partial_fit(z, np.array([[[0, 0]]]))
+        >>> cal.partial_fit(z, np.array([[[0, 0]]])).n_voxels_fit_
+        4
+        """
+        first = not hasattr(self, "sample_")
+        if first:
+            self._check_params()
+            self.estimator_ = self._make_estimator(X)
+            self._n_calls = 0
+        self._consume(X, y, first_call=first)
+        self._solve()
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def _scale(self, z):
+        t = np.asarray(self.temperature_, np.float32)
+        shape = (1, -1) + (1,) * (z.ndim - 2)
+        return z / (t.reshape(shape) if t.ndim else t)
+
+    def _outputs(self, X, what):
+        check_is_fitted(self)
+        outs = []
+        for z in self._score_batches(X):
+            if z.shape[1] != self.n_classes_:
+                raise ValueError(f"the scores have {z.shape[1]} classes on axis 1 but the "
+                                 f"calibrator was fitted with {self.n_classes_}")
+            if what == "labels" and self.mode == "global":
+                outs.append(z.argmax(axis=1))  # T > 0 keeps the order: labels of the raw scores
+                continue
+            u = self._scale(z)
+            u -= u.max(axis=1, keepdims=True)
+            if what == "labels":
+                outs.append(u.argmax(axis=1))
+                continue
+            np.exp(u, out=u)
+            u /= u.sum(axis=1, keepdims=True)
+            outs.append(np.log(u) if what == "logits" else u)
+        if isinstance(X, (list, tuple)):  # one array per input image
+            return [img for batch in outs for img in batch]
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def predict_proba(self, X):
+        """Calibrated probabilities ``softmax(z / T)``, float32 ``(N, K, *spatial)``.
+
+        Parameters
+        ----------
+        X : images for the estimator, or scores with ``estimator=None``
+
+        Returns
+        -------
+        ndarray of float32 ``(N, K, *spatial)`` (a list for a list of differently sized inputs)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> cal = TemperatureCalibrator().fit(z, np.array([[[0, 1]]]))
+        >>> cal.predict_proba(z).sum(axis=1).round(4).tolist()
+        [[[1.0, 1.0]]]
+        """
+        return self._outputs(X, "proba")
+
+    def transform(self, X):
+        """Calibrated logits: ``log softmax(z / T)`` (softmax of them is :meth:`predict_proba`).
+
+        Parameters
+        ----------
+        X : images for the estimator, or scores with ``estimator=None``
+
+        Returns
+        -------
+        ndarray of float32 ``(N, K, *spatial)``
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> cal = TemperatureCalibrator().fit(z, np.array([[[0, 1]]]))
+        >>> cal.transform(z).shape
+        (1, 2, 1, 2)
+        """
+        return self._outputs(X, "logits")
+
+    def predict(self, X):
+        """Labels ``(N, *spatial)``; in global mode exactly the argmax of the raw scores.
+
+        Parameters
+        ----------
+        X : images for the estimator, or scores with ``estimator=None``
+
+        Returns
+        -------
+        ndarray of int ``(N, *spatial)``
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> TemperatureCalibrator().fit(z, np.array([[[0, 1]]])).predict(z).tolist()
+        [[[0, 1]]]
+        """
+        return self._outputs(X, "labels")
+
+    def score(self, X, y):
+        """Negative mean NLL of the calibrated probabilities (higher is better).
+
+        Voxels outside the ROI (``roi="foreground"``) or with ``ignore_index`` do not count.
+
+        Parameters
+        ----------
+        X : images for the estimator, or scores with ``estimator=None``
+        y : array of int ``(N, *spatial)``
+
+        Returns
+        -------
+        float
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> y = np.array([[[0, 1]]])
+        >>> cal = TemperatureCalibrator().fit(z, y)
+        >>> cal.score(z, y) >= -0.7
+        True
+        """
+        check_is_fitted(self)
+        acc = CalibrationAccumulator(1, self.n_classes_)
+        for z, yb, mask in self._pairs(X, y):
+            u = self._scale(z)
+            if mask is not None:
+                yb = np.where(mask, yb, 0)  # any valid label; masked voxels are dropped
+            acc.update_logits(u, yb, mask)
+        return -acc.nll
+
+    # ------------------------------------------------------------------ sklearn glue
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_thresh", None)  # derived from the sample; rebuilt lazily
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.two_d_array = False
+        return tags
