@@ -1,0 +1,363 @@
+"""Tests for uqseg.ood: spectral OOD detector and baselines, against direct computations."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist, mahalanobis
+from sklearn.base import BaseEstimator, clone
+from sklearn.covariance import LedoitWolf
+from sklearn.exceptions import NotFittedError
+
+from uqseg.ood import (
+    KNNOODDetector,
+    MahalanobisOODDetector,
+    SpectralOODDetector,
+    UncertaintyOODDetector,
+    adaptive_avg_pool,
+    spectral_signature,
+)
+from uqseg.segmenter import OnnxSegmenter
+
+
+def blobs(n, size=(16, 16), seed=0):
+    """Smooth in-distribution images: a few Gaussian blobs plus mild noise."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in size], indexing="ij")
+    out = np.empty((n, 1, *size), dtype=np.float32)
+    for i in range(n):
+        img = np.zeros(size)
+        for _ in range(3):
+            c = rng.uniform(-0.5, 0.5, len(size))
+            r2 = sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True))
+            img += np.exp(-r2 / 0.1)
+        out[i, 0] = img + 0.05 * rng.standard_normal(size)
+    return out
+
+
+class FakeEnsemble(BaseEstimator):
+    """Duck-typed EnsembleSegmenter: members_, predict_members, predict_proba."""
+
+    def __init__(self, members):
+        self.members = members
+
+    def fit(self, X=None, y=None):
+        self.members_ = [OnnxSegmenter(m).fit() for m in self.members]
+        self.n_classes_ = self.members_[0].n_classes_
+        return self
+
+    def predict_members(self, X):
+        return np.stack([m.predict_proba(X) for m in self.members_])
+
+    def predict_proba(self, X):
+        return self.predict_members(X).mean(axis=0)
+
+
+@pytest.fixture(scope="module")
+def X_train():
+    return blobs(24, seed=1)
+
+
+@pytest.fixture(scope="module")
+def spectral(tiny_2d, X_train):
+    return SpectralOODDetector(tiny_2d, layer="decoder_last", grid=8).fit(X_train)
+
+
+def direct_signature(feat, grid_pool, eps=1e-6):
+    """One image's feature maps (C, *sp) -> signature through numpy's SVD of (V x C)."""
+    c = feat.shape[0]
+    A = grid_pool(feat).reshape(c, -1).T.astype(np.float64)  # voxels x channels
+    s = np.linalg.svd(A, compute_uv=False)
+    s = np.r_[s, np.zeros(c - s.size)]
+    v = np.log(s + eps)
+    return v / np.linalg.norm(v)
+
+
+def pool2(f):  # 16x16 -> 8x8 by 2x2 means, written out
+    return 0.25 * (f[:, ::2, ::2] + f[:, 1::2, ::2] + f[:, ::2, 1::2] + f[:, 1::2, 1::2])
+
+
+# ---------------------------------------------------------------------- signature
+def test_signature_equals_numpy_svd(spectral, tiny_2d, X_train):
+    X = blobs(5, seed=7)
+    feats = OnnxSegmenter(tiny_2d).fit().run(X, layers=["decoder_last"])["decoder_last"]
+    want = np.stack([direct_signature(f, pool2) for f in feats])
+    np.testing.assert_allclose(spectral.signature(X), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("grid", [None, 2, 8])
+def test_signature_bottleneck_paths(tiny_2d, X_train, grid):
+    # bottleneck (8 channels, 8x8): grid 2 -> 4 voxels < 8 channels (SVD, zero padded);
+    # 8 and None -> 64 voxels (Gram eigenvalues)
+    det = SpectralOODDetector(tiny_2d, layer="bottleneck", grid=grid).fit(X_train)
+    X = blobs(3, seed=8)
+    feats = det.estimator_.run(X, layers=["bottleneck"])["bottleneck"]
+
+    def pool(f):
+        if grid in (None, 8):
+            return f
+        return f.reshape(f.shape[0], 2, 4, 2, 4).mean(axis=(2, 4))
+
+    want = np.stack([direct_signature(f, pool) for f in feats])
+    np.testing.assert_allclose(det.signature(X), want, rtol=1e-6, atol=1e-7)
+
+
+def test_signature_invariants(tiny_2d, X_train):
+    det = SpectralOODDetector(tiny_2d, layer=["bottleneck", "decoder_last"]).fit(X_train)
+    assert det.layers_ == ["bottleneck", "decoder_last"]
+    assert det.signatures_.shape == (24, 8 + 4)  # channels summed over layers
+    np.testing.assert_allclose(np.linalg.norm(det.signatures_, axis=1), 1.0, rtol=1e-12)
+    single = SpectralOODDetector(tiny_2d, layer="bottleneck").fit(X_train)
+    np.testing.assert_allclose(det.signatures_[:, :8] * np.sqrt(2), single.signatures_)
+    raw = spectral_signature(np.ones((1, 3, 4, 4)), grid=2, normalize=None)
+    # rank-one matrix of ones (4 x 3): s = [sqrt(12), 0, 0]
+    np.testing.assert_allclose(raw, np.log(np.array([[np.sqrt(12), 0, 0]]) + 1e-6), rtol=1e-6)
+
+
+def test_adaptive_pool_matches_loop():
+    rng = np.random.default_rng(0)
+    f = rng.random((2, 3, 7, 10))
+    got = adaptive_avg_pool(f, (3, 4))
+    want = np.empty((2, 3, 3, 4))
+    for i in range(3):
+        for j in range(4):
+            r0, r1 = (i * 7) // 3, -(-((i + 1) * 7) // 3)
+            c0, c1 = (j * 10) // 4, -(-((j + 1) * 10) // 4)
+            want[:, :, i, j] = f[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(adaptive_avg_pool(f[:, :, :6, :8], 2),
+                               f[:, :, :6, :8].reshape(2, 3, 2, 3, 2, 4).mean(axis=(3, 5)))
+
+
+def test_any_image_size_same_signature_length(spectral):
+    X = [blobs(1, size=(16, 16), seed=3)[0], blobs(1, size=(24, 20), seed=4)[0]]
+    sig = spectral.signature(X)
+    assert sig.shape == (2, 4)
+    np.testing.assert_allclose(sig[1], spectral.signature(X[1][None])[0])
+
+
+# ---------------------------------------------------------------------- scores
+def test_identical_image_scores_max(spectral, X_train):
+    s = spectral.score_samples(X_train[:4])
+    np.testing.assert_allclose(s, 0.0, atol=1e-6)
+    assert np.all(spectral.score_samples(blobs(6, seed=9)) <= 1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbour_vs_brute_force(tiny_2d, X_train, k):
+    det = SpectralOODDetector(tiny_2d, layer="decoder_last", n_neighbors=k).fit(X_train)
+    X = blobs(5, seed=11)
+    D = cdist(det.signature(X), det.signatures_)
+    np.testing.assert_allclose(det.score_samples(X), -np.sort(D, axis=1)[:, k - 1], atol=1e-7)
+    L = cdist(det.signatures_, det.signatures_)
+    np.fill_diagonal(L, np.inf)  # leave one out
+    np.testing.assert_allclose(det.train_scores_, -np.sort(L, axis=1)[:, k - 1], atol=1e-7)
+
+
+@pytest.mark.parametrize("contamination", [0.1, 0.25])
+def test_offset_from_contamination(tiny_2d, X_train, contamination):
+    det = SpectralOODDetector(tiny_2d, contamination=contamination).fit(X_train)
+    assert det.offset_ == pytest.approx(np.percentile(det.train_scores_, 100 * contamination))
+    inlier_frac = np.mean(det.train_scores_ >= det.offset_)
+    assert abs(inlier_frac - (1 - contamination)) <= 1.0 / len(X_train) + 1e-12
+    assert det.threshold_ == -det.offset_
+
+
+def test_predict_and_decision_function(spectral):
+    X = np.concatenate([blobs(4, seed=12), 5 * np.random.default_rng(0).standard_normal(
+        (4, 1, 16, 16)).astype(np.float32)])
+    pred = spectral.predict(X)
+    assert set(np.unique(pred)) <= {-1, 1}
+    dec = spectral.decision_function(X)
+    np.testing.assert_allclose(dec, spectral.score_samples(X) - spectral.offset_)
+    np.testing.assert_array_equal(pred, np.where(dec < 0, -1, 1))
+
+
+def test_karimi_threshold(tiny_2d, X_train):
+    det = SpectralOODDetector(tiny_2d, threshold="karimi").fit(X_train)
+    L = cdist(det.signatures_, det.signatures_)
+    np.fill_diagonal(L, np.inf)
+    d = L.min(axis=1)
+    assert det.threshold_ == pytest.approx(d.mean() + 2.5 * d.std(), rel=1e-9)
+    assert det.offset_ == pytest.approx(-(d.mean() + 2.5 * d.std()), rel=1e-9)
+
+
+def test_partial_fit_equals_fit_on_union(tiny_2d, X_train):
+    det = SpectralOODDetector(tiny_2d, contamination=0.1)
+    det.partial_fit(X_train[:10]).partial_fit(X_train[10:])
+    full = SpectralOODDetector(tiny_2d, contamination=0.1).fit(X_train)
+    np.testing.assert_allclose(det.signatures_, full.signatures_)
+    np.testing.assert_allclose(det.train_scores_, full.train_scores_, atol=1e-9)
+    assert det.offset_ == pytest.approx(full.offset_)
+
+
+@pytest.mark.parametrize("layer", ["decoder_last", "bottleneck"])
+def test_synthetic_shift_scores_lower(tiny_2d, X_train, layer):
+    det = SpectralOODDetector(tiny_2d, layer=layer).fit(X_train)
+    X_in = blobs(10, seed=20)
+    rng = np.random.default_rng(5)
+    X_noise = rng.uniform(-3, 3, (10, 1, 16, 16)).astype(np.float32)
+    s_in = det.score_samples(X_in)
+    assert s_in.min() > det.score_samples(X_noise).max()
+
+
+def test_3d_network(tiny_3d):
+    X = blobs(12, size=(8, 8, 8), seed=2)
+    det = SpectralOODDetector(tiny_3d, layer="decoder_last", grid=4).fit(X)
+    assert det.signatures_.shape == (12, 4)
+    feats = det.estimator_.run(X[:2], layers=["decoder_last"])["decoder_last"]
+    pool = lambda f: f.reshape(4, 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))  # noqa: E731
+    want = np.stack([direct_signature(f, pool) for f in feats])
+    np.testing.assert_allclose(det.signature(X[:2]), want, rtol=1e-6, atol=1e-7)
+    noise = np.random.default_rng(1).uniform(-3, 3, (4, 1, 8, 8, 8)).astype(np.float32)
+    assert det.score_samples(blobs(4, size=(8, 8, 8), seed=3)).min() > \
+        det.score_samples(noise).max()
+    for cls in (MahalanobisOODDetector, KNNOODDetector):
+        assert cls(tiny_3d).fit(X).score_samples(X[:3]).shape == (3,)
+
+
+def test_ensemble_uses_first_member(tiny_members, X_train):
+    ens = FakeEnsemble(tiny_members).fit()
+    det = SpectralOODDetector(ens).fit(X_train)
+    ref = SpectralOODDetector(tiny_members[0]).fit(X_train)
+    np.testing.assert_allclose(det.signatures_, ref.signatures_)
+    unfitted = SpectralOODDetector(FakeEnsemble(tiny_members)).fit(X_train)
+    np.testing.assert_allclose(unfitted.signatures_, ref.signatures_)
+
+
+def test_estimator_forms(tiny_2d, X_train):
+    seg = OnnxSegmenter(tiny_2d)
+    det = SpectralOODDetector(seg).fit(X_train)
+    assert det.estimator is seg and not hasattr(seg, "n_classes_")  # cloned, not mutated
+    assert det.layers_ == ["decoder_last"]
+    np.testing.assert_allclose(det.signatures_,
+                               SpectralOODDetector(tiny_2d).fit(X_train).signatures_)
+
+
+# ---------------------------------------------------------------------- baselines
+def pooled(path, X, layer="bottleneck"):
+    f = OnnxSegmenter(path).fit().run(X, layers=[layer])[layer]
+    return f.mean(axis=(2, 3)).astype(np.float64)
+
+
+def test_mahalanobis_vs_scipy(tiny_2d, X_train):
+    det = MahalanobisOODDetector(tiny_2d).fit(X_train)
+    assert det.layers_ == ["bottleneck"]
+    F = pooled(tiny_2d, X_train)
+    lw = LedoitWolf().fit(F)
+    X = blobs(4, seed=30)
+    want = [-mahalanobis(f, lw.location_, lw.precision_) for f in pooled(tiny_2d, X)]
+    np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-6)
+    # cross-fitted training scores: image i scored by a model fitted without its fold
+    fold = np.arange(24) % 5
+    lw0 = LedoitWolf().fit(F[fold != 0])
+    np.testing.assert_allclose(
+        det.train_scores_[0], -mahalanobis(F[0], lw0.location_, lw0.precision_), rtol=1e-6)
+
+
+def test_mahalanobis_pca(tiny_2d, X_train):
+    from sklearn.decomposition import PCA
+
+    det = MahalanobisOODDetector(tiny_2d, n_components=3).fit(X_train)
+    F = pooled(tiny_2d, X_train)
+    pca = PCA(n_components=3).fit(F)
+    lw = LedoitWolf().fit(pca.transform(F))
+    X = blobs(3, seed=31)
+    Z = pca.transform(pooled(tiny_2d, X))
+    want = [-mahalanobis(z, lw.location_, lw.precision_) for z in Z]
+    np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_components"):
+        MahalanobisOODDetector(tiny_2d, n_components=50).fit(X_train)
+
+
+def test_knn_vs_brute_force(tiny_2d, X_train):
+    det = KNNOODDetector(tiny_2d, k=3).fit(X_train)
+    F = pooled(tiny_2d, X_train)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    X = blobs(4, seed=32)
+    Q = pooled(tiny_2d, X)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    np.testing.assert_allclose(det.score_samples(X), -np.sort(cdist(Q, F), axis=1)[:, 2],
+                               atol=1e-7)
+    L = cdist(F, F)
+    np.fill_diagonal(L, np.inf)
+    np.testing.assert_allclose(det.train_scores_, -np.sort(L, axis=1)[:, 2], atol=1e-7)
+
+
+@pytest.mark.parametrize("score", ["entropy", "max_softmax"])
+@pytest.mark.parametrize("region", ["image", "foreground"])
+def test_uncertainty_vs_hand_formula(tiny_2d, X_train, score, region):
+    det = UncertaintyOODDetector(tiny_2d, score=score, region=region).fit(X_train)
+    X = blobs(20, seed=40)
+    p = OnnxSegmenter(tiny_2d).fit().predict_proba(X).astype(np.float64)
+    if score == "entropy":
+        u = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+    else:
+        u = 1 - p.max(axis=1)
+    want = []
+    for i in range(len(X)):
+        fg = p[i].argmax(axis=0) != 0
+        want.append(u[i][fg].mean() if region == "foreground" and fg.any() else u[i].mean())
+    np.testing.assert_allclose(det.score_samples(X), -np.array(want), rtol=1e-5)
+    assert det.uncertainties_.shape == (24, 1)
+
+
+def test_uncertainty_mutual_information(tiny_members, X_train):
+    ens = FakeEnsemble(tiny_members).fit()
+    det = UncertaintyOODDetector(ens, score="mutual_information").fit(X_train)
+    X = blobs(3, seed=41)
+    P = ens.predict_members(X).astype(np.float64)
+
+    def H(q):
+        return -(q * np.log(np.clip(q, 1e-300, None))).sum(axis=1)
+
+    mi = H(P.mean(axis=0)) - np.mean([H(q) for q in P], axis=0)
+    np.testing.assert_allclose(det.score_samples(X), -mi.mean(axis=(1, 2)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- errors, clone, pickle
+def test_errors(tiny_2d, X_train):
+    det = SpectralOODDetector(tiny_2d)
+    with pytest.raises(NotFittedError):
+        det.score_samples(X_train)
+    with pytest.raises(ValueError, match="layer 'nope' is not a feature layer"):
+        SpectralOODDetector(tiny_2d, layer="nope").fit(X_train)
+    with pytest.raises(ValueError, match="channels"):
+        SpectralOODDetector(tiny_2d).fit(np.zeros((4, 2, 16, 16), np.float32))
+    bad = X_train[:4].copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        SpectralOODDetector(tiny_2d).fit(X_train).score_samples(bad)
+    with pytest.raises(ValueError, match="mutual_information.*EnsembleSegmenter"):
+        UncertaintyOODDetector(tiny_2d, score="mutual_information").fit(X_train)
+    with pytest.raises(ValueError, match="contamination must be"):
+        SpectralOODDetector(tiny_2d, contamination=0.7).fit(X_train)
+    with pytest.raises(ValueError, match="threshold must be one of"):
+        SpectralOODDetector(tiny_2d, threshold="mean").fit(X_train)
+    with pytest.raises(ValueError, match="grid must be"):
+        SpectralOODDetector(tiny_2d, grid=0).fit(X_train)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        SpectralOODDetector(tiny_2d, n_neighbors=30).fit(X_train)
+    with pytest.raises(ValueError, match="score must be one of"):
+        UncertaintyOODDetector(tiny_2d, score="variance").fit(X_train)
+    with pytest.raises(ValueError, match="region must be one of"):
+        UncertaintyOODDetector(tiny_2d, region="boundary").fit(X_train)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        KNNOODDetector(tiny_2d, k=0).fit(X_train)
+    with pytest.raises(TypeError, match="estimator must be"):
+        SpectralOODDetector(3).fit(X_train)
+
+
+@pytest.mark.parametrize("cls", [SpectralOODDetector, UncertaintyOODDetector,
+                                 MahalanobisOODDetector, KNNOODDetector])
+def test_clone_and_pickle(tiny_2d, X_train, cls):
+    det = cls(tiny_2d, contamination=0.1).fit(X_train)
+    c = clone(det)
+    assert c.get_params() == det.get_params() and not hasattr(c, "offset_")
+    X = blobs(3, seed=50)
+    back = pickle.loads(pickle.dumps(det))
+    np.testing.assert_allclose(back.score_samples(X), det.score_samples(X))
+    assert back.offset_ == det.offset_
+    assert np.isin(det.predict(X), [-1, 1]).all()

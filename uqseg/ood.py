@@ -1,0 +1,743 @@
+"""Image-level out-of-distribution detectors on top of a segmentation network.
+
+Every detector follows scikit-learn's outlier-detector convention (as ``IsolationForest``):
+``score_samples`` is higher for more in-distribution images, ``decision_function`` is
+``score_samples - offset_``, ``predict`` gives ``+1`` (inlier) or ``-1`` (outlier), and
+``offset_`` comes from ``contamination`` (the ``contamination`` quantile of the training scores)
+or, with ``threshold="karimi"``, from mean - 2.5 std of the training scores (Karimi & Gholipour).
+Training scores are leave-one-out (nearest-neighbour detectors) or cross-fitted (Mahalanobis), so
+a training image is never scored against itself.
+
+- :class:`SpectralOODDetector`: singular-value signatures of one (or several) feature layers
+  and the distance to the nearest training signature (Karimi & Gholipour, arXiv 2004.06569).
+- :class:`UncertaintyOODDetector`: mean predictive entropy, 1 - max softmax or mutual
+  information over the image or the predicted foreground.
+- :class:`MahalanobisOODDetector`: Mahalanobis distance of global-average-pooled features with a
+  Ledoit-Wolf covariance, optionally after PCA (Woodland et al. 2023).
+- :class:`KNNOODDetector`: k-th nearest-neighbour distance of L2-normalised pooled features.
+
+The base class owns fitting, thresholds and prediction; subclasses only turn images into
+per-image descriptors (``_descriptors``) and descriptors into scores (``_score``).
+"""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.covariance import LedoitWolf
+from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils.validation import check_is_fitted
+
+from uqseg.uncertainty import entropy
+
+__all__ = [
+    "KNNOODDetector",
+    "MahalanobisOODDetector",
+    "SpectralOODDetector",
+    "UncertaintyOODDetector",
+    "adaptive_avg_pool",
+    "spectral_signature",
+]
+
+THRESHOLDS = ("contamination", "karimi")
+KARIMI_STD = 2.5  # mean + 2.5 std of the training nearest-neighbour distances
+_CHUNK = 16  # images per chunk where probability maps are reduced (bounds memory)
+
+
+# ---------------------------------------------------------------------- array helpers
+def adaptive_avg_pool(features: np.ndarray, grid) -> np.ndarray:
+    """Average-pool ``(N, C, *spatial)`` maps to a fixed grid (as torch's adaptive pooling).
+
+    Output cell ``i`` of an axis of length ``n`` averages input indices
+    ``floor(i n / g) .. ceil((i + 1) n / g) - 1``, so any input size gives ``grid`` cells.
+
+    Parameters
+    ----------
+    features : ndarray of shape (N, C, *spatial)
+    grid : int or tuple of int
+        Cells per spatial axis.
+
+    Returns
+    -------
+    ndarray of shape (N, C, *grid), float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> adaptive_avg_pool(np.arange(6.0).reshape(1, 1, 6), 2)
+    array([[[1., 4.]]])
+    """
+    f = np.asarray(features)
+    nsp = f.ndim - 2
+    grid = (grid,) * nsp if isinstance(grid, Integral) else tuple(grid)
+    for ax, g in enumerate(grid, start=2):
+        n = f.shape[ax]
+        if n == g:
+            continue
+        if n % g == 0:  # equal windows: a reshape and a mean, no cumulative sums
+            f = f.reshape(f.shape[:ax] + (g, n // g) + f.shape[ax + 1:]).mean(
+                axis=ax + 1, dtype=np.float64)
+            continue
+        i = np.arange(g)
+        start, end = (i * n) // g, -((-(i + 1) * n) // g)
+        cs = np.cumsum(f, axis=ax, dtype=np.float64)
+        zero = np.zeros(cs.shape[:ax] + (1,) + cs.shape[ax + 1:])
+        cs = np.concatenate([zero, cs], axis=ax)
+        count = (end - start).reshape((-1,) + (1,) * (f.ndim - ax - 1))
+        f = (np.take(cs, end, axis=ax) - np.take(cs, start, axis=ax)) / count
+    return f.astype(np.float64, copy=False)
+
+
+def singular_values(A: np.ndarray) -> np.ndarray:
+    """All ``C`` singular values of each ``(C, V)`` matrix of a stack ``(N, C, V)``, descending.
+
+    When ``V >= 2C`` they come from the eigenvalues of the ``C x C`` Gram matrix (much cheaper
+    than an SVD of the tall matrix); otherwise from a batched SVD, padded with zeros to ``C``
+    when ``V < C`` (the matrix has rank at most ``V``).
+    """
+    A = np.asarray(A, dtype=np.float64)
+    n, c, v = A.shape
+    if v >= 2 * c:
+        lam = np.linalg.eigvalsh(A @ A.transpose(0, 2, 1))[:, ::-1]
+        return np.sqrt(np.clip(lam, 0.0, None))
+    s = np.linalg.svd(A, compute_uv=False)
+    if s.shape[1] < c:
+        s = np.concatenate([s, np.zeros((n, c - s.shape[1]))], axis=1)
+    return s
+
+
+def spectral_signature(features: np.ndarray, grid=8, *, eps: float = 1e-6,
+                       normalize: str | None = "l2") -> np.ndarray:
+    """Karimi & Gholipour's spectral signature of feature maps ``(N, C, *spatial)``.
+
+    The maps are pooled to ``grid`` (``None``: kept as they are), reshaped to a (voxels x
+    channels) matrix, and the ``C`` singular values ``s`` give ``log(s + eps)``, divided by its
+    L2 norm when ``normalize="l2"``.
+
+    Parameters
+    ----------
+    features : ndarray of shape (N, C, *spatial)
+    grid : int, tuple of int or None, default=8
+    eps : float, default=1e-6
+        Guards ``log(0)`` for channels that are zero everywhere.
+    normalize : {"l2", None}, default="l2"
+
+    Returns
+    -------
+    ndarray of shape (N, C), float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.random.default_rng(0).random((2, 4, 16, 16))
+    >>> sig = spectral_signature(f, grid=8)
+    >>> sig.shape, np.allclose(np.linalg.norm(sig, axis=1), 1.0)
+    ((2, 4), True)
+    """
+    f = np.asarray(features)
+    pooled = f.astype(np.float64) if grid is None else adaptive_avg_pool(f, grid)
+    s = singular_values(pooled.reshape(pooled.shape[0], pooled.shape[1], -1))
+    sig = np.log(s + eps)
+    if normalize == "l2":
+        sig /= np.maximum(np.linalg.norm(sig, axis=1, keepdims=True), np.finfo(float).tiny)
+    return sig
+
+
+def _per_image(features, fn) -> np.ndarray:
+    """Apply ``fn`` to a batch ``(N, C, *sp)`` or, for a list of images, image by image."""
+    if isinstance(features, list):
+        return np.concatenate([fn(np.asarray(f)[None]) for f in features])
+    return fn(features)
+
+
+def _knn_distance(train: np.ndarray, query: np.ndarray | None, k: int, metric: str,
+                  nn: NearestNeighbors | None = None) -> np.ndarray:
+    """Distance to the k-th nearest training row; ``query=None``: leave-one-out on ``train``."""
+    if nn is None:
+        nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(train)
+    dist, _ = nn.kneighbors(query, n_neighbors=k)
+    return dist[:, k - 1]
+
+
+# ---------------------------------------------------------------------- estimator helpers
+def _is_fitted(est) -> bool:
+    try:
+        check_is_fitted(est)
+    except (NotFittedError, TypeError):
+        return False
+    return True
+
+
+def _resolve_estimator(estimator, X):
+    """Paths become an ``OnnxSegmenter``; an unfitted segmenter is cloned and fitted."""
+    if isinstance(estimator, (str, os.PathLike)):
+        from uqseg.segmenter import OnnxSegmenter
+
+        return OnnxSegmenter(estimator).fit()
+    if not (hasattr(estimator, "fit") and hasattr(estimator, "predict_proba")):
+        raise TypeError(
+            "estimator must be a path to an ONNX file, an OnnxSegmenter or an EnsembleSegmenter "
+            f"(an object with fit and predict_proba), got {type(estimator).__name__}")
+    if _is_fitted(estimator):
+        return estimator
+    est = clone(estimator)
+    try:
+        return est.fit(X)
+    except TypeError:  # segmenters whose fit takes no images
+        return est.fit()
+
+
+def _feature_segmenter(est):
+    """The network whose features are used: the estimator, or an ensemble's first member."""
+    members = getattr(est, "members_", None)
+    if members is not None:
+        if len(members) == 0:
+            raise ValueError("the ensemble has no fitted member to take features from")
+        est = members[0]
+    if not (hasattr(est, "run") and hasattr(est, "feature_layers_")):
+        raise TypeError(
+            "feature-based detectors need a segmenter with run(X, layers) and feature_layers_ "
+            f"(an OnnxSegmenter), got {type(est).__name__}")
+    return est
+
+
+def _resolve_layers(seg, layer, preferred: tuple[str, ...]) -> list[str]:
+    available = list(seg.feature_layers_)
+    if not available:
+        raise ValueError("the model exposes no feature layer; pass an ONNX model with "
+                         "intermediate tensors")
+    names = [layer] if isinstance(layer, str) else layer
+    if not isinstance(names, (list, tuple)) or not names or not all(
+            isinstance(n, str) for n in names):
+        raise TypeError(f"layer must be a layer name, 'auto' or a non-empty list of names, "
+                        f"got {layer!r}")
+    out = []
+    for name in names:
+        if name == "auto":
+            name = next((p for p in preferred if p in available), available[0])
+        if name not in available:
+            raise ValueError(f"layer {name!r} is not a feature layer of the model; choose from "
+                             f"{available}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------- base class
+class _BaseOODDetector(OutlierMixin, BaseEstimator):
+    """Fitting, thresholds and prediction shared by every detector.
+
+    Subclasses set ``_train_attr`` (the fitted array of training descriptors) and implement
+    ``_setup()`` (validate parameters, resolve layers), ``_descriptors(X)`` -> ``(N, L)``,
+    ``_fit_model()`` (state from the training descriptors), ``_score(D)`` and
+    ``_train_scores()`` (scores of the training images without themselves).
+    """
+
+    _train_attr = "descriptors_"
+
+    def _check_common(self):
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
+        c = self.contamination
+        if isinstance(c, bool) or not isinstance(c, Real) or not 0 < c <= 0.5:
+            raise ValueError(f"contamination must be a number in (0, 0.5], got {c!r}")
+
+    def fit(self, X, y=None):
+        """Fit on in-distribution images ``X`` (``y`` is ignored; no labels are used).
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_common()
+        self.estimator_ = _resolve_estimator(self.estimator, X)
+        self._setup()
+        setattr(self, self._train_attr, self._descriptors(X))
+        self._refit()
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Add in-distribution images ``X`` to the training set and update ``offset_``.
+
+        The first call fits. Later calls keep the fitted network and layers, append the new
+        descriptors and recompute every statistic, so the result equals ``fit`` on the union.
+
+        Returns
+        -------
+        self
+        """
+        if not hasattr(self, "offset_"):
+            return self.fit(X, y)
+        self._check_common()
+        new = self._descriptors(X)
+        setattr(self, self._train_attr,
+                np.concatenate([getattr(self, self._train_attr), new], axis=0))
+        self._refit()
+        return self
+
+    def _refit(self):
+        self._cache = {}
+        self._fit_model()
+        scores = np.asarray(self._train_scores(), dtype=np.float64)
+        self.train_scores_ = scores
+        if self.threshold == "karimi":
+            self.offset_ = float(scores.mean() - KARIMI_STD * scores.std())
+        else:
+            self.offset_ = float(np.percentile(scores, 100.0 * self.contamination))
+        self.threshold_ = -self.offset_
+        self.n_train_ = int(scores.shape[0])
+
+    def score_samples(self, X) -> np.ndarray:
+        """Per-image score, higher = more in-distribution (minus a distance or uncertainty).
+
+        Parameters
+        ----------
+        X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
+
+        Returns
+        -------
+        ndarray of shape (N,)
+        """
+        check_is_fitted(self)
+        return self._score(self._descriptors(X))
+
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for outliers."""
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X) -> np.ndarray:
+        """``+1`` for in-distribution images, ``-1`` for outliers, shape ``(N,)``."""
+        return np.where(self.decision_function(X) < 0, -1, 1)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_cache", None)
+        return state
+
+    def _nn(self, k: int, metric: str) -> NearestNeighbors:
+        cache = self.__dict__.setdefault("_cache", {})
+        if "nn" not in cache:
+            cache["nn"] = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(
+                getattr(self, self._train_attr))
+        return cache["nn"]
+
+    def _check_k(self, k, name="n_neighbors"):
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise ValueError(f"{name} must be a positive integer, got {k!r}")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        return tags
+
+
+class _FeatureDetector(_BaseOODDetector):
+    """Detectors that read one inference pass of feature maps."""
+
+    _preferred_layers: tuple[str, ...] = ("bottleneck",)
+
+    def _setup(self):
+        self._setup_params()
+        seg = _feature_segmenter(self.estimator_)
+        self.layers_ = _resolve_layers(seg, self.layer, self._preferred_layers)
+
+    def _features(self, X) -> dict:
+        seg = _feature_segmenter(self.estimator_)
+        out = seg.run(X, layers=self.layers_)
+        return {name: out[name] for name in self.layers_}
+
+
+# ---------------------------------------------------------------------- spectral
+class SpectralOODDetector(_FeatureDetector):
+    """Spectral signatures of feature maps (Karimi & Gholipour, arXiv 2004.06569).
+
+    One inference pass gives the chosen layer's feature maps ``(C, *spatial)``; they are
+    average-pooled to a fixed ``grid`` (any image size gives the same signature length),
+    reshaped to a (voxels x channels) matrix ``A`` whose ``C`` singular values ``s`` give the
+    signature ``log(s + eps) / ||log(s + eps)||_2``. Several layers give the concatenation of
+    their signatures divided by ``sqrt(n_layers)`` (unit norm again). The OOD score is minus the
+    distance to the ``n_neighbors``-th nearest training signature. No labels are used.
+
+    Parameters
+    ----------
+    estimator : str, path, OnnxSegmenter or EnsembleSegmenter
+        The network. A path is wrapped in ``OnnxSegmenter``; an unfitted segmenter is cloned and
+        fitted; for an ensemble (an object with ``members_``) the first member's features are
+        used.
+    layer : str or list of str, default="auto"
+        Feature layer name(s) (see ``feature_layers_`` of the segmenter). ``"auto"`` takes
+        ``"decoder_last"`` (the last decoder block, as the authors' code) when the model
+        exports it, else the model's preferred layer.
+    grid : int, tuple of int or None, default=8
+        Cells per spatial axis after adaptive average pooling; ``None`` keeps the maps as they
+        are (then signatures depend on the image size).
+    n_neighbors : int, default=1
+        The score uses the distance to this nearest training signature (1 as in the paper).
+    contamination : float in (0, 0.5], default=0.05
+        Expected fraction of outliers among training images; sets ``offset_`` when
+        ``threshold="contamination"``.
+    threshold : {"contamination", "karimi"}, default="contamination"
+        ``"karimi"``: flag images farther than mean + 2.5 std of the training leave-one-out
+        nearest-neighbour distances (the paper's rule).
+    normalize : {"l2", None}, default="l2"
+        Divide ``log(s)`` by its L2 norm (the paper) or keep it raw.
+    metric : str, default="euclidean"
+        Distance between signatures (any scikit-learn ``NearestNeighbors`` metric).
+    eps : float, default=1e-6
+        Added to the singular values before the log.
+
+    Attributes
+    ----------
+    estimator_ : segmenter
+    layers_ : list of str
+    signatures_ : ndarray of shape (n_train, L)
+        ``L`` = number of channels (summed over layers).
+    train_scores_ : ndarray of shape (n_train,)
+        Leave-one-out scores of the training images.
+    offset_ : float
+        ``decision_function = score_samples - offset_``.
+    threshold_ : float
+        The distance above which an image is an outlier (``-offset_``).
+    n_train_ : int
+
+    Examples
+    --------
+    >>> from uqseg import SpectralOODDetector, datasets                  # doctest: +SKIP
+    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
+    >>> ood = SpectralOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
+    >>> ood.predict(datasets.load_ood("ct")[:3])                         # doctest: +SKIP
+    array([-1, -1, -1])
+    """
+
+    _train_attr = "signatures_"
+    _preferred_layers = ("decoder_last",)
+
+    def __init__(self, estimator, layer="auto", grid=8, n_neighbors=1, contamination=0.05,
+                 threshold="contamination", normalize="l2", metric="euclidean", eps=1e-6):
+        self.estimator = estimator
+        self.layer = layer
+        self.grid = grid
+        self.n_neighbors = n_neighbors
+        self.contamination = contamination
+        self.threshold = threshold
+        self.normalize = normalize
+        self.metric = metric
+        self.eps = eps
+
+    def _setup_params(self):
+        self._check_k(self.n_neighbors)
+        if self.grid is not None:
+            g = (self.grid,) if isinstance(self.grid, Integral) else self.grid
+            if not isinstance(g, (tuple, list)) or not g or any(
+                    isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in g):
+                raise ValueError(f"grid must be None, a positive int or a tuple of positive "
+                                 f"ints, got {self.grid!r}")
+        if self.normalize not in ("l2", None):
+            raise ValueError(f"normalize must be 'l2' or None, got {self.normalize!r}")
+        if not isinstance(self.eps, Real) or not self.eps > 0:
+            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+
+    def _descriptors(self, X) -> np.ndarray:
+        feats = self._features(X)
+        if self.grid is not None and not isinstance(self.grid, Integral):
+            nsp = (feats[self.layers_[0]][0].ndim - 1)
+            if len(self.grid) != nsp:
+                raise ValueError(f"grid has {len(self.grid)} entries but the features have "
+                                 f"{nsp} spatial axes")
+        sigs = [_per_image(feats[name], lambda f: spectral_signature(
+            f, self.grid, eps=float(self.eps), normalize=self.normalize))
+            for name in self.layers_]
+        sig = np.concatenate(sigs, axis=1)
+        return sig / np.sqrt(len(sigs)) if len(sigs) > 1 else sig
+
+    def _fit_model(self):
+        n = self.signatures_.shape[0]
+        if n <= self.n_neighbors:
+            raise ValueError(f"n_neighbors={self.n_neighbors} needs more than {self.n_neighbors} "
+                             f"training images, got {n}")
+
+    def _score(self, D):
+        return -_knn_distance(self.signatures_, D, self.n_neighbors, self.metric,
+                              self._nn(self.n_neighbors, self.metric))
+
+    def _train_scores(self):
+        return -_knn_distance(self.signatures_, None, self.n_neighbors, self.metric,
+                              self._nn(self.n_neighbors, self.metric))
+
+    def signature(self, X) -> np.ndarray:
+        """Signatures ``(N, L)`` of images ``X`` (what ``score_samples`` compares)."""
+        check_is_fitted(self)
+        return self._descriptors(X)
+
+
+# ---------------------------------------------------------------------- baselines
+class UncertaintyOODDetector(_BaseOODDetector):
+    """Mean predictive uncertainty of the segmentation as an OOD score (the usual baseline).
+
+    Parameters
+    ----------
+    estimator : str, path, OnnxSegmenter or EnsembleSegmenter
+        With an ensemble (an object with ``predict_members``) entropy and max-softmax use the
+        mean member probability, and mutual information becomes available.
+    score : {"entropy", "max_softmax", "mutual_information"}, default="entropy"
+        Per-voxel uncertainty: entropy of the (mean) probability, ``1 - max_k p_k``, or the
+        ensemble's mutual information.
+    region : {"image", "foreground"}, default="image"
+        Average over the whole image or over the predicted foreground (label != 0; an image
+        with no predicted foreground falls back to the whole image).
+    contamination : float in (0, 0.5], default=0.05
+    threshold : {"contamination", "karimi"}, default="contamination"
+
+    Attributes
+    ----------
+    estimator_ : segmenter
+    uncertainties_ : ndarray of shape (n_train, 1)
+        Mean uncertainty of each training image.
+    train_scores_, offset_, threshold_, n_train_
+        As :class:`SpectralOODDetector` (``threshold_`` is an uncertainty level).
+
+    Examples
+    --------
+    >>> from uqseg import UncertaintyOODDetector, datasets               # doctest: +SKIP
+    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
+    >>> det = UncertaintyOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
+    >>> det.score_samples(X_tr[:2]).shape                                # doctest: +SKIP
+    (2,)
+    """
+
+    _train_attr = "uncertainties_"
+    SCORES = ("entropy", "max_softmax", "mutual_information")
+    REGIONS = ("image", "foreground")
+
+    def __init__(self, estimator, score="entropy", region="image", contamination=0.05,
+                 threshold="contamination"):
+        self.estimator = estimator
+        self.score = score
+        self.region = region
+        self.contamination = contamination
+        self.threshold = threshold
+
+    def _setup(self):
+        if self.score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}, got {self.score!r}")
+        if self.region not in self.REGIONS:
+            raise ValueError(f"region must be one of {self.REGIONS}, got {self.region!r}")
+        if self.score == "mutual_information" and not hasattr(self.estimator_, "predict_members"):
+            raise ValueError(
+                "score='mutual_information' needs several predictions per image: pass an "
+                "EnsembleSegmenter (several members or mc_samples > 0), got "
+                f"{type(self.estimator_).__name__}")
+
+    def _maps(self, x: np.ndarray) -> np.ndarray:
+        """Mean uncertainty over the region for a batch ``(n, C, *sp)`` -> ``(n,)``."""
+        est = self.estimator_
+        if hasattr(est, "predict_members"):
+            members = np.asarray(est.predict_members(x), dtype=np.float64)
+            proba = members.mean(axis=0)
+        else:
+            members, proba = None, np.asarray(est.predict_proba(x), dtype=np.float64)
+        if self.score == "entropy":
+            u = entropy(proba)
+        elif self.score == "max_softmax":
+            u = 1.0 - proba.max(axis=1)
+        else:
+            u = np.maximum(entropy(proba) - np.mean([entropy(m) for m in members], axis=0), 0)
+        axes = tuple(range(1, u.ndim))
+        if self.region == "image":
+            return u.mean(axis=axes)
+        fg = proba.argmax(axis=1) != 0
+        n_fg = fg.sum(axis=axes)
+        fg_mean = np.where(fg, u, 0).sum(axis=axes) / np.maximum(n_fg, 1)
+        return np.where(n_fg > 0, fg_mean, u.mean(axis=axes))
+
+    def _descriptors(self, X) -> np.ndarray:
+        if isinstance(X, (list, tuple)):
+            vals = [self._maps(np.asarray(x, dtype=np.float32)[None]) for x in X]
+        else:
+            X = np.asarray(X)
+            vals = [self._maps(X[i:i + _CHUNK]) for i in range(0, max(len(X), 1), _CHUNK)]
+        return np.concatenate(vals)[:, None]
+
+    def _fit_model(self):
+        pass
+
+    def _score(self, D):
+        return -D[:, 0]
+
+    def _train_scores(self):
+        return -self.uncertainties_[:, 0]
+
+
+class MahalanobisOODDetector(_FeatureDetector):
+    """Mahalanobis distance of pooled features (Woodland et al. 2023).
+
+    Each image's feature maps are global-average-pooled to one vector per layer (concatenated
+    over layers), optionally reduced by PCA fitted on the training images, and scored by minus
+    the Mahalanobis distance to the training mean under a Ledoit-Wolf shrunk covariance.
+    Training scores (for ``offset_``) are 5-fold cross-fitted, so images are not scored by a
+    model that saw them.
+
+    Parameters
+    ----------
+    estimator : str, path, OnnxSegmenter or EnsembleSegmenter
+    layer : str or list of str, default="auto"
+        ``"auto"``: ``"bottleneck"`` when the model exports it, else its preferred layer.
+    n_components : int or None, default=None
+        PCA dimensions (``None``: no PCA).
+    contamination : float in (0, 0.5], default=0.05
+    threshold : {"contamination", "karimi"}, default="contamination"
+
+    Attributes
+    ----------
+    estimator_, layers_
+    features_ : ndarray of shape (n_train, C)
+        Pooled training features (before PCA).
+    mean_ : ndarray of shape (d,)
+    precision_ : ndarray of shape (d, d)
+        Inverse of the Ledoit-Wolf covariance.
+    components_ : ndarray of shape (d, C) or None
+        PCA axes (rows) when ``n_components`` is set; ``pca_mean_`` is the centring vector.
+    train_scores_, offset_, threshold_, n_train_
+
+    Examples
+    --------
+    >>> from uqseg import MahalanobisOODDetector, datasets               # doctest: +SKIP
+    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
+    >>> det = MahalanobisOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
+    """
+
+    _train_attr = "features_"
+    _N_FOLDS = 5
+
+    def __init__(self, estimator, layer="auto", n_components=None, contamination=0.05,
+                 threshold="contamination"):
+        self.estimator = estimator
+        self.layer = layer
+        self.n_components = n_components
+        self.contamination = contamination
+        self.threshold = threshold
+
+    def _setup_params(self):
+        if self.n_components is not None:
+            self._check_k(self.n_components, "n_components")
+
+    def _descriptors(self, X) -> np.ndarray:
+        feats = self._features(X)
+        return np.concatenate([_per_image(feats[n], _global_pool) for n in self.layers_], axis=1)
+
+    @staticmethod
+    def _fit_stats(F, n_components):
+        if n_components is not None:
+            pca_mean = F.mean(axis=0)
+            _, _, vt = np.linalg.svd(F - pca_mean, full_matrices=False)
+            comps = vt[:n_components]
+            F = (F - pca_mean) @ comps.T
+        else:
+            pca_mean = comps = None
+        lw = LedoitWolf().fit(F)
+        return pca_mean, comps, lw.location_, lw.precision_
+
+    @staticmethod
+    def _distance(F, pca_mean, comps, mean, precision):
+        if comps is not None:
+            F = (F - pca_mean) @ comps.T
+        d = F - mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, precision, d), 0.0))
+
+    def _fit_model(self):
+        n, c = self.features_.shape
+        if self.n_components is not None and self.n_components > min(n, c):
+            raise ValueError(f"n_components={self.n_components} exceeds min(n_train, n_features)"
+                             f" = {min(n, c)}")
+        if n < 2:
+            raise ValueError(f"MahalanobisOODDetector needs at least 2 training images, got {n}")
+        self.pca_mean_, self.components_, self.mean_, self.precision_ = self._fit_stats(
+            self.features_, self.n_components)
+
+    def _score(self, D):
+        return -self._distance(D, self.pca_mean_, self.components_, self.mean_, self.precision_)
+
+    def _train_scores(self):
+        F = self.features_
+        n = F.shape[0]
+        k = min(self._N_FOLDS, n // 2) if self.n_components is None else \
+            min(self._N_FOLDS, n // (self.n_components + 1))
+        if k < 2:
+            return self._score(F)
+        fold = np.arange(n) % k
+        out = np.empty(n)
+        for f in range(k):
+            stats = self._fit_stats(F[fold != f], self.n_components)
+            out[fold == f] = -self._distance(F[fold == f], *stats)
+        return out
+
+
+def _global_pool(f: np.ndarray) -> np.ndarray:
+    return f.reshape(f.shape[0], f.shape[1], -1).mean(axis=2, dtype=np.float64)
+
+
+class KNNOODDetector(_FeatureDetector):
+    """k-th nearest-neighbour distance of L2-normalised pooled features (Sun et al. 2022).
+
+    Parameters
+    ----------
+    estimator : str, path, OnnxSegmenter or EnsembleSegmenter
+    layer : str or list of str, default="auto"
+        ``"auto"``: ``"bottleneck"`` when the model exports it, else its preferred layer.
+    k : int, default=5
+        The score is minus the Euclidean distance to the k-th nearest training feature.
+    contamination : float in (0, 0.5], default=0.05
+    threshold : {"contamination", "karimi"}, default="contamination"
+
+    Attributes
+    ----------
+    estimator_, layers_
+    features_ : ndarray of shape (n_train, C)
+        L2-normalised pooled training features.
+    train_scores_, offset_, threshold_, n_train_
+
+    Examples
+    --------
+    >>> from uqseg import KNNOODDetector, datasets                       # doctest: +SKIP
+    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
+    >>> det = KNNOODDetector(datasets.reference_models()[0], k=5).fit(X_tr)  # doctest: +SKIP
+    """
+
+    _train_attr = "features_"
+
+    def __init__(self, estimator, layer="auto", k=5, contamination=0.05,
+                 threshold="contamination"):
+        self.estimator = estimator
+        self.layer = layer
+        self.k = k
+        self.contamination = contamination
+        self.threshold = threshold
+
+    def _setup_params(self):
+        self._check_k(self.k, "k")
+
+    def _descriptors(self, X) -> np.ndarray:
+        feats = self._features(X)
+        F = np.concatenate([_per_image(feats[n], _global_pool) for n in self.layers_], axis=1)
+        return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), np.finfo(float).tiny)
+
+    def _fit_model(self):
+        n = self.features_.shape[0]
+        if n <= self.k:
+            raise ValueError(f"k={self.k} needs more than {self.k} training images, got {n}")
+
+    def _score(self, D):
+        return -_knn_distance(self.features_, D, self.k, "euclidean", self._nn(self.k, "euclidean"))
+
+    def _train_scores(self):
+        return -_knn_distance(self.features_, None, self.k, "euclidean",
+                              self._nn(self.k, "euclidean"))
