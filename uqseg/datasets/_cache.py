@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 # bump whenever the generated arrays change for the same arguments
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 
 
 def cache_dir() -> Path:

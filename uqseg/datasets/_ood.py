@@ -53,7 +53,6 @@ _NATURAL = (
     "hubble_deep_field",
     "horse",
     "cat",
-    "stereo_motorcycle",
 )
 
 
@@ -137,11 +136,9 @@ def _natural() -> list[np.ndarray]:
         warnings.simplefilter("ignore")
         for name in _NATURAL:
             img = getattr(skimage.data, name)()
-            if isinstance(img, tuple):  # stereo pairs
-                img = img[0]
             imgs.append(_gray(np.asarray(img, dtype=np.float64)))
     # a few centre crops of large images: textures at another scale
-    imgs += [_views(imgs[i], 2)[1] for i in (0, 1, 3)]
+    imgs += [_views(imgs[i], 2)[1] for i in (0, 1, 3, 4)]
     return imgs
 
 
