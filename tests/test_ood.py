@@ -361,3 +361,23 @@ def test_clone_and_pickle(tiny_2d, X_train, cls):
     np.testing.assert_allclose(back.score_samples(X), det.score_samples(X))
     assert back.offset_ == det.offset_
     assert np.isin(det.predict(X), [-1, 1]).all()
+
+
+def test_real_ensemble_mutual_information(tiny_members, X_train):
+    ensemble = pytest.importorskip("uqseg.ensemble")
+    ens = ensemble.EnsembleSegmenter(tiny_members).fit()
+    det = UncertaintyOODDetector(ens, score="mutual_information", region="foreground")
+    det.fit(X_train)
+    X = blobs(3, seed=42)
+    P = ens.predict_members(X).astype(np.float64)
+
+    def H(q):
+        return -(q * np.log(np.clip(q, 1e-300, None))).sum(axis=1)
+
+    mi = H(P.mean(axis=0)) - np.mean([H(q) for q in P], axis=0)
+    fg = P.mean(axis=0).argmax(axis=1) != 0
+    want = [m[f].mean() if f.any() else m.mean() for m, f in zip(mi, fg, strict=True)]
+    np.testing.assert_allclose(det.score_samples(X), -np.array(want), rtol=1e-4, atol=1e-7)
+    spec = SpectralOODDetector(ens).fit(X_train)
+    ref = SpectralOODDetector(tiny_members[0]).fit(X_train)
+    np.testing.assert_allclose(spec.signatures_, ref.signatures_)

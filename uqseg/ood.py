@@ -486,8 +486,9 @@ class UncertaintyOODDetector(_BaseOODDetector):
     Parameters
     ----------
     estimator : str, path, OnnxSegmenter or EnsembleSegmenter
-        With an ensemble (an object with ``predict_members``) entropy and max-softmax use the
-        mean member probability, and mutual information becomes available.
+        With an ensemble (an object with ``uncertainty(X, kind)``, else ``predict_members``)
+        entropy and max-softmax use the mean member probability, and mutual information
+        becomes available.
     score : {"entropy", "max_softmax", "mutual_information"}, default="entropy"
         Per-voxel uncertainty: entropy of the (mean) probability, ``1 - max_k p_k``, or the
         ensemble's mutual information.
@@ -531,26 +532,35 @@ class UncertaintyOODDetector(_BaseOODDetector):
             raise ValueError(f"score must be one of {self.SCORES}, got {self.score!r}")
         if self.region not in self.REGIONS:
             raise ValueError(f"region must be one of {self.REGIONS}, got {self.region!r}")
-        if self.score == "mutual_information" and not hasattr(self.estimator_, "predict_members"):
+        est = self.estimator_
+        if self.score == "mutual_information" and not (
+                hasattr(est, "uncertainty") or hasattr(est, "predict_members")):
             raise ValueError(
                 "score='mutual_information' needs several predictions per image: pass an "
                 "EnsembleSegmenter (several members or mc_samples > 0), got "
-                f"{type(self.estimator_).__name__}")
+                f"{type(est).__name__}")
 
     def _maps(self, x: np.ndarray) -> np.ndarray:
         """Mean uncertainty over the region for a batch ``(n, C, *sp)`` -> ``(n,)``."""
         est = self.estimator_
-        if hasattr(est, "predict_members"):
-            members = np.asarray(est.predict_members(x), dtype=np.float64)
-            proba = members.mean(axis=0)
+        need_proba = self.score == "max_softmax" or self.region == "foreground"
+        if hasattr(est, "uncertainty") and self.score != "max_softmax":
+            # EnsembleSegmenter: weights and MC passes included, one (cached) inference
+            u = np.asarray(est.uncertainty(x, kind=self.score), dtype=np.float64)
+            proba = np.asarray(est.predict_proba(x), dtype=np.float64) if need_proba else None
         else:
-            members, proba = None, np.asarray(est.predict_proba(x), dtype=np.float64)
-        if self.score == "entropy":
-            u = entropy(proba)
-        elif self.score == "max_softmax":
-            u = 1.0 - proba.max(axis=1)
-        else:
-            u = np.maximum(entropy(proba) - np.mean([entropy(m) for m in members], axis=0), 0)
+            if hasattr(est, "predict_members"):
+                members = np.asarray(est.predict_members(x), dtype=np.float64)
+                proba = members.mean(axis=0)
+            else:
+                members, proba = None, np.asarray(est.predict_proba(x), dtype=np.float64)
+            if self.score == "entropy":
+                u = entropy(proba)
+            elif self.score == "max_softmax":
+                u = 1.0 - proba.max(axis=1)
+            else:
+                u = np.maximum(entropy(proba) - np.mean([entropy(m) for m in members], axis=0),
+                               0)
         axes = tuple(range(1, u.ndim))
         if self.region == "image":
             return u.mean(axis=axes)
