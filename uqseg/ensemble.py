@@ -1,0 +1,720 @@
+"""EnsembleSegmenter: deep ensembles, MC dropout and test-time flips as one segmenter.
+
+Every *sample* is one softmax map of one member: deep-ensemble members, MC-dropout passes of a
+member that takes an ``mc_mask`` and test-time flips all add samples. The ensemble streams them
+chunk by chunk and member by member into float32 running sums (weighted mean probability, mean
+member entropy, mean squared probability), so memory does not grow with the number of samples;
+only :meth:`EnsembleSegmenter.predict_members` stacks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+from collections import OrderedDict
+from itertools import product
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils.validation import check_is_fitted
+
+from uqseg import backends
+from uqseg._validation import check_images, n_images
+from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
+from uqseg.segmenter import OnnxSegmenter
+from uqseg.uncertainty import KINDS
+
+__all__ = ["EnsembleSegmenter"]
+
+_TINY = np.float32(np.finfo(np.float32).tiny)
+# computed on every inference: they cost one multiply-add per sample and make the common
+# "predict_proba, then uncertainty" sequence a cache hit
+_DEFAULT = frozenset({"entropy", "expected_entropy", "mutual_information"})
+
+
+def _softmax_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax of logits ``z`` (overwritten) and, from the logits, each voxel's entropy.
+
+    ``H = log(sum exp z') - sum_k p_k z'_k`` with ``z' = z - max z``: no log of a probability,
+    so saturated voxels give exactly 0 and no extra full-size log pass is needed.
+    """
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    s = p.sum(axis=1, keepdims=True)
+    p /= s
+    if not need_h:
+        return p, None
+    z *= p
+    h = np.log(s[:, 0])
+    h -= z.sum(axis=1)
+    np.maximum(h, 0, out=h)
+    return p, h
+
+
+def _entropy_of(proba: np.ndarray) -> np.ndarray:
+    tmp = np.maximum(proba, _TINY)
+    np.log(tmp, out=tmp)
+    tmp *= proba
+    h = tmp.sum(axis=1)
+    np.negative(h, out=h)
+    return np.maximum(h, 0, out=h)
+
+
+class _Sums:
+    """Weighted float32 running sums of samples (one chunk of images)."""
+
+    def __init__(self, need_h: bool, need_sq: bool):
+        self.need_h, self.need_sq = need_h, need_sq
+        self.p = self.h = self.sq = None
+
+    def add(self, p: np.ndarray, h: np.ndarray | None, w: float, sq: np.ndarray | None = None):
+        w = np.float32(w)
+        if self.need_sq:
+            if sq is None:
+                sq = p * p
+            sq *= w
+            self.sq = sq if self.sq is None else np.add(self.sq, sq, out=self.sq)
+        p *= w
+        self.p = p if self.p is None else np.add(self.p, p, out=self.p)
+        if self.need_h:
+            h *= w
+            self.h = h if self.h is None else np.add(self.h, h, out=self.h)
+
+
+class EnsembleSegmenter(TransformerMixin, BaseEstimator):
+    """An ensemble of segmentation networks with voxel-wise uncertainty.
+
+    Samples are deep-ensemble members, MC-dropout passes and test-time flips, in any mix; the
+    prediction is their weighted mean softmax. One inference serves the probabilities and every
+    uncertainty map; results of the last ``cache_size`` inputs are kept, keyed on a hash of the
+    input, so ``predict_proba(X)`` followed by ``uncertainty(X, ...)`` does not run again.
+
+    Parameters
+    ----------
+    members : list of path or OnnxSegmenter
+        The networks. Paths become ``OnnxSegmenter(path, backend, device, batch_size=...)``;
+        given segmenters are cloned in ``fit`` (your objects stay untouched).
+    tta : None, "flips" or list of tuples of spatial axes, default=None
+        Test-time flips; each flip of each pass is one sample. ``"flips"`` is every combination
+        of flipped spatial axes (4 in 2-D, 8 in 3-D); a list such as ``[(0,), (1,)]`` adds those
+        flips to the unflipped pass.
+    mc_samples : int, default=0
+        MC-dropout passes per member that takes an ``mc_mask`` input (masks drawn from ``seed``).
+        Members without one contribute one deterministic pass. An error when no member takes a
+        mask.
+    weights : array-like of shape (n_members,), optional
+        Member weights (normalised to sum 1); a member's samples share its weight equally.
+    seed : int or None, default=0
+        Seed of the MC-dropout masks; ``None`` draws fresh masks (and disables the cache).
+    fuse : {"auto", True, False}, default="auto"
+        Run all members as one fused ONNX graph (:func:`uqseg.backends.fuse.fuse_members`) that
+        computes the mean probability and entropies in the graph. Valid without MC dropout, when
+        the members have dynamic spatial axes, no TTA of their own and one backend/device/
+        precision. ``"auto"`` fuses when valid; ``True`` raises when not.
+    backend, device : str, default="auto"
+        Used for members given as paths and for the fused graph.
+    batch_size : int, default=16
+        Images per chunk: memory is bounded by one chunk's maps, whatever the size of ``X``.
+    cache_size : int, default=2
+        Inputs whose results are kept (each entry holds the probabilities and maps of one
+        ``X``); 0 disables the cache.
+
+    Attributes
+    ----------
+    members_ : list of OnnxSegmenter
+        Fitted copies of the members.
+    n_members_ : int
+    weights_ : ndarray of shape (n_members_,)
+        Normalised member weights.
+    member_samples_ : list of int
+        Samples each member contributes per image.
+    n_samples_ : int
+        Samples per image (members x MC passes x flips).
+    sample_weights_ : ndarray of shape (n_samples_,)
+        Weight of each sample, ordered member, MC pass, flip.
+    n_classes_, n_input_channels_, spatial_dims_ : int
+    input_shape_ : tuple
+        ``(C, *spatial)`` with ``None`` for dynamic spatial axes.
+    spatial_divisor_ : int
+        Least common multiple of the members'.
+    fused_ : bool
+        Whether inference runs the fused graph.
+
+    Examples
+    --------
+    >>> from uqseg import EnsembleSegmenter, datasets                     # doctest: +SKIP
+    >>> X, y = datasets.load_brain_tissue("test")                         # doctest: +SKIP
+    >>> ens = EnsembleSegmenter(datasets.reference_models()).fit()        # doctest: +SKIP
+    >>> proba, maps = ens.predict_with_uncertainty(X[:4])                 # doctest: +SKIP
+    >>> maps["mutual_information"].shape                                  # doctest: +SKIP
+    (4, 128, 128)
+    """
+
+    def __init__(
+        self,
+        members,
+        tta=None,
+        mc_samples=0,
+        weights=None,
+        seed=0,
+        fuse="auto",
+        backend="auto",
+        device="auto",
+        batch_size=16,
+        cache_size=2,
+    ):
+        self.members = members
+        self.tta = tta
+        self.mc_samples = mc_samples
+        self.weights = weights
+        self.seed = seed
+        self.fuse = fuse
+        self.backend = backend
+        self.device = device
+        self.batch_size = batch_size
+        self.cache_size = cache_size
+
+    # ------------------------------------------------------------------ fitting
+    def _check_params(self):
+        for name in ("batch_size",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("mc_samples", "cache_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, (int, np.integer))
+            or self.seed < 0
+        ):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+        if not (self.fuse == "auto" or self.fuse is True or self.fuse is False):
+            raise ValueError(f"fuse must be 'auto', True or False, got {self.fuse!r}")
+
+    def _fit_members(self) -> list[OnnxSegmenter]:
+        members = self.members
+        if isinstance(members, (str, os.PathLike, OnnxSegmenter)) or not isinstance(
+            members, (list, tuple)
+        ):
+            raise TypeError(
+                "members must be a list of ONNX paths or OnnxSegmenter objects, got "
+                f"{type(members).__name__}"
+            )
+        if len(members) == 0:
+            raise ValueError("members is empty: an ensemble needs at least one member")
+        fitted = []
+        for i, m in enumerate(members):
+            if isinstance(m, (str, os.PathLike)):
+                seg = OnnxSegmenter(
+                    m, backend=self.backend, device=self.device, batch_size=self.batch_size
+                )
+            elif isinstance(m, OnnxSegmenter):
+                seg = clone(m)
+            else:
+                raise TypeError(
+                    f"members[{i}] must be a path to an ONNX file or an "
+                    f"OnnxSegmenter, got {type(m).__name__}"
+                )
+            try:
+                seg.fit()
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"member {i} ({seg.model}): {exc}") from exc
+            fitted.append(seg)
+        return fitted
+
+    @staticmethod
+    def _check_agree(members: list[OnnxSegmenter]) -> None:
+        first = members[0]
+
+        def fixed(seg):
+            return tuple(seg.input_shape_[1:])
+
+        checks = [
+            ("n_input_channels_", lambda s: s.n_input_channels_, "{} input channels"),
+            ("n_classes_", lambda s: s.n_classes_, "{} classes"),
+            ("spatial_dims_", lambda s: s.spatial_dims_, "{} spatial axes"),
+            ("input_shape_", fixed, "spatial input size {} (None = dynamic)"),
+        ]
+        for i, seg in enumerate(members[1:], start=1):
+            for _, get, text in checks:
+                if get(seg) != get(first):
+                    raise ValueError(
+                        f"member {i} ({seg.model}) has {text.format(get(seg))}, member 0 "
+                        f"({first.model}) has {text.format(get(first))}; ensemble members "
+                        "must agree"
+                    )
+
+    def _check_weights(self, m: int) -> np.ndarray:
+        if self.weights is None:
+            return np.full(m, 1.0 / m)
+        w = np.asarray(self.weights)
+        if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+            raise TypeError(f"weights must be numbers, got dtype {w.dtype}")
+        w = w.astype(np.float64).ravel()
+        if w.shape != (m,):
+            raise ValueError(f"weights must have one entry per member ({m}), got {w.size}")
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"weights must be positive finite numbers, got {self.weights!r}")
+        return w / w.sum()
+
+    def _flip_list(self, dims: int) -> list[tuple[int, ...]]:
+        if self.tta is None:
+            return [()]
+        if isinstance(self.tta, str):
+            if self.tta != "flips":
+                raise ValueError(
+                    f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}"
+                )
+            return [
+                tuple(a + 2 for a, on in zip(range(dims), bits, strict=True) if on)
+                for bits in product([0, 1], repeat=dims)
+            ]
+        if isinstance(self.tta, (list, tuple)):
+            flips = [()]
+            for item in self.tta:
+                t = tuple(item) if isinstance(item, (list, tuple)) else (item,)
+                if not t or any(
+                    isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= a < dims
+                    for a in t
+                ):
+                    raise ValueError(f"tta flips name spatial axes 0..{dims - 1}; got {item!r}")
+                flip = tuple(sorted({int(a) + 2 for a in t}))
+                if flip not in flips:
+                    flips.append(flip)
+            return flips
+        raise ValueError(
+            f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}"
+        )
+
+    def _fuse_problem(self) -> str | None:
+        """Why the members cannot run as one fused graph (None when they can)."""
+        if self.mc_samples > 0:
+            return "MC dropout (mc_samples > 0) needs a mask per member"
+        for i, seg in enumerate(self.members_):
+            if seg.tta is not None:
+                return f"member {i} has its own tta={seg.tta!r}"
+            if any(s is not None for s in seg.input_shape_[1:]):
+                return f"member {i} takes a fixed spatial size {seg.input_shape_[1:]}"
+        spec = {(s.backend, s.device, s.precision) for s in self.members_}
+        if len(spec) > 1:
+            return f"members use different backend/device/precision: {sorted(spec)}"
+        return None
+
+    def fit(self, X=None, y=None):
+        """Fit copies of the members and check that they agree.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays, optional
+            Checked against the members' input when given; nothing is learned from it.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        members = self._fit_members()
+        self._check_agree(members)
+        first = members[0]
+        self.members_ = members
+        self.n_members_ = len(members)
+        self.weights_ = self._check_weights(len(members))
+        self.n_classes_ = int(first.n_classes_)
+        self.n_input_channels_ = int(first.n_input_channels_)
+        self.spatial_dims_ = int(first.spatial_dims_)
+        self.input_shape_ = tuple(first.input_shape_)
+        self.spatial_divisor_ = int(math.lcm(*(int(s.spatial_divisor_) for s in members)))
+        flips = self._flip_list(self.spatial_dims_)
+        mc = [s.mc_dropout_ is not None for s in members]
+        if self.mc_samples > 0:
+            if not any(mc):
+                raise ValueError(
+                    f"mc_samples={self.mc_samples} needs members that take an "
+                    f"mc_mask input; none of the {len(members)} members does"
+                )
+            for i, s in enumerate(members):
+                p = s.mc_dropout_.get("p") if s.mc_dropout_ else 0.0
+                if p is None or not 0 <= float(p) < 1:
+                    raise ValueError(
+                        f"member {i} ({s.model}) takes an mc_mask but its metadata "
+                        f"gives no valid dropout rate p (got {p!r})"
+                    )
+        passes = [self.mc_samples if (self.mc_samples > 0 and has) else 1 for has in mc]
+        self.member_samples_ = [int(t * len(flips)) for t in passes]
+        self.n_samples_ = int(sum(self.member_samples_))
+        self.sample_weights_ = np.concatenate(
+            [np.full(s, w / s) for s, w in zip(self.member_samples_, self.weights_, strict=True)]
+        )
+        problem = self._fuse_problem()
+        if self.fuse is True and problem is not None:
+            raise ValueError(f"fuse=True but the members cannot be fused: {problem}")
+        self.fused_ = self.fuse is not False and problem is None
+        self._reset()
+        if X is not None:
+            self._check_X(X)
+        return self
+
+    # ------------------------------------------------------------------ runtime state
+    def _reset(self):
+        self._fused_runners = {}
+        self._cache = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_fused_runners", "_cache", "_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def clear_cache(self) -> None:
+        """Forget cached results (e.g. to free their memory)."""
+        if hasattr(self, "_lock"):
+            with self._lock:
+                self._cache.clear()
+
+    def _fused_runner(self, outputs: tuple[str, ...]):
+        if not hasattr(self, "_fused_runners"):
+            self._reset()
+        runner = self._fused_runners.get(outputs)
+        if runner is None:
+            with self._lock:
+                runner = self._fused_runners.get(outputs)
+                if runner is None:
+                    from uqseg.backends.fuse import fuse_members
+
+                    proto = fuse_members(
+                        [s.model for s in self.members_], self.weights_, outputs=outputs
+                    )
+                    s0 = self.members_[0]
+                    runner = backends.load(
+                        proto,
+                        s0.backend,
+                        s0.device,
+                        s0.precision,
+                        threads=s0.threads,
+                        max_batch=int(self.batch_size),
+                    )
+                    self._fused_runners[outputs] = runner
+        return runner
+
+    # ------------------------------------------------------------------ inference core
+    def _check_X(self, X):
+        return check_images(X, spatial_dims=self.spatial_dims_, n_channels=self.n_input_channels_)
+
+    def _masks(self, n: int) -> list[list[np.ndarray | None]]:
+        """MC-dropout masks ``[member][pass] -> (n, D)``; None for deterministic passes."""
+        out = []
+        for m, (seg, s) in enumerate(zip(self.members_, self.member_samples_, strict=True)):
+            passes = s // len(self._flip_list(self.spatial_dims_))
+            if self.mc_samples == 0 or seg.mc_dropout_ is None:
+                out.append([None] * passes)
+                continue
+            rng = np.random.default_rng(None if self.seed is None else [int(self.seed), m])
+            p, d = float(seg.mc_dropout_["p"]), int(seg.mc_dropout_["size"])
+            keep = rng.random((passes, n, d)) >= p
+            out.append(list((keep / np.float32(1 - p)).astype(np.float32)))
+        return out
+
+    def _member_samples(self, chunk: np.ndarray, idx: np.ndarray, masks):
+        """Yield ``(member, sample weight, logits)`` for every sample of one chunk."""
+        flips = self._flip_list(self.spatial_dims_)
+        for m, seg in enumerate(self.members_):
+            w = self.weights_[m] / self.member_samples_[m]
+            for mask in masks[m]:
+                bmask = None if mask is None else mask[idx]
+                for flip in flips:
+                    inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
+                    z = seg.run(inp, layers=[], mc_mask=bmask)["logits"]
+                    yield m, w, (np.flip(z, flip) if flip else z)
+
+    def _chunk_members(self, chunk, idx, masks, need_h, need_sq) -> dict:
+        sums = _Sums(need_h, need_sq)
+        for _, w, z in self._member_samples(chunk, idx, masks):
+            p, h = _softmax_entropy(z, need_h)
+            sums.add(p, h, w)
+        out = {"proba": sums.p}
+        if need_h:
+            out["expected_entropy"] = sums.h
+        if need_sq:
+            out["mean_sq"] = sums.sq
+        return out
+
+    def _chunk_fused(self, chunk, need_h, need_sq) -> dict:
+        flips = self._flip_list(self.spatial_dims_)
+        spatial = chunk.shape[2:]
+        d = self.spatial_divisor_
+        target = tuple(int(np.ceil(s / d) * d) for s in spatial)
+        if target != spatial:
+            pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
+            chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
+        names = (
+            ["proba"] + (["expected_entropy"] if need_h else []) + (["mean_sq"] if need_sq else [])
+        )
+        if need_h and len(flips) == 1:
+            names += ["entropy", "mutual_information"]  # in-graph: no numpy pass afterwards
+        runner = self._fused_runner(tuple(names))
+        acc: dict[str, np.ndarray] = {}
+        for flip in flips:
+            inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
+            res = runner.run({runner.input_names[0]: inp}, names)
+            for name, val in res.items():
+                if flip:
+                    val = np.flip(val, tuple(a - (name not in ("proba", "mean_sq")) for a in flip))
+                if name in acc:
+                    acc[name] += val
+                else:
+                    acc[name] = val if not flip else val.copy()
+        if len(flips) > 1:
+            for val in acc.values():
+                val /= np.float32(len(flips))
+        if target != spatial:
+            crop = tuple(slice(0, s) for s in spatial)
+            acc = {
+                k: v[
+                    (slice(None), slice(None), *crop)
+                    if v.ndim == chunk.ndim
+                    else (slice(None), *crop)
+                ]
+                for k, v in acc.items()
+            }
+        return acc
+
+    def _compute_array(self, X: np.ndarray, idx: np.ndarray, masks, kinds: frozenset) -> dict:
+        need_h = bool(kinds & {"expected_entropy", "mutual_information"})
+        need_sq = "variance" in kinds
+        n, bs = X.shape[0], int(self.batch_size)
+        result: dict[str, np.ndarray] = {}
+        for start in range(0, n, bs):
+            chunk = X[start : start + bs]
+            if self.fused_:
+                res = self._chunk_fused(chunk, need_h, need_sq)
+            else:
+                res = self._chunk_members(chunk, idx[start : start + bs], masks, need_h, need_sq)
+            maps = self._finish(res, kinds)
+            for name, val in maps.items():
+                if name not in result:
+                    result[name] = np.empty((n, *val.shape[1:]), dtype=np.float32)
+                result[name][start : start + bs] = val
+        return result
+
+    @staticmethod
+    def _finish(res: dict, kinds: frozenset) -> dict:
+        """Uncertainty maps of one chunk from its running sums."""
+        proba = res["proba"]
+        out = {"proba": proba}
+        if "entropy" in kinds or "mutual_information" in kinds:
+            h = res.get("entropy")
+            out["entropy"] = _entropy_of(proba) if h is None else h
+        if "expected_entropy" in kinds:
+            out["expected_entropy"] = res["expected_entropy"]
+        if "mutual_information" in kinds:
+            mi = res.get("mutual_information")
+            if mi is None:
+                mi = out["entropy"] - res["expected_entropy"]
+                np.maximum(mi, 0, out=mi)
+            out["mutual_information"] = mi
+        if "variance" in kinds:
+            v = proba * proba
+            np.subtract(res["mean_sq"], v, out=v)
+            np.maximum(v, 0, out=v)
+            out["variance"] = v.mean(axis=1)
+        return out
+
+    def _compute(self, X, kinds: frozenset) -> dict:
+        masks = self._masks(n_images(X))
+        if not isinstance(X, list):
+            return self._compute_array(X, np.arange(X.shape[0]), masks, kinds)
+        # images of one size share chunks; results go back in the caller's order
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(X):
+            groups.setdefault(x.shape, []).append(i)
+        result: dict[str, list] = {}
+        for ids in groups.values():
+            sub = self._compute_array(np.stack([X[i] for i in ids]), np.asarray(ids), masks, kinds)
+            for name, val in sub.items():
+                slot = result.setdefault(name, [None] * len(X))
+                for j, i in enumerate(ids):
+                    slot[i] = val[j]
+        return result
+
+    @staticmethod
+    def _key(X) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for a in X if isinstance(X, list) else [X]:
+            h.update(repr(a.shape).encode())
+            h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()
+
+    def _results(self, X, kinds) -> dict:
+        """Probabilities and maps for ``X``, from the cache when the same input came before."""
+        check_is_fitted(self)
+        kinds = self._check_kinds(kinds)
+        X = self._check_X(X)
+        want = frozenset(kinds) | _DEFAULT
+        use_cache = self.cache_size > 0 and not (self.seed is None and self.mc_samples > 0)
+        if not hasattr(self, "_lock"):
+            self._reset()
+        key = self._key(X) if use_cache else None
+        if use_cache:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None and want <= hit.keys():
+                    self._cache.move_to_end(key)
+                    return hit
+        res = self._compute(X, want)
+        if use_cache:
+            with self._lock:
+                self._cache[key] = res
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return res
+
+    @staticmethod
+    def _check_kinds(kinds) -> tuple[str, ...]:
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"kind must be one of {KINDS}, got {bad[0]!r}")
+        return kinds
+
+    @staticmethod
+    def _copy(val):
+        return [v.copy() for v in val] if isinstance(val, list) else val.copy()
+
+    # ------------------------------------------------------------------ public inference
+    def predict_with_uncertainty(self, X, kinds=("entropy", "mutual_information")):
+        """Mean probability and uncertainty maps from one inference pass.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
+        kinds : str or sequence of str, default=("entropy", "mutual_information")
+            From ``"entropy"`` (total), ``"expected_entropy"`` (aleatoric),
+            ``"mutual_information"`` (epistemic), ``"variance"`` (of the probabilities over
+            samples, averaged over classes).
+
+        Returns
+        -------
+        proba : ndarray ``(N, K, *spatial)`` float32 (list for list input)
+        maps : dict kind -> ndarray ``(N, *spatial)`` float32 (lists for list input)
+
+        Examples
+        --------
+        >>> proba, maps = ens.predict_with_uncertainty(X, kinds=("entropy",))  # doctest: +SKIP
+        """
+        kinds = self._check_kinds(kinds)
+        res = self._results(X, kinds)
+        return self._copy(res["proba"]), {k: self._copy(res[k]) for k in kinds}
+
+    def predict_proba(self, X):
+        """Weighted mean of the samples' softmax ``(N, K, *spatial)`` float32."""
+        return self._copy(self._results(X, ())["proba"])
+
+    def predict(self, X):
+        """Labels ``(N, *spatial)``: argmax of :meth:`predict_proba`."""
+        proba = self._results(X, ())["proba"]
+        if isinstance(proba, list):
+            return [p.argmax(axis=0) for p in proba]
+        return proba.argmax(axis=1)
+
+    def transform(self, X):
+        """Log of the mean probability ``(N, K, *spatial)`` float32, clipped at the smallest
+        normal float32 so it stays finite; chains into a temperature calibrator as logits."""
+        proba = self._results(X, ())["proba"]
+
+        def log(p):
+            out = np.maximum(p, _TINY)
+            return np.log(out, out=out)
+
+        return [log(p) for p in proba] if isinstance(proba, list) else log(proba)
+
+    def uncertainty(self, X, kind: str = "entropy"):
+        """One voxel-wise uncertainty map ``(N, *spatial)`` float32.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
+        kind : {"entropy", "expected_entropy", "mutual_information", "variance"}
+            ``entropy`` of the mean probability (total) = ``expected_entropy`` (mean entropy of
+            the samples, aleatoric) + ``mutual_information`` (epistemic); ``variance`` of the
+            probabilities over samples, averaged over classes.
+
+        Returns
+        -------
+        ndarray ``(N, *spatial)`` (list for list input)
+        """
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a string, got {type(kind).__name__}")
+        return self._copy(self._results(X, (kind,))[kind])
+
+    def segment_uncertainty(self, X, region: str = "segment") -> np.ndarray:
+        """Segment-level uncertainty (Mehrtash et al.): per image and foreground class, the mean
+        binary entropy of ``p_k`` over the predicted segment (NaN where it is empty).
+
+        Returns
+        -------
+        ndarray ``(N, K - 1)``
+        """
+        proba = self._results(X, ())["proba"]
+        if isinstance(proba, list):
+            return np.concatenate([_segment_uncertainty(p[None], region=region) for p in proba])
+        return _segment_uncertainty(proba, region=region)
+
+    def predict_members(self, X, per_sample: bool = False):
+        """Every member's probabilities, stacked: ``(M, N, K, *spatial)`` float32.
+
+        Memory-heavy (``M`` full copies); the other methods stream instead.
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)``
+            Lists of differently sized images are not supported here.
+        per_sample : bool, default=False
+            False averages each member's MC passes and flips; True returns every sample
+            ``(n_samples_, N, K, *spatial)``, weighted by ``sample_weights_``.
+
+        Returns
+        -------
+        ndarray
+        """
+        check_is_fitted(self)
+        X = self._check_X(X)
+        if isinstance(X, list):
+            if len({x.shape for x in X}) > 1:
+                raise ValueError(
+                    "predict_members needs images of one size (an array "
+                    "(N, C, *spatial)); got a list of differently sized images"
+                )
+            X = np.stack(X)
+        n = X.shape[0]
+        lead = self.n_samples_ if per_sample else self.n_members_
+        out = np.zeros((lead, n, self.n_classes_, *X.shape[2:]), dtype=np.float32)
+        masks = self._masks(n)
+        idx = np.arange(n)
+        bs = int(self.batch_size)
+        for start in range(0, n, bs):
+            counter = 0
+            chunk = X[start : start + bs]
+            for m, _w, z in self._member_samples(chunk, idx[start : start + bs], masks):
+                p, _ = _softmax_entropy(z, False)
+                if per_sample:
+                    out[counter, start : start + bs] = p
+                else:
+                    out[m, start : start + bs] += p * np.float32(1 / self.member_samples_[m])
+                counter += 1
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.two_d_array = False
+        return tags
