@@ -86,8 +86,10 @@ def _water_fill(counts: np.ndarray, budget: int) -> float:
 def _is_fitted(est) -> bool:
     try:
         check_is_fitted(est)
-    except (NotFittedError, TypeError):
+    except NotFittedError:
         return False
+    except (TypeError, AttributeError):  # duck-typed segmenter without sklearn's machinery
+        return any(v.endswith("_") and not v.startswith("__") for v in vars(est))
     return True
 
 
