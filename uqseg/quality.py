@@ -76,7 +76,9 @@ def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
                  "log_components"]
     names = [f"{f}_c{c}" for c in range(1, n_classes) for f in per_class]
     names += ["foreground_fraction", f"mean_{kind}", f"foreground_{kind}",
-              "foreground_max_proba", "mean_entropy"]
+              "foreground_max_proba"]
+    if kind != "entropy":  # else the same column as mean_entropy
+        names.append("mean_entropy")
     names += [f"{kind}_hist_{b}" for b in range(n_bins)]
     return names
 
@@ -119,8 +121,9 @@ def _features(proba: np.ndarray, unc: np.ndarray, kind: str, n_bins: int) -> np.
         unc.reshape(n, -1).mean(axis=1),
         _masked_mean(unc, fg),
         _masked_mean(proba.max(axis=1), fg),
-        entropy(proba).reshape(n, -1).mean(axis=1),
     ]
+    if kind != "entropy":
+        cols.append(entropy(proba).reshape(n, -1).mean(axis=1))
     scale = _unc_scale(kind, k)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     scaled = np.clip(unc / scale, 0.0, 1.0)

@@ -1,0 +1,398 @@
+"""QualityRegressor and make_quality_set: features, targets, regressors, ONNX regressor, errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from scipy import ndimage, stats
+from scipy.special import expit, xlogy
+from sklearn.base import BaseEstimator, clone
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LinearRegression, Ridge
+from sklearn.multioutput import MultiOutputRegressor
+
+from uqseg import OnnxSegmenter
+from uqseg.metrics import dice_score, iou_score, segment_uncertainty
+from uqseg.quality import QualityRegressor, make_quality_set, maps_input
+from uqseg.uncertainty import mutual_information
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class LogitSegmenter(BaseEstimator):
+    """The image channels are the logits: the probabilities are known exactly."""
+
+    def fit(self, X=None, y=None):
+        self.n_classes_ = 3
+        return self
+
+    def predict_proba(self, X):
+        return _softmax(np.asarray(X, dtype=np.float64)).astype(np.float32)
+
+    def predict(self, X):
+        return self.predict_proba(X).argmax(axis=1)
+
+
+class MemberSegmenter(LogitSegmenter):
+    """An 'ensemble' of two members: logits and logits / 3 (duck-typed predict_members)."""
+
+    def predict_members(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return np.stack([_softmax(X), _softmax(X / 3)]).astype(np.float32)
+
+    def predict_proba(self, X):
+        return self.predict_members(X).mean(axis=0)
+
+
+class MultiOutput(BaseEstimator):
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+
+class Recorder(MultiOutput):
+    """Remembers what fit received; predicts zeros."""
+
+    def fit(self, X, y):
+        self.X_seen_, self.y_seen_ = np.array(X), np.array(y)
+        return self
+
+    def predict(self, X):
+        return np.zeros((len(X), self.y_seen_.shape[1]))
+
+
+def _logit_images(n=10, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (3 * rng.standard_normal((n, 3, size, size))).astype(np.float32)
+
+
+def _labels(X, seed=1, flip=0.2):
+    rng = np.random.default_rng(seed)
+    y = X.argmax(axis=1)
+    noise = rng.random(y.shape) < flip
+    return np.where(noise, rng.integers(0, 3, y.shape), y)
+
+
+# --------------------------------------------------------------------------- features
+def test_features_match_hand_computations():
+    X = _logit_images()
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter(), regressor=Ridge()).fit(X, y)
+    F = qr.features(X)
+    names = qr.feature_names_
+    assert F.shape == (10, len(names)) and len(set(names)) == len(names)
+    proba = _softmax(X.astype(np.float64))
+    pred = proba.argmax(axis=1)
+    col = {n: F[:, i] for i, n in enumerate(names)}
+    seg_h = np.nan_to_num(segment_uncertainty(proba), nan=0.0)
+    bnd_h = np.nan_to_num(segment_uncertainty(proba, region="boundary"), nan=0.0)
+    ent = -xlogy(proba, proba).sum(axis=1)
+    for c in (1, 2):
+        np.testing.assert_allclose(col[f"volume_c{c}"], (pred == c).mean(axis=(1, 2)))
+        np.testing.assert_allclose(col[f"seg_binary_entropy_c{c}"], seg_h[:, c - 1], rtol=1e-5)
+        np.testing.assert_allclose(col[f"boundary_binary_entropy_c{c}"], bnd_h[:, c - 1],
+                                   rtol=1e-5)
+        for i in range(len(X)):
+            s = pred[i] == c
+            assert col[f"seg_entropy_c{c}"][i] == pytest.approx(ent[i][s].mean(), rel=1e-5)
+            assert col[f"mean_proba_c{c}"][i] == pytest.approx(proba[i, c][s].mean(), rel=1e-5)
+            sd = 2 * proba[i, c][s].sum() / (proba[i, c].sum() + s.sum())
+            assert col[f"self_dice_c{c}"][i] == pytest.approx(sd, rel=1e-5)
+            assert col[f"log_components_c{c}"][i] == pytest.approx(np.log1p(ndimage.label(s)[1]))
+    np.testing.assert_allclose(col["mean_entropy"], ent.mean(axis=(1, 2)), rtol=1e-5)
+    hist = F[:, [i for i, n in enumerate(names) if "_hist_" in n]]
+    assert hist.shape[1] == 8
+    np.testing.assert_allclose(hist.sum(axis=1), 1.0)
+
+
+def test_features_of_an_empty_class_are_zero():
+    X = _logit_images(n=3)
+    X[:, 2] = -20.0  # class 2 never predicted
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter(), regressor=Ridge()).fit(X, y)
+    col = dict(zip(qr.feature_names_, qr.features(X).T, strict=True))
+    for name in ("volume_c2", "seg_entropy_c2", "boundary_binary_entropy_c2", "mean_proba_c2"):
+        np.testing.assert_array_equal(col[name], 0.0)
+
+
+def test_ensemble_uses_mutual_information_from_one_members_pass():
+    X = _logit_images(n=4)
+    y = _labels(X)
+    seg = MemberSegmenter()
+    qr = QualityRegressor(seg, regressor=Ridge()).fit(X, y)
+    assert qr.uncertainty_kind_ == "mutual_information"
+    col = dict(zip(qr.feature_names_, qr.features(X).T, strict=True))
+    members = seg.predict_members(X)
+    mi = mutual_information(members)
+    np.testing.assert_allclose(col["mean_mutual_information"], mi.mean(axis=(1, 2)), rtol=1e-5)
+    pred = members.mean(axis=0).argmax(axis=1)
+    s = pred[0] == 1
+    assert col["seg_mutual_information_c1"][0] == pytest.approx(mi[0][s].mean(), rel=1e-5)
+
+
+def test_onnx_segmenter_features_and_3d(tiny_2d, tiny_3d):
+    rng = np.random.default_rng(0)
+    for path, shape in ((tiny_2d, (6, 1, 8, 8)), (tiny_3d, (4, 1, 4, 8, 8))):
+        X = rng.random(shape).astype(np.float32)
+        y = rng.integers(0, 3, (shape[0], *shape[2:]))
+        qr = QualityRegressor(path).fit(X, y)
+        proba = OnnxSegmenter(path).fit().predict_proba(X)
+        col = dict(zip(qr.feature_names_, qr.features(X).T, strict=True))
+        pred = proba.argmax(axis=1)
+        np.testing.assert_allclose(col["volume_c1"], (pred == 1).reshape(len(X), -1).mean(1))
+        q = qr.predict(X)
+        assert q.shape == (shape[0], 2) and q.min() >= 0 and q.max() <= 1
+
+
+# --------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("target, fn", [("dice", dice_score), ("iou", iou_score)])
+def test_targets_equal_metrics(target, fn):
+    X = _logit_images(n=8)
+    X[0, 2] = -20.0
+    y = _labels(X)
+    y[0][y[0] == 2] = 0  # class 2 absent from prediction and truth: NaN -> empty_score
+    qr = QualityRegressor(LogitSegmenter(), regressor=Recorder(), target=target,
+                          target_transform="identity", empty_score=0.7).fit(X, y)
+    ref = fn(X.argmax(axis=1), y, n_classes=3)
+    assert np.isnan(ref[0, 1])
+    np.testing.assert_allclose(qr.regressor_.y_seen_, np.nan_to_num(ref, nan=0.7))
+    np.testing.assert_allclose(qr.regressor_.X_seen_, qr.features(X))
+
+
+def test_logit_targets_and_inverse():
+    X = _logit_images(n=8)
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter(), regressor=Recorder()).fit(X, y)
+    t = np.clip(dice_score(X.argmax(axis=1), y, n_classes=3), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(qr.regressor_.y_seen_, np.log(t / (1 - t)))
+    # Recorder predicts 0 in logit space -> 0.5
+    np.testing.assert_allclose(qr.predict(X), expit(0.0))
+
+
+def _shifted_discs(n, rng, size=32):
+    """Truth: a disc; prediction: the disc shifted by s, with confidence falling as s grows."""
+    yy, xx = np.mgrid[:size, :size]
+    X, y, shifts = [], [], rng.uniform(0, 10, n)
+    for s in shifts:
+        truth = (yy - 16) ** 2 + (xx - 16) ** 2 < 64
+        pred = (yy - 16) ** 2 + (xx - 16 - s) ** 2 < 64
+        logit = np.where(pred, 1, -1) * (6.0 - 0.5 * s)
+        X.append(np.stack([np.zeros_like(logit), logit, np.full(logit.shape, -30.0)]))
+        y.append(truth.astype(int))
+    return np.array(X, np.float32), np.array(y), shifts
+
+
+def test_regressor_recovers_a_monotone_relation():
+    rng = np.random.default_rng(0)
+    X, y, _ = _shifted_discs(60, rng)
+    X_te, y_te, shifts = _shifted_discs(30, rng)
+    qr = QualityRegressor(LogitSegmenter(), regressor=LinearRegression(),
+                          target_transform="identity").fit(X, y)
+    true = dice_score(X_te.argmax(axis=1), y_te, n_classes=3)[:, 0]
+    pred = qr.predict(X_te)[:, 0]
+    assert stats.spearmanr(pred, true)[0] > 0.95
+    assert stats.spearmanr(pred, shifts)[0] < -0.95
+    assert np.abs(pred - true).mean() < 0.05
+    # class 2 is never predicted nor true: target = empty_score = 1
+    np.testing.assert_allclose(qr.predict(X_te)[:, 1], 1.0, atol=1e-6)
+
+
+def test_default_regressor_and_sklearn_regressors():
+    X = _logit_images(n=12)
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter()).fit(X, y)
+    q = qr.predict(X)
+    assert q.shape == (12, 2) and 0 <= q.min() and q.max() <= 1
+    assert qr.input_kind_ == "features" and set(qr.fit_report_) >= {"mae", "pearson_r"}
+    ridge = QualityRegressor(LogitSegmenter(), regressor=Ridge(alpha=3.0)).fit(X, y)
+    assert isinstance(ridge.regressor_, Ridge) and ridge.regressor_.alpha == 3.0
+    hgb = QualityRegressor(LogitSegmenter(),
+                           regressor=HistGradientBoostingRegressor(max_iter=5)).fit(X, y)
+    assert isinstance(hgb.regressor_, MultiOutputRegressor)
+    assert hgb.predict(X).shape == (12, 2)
+
+
+# --------------------------------------------------------------------------- flag
+class Preset(MultiOutput):
+    def __init__(self, values=None):
+        self.values = values
+
+    def fit(self, X, y):
+        return self
+
+    def predict(self, X):
+        return np.asarray(self.values, dtype=float)
+
+
+@pytest.mark.parametrize("target", ["dice", "iou"])
+def test_flag_semantics(target):
+    X = _logit_images(n=3)
+    y = _labels(X)
+    values = [[0.9, 0.85], [0.95, 0.7], [0.75, 0.78]]
+    qr = QualityRegressor(LogitSegmenter(), regressor=Preset(values), target=target,
+                          target_transform="identity").fit(X, y)
+    np.testing.assert_allclose(qr.predict(X), values)
+    v = np.array(values)
+    dice = v if target == "dice" else 2 * v / (1 + v)
+    np.testing.assert_array_equal(qr.flag(X, min_dice=0.8), (dice < 0.8).any(axis=1))
+    np.testing.assert_array_equal(qr.flag(X, min_dice=0.8, reduce="mean"),
+                                  dice.mean(axis=1) < 0.8)
+    if target == "dice":
+        np.testing.assert_array_equal(qr.flag(X), [False, True, True])
+        np.testing.assert_array_equal(qr.flag(X, reduce="mean"), [False, False, True])
+    assert not qr.flag(X, min_dice=0.0).any() and qr.flag(X, min_dice=1.0).all()
+
+
+# --------------------------------------------------------------------------- ONNX regressor
+def _onnx_regressor(path, in_channels, n_out, rank=4, seed=0):
+    """GlobalAveragePool -> Flatten -> MatMul -> Sigmoid; returns the weight matrix too."""
+    w = np.random.default_rng(seed).standard_normal((in_channels, n_out)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["maps"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["quality"])]
+    sp = [f"s{i}" for i in range(rank - 2)]
+    graph = helper.make_graph(
+        nodes, "quality", [helper.make_tensor_value_info("maps", TensorProto.FLOAT,
+                                                         ["N", in_channels, *sp])],
+        [helper.make_tensor_value_info("quality", TensorProto.FLOAT, ["N", n_out])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path), w
+
+
+def test_onnx_regressor_path(tmp_path):
+    X = _logit_images(n=5)
+    y = _labels(X)
+    path, w = _onnx_regressor(tmp_path / "q.onnx", 3 + 3 + 1, 2)
+    qr = QualityRegressor(LogitSegmenter(), regressor=path).fit(X, y)
+    assert qr.input_kind_ == "maps" and qr.regressor_ == path
+    proba = _softmax(X.astype(np.float64))
+    ent = -xlogy(proba, proba).sum(axis=1) / np.log(3)
+    maps = np.concatenate([X, proba, ent[:, None]], axis=1)
+    want = expit(maps.mean(axis=(2, 3)) @ w)
+    np.testing.assert_allclose(qr.predict(X), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps_input(X, proba, ent * np.log(3), "entropy"), maps, rtol=1e-5,
+                               atol=1e-6)
+    clone(qr)
+    again = pickle.loads(pickle.dumps(qr))  # the session is dropped and rebuilt
+    np.testing.assert_allclose(again.predict(X), qr.predict(X))
+
+
+def test_onnx_regressor_wrong_shapes(tmp_path):
+    X = _logit_images(n=4)
+    y = _labels(X)
+    path, _ = _onnx_regressor(tmp_path / "wrong_out.onnx", 7, 3)
+    with pytest.raises(ValueError, match=r"output shape \(N, K - 1\) = \(1, 2\), got \(1, 3\)"):
+        QualityRegressor(LogitSegmenter(), regressor=path).fit(X, y)
+    path, _ = _onnx_regressor(tmp_path / "wrong_in.onnx", 5, 2)
+    with pytest.raises(ValueError, match="takes 5 input channels, expected 7"):
+        QualityRegressor(LogitSegmenter(), regressor=path).fit(X, y)
+    path, _ = _onnx_regressor(tmp_path / "wrong_rank.onnx", 7, 2, rank=5)
+    with pytest.raises(ValueError, match="rank-5 input"):
+        QualityRegressor(LogitSegmenter(), regressor=path).fit(X, y)
+    with pytest.raises(ValueError, match="regressor_input='features'"):
+        QualityRegressor(LogitSegmenter(), regressor=path, regressor_input="features").fit(X, y)
+
+
+def test_maps_regressor_object_receives_stacked_maps():
+    X = _logit_images(n=4)
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter(), regressor=Recorder(), regressor_input="maps").fit(X, y)
+    assert qr.regressor_.X_seen_.shape == (4, 7, 16, 16)
+    np.testing.assert_allclose(qr.regressor_.y_seen_,
+                               np.nan_to_num(dice_score(X.argmax(1), y, n_classes=3), nan=1.0))
+
+
+# --------------------------------------------------------------------------- estimator rules
+def test_clone_pickle_not_fitted():
+    X = _logit_images(n=6)
+    y = _labels(X)
+    qr = QualityRegressor(LogitSegmenter(), regressor=Ridge(), n_bins=4)
+    with pytest.raises(NotFittedError):
+        qr.predict(X)
+    with pytest.raises(NotFittedError):
+        qr.flag(X)
+    c = clone(qr)
+    assert c.get_params()["n_bins"] == 4 and not hasattr(c, "regressor_")
+    qr.fit(X, y)
+    again = pickle.loads(pickle.dumps(qr))
+    np.testing.assert_allclose(again.predict(X), qr.predict(X))
+    assert qr.set_params(n_bins=6).n_bins == 6
+
+
+def test_errors():
+    X = _logit_images(n=4)
+    y = _labels(X)
+    seg = LogitSegmenter()
+    with pytest.raises(ValueError, match=r"y has shape \(4, 8, 8\), expected \(4, 16, 16\)"):
+        QualityRegressor(seg).fit(X, y[:, :8, :8])
+    with pytest.raises(ValueError, match=r"labels in \[0, 5\].*3 classes"):
+        QualityRegressor(seg).fit(X, np.where(y == 2, 5, y))
+    with pytest.raises(ValueError, match="target must be one of"):
+        QualityRegressor(seg, target="jaccard").fit(X, y)
+    with pytest.raises(ValueError, match="needs an ensemble"):
+        QualityRegressor(seg, uncertainty="mutual_information").fit(X, y)
+    with pytest.raises(ValueError, match="uncertainty must be"):
+        QualityRegressor(seg, uncertainty="std").fit(X, y)
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        QualityRegressor(seg, n_bins=0).fit(X, y)
+    with pytest.raises(ValueError, match="empty_score"):
+        QualityRegressor(seg, empty_score=2).fit(X, y)
+    with pytest.raises(TypeError, match="object with fit and predict"):
+        QualityRegressor(seg, regressor=object()).fit(X, y)
+    with pytest.raises(TypeError, match="segmenter with predict_proba"):
+        QualityRegressor(object()).fit(X, y)
+    with pytest.raises(TypeError, match="integer class labels"):
+        QualityRegressor(seg).fit(X, y + 0.5)
+    qr = QualityRegressor(seg, regressor=Ridge()).fit(X, y)
+    with pytest.raises(ValueError, match="min_dice"):
+        qr.flag(X, min_dice=1.5)
+    with pytest.raises(ValueError, match="reduce must be"):
+        qr.flag(X, reduce="all")
+
+
+# --------------------------------------------------------------------------- make_quality_set
+def test_make_quality_set_shapes_and_info():
+    rng = np.random.default_rng(0)
+    X = rng.random((3, 1, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 3, (3, 16, 16))
+    Xw, yw, info = make_quality_set(X, y, corruptions=["blur", "noise"], severities=[0.5, 1.0])
+    assert Xw.shape == (15, 1, 16, 16) and yw.shape == (15, 16, 16) and Xw.dtype == np.float32
+    np.testing.assert_array_equal(info["source"], np.tile(np.arange(3), 5))
+    assert list(info["corruption"][::3]) == ["none", "blur", "blur", "noise", "noise"]
+    np.testing.assert_array_equal(info["severity"][::3], [0, 0.5, 1.0, 0.5, 1.0])
+    np.testing.assert_array_equal(yw[3:6], y)
+    assert not np.allclose(Xw[3:6], Xw[:3])
+    Xa, _, _ = make_quality_set(X, y, corruptions=["blur", "noise"], severities=[0.5, 1.0])
+    np.testing.assert_array_equal(Xa, Xw)  # seeded
+    with pytest.raises(ValueError, match="unknown"):
+        make_quality_set(X, y, corruptions=["smear"])
+    with pytest.raises(ValueError, match="severities"):
+        make_quality_set(X, y, severities=[0.0])
+    with pytest.raises(ValueError, match="shape"):
+        make_quality_set(X, y[:2])
+
+
+def test_make_quality_set_rotates_labels_with_the_image():
+    y = np.zeros((2, 32, 32), int)
+    y[:, 4:14, 6:26] = 1  # an off-centre bar: a rotation moves it
+    y[1, 20:28, 10:14] = 2
+    X = (y / 2.0)[:, None].astype(np.float32)
+    Xw, yw, info = make_quality_set(X, y, corruptions=["rotate"], severities=[0.5], seed=3)
+    for i in range(2):
+        # foreground of the rotated image (intensities are renormalised per image)
+        agree = ((Xw[2 + i, 0] > 0.25) == (yw[2 + i] > 0)).mean()
+        assert agree > 0.97
+        assert (yw[2 + i] != y[i]).mean() > 0.05  # the labels did move
