@@ -396,3 +396,18 @@ def test_make_quality_set_rotates_labels_with_the_image():
         agree = ((Xw[2 + i, 0] > 0.25) == (yw[2 + i] > 0)).mean()
         assert agree > 0.97
         assert (yw[2 + i] != y[i]).mean() > 0.05  # the labels did move
+
+
+def test_with_ensemble_segmenter(tiny_members):
+    ensemble = pytest.importorskip("uqseg.ensemble")
+    rng = np.random.default_rng(0)
+    X = rng.random((5, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, (5, 8, 8))
+    ens = ensemble.EnsembleSegmenter(tiny_members).fit()
+    qr = QualityRegressor(ens, regressor=Ridge()).fit(X, y)
+    assert qr.uncertainty_kind_ == "mutual_information"
+    col = dict(zip(qr.feature_names_, qr.features(X).T, strict=True))
+    mi = ens.uncertainty(X, "mutual_information")
+    np.testing.assert_allclose(col["mean_mutual_information"], mi.mean(axis=(1, 2)), rtol=1e-4,
+                               atol=1e-7)
+    assert qr.predict(X).shape == (5, 2)

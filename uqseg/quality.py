@@ -43,7 +43,8 @@ _EPS = 1e-3  # logit targets are clipped to [eps, 1 - eps]
 
 # --------------------------------------------------------------------------- helpers
 def _is_ensemble(est) -> bool:
-    return callable(getattr(est, "predict_members", None))
+    return any(callable(getattr(est, m, None))
+               for m in ("predict_with_uncertainty", "predict_members"))
 
 
 def _unc_scale(kind: str, n_classes: int) -> float:
@@ -311,7 +312,11 @@ class QualityRegressor(BaseEstimator):
 
     @staticmethod
     def _chunk_maps(est, kind, xb, sl):
-        if _is_ensemble(est):
+        if callable(getattr(est, "predict_with_uncertainty", None)):
+            # EnsembleSegmenter: weighted mean and the map from one streamed pass
+            proba, maps = est.predict_with_uncertainty(xb, kinds=(kind,))
+            proba, unc = np.asarray(proba, dtype=np.float32), np.asarray(maps[kind])
+        elif _is_ensemble(est):
             members = np.asarray(est.predict_members(xb), dtype=np.float32)
             proba = members.mean(axis=0)
             unc = {"entropy": lambda: entropy(proba),
