@@ -33,9 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from uqseg import EnsembleSegmenter, OnnxSegmenter, backends, datasets, metrics  # noqa: E402
-from uqseg.backends.fuse import fuse_members  # noqa: E402
-from uqseg.ensemble import _softmax_entropy, _Sums  # noqa: E402
+from uqseg import EnsembleSegmenter, OnnxSegmenter, datasets, metrics  # noqa: E402
+from uqseg.ensemble import _softmax_entropy  # noqa: E402
 
 KINDS = ("entropy", "expected_entropy", "mutual_information")
 
@@ -64,25 +63,17 @@ def timing(paths, X, args) -> dict:
     kw = dict(device="cpu", batch_size=n, cache_size=0)
     unfused = EnsembleSegmenter(members, fuse=False, **kw).fit()
     fused = EnsembleSegmenter(members, fuse=True, **kw).fit()
-    proto = fuse_members(paths, outputs=("logits",))
-    logits_runner = backends.load(proto, device="cpu", threads=args.threads, max_batch=n)
-
-    def fused_logits():
-        sums = _Sums(True, False)
-        out = logits_runner.run({"image": X})
-        for i in range(len(paths)):
-            p, h = _softmax_entropy(out[f"logits_{i}"], True)
-            sums.add(p, h, 1.0 / len(paths))
-        return EnsembleSegmenter._finish(
-            {"proba": sums.p, "expected_entropy": sums.h}, frozenset(KINDS)
-        )
+    fused_np = EnsembleSegmenter(members, fuse=True, **kw).fit()
+    fused_np._fused_stats = "numpy"
 
     calls = {f"member_{i}": (lambda s=s: s.transform(X)) for i, s in enumerate(segs)}
     calls.update(
         {
             "ensemble_unfused": lambda: unfused.predict_with_uncertainty(X, kinds=KINDS),
             "ensemble_fused_graph_stats": lambda: fused.predict_with_uncertainty(X, kinds=KINDS),
-            "ensemble_fused_logits_numpy_stats": fused_logits,
+            "ensemble_fused_logits_numpy_stats": lambda: fused_np.predict_with_uncertainty(
+                X, kinds=KINDS
+            ),
             "ensemble_fused_graph_stats_proba_only": lambda: fused._chunk_fused(X, False, False),
             "ensemble_unfused_with_variance": lambda: unfused.predict_with_uncertainty(
                 X, kinds=(*KINDS, "variance")

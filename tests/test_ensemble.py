@@ -105,9 +105,13 @@ def test_uncertainty_kinds_equal_stacked_formulas(tiny_members, X, fuse):
     np.testing.assert_allclose(h, ens.uncertainty(X, "expected_entropy") + mi, atol=2e-5)
 
 
-def test_fused_graph_equals_unfused(tiny_members, X):
-    a = EnsembleSegmenter(tiny_members, fuse=False, tta="flips", device="cpu").fit()
-    b = EnsembleSegmenter(tiny_members, fuse=True, tta="flips", device="cpu").fit()
+@pytest.mark.parametrize("stats", ["graph", "numpy"])
+@pytest.mark.parametrize("tta", [None, "flips"])
+def test_fused_graph_equals_unfused(tiny_members, X, stats, tta):
+    a = EnsembleSegmenter(tiny_members, fuse=False, tta=tta, weights=[1, 2, 3], device="cpu")
+    b = EnsembleSegmenter(tiny_members, fuse=True, tta=tta, weights=[1, 2, 3], device="cpu")
+    a.fit()
+    b.fit()._fused_stats = stats
     pa, ma = a.predict_with_uncertainty(X, kinds=KINDS)
     pb, mb = b.predict_with_uncertainty(X, kinds=KINDS)
     np.testing.assert_allclose(pa, pb, atol=1e-5)

@@ -152,6 +152,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     (4, 128, 128)
     """
 
+    # where a fused graph's statistics are computed: "graph" (in ONNX) or "numpy" (from the
+    # members' logits); chosen by benchmarks/bench_ensemble.py
+    _fused_stats = "graph"
+
     def __init__(
         self,
         members,
@@ -448,14 +452,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             out["mean_sq"] = sums.sq
         return out
 
-    def _chunk_fused(self, chunk, need_h, need_sq) -> dict:
-        flips = self._flip_list(self.spatial_dims_)
-        spatial = chunk.shape[2:]
-        d = self.spatial_divisor_
-        target = tuple(int(np.ceil(s / d) * d) for s in spatial)
-        if target != spatial:
-            pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
-            chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
+    def _fused_graph_stats(self, chunk, flips, need_h, need_sq) -> dict:
+        """Statistics computed inside the fused graph; flips averaged here."""
         names = (
             ["proba"] + (["expected_entropy"] if need_h else []) + (["mean_sq"] if need_sq else [])
         )
@@ -476,6 +474,39 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if len(flips) > 1:
             for val in acc.values():
                 val /= np.float32(len(flips))
+        return acc
+
+    def _fused_logits_stats(self, chunk, flips, need_h, need_sq) -> dict:
+        """Members' logits from the fused graph; statistics in numpy as in the unfused path."""
+        runner = self._fused_runner(("logits",))
+        names = [f"logits_{i}" for i in range(self.n_members_)]
+        sums = _Sums(need_h, need_sq)
+        for flip in flips:
+            inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
+            res = runner.run({runner.input_names[0]: inp}, names)
+            for i, name in enumerate(names):
+                z = np.flip(res[name], flip) if flip else res[name]
+                p, h = _softmax_entropy(z, need_h)
+                sums.add(p, h, self.weights_[i] / len(flips))
+        acc = {"proba": sums.p}
+        if need_h:
+            acc["expected_entropy"] = sums.h
+        if need_sq:
+            acc["mean_sq"] = sums.sq
+        return acc
+
+    def _chunk_fused(self, chunk, need_h, need_sq) -> dict:
+        flips = self._flip_list(self.spatial_dims_)
+        spatial = chunk.shape[2:]
+        d = self.spatial_divisor_
+        target = tuple(int(np.ceil(s / d) * d) for s in spatial)
+        if target != spatial:
+            pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
+            chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
+        if self._fused_stats == "numpy":
+            acc = self._fused_logits_stats(chunk, flips, need_h, need_sq)
+        else:
+            acc = self._fused_graph_stats(chunk, flips, need_h, need_sq)
         if target != spatial:
             crop = tuple(slice(0, s) for s in spatial)
             acc = {
