@@ -49,6 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ensemble.json")
     p.add_argument("--figure", type=Path, default=ROOT / "docs/figures/ensemble_uncertainty.png")
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument(
+        "--doc",
+        type=Path,
+        default=ROOT / "docs/ensemble.md",
+        help="markdown page whose results section is rewritten ('' to skip)",
+    )
     return p.parse_args(argv)
 
 
@@ -255,7 +261,28 @@ def main(argv=None) -> dict:
         result["figure_images"] = figure(X, y, extra["proba"], extra["maps"], args.figure)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    text = table(result)
+    c = result["checks"]
+    text += (
+        f"\n\nMI in [0, entropy] on every test voxel: {c['mi_in_0_entropy']} (min MI "
+        f"{c['mi_min']:.2e}). UEO (Jungo & Reyes) of entropy {c['ueo_entropy']:.3f}, "
+        f"expected entropy {c['ueo_expected_entropy']:.3f}, MI "
+        f"{c['ueo_mutual_information']:.3f}."
+    )
+    if not args.no_figure:
+        text += (
+            "\n\n![uncertainty beside errors](figures/ensemble_uncertainty.png)\n\n"
+            f"Test images {result['figure_images']} (the three with the most wrong pixels)."
+        )
+    if str(args.doc) and args.doc.exists():
+        page = args.doc.read_text()
+        start, end = "<!-- results:start", "<!-- results:end -->"
+        if start in page and end in page:
+            head = page[: page.index(start)]
+            first = page[page.index(start) :].split("\n", 1)[0]
+            tail = page[page.index(end) :]
+            args.doc.write_text(f"{head}{first}\n{text}\n{tail}")
+    print(text)
     print(json.dumps(result["checks"], indent=2))
     return result
 
