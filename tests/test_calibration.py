@@ -101,8 +101,8 @@ def test_gradient_matches_finite_differences(classwise):
     y = rng.integers(0, 4, 500).astype(np.int32)
     w = rng.random(500) + 0.5
     x0 = rng.normal(size=4 if classwise else 1) * 0.5
-    f, g = _nll_and_grad(x0, z, y, w, classwise)
-    num = approx_fprime(x0, lambda x: _nll_and_grad(x, z, y, w, classwise)[0], 1e-6)
+    f, g = _nll_and_grad(x0, z.T, y, w, classwise)  # the sample is class-major (K, n)
+    num = approx_fprime(x0, lambda x: _nll_and_grad(x, z.T, y, w, classwise)[0], 1e-6)
     np.testing.assert_allclose(g, num, rtol=1e-4, atol=1e-6)
     # the loss itself: weighted mean of -log softmax(z / T)_y
     t = np.exp(x0)

@@ -37,36 +37,49 @@ _OBJ_CHUNK = 1 << 18  # sample rows per objective step
 
 
 # ---------------------------------------------------------------------- objective
-def _nll_and_grad(log_t, z, y, w, classwise):
-    """Weighted mean NLL of ``softmax(z / T)`` and its exact gradient in ``log T``.
+def _objective(z, y, w, classwise):
+    """``fun(log_t) -> (mean NLL, gradient)`` over the weighted sample, for L-BFGS-B.
 
-    With ``a = exp(-log T)`` and ``p = softmax(a * z)``, the voxel loss is
-    ``L = logsumexp(a * z) - a_y z_y``, so ``dL/da_k = (p_k - 1[y == k]) z_k`` and
-    ``dL/dlog T_k = -a_k dL/da_k`` (global mode sums over k).
+    ``z`` is class-major ``(K, n)``: reductions over a short class axis are slow in numpy,
+    row-wise operations over ``n`` are fast.
+
+    With ``a = exp(-log T)`` and ``p = softmax(a * z)`` the voxel loss is
+    ``L = logsumexp(a * z) - a_y z_y``, so ``dL/da_k = p_k z_k - 1[y == k] z_k`` and
+    ``dL/dlog T_k = -a_k dL/da_k`` (global mode: one ``a``, the sum over ``k``). The
+    ``1[y == k] z_k`` terms do not depend on ``a``; they are summed once here.
     """
-    log_t = np.atleast_1d(np.asarray(log_t, dtype=np.float64))
-    a = np.exp(-log_t)
-    k = z.shape[1]
-    f = 0.0
-    g = np.zeros(k)
-    for s in range(0, z.shape[0], _OBJ_CHUNK):
-        zc = z[s:s + _OBJ_CHUNK].astype(np.float64)
-        yc, wc = y[s:s + _OBJ_CHUNK], w[s:s + _OBJ_CHUNK]
-        u = zc * a
-        m = u.max(axis=1, keepdims=True)
-        e = np.exp(u - m)
-        tot = e.sum(axis=1, keepdims=True)
-        rows = np.arange(u.shape[0])
-        f += float(wc @ (m[:, 0] + np.log(tot[:, 0]) - u[rows, yc]))
-        e /= tot  # now p
-        e[rows, yc] -= 1.0
-        g += (wc[:, None] * e * zc).sum(axis=0)
+    w = np.asarray(w, np.float64)
+    k = z.shape[0]
+    zy = np.take_along_axis(z, y[None].astype(np.intp), axis=0)[0].astype(np.float64)
+    c = np.bincount(y, weights=w * zy, minlength=k)  # sum over voxels of class k of w z_y
     wsum = float(w.sum())
-    f /= wsum
-    g = -a * g / wsum
-    if not classwise:
-        return f, np.array([g.sum()])
-    return f, g
+
+    def fun(log_t):
+        log_t = np.atleast_1d(np.asarray(log_t, dtype=np.float64))
+        a = np.exp(-log_t)
+        f = -float(np.broadcast_to(a, (k,)) @ c)
+        ga = -c.copy()
+        a_col = np.broadcast_to(a, (k,))[:, None]
+        for s in range(0, z.shape[1], _OBJ_CHUNK):
+            zc, wc = z[:, s:s + _OBJ_CHUNK], w[s:s + _OBJ_CHUNK]
+            u = np.multiply(zc, a_col, dtype=np.float64)
+            m = u.max(axis=0)
+            u -= m
+            np.exp(u, out=u)
+            tot = u.sum(axis=0)
+            f += float(wc @ (m + np.log(tot)))
+            u *= zc
+            ga += u @ (wc / tot)  # sum_i w_i p_ik z_ik
+        g = -np.broadcast_to(a, (k,)) * ga / wsum
+        return f / wsum, (g if classwise else np.array([g.sum()]))
+
+    return fun
+
+
+def _nll_and_grad(log_t, z, y, w, classwise):
+    """Weighted mean NLL of ``softmax(z / T)`` (``z`` is ``(K, n)``) and its gradient in
+    ``log T``."""
+    return _objective(z, y, w, classwise)(log_t)
 
 
 def _water_fill(counts: np.ndarray, budget: int) -> float:
@@ -294,7 +307,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     def _reset_sample(self, k):
         n_strata = k * (len(CONFIDENCE_EDGES) + 1)
         self.sample_ = {
-            "scores": np.zeros((0, k), np.float32), "labels": np.zeros(0, np.int32),
+            "scores": np.zeros((k, 0), np.float32), "labels": np.zeros(0, np.int32),
             "strata": np.zeros(0, np.int32), "keys": np.zeros(0, np.float32),
             "counts": np.zeros(n_strata, np.int64),
         }
@@ -316,21 +329,21 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         vox = z3.shape[2]
         for i in range(n):
             for s in range(0, vox, _CHUNK):
-                zc = z3[i, :, s:s + _CHUNK].T  # (v, K) view
+                zc = z3[i, :, s:s + _CHUNK]  # (K, v) view
                 yc = y2[i, s:s + _CHUNK]
                 if m2 is not None:
                     keep = m2[i, s:s + _CHUNK]
-                    zc, yc = zc[keep], yc[keep]
+                    zc, yc = zc[:, keep], yc[keep]
                 if yc.size == 0:
                     continue
                 # max softmax probability = 1 / sum exp(z - max)
-                conf = 1.0 / np.exp(zc - zc.max(axis=1, keepdims=True)).sum(axis=1)
+                conf = 1.0 / np.exp(zc - zc.max(axis=0)).sum(axis=0)
                 strata = yc.astype(np.int32) * nb + np.searchsorted(edges, conf)
                 counts += np.bincount(strata, minlength=counts.size)
                 keys = rng.random(yc.size, dtype=np.float32)
                 cand = keys < self._thresh[strata]  # a full stratum keeps only smaller keys
                 if cand.any():
-                    buf.append((np.ascontiguousarray(zc[cand]), yc[cand].astype(np.int32),
+                    buf.append((zc[:, cand], yc[cand].astype(np.int32),
                                 strata[cand], keys[cand]))
                     n_buf += int(cand.sum())
                 if n_buf >= flush:
@@ -341,7 +354,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     def _merge(self, buf):
         smp = self.sample_
         if buf:
-            smp["scores"] = np.concatenate([smp["scores"], *[b[0] for b in buf]])
+            smp["scores"] = np.concatenate([smp["scores"], *[b[0] for b in buf]], axis=1)
             smp["labels"] = np.concatenate([smp["labels"], *[b[1] for b in buf]])
             smp["strata"] = np.concatenate([smp["strata"], *[b[2] for b in buf]])
             smp["keys"] = np.concatenate([smp["keys"], *[b[3] for b in buf]])
@@ -350,19 +363,27 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         self._thresh = np.full(n_strata, np.inf, np.float32)
         if not np.isfinite(cap):
             return
-        order = np.lexsort((smp["keys"], smp["strata"]))  # by stratum, then key
-        st = smp["strata"][order]
-        first = np.searchsorted(st, np.arange(n_strata))
-        rank = np.arange(st.size) - first[st]
-        kept = order[rank < cap]
-        for key in ("scores", "labels", "strata", "keys"):
-            smp[key] = smp[key][kept]
-        # strata at the cap admit only keys below their largest kept key
-        full = np.bincount(smp["strata"], minlength=n_strata) >= cap
-        if full.any():
-            kmax = np.full(n_strata, -np.inf, np.float32)
-            np.maximum.at(kmax, smp["strata"], smp["keys"])
-            self._thresh[full] = kmax[full]
+        cap = int(cap)
+        held = np.bincount(smp["strata"], minlength=n_strata)
+        strata = smp["strata"]
+        # group by stratum: a stable sort of small ints is numpy's O(n) radix sort
+        order = np.argsort(strata.astype(np.int16) if n_strata < 2**15 else strata,
+                           kind="stable")
+        stops = np.cumsum(held)
+        kept = []
+        for st in np.flatnonzero(held):
+            idx = order[stops[st] - held[st]:stops[st]]
+            if held[st] >= cap:
+                if held[st] > cap:  # keep the stratum's `cap` smallest keys
+                    idx = idx[np.argpartition(smp["keys"][idx], cap - 1)[:cap]]
+                # a full stratum admits only keys below its largest kept key
+                self._thresh[st] = smp["keys"][idx].max()
+            kept.append(idx)
+        if held.max() > cap:
+            kept = np.concatenate(kept)
+            smp["scores"] = smp["scores"][:, kept]
+            for key in ("labels", "strata", "keys"):
+                smp[key] = smp[key][kept]
 
     def _weights(self):
         smp = self.sample_
@@ -402,13 +423,12 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         dim = self.n_classes_ if classwise else 1
         prev = getattr(self, "temperature_", None)
         x0 = np.zeros(dim) if prev is None else np.broadcast_to(np.log(prev), (dim,)).copy()
-        args = (smp["scores"], smp["labels"], w, classwise)
-        res = minimize(_nll_and_grad, x0, args=args, jac=True, method="L-BFGS-B",
-                       bounds=[LOG_T_BOUNDS] * dim)
+        fun = _objective(smp["scores"], smp["labels"], w, classwise)
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[LOG_T_BOUNDS] * dim)
         t = np.exp(res.x)
         self.temperature_ = t if classwise else float(t[0])
         self.nll_after_ = float(res.fun)
-        self.nll_before_ = float(_nll_and_grad(np.zeros(dim), *args)[0])
+        self.nll_before_ = float(fun(np.zeros(dim))[0])
         self.n_iter_ = int(res.nit)
         self.n_voxels_fit_ = int(smp["counts"].sum())
         self.n_voxels_sampled_ = int(smp["labels"].size)
