@@ -1,0 +1,336 @@
+"""Score image datasets on a Ray cluster (Ray Data ``map_batches`` over an actor pool).
+
+The estimator travels to the workers as files: it is written with :func:`uqseg.save` (or given
+as such a folder), and every actor loads it once with :func:`uqseg.load`. What comes back through
+Ray's object store is compact: uint8 labels (or per-class volumes), scalar summaries (mean
+entropy, OOD score, predicted Dice) and, on request, float16 maps; ``write_maps_to`` writes the
+full maps to disk on the workers and returns their paths instead. Needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uqseg._optional import import_optional
+from uqseg._validation import check_images
+
+OUTPUTS = ("labels", "volumes", "uncertainty", "uncertainty_map", "ood", "quality")
+DEFAULT_OUTPUTS = ("labels", "uncertainty", "ood", "quality")
+ROLES = ("segmenter", "ood", "quality")
+_NEEDS = {"labels": "segmenter", "volumes": "segmenter", "uncertainty": "segmenter",
+          "uncertainty_map": "segmenter", "ood": "ood", "quality": "quality"}
+_SUFFIXES = (".npy", ".nii", ".nii.gz")
+MAP_FORMATS = ("auto", "npy", "nifti")
+
+__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "ImageScorer", "score_dataset", "score_images"]
+
+
+# ---------------------------------------------------------------------------- roles and scoring
+def roles_of(obj: Any) -> dict[str, Any]:
+    """Map a fitted estimator (or a dict of them) to the roles segmenter / ood / quality.
+
+    A single estimator takes the role its methods say: ``score_samples`` makes an OOD detector,
+    ``flag`` a quality regressor, ``predict_proba`` a segmenter (also a Pipeline ending in one).
+    """
+    if isinstance(obj, dict):
+        unknown = sorted(set(obj) - set(ROLES))
+        if unknown or not obj:
+            raise ValueError(f"estimator dict keys must be among {ROLES}, got {sorted(obj)}")
+        return dict(obj)
+    if hasattr(obj, "score_samples"):
+        return {"ood": obj}
+    if hasattr(obj, "flag"):
+        return {"quality": obj}
+    if hasattr(obj, "predict_proba"):
+        return {"segmenter": obj}
+    raise TypeError(f"estimator must be a segmenter (predict_proba), an OOD detector "
+                    f"(score_samples), a quality regressor (flag) or a dict of them, got "
+                    f"{type(obj).__name__}")
+
+
+def _check_outputs(outputs: Any, roles: dict[str, Any]) -> tuple[str, ...]:
+    if isinstance(outputs, str) or not isinstance(outputs, (list, tuple)) or not outputs:
+        raise TypeError(f"outputs must be a non-empty tuple of names from {OUTPUTS}, "
+                        f"got {outputs!r}")
+    bad = [o for o in outputs if o not in OUTPUTS]
+    if bad:
+        raise ValueError(f"unknown outputs {bad}; choose from {OUTPUTS}")
+    missing = [o for o in outputs if _NEEDS[o] not in roles]
+    if tuple(outputs) == DEFAULT_OUTPUTS:
+        # the default asks for everything the given estimators can produce
+        outputs = tuple(o for o in outputs if o not in missing)
+        if not outputs:
+            raise ValueError(f"the estimator provides none of the default outputs {OUTPUTS}")
+    elif missing:
+        raise ValueError(f"outputs {missing} need a {sorted({_NEEDS[o] for o in missing})} "
+                         f"estimator; the estimator given provides roles {sorted(roles)}")
+    return tuple(dict.fromkeys(outputs))
+
+
+def _as_batch(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    return np.stack(images) if len({im.shape for im in images}) == 1 else images
+
+
+def score_images(roles: dict[str, Any], images: list[np.ndarray],
+                 outputs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Score a list of ``(C, *spatial)`` images locally; one dict per image.
+
+    This is what every Ray actor runs on its batch. Keys: ``labels`` (uint8 map, uint16 for more
+    than 256 classes), ``volumes`` (voxels per class), ``uncertainty`` (mean predictive
+    entropy), ``uncertainty_map`` (float16 entropy map), ``ood`` (``score_samples``: higher =
+    more in-distribution), ``quality`` (predicted Dice per foreground class).
+    """
+    from uqseg.uncertainty import entropy
+
+    X = _as_batch(images)
+    rows: list[dict[str, Any]] = [{} for _ in images]
+    if any(_NEEDS[o] == "segmenter" for o in outputs):
+        proba = roles["segmenter"].predict_proba(X)
+        for row, p in zip(rows, proba, strict=True):
+            n_classes = p.shape[0]
+            labels = p.argmax(axis=0).astype(np.uint8 if n_classes <= 256 else np.uint16)
+            if "labels" in outputs:
+                row["labels"] = labels
+            if "volumes" in outputs:
+                row["volumes"] = np.bincount(labels.ravel(), minlength=n_classes).astype(np.int64)
+            if "uncertainty" in outputs or "uncertainty_map" in outputs:
+                h = entropy(p[None])[0]
+                if "uncertainty" in outputs:
+                    row["uncertainty"] = float(h.mean(dtype=np.float64))
+                if "uncertainty_map" in outputs:
+                    row["uncertainty_map"] = h.astype(np.float16)
+    if "ood" in outputs:
+        for row, s in zip(rows, np.asarray(roles["ood"].score_samples(X)), strict=True):
+            row["ood"] = float(s)
+    if "quality" in outputs:
+        for row, q in zip(rows, np.asarray(roles["quality"].predict(X)), strict=True):
+            row["quality"] = np.asarray(q, dtype=np.float32)
+    return rows
+
+
+# ---------------------------------------------------------------------------- files
+def _suffix(path: str) -> str:
+    low = path.lower()
+    return next((s for s in _SUFFIXES if low.endswith(s)), "")
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one image as float32 ``(C, *spatial)`` plus its affine (NIfTI) or None (.npy).
+
+    ``.npy`` files hold ``(C, *spatial)`` like one item of ``X``; NIfTI files hold the spatial
+    axes, with channels (if any) on the last axis.
+    """
+    path = str(path)
+    if _suffix(path) == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
+    import nibabel as nib
+
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = data[None] if data.ndim <= 3 else np.moveaxis(data, -1, 0)
+    return data, np.asarray(img.affine)
+
+
+def _write_map(arr: np.ndarray, stem: Path, fmt: str, affine: np.ndarray | None) -> str:
+    if fmt == "nifti":
+        import nibabel as nib
+
+        out = str(stem) + ".nii.gz"
+        data = arr.astype(np.float32) if arr.dtype == np.float16 else arr  # NIfTI-1 has no fp16
+        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), out)
+        return out
+    out = str(stem) + ".npy"
+    np.save(out, arr)
+    return out
+
+
+# ---------------------------------------------------------------------------- the actor
+class ImageScorer:
+    """Ray Data callable class: loads the saved estimator once, scores numpy batches.
+
+    Batches hold ``id`` and either ``image`` (``(C, *spatial)`` arrays) or ``path`` (``.npy`` /
+    NIfTI files read on the worker).
+    """
+
+    def __init__(self, saved: str, outputs: tuple[str, ...], write_maps_to: str | None = None,
+                 map_format: str = "auto"):
+        from uqseg.persistence import load
+
+        self.roles = roles_of(load(saved))
+        self.outputs = tuple(outputs)
+        self.write_maps_to = None if write_maps_to is None else Path(write_maps_to)
+        self.map_format = map_format
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = list(batch["id"])
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(ids)
+        if "image" in batch:
+            images = [np.asarray(im, dtype=np.float32) for im in batch["image"]]
+            affines = [None] * len(ids)
+        else:
+            read = [read_image(p) for p in paths]
+            images, affines = [r[0] for r in read], [r[1] for r in read]
+        rows = score_images(self.roles, images, self.outputs)
+        if self.write_maps_to is not None:
+            for row, ident, path, affine in zip(rows, ids, paths, affines, strict=True):
+                fmt = self.map_format
+                if fmt == "auto":
+                    fmt = "nifti" if path is not None and _suffix(path) != ".npy" else "npy"
+                stem = Path(path).name[:-len(_suffix(path))] if path is not None else str(ident)
+                for key in ("labels", "uncertainty_map"):
+                    if key in row:
+                        row[f"{key}_path"] = _write_map(
+                            row.pop(key), self.write_maps_to / f"{stem}_{key}", fmt, affine)
+        out: dict[str, Any] = {"id": np.asarray(ids)}
+        if "path" in batch:
+            out["path"] = np.asarray(paths)
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            if isinstance(values[0], np.ndarray) and len({v.shape for v in values}) > 1:
+                column = np.empty(len(values), dtype=object)  # ragged: Ray keeps each shape
+                column[:] = values
+                out[key] = column
+            else:
+                out[key] = np.asarray(values)
+        return out
+
+
+# ---------------------------------------------------------------------------- the entry point
+def _dataset_from(data: Any, ray_data: Any):
+    """Build a Ray Dataset of rows ``{"id", "image"}`` or ``{"id", "path"}``."""
+    if isinstance(data, ray_data.Dataset):
+        names = data.schema().names
+        if "image" not in names and "path" not in names:
+            raise ValueError(f"the Ray Dataset needs an 'image' or a 'path' column; it has "
+                             f"{names}")
+        if "id" not in names:
+            raise ValueError("the Ray Dataset needs an 'id' column (Ray Data does not keep row "
+                             f"order); it has {names}")
+        return data, None
+    if isinstance(data, (list, tuple)) and data and all(
+            isinstance(p, (str, os.PathLike)) for p in data):
+        paths = [str(p) for p in data]
+        for p in paths:
+            if not _suffix(p):
+                raise ValueError(f"image files must be {_SUFFIXES}, got {p!r}")
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"image file not found: {p!r}")
+        return ray_data.from_items([{"id": i, "path": p} for i, p in enumerate(paths)]), len(paths)
+    if isinstance(data, (np.ndarray, list, tuple)):
+        X = check_images(data, name="data")
+        return ray_data.from_items([{"id": i, "image": x} for i, x in enumerate(X)]), len(X)
+    raise TypeError(f"data must be a Ray Dataset, an image array (N, C, *spatial), a list of "
+                    f"(C, *spatial) arrays or a list of .npy/.nii.gz paths; got "
+                    f"{type(data).__name__}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_actor=0,
+                  outputs=DEFAULT_OUTPUTS, write_maps_to=None, map_format="auto",
+                  staging_dir=None, return_dataset=False):
+    """Score a dataset of images with Ray Data, one estimator load per actor.
+
+    Parameters
+    ----------
+    estimator : fitted estimator, Pipeline, dict or path
+        A segmenter (``OnnxSegmenter``, ``EnsembleSegmenter``, ``TemperatureCalibrator``, a
+        Pipeline ending in one), an OOD detector, a quality regressor, a dict
+        ``{"segmenter": ..., "ood": ..., "quality": ...}`` of them, or the path of a folder
+        written by :func:`uqseg.save` holding any of these (required on a multi-node cluster:
+        put it on storage every node can read).
+    data : Ray Dataset, array, list of arrays or list of paths
+        Images ``(N, C, *spatial)``, a list of ``(C, *spatial)`` arrays, ``.npy`` / ``.nii(.gz)``
+        file paths (read on the workers), or a Ray Dataset with columns ``id`` and ``image`` or
+        ``path``.
+    batch_size : int, default=4
+        Images per ``map_batches`` call.
+    concurrency : int or (min, max), default=1
+        Actors in the pool (each loads the estimator once).
+    num_gpus_per_actor : float, default=0
+        GPUs Ray reserves for each actor (the estimator's ``device="auto"`` then finds it).
+    outputs : tuple of str, default=("labels", "uncertainty", "ood", "quality")
+        From ``OUTPUTS``: ``labels``, ``volumes``, ``uncertainty``, ``uncertainty_map``, ``ood``,
+        ``quality``. The default keeps those the estimator provides; names asked for
+        explicitly must be available.
+    write_maps_to : path, optional
+        Folder the workers write ``labels`` / ``uncertainty_map`` to (``<id>_labels.npy``,
+        NIfTI for NIfTI inputs with their affine); results then hold ``labels_path`` /
+        ``uncertainty_map_path`` instead of arrays.
+    map_format : {"auto", "npy", "nifti"}, default="auto"
+    staging_dir : path, optional
+        Where a fitted estimator is saved for the workers (default: a temporary folder, removed
+        afterwards, which only works when all workers share this machine's disk).
+    return_dataset : bool, default=False
+        Return the materialised Ray Dataset instead of a list.
+
+    Returns
+    -------
+    list of dict
+        One dict per image, ordered by ``id``: ``id`` (and ``path``) plus the outputs.
+    """
+    ray = import_optional("ray", "ray", purpose="uqseg.distributed")
+    ray_data = import_optional("ray.data", "ray", purpose="uqseg.distributed")
+    from uqseg.persistence import load, read_manifest, save
+
+    _check_int("batch_size", batch_size, 1)
+    if isinstance(concurrency, tuple):
+        if len(concurrency) != 2:
+            raise ValueError(f"concurrency must be an int or (min, max), got {concurrency!r}")
+        for c in concurrency:
+            _check_int("concurrency", c, 1)
+    else:
+        _check_int("concurrency", concurrency, 1)
+    if isinstance(num_gpus_per_actor, bool) or not isinstance(
+            num_gpus_per_actor, (int, float, np.integer, np.floating)) or num_gpus_per_actor < 0:
+        raise ValueError(f"num_gpus_per_actor must be a number >= 0, got {num_gpus_per_actor!r}")
+    if map_format not in MAP_FORMATS:
+        raise ValueError(f"map_format must be one of {MAP_FORMATS}, got {map_format!r}")
+
+    created = None
+    if isinstance(estimator, (str, os.PathLike)):
+        read_manifest(estimator)  # clear errors on the driver before any actor starts
+        saved = str(Path(estimator).resolve())
+        roles = roles_of(load(saved))
+    else:
+        roles = roles_of(estimator)
+    outputs = _check_outputs(outputs, roles)
+    ds, _ = _dataset_from(data, ray_data)
+    if not isinstance(estimator, (str, os.PathLike)):
+        if staging_dir is None:
+            if ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+                raise ValueError("this Ray cluster has several nodes: pass staging_dir on shared "
+                                 "storage, or a uqseg.save folder every node can read")
+            created = Path(tempfile.mkdtemp(prefix="uqseg-ray-"))
+            saved = str(save(estimator, created / "estimator"))
+        else:
+            saved = str(save(estimator, Path(staging_dir) / "estimator", overwrite=True))
+    if write_maps_to is not None:
+        Path(write_maps_to).mkdir(parents=True, exist_ok=True)
+        write_maps_to = str(Path(write_maps_to).resolve())
+    try:
+        scored = ds.map_batches(
+            ImageScorer,
+            fn_constructor_kwargs={"saved": saved, "outputs": outputs,
+                                   "write_maps_to": write_maps_to, "map_format": map_format},
+            batch_size=int(batch_size), batch_format="numpy", concurrency=concurrency,
+            num_gpus=float(num_gpus_per_actor) or None,
+        )
+        if return_dataset:
+            return scored.materialize()
+        rows = scored.take_all()
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+    rows.sort(key=lambda r: r["id"])
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()}
+            for r in rows]
