@@ -353,3 +353,16 @@ def test_clone_pickle_not_fitted(tiny_members, X):
     np.testing.assert_allclose(restored.predict_proba(X), want, atol=1e-6)
     ens.set_params(weights=[1, 2]).fit()
     np.testing.assert_allclose(ens.weights_, [1 / 3, 2 / 3])
+
+
+def test_pipeline_with_temperature_calibrator(tiny_members, X):
+    from sklearn.pipeline import make_pipeline
+
+    from uqseg import TemperatureCalibrator
+
+    y = EnsembleSegmenter(tiny_members[:1], device="cpu").fit().predict(X)  # learnable labels
+    pipe = make_pipeline(EnsembleSegmenter(tiny_members, device="cpu"), TemperatureCalibrator())
+    pipe.fit(X, y)
+    t = pipe[-1].temperature_
+    want = _softmax(np.log(_member_proba(tiny_members, X).mean(0)) / t)
+    np.testing.assert_allclose(pipe.predict_proba(X), want, atol=1e-4)
