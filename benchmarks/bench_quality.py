@@ -1,0 +1,369 @@
+"""Quality prediction on the reference zoo: accuracy, review routing, overhead, regressor choice.
+
+Fits :class:`uqseg.QualityRegressor` on the val split widened with corrupted copies of five
+corruption kinds, and evaluates on the test split widened with all eight: the three kinds held
+out of fitting are reported separately. Compares feature regressors by grouped cross-validation
+on the fitting set (raw vs logit targets), the DeVries & Taylor quality CNN (when torch is
+installed), and uncertainty used directly. Writes ``benchmarks/results/quality.json``, the
+figures ``docs/figures/quality_scatter.png`` / ``quality_routing.png`` and the tables of
+``docs/quality.md`` (between the ``bench`` markers).
+
+    python benchmarks/bench_quality.py              # about 15 min on 2 CPU cores
+    python benchmarks/bench_quality.py --quick      # smoke run on a few images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+from sklearn.base import clone
+from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import GroupKFold
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from uqseg import OnnxSegmenter, datasets
+from uqseg.metrics import quality_report
+from uqseg.quality import QualityRegressor, _features, make_quality_set, maps_input
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_KINDS = ["noise", "blur", "bias", "gamma", "ghosting"]
+HELD_OUT_KINDS = ["contrast", "downsample", "rotate"]
+SEVERITIES = [0.33, 0.67, 1.0]
+MIN_DICE = 0.8
+
+
+def candidates():
+    return {
+        "ridge": make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))),
+        "knn": make_pipeline(StandardScaler(), KNeighborsRegressor(15, weights="distance")),
+        "random_forest": RandomForestRegressor(300, min_samples_leaf=2, random_state=0,
+                                               n_jobs=1),
+        "extra_trees": ExtraTreesRegressor(300, min_samples_leaf=2, max_features=0.5,
+                                           random_state=0, n_jobs=1),
+        "hist_gbm": MultiOutputRegressor(HistGradientBoostingRegressor(
+            max_iter=300, learning_rate=0.05, random_state=0)),
+    }
+
+
+def collect(qr, X):
+    """Features, CNN maps (float16) and predicted labels from one inference pass."""
+    feats, maps, preds = [], [], []
+    for _, xb, p, u in qr._maps(X):
+        feats.append(_features(p, u, qr.uncertainty_kind_, int(qr.n_bins)))
+        maps.append(maps_input(xb, p, u, qr.uncertainty_kind_).astype(np.float16))
+        preds.append(p.argmax(axis=1))
+    return np.concatenate(feats), np.concatenate(maps), np.concatenate(preds)
+
+
+def true_quality(pred, y, k):
+    from uqseg.metrics import dice_score
+
+    return np.nan_to_num(dice_score(pred, y, n_classes=k), nan=1.0)
+
+
+def to_logit(t):
+    t = np.clip(t, 1e-3, 1 - 1e-3)
+    return np.log(t / (1 - t))
+
+
+def cv_compare(F, T, groups, n_splits=5):
+    out = {}
+    for name, reg in candidates().items():
+        for space in ("identity", "logit"):
+            pred = np.zeros_like(T)
+            for tr, te in GroupKFold(n_splits).split(F, T, groups):
+                r = clone(reg).fit(F[tr], to_logit(T[tr]) if space == "logit" else T[tr])
+                p = r.predict(F[te]).reshape(len(te), -1)
+                pred[te] = 1 / (1 + np.exp(-p)) if space == "logit" else p
+            out[f"{name}/{space}"] = quality_report(np.clip(pred, 0, 1), T)
+            print(f"  cv {name:>13}/{space:<8} {out[f'{name}/{space}']}", flush=True)
+    return out
+
+
+def routing(pred, true, min_dice=MIN_DICE):
+    """Share flagged vs share of failures (any class below min_dice) caught, by threshold."""
+    fail = (true < min_dice).any(axis=1)
+    score = pred.min(axis=1)  # flag the lowest predicted class first
+    order = np.argsort(score, kind="stable")
+    caught = np.cumsum(fail[order]) / max(fail.sum(), 1)
+    share = np.arange(1, len(order) + 1) / len(order)
+    return share, caught, fail
+
+
+def table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few images, no CNN (smoke run)")
+    ap.add_argument("--models", type=Path, default=None, help="folder of ONNX members "
+                    "(default: the reference zoo)")
+    ap.add_argument("--single", action="store_true", help="first member only, no ensemble")
+    ap.add_argument("--no-cnn", action="store_true", help="skip the quality CNN")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality.json")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    paths = sorted(str(p) for p in args.models.glob("*.onnx")) if args.models \
+        else datasets.reference_models()
+    try:
+        from uqseg import EnsembleSegmenter
+
+        seg = OnnxSegmenter(paths[0]) if args.single else EnsembleSegmenter(paths)
+    except ImportError:
+        seg = OnnxSegmenter(paths[0])
+    seg.fit()
+    seg_desc = f"{type(seg).__name__} of {len(paths) if hasattr(seg, 'members') else 1} " \
+        f"member(s): {[Path(p).name for p in (paths if hasattr(seg, 'members') else paths[:1])]}"
+    print(seg_desc, flush=True)
+
+    Xv, yv = datasets.load_brain_tissue("val")
+    Xt, yt = datasets.load_brain_tissue("test")
+    sev = SEVERITIES
+    if args.quick:
+        Xv, yv, Xt, yt, sev = Xv[:12], yv[:12], Xt[:12], yt[:12], [0.67]
+    Xvw, yvw, info_v = make_quality_set(Xv, yv, corruptions=FIT_KINDS, severities=sev, seed=0)
+    Xtw, ytw, info_t = make_quality_set(Xt, yt, corruptions=FIT_KINDS + HELD_OUT_KINDS,
+                                        severities=sev, seed=1)
+    print(f"fit set {Xvw.shape[0]} images, test set {Xtw.shape[0]} images", flush=True)
+
+    # --- the default estimator, used as a new user would
+    t0 = time.perf_counter()
+    qr = QualityRegressor(seg).fit(Xvw, yvw)
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = qr.predict(Xtw)
+    t_pred = time.perf_counter() - t0
+    k = qr.n_classes_
+    T_te = true_quality(seg.predict(Xtw), ytw, k)
+    held = np.isin(info_t["corruption"], HELD_OUT_KINDS)
+    reports = {
+        "all": quality_report(pred, T_te),
+        "clean_and_fitted_kinds": quality_report(pred[~held], T_te[~held]),
+        "held_out_kinds": quality_report(pred[held], T_te[held]),
+        "per_kind": {c: quality_report(pred[info_t["corruption"] == c],
+                                       T_te[info_t["corruption"] == c])
+                     for c in ["none", *FIT_KINDS, *HELD_OUT_KINDS]},
+        "per_class": [quality_report(pred[:, c], T_te[:, c]) for c in range(k - 1)],
+    }
+    print("default:", {k2: v for k2, v in reports.items() if k2 not in ("per_kind",)},
+          flush=True)
+
+    # --- overhead of quality prediction over plain inference (same images)
+    sub = Xt[: min(32, len(Xt))]
+    seg.predict_proba(sub[:2])
+    timings = {}
+    for name, fn in (("inference", lambda: seg.predict_proba(sub)),
+                     ("quality_predict", lambda: qr.predict(sub))):
+        best = np.inf
+        for _ in range(3):
+            if hasattr(seg, "clear_cache"):
+                seg.clear_cache()  # the ensemble caches results by input
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = best / len(sub)
+    timings["overhead_ratio"] = timings["quality_predict"] / timings["inference"]
+    print("timings (s/image):", timings, flush=True)
+
+    # --- regressor choice by grouped CV on the fitting set; the same models on the test set
+    F_v, maps_v, pred_v = collect(qr, Xvw)
+    T_v = true_quality(pred_v, yvw, k)
+    F_t, maps_t, _ = collect(qr, Xtw)
+    cv = cv_compare(F_v, T_v, groups=info_v["source"])
+    test_cmp = {}
+    for name, reg in candidates().items():
+        for space in ("identity", "logit"):
+            r = clone(reg).fit(F_v, to_logit(T_v) if space == "logit" else T_v)
+            p = r.predict(F_t).reshape(len(F_t), -1)
+            p = np.clip(1 / (1 + np.exp(-p)) if space == "logit" else p, 0, 1)
+            test_cmp[f"{name}/{space}"] = {"fitted_kinds": quality_report(p[~held], T_te[~held]),
+                                           "held_out_kinds": quality_report(p[held], T_te[held])}
+
+    # --- uncertainty used directly (no second stage): rank correlation with the true Dice
+    names = qr.feature_names_
+    direct = {}
+    for feat in (f"seg_{qr.uncertainty_kind_}_c1", "seg_binary_entropy_c1",
+                 f"mean_{qr.uncertainty_kind_}"):
+        j = names.index(feat)
+        direct[feat] = float(stats.spearmanr(-F_t[:, j], T_te[:, 0])[0])
+
+    # --- DeVries & Taylor quality CNN
+    cnn = None
+    if not (args.quick or args.no_cnn):
+        try:
+            import torch
+
+            from uqseg.training.quality_net import QualityNetRegressor
+        except ImportError:
+            print("torch not installed: CNN skipped", flush=True)
+        else:
+            torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+            t0 = time.perf_counter()
+            net = QualityNetRegressor(width=16, depth=5, epochs=25, batch_size=32, lr=2e-3)
+            net.fit(maps_v.astype(np.float32), T_v)
+            t_cnn = time.perf_counter() - t0
+            p = np.concatenate([net.predict(maps_t[i:i + 256].astype(np.float32))
+                                for i in range(0, len(maps_t), 256)])
+            cnn = {"train_seconds": t_cnn,
+                   "all": quality_report(p, T_te),
+                   "fitted_kinds": quality_report(p[~held], T_te[~held]),
+                   "held_out_kinds": quality_report(p[held], T_te[held])}
+            print("cnn:", cnn, flush=True)
+            out_dir = ROOT / "uqseg/datasets/models/quality"
+            rep = net.export_onnx(out_dir / "quality_cnn.onnx", maps_t[:2].astype(np.float32),
+                                  info={"target": "dice", "uncertainty": qr.uncertainty_kind_,
+                                        "segmenter": seg_desc, "fit_kinds": FIT_KINDS})
+            cnn["onnx"] = {"path": str(Path(rep["path"]).relative_to(ROOT)),
+                           "size_bytes": rep["size_bytes"]}
+
+    # --- figures
+    share, caught, fail = routing(pred, T_te)
+    _figures(pred, T_te, held, share, caught, fail)
+    budgets = [0.05, 0.1, 0.2, 0.3, 0.5]
+    route_rows = []
+    for b in budgets:
+        i = max(int(round(b * len(share))) - 1, 0)
+        route_rows.append({"flagged": b, "failures_caught": float(caught[i]),
+                           "oracle": float(min(1.0, b / max(fail.mean(), 1e-12))),
+                           "random": b})
+    flag = qr.predict(Xtw[:0]) if False else None  # noqa: F841 - (flag is predict < min_dice)
+    flagged = (pred < MIN_DICE).any(axis=1)
+    at_threshold = {"min_dice": MIN_DICE, "flagged_share": float(flagged.mean()),
+                    "failure_share": float(fail.mean()),
+                    "failures_caught": float((flagged & fail).sum() / max(fail.sum(), 1)),
+                    "precision": float((flagged & fail).sum() / max(flagged.sum(), 1))}
+
+    result = {
+        "segmenter": seg_desc,
+        "fit_set": {"split": "val", "images": int(len(Xvw)), "corruptions": FIT_KINDS,
+                    "severities": sev},
+        "test_set": {"split": "test", "images": int(len(Xtw)),
+                     "corruptions": FIT_KINDS + HELD_OUT_KINDS, "held_out": HELD_OUT_KINDS},
+        "default_regressor": repr(qr.regressor_),
+        "uncertainty": qr.uncertainty_kind_,
+        "n_features": len(names),
+        "reports": reports,
+        "cv_on_fit_set": cv,
+        "test_by_regressor": test_cmp,
+        "uncertainty_directly_spearman_class1": direct,
+        "cnn": cnn,
+        "routing": {"budgets": route_rows, "at_min_dice": at_threshold},
+        "timings_s_per_image": timings,
+        "fit_seconds": t_fit,
+        "predict_seconds": t_pred,
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform()},
+        "command": "python " + " ".join(sys.argv),
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float))
+    if not args.quick:
+        _write_tables(result)
+    print(f"wrote {args.out} in {result['total_seconds']:.0f} s", flush=True)
+
+
+def _figures(pred, true, held, share, caught, fail):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = ROOT / "docs/figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, pred.shape[1], figsize=(5 * pred.shape[1], 4.6), squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        for mask, label, color in ((~held, "clean + fitted corruptions", "tab:blue"),
+                                   (held, "held-out corruptions", "tab:orange")):
+            r = quality_report(pred[mask, c], true[mask, c])
+            ax.scatter(true[mask, c], pred[mask, c], s=4, alpha=0.35, color=color,
+                       label=f"{label} (r={r['pearson_r']:.2f}, MAE={r['mae']:.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true Dice", ylabel="predicted Dice",
+               title=f"class {c + 1}")
+        ax.legend(loc="upper left", fontsize=8, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "quality_scatter.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    ax.plot(share, caught, label="QualityRegressor (lowest predicted Dice first)")
+    ax.plot(share, np.minimum(1, share / max(fail.mean(), 1e-12)), "k--", lw=1, label="oracle")
+    ax.plot(share, share, ":", color="gray", label="random")
+    ax.set(xlabel="share of images sent to review", ylabel=f"failures caught (Dice < {MIN_DICE})",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "quality_routing.png", dpi=110)
+    plt.close(fig)
+
+
+def _write_tables(res):
+    f3 = lambda v: f"{v:.3f}"  # noqa: E731
+    rep = res["reports"]
+    rows = [["all test images", rep["all"]["n"], f3(rep["all"]["pearson_r"]),
+             f3(rep["all"]["mae"]), f3(rep["all"]["spearman_rho"])]]
+    for key, label in (("clean_and_fitted_kinds", "clean + fitted kinds"),
+                       ("held_out_kinds", "held-out kinds (not fitted)")):
+        rows.append([label, rep[key]["n"], f3(rep[key]["pearson_r"]), f3(rep[key]["mae"]),
+                     f3(rep[key]["spearman_rho"])])
+    for kind, r in rep["per_kind"].items():
+        rows.append([f"&nbsp;&nbsp;{kind}", r["n"], f3(r["pearson_r"]), f3(r["mae"]),
+                     f3(r["spearman_rho"])])
+    if res["cnn"]:
+        for key, label in (("fitted_kinds", "CNN: clean + fitted kinds"),
+                           ("held_out_kinds", "CNN: held-out kinds")):
+            r = res["cnn"][key]
+            rows.append([label, r["n"], f3(r["pearson_r"]), f3(r["mae"]), f3(r["spearman_rho"])])
+    acc = table(rows, ["test images (pairs = images x classes)", "n", "Pearson r", "MAE",
+                       "Spearman"])
+    cv_rows = []
+    for name, r in res["cv_on_fit_set"].items():
+        t = res["test_by_regressor"][name]
+        cv_rows.append([name, f3(r["pearson_r"]), f3(r["mae"]),
+                        f3(t["fitted_kinds"]["pearson_r"]), f3(t["fitted_kinds"]["mae"]),
+                        f3(t["held_out_kinds"]["pearson_r"]), f3(t["held_out_kinds"]["mae"])])
+    cvt = table(cv_rows, ["regressor / target space", "CV r", "CV MAE", "test fitted r",
+                          "test fitted MAE", "held-out r", "held-out MAE"])
+    rt = table([[f"{b['flagged']:.0%}", f"{b['failures_caught']:.1%}", f"{b['oracle']:.1%}",
+                 f"{b['random']:.0%}"] for b in res["routing"]["budgets"]],
+               ["images flagged", "failures caught", "oracle", "random"])
+    a = res["routing"]["at_min_dice"]
+    rt += (f"\n\n`flag(X, min_dice={a['min_dice']})` flags {a['flagged_share']:.1%} of the test "
+           f"images; {a['failure_share']:.1%} are failures; it catches "
+           f"{a['failures_caught']:.1%} of them with precision {a['precision']:.1%}.")
+    tm = res["timings_s_per_image"]
+    tt = table([["plain inference (predict_proba)", f"{1000 * tm['inference']:.1f}"],
+                ["QualityRegressor.predict", f"{1000 * tm['quality_predict']:.1f}"],
+                ["ratio", f"{tm['overhead_ratio']:.2f}x"]], ["step", "ms / image"])
+    direct = table([[k, f3(v)] for k, v in res["uncertainty_directly_spearman_class1"].items()],
+                   ["uncertainty feature used directly (class 1)", "Spearman with true Dice"])
+    body = (f"Segmenter: {res['segmenter']}; uncertainty: `{res['uncertainty']}`; "
+            f"default regressor `{res['default_regressor']}`.\n\n### Accuracy\n\n{acc}\n\n"
+            f"### Regressor choice\n\n{cvt}\n\n### Uncertainty directly\n\n{direct}\n\n"
+            f"### Review routing\n\n{rt}\n\n### Overhead\n\n{tt}\n")
+    doc = ROOT / "docs/quality.md"
+    text = doc.read_text() if doc.exists() else "<!-- bench:start -->\n<!-- bench:end -->\n"
+    new = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->",
+                 lambda m: f"<!-- bench:start -->\n{body}<!-- bench:end -->", text, flags=re.S)
+    doc.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
