@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 from sklearn.base import clone
-from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
-from sklearn.ensemble import RandomForestRegressor
+from sklearn.ensemble import (
+    ExtraTreesRegressor,
+    HistGradientBoostingRegressor,
+    RandomForestRegressor,
+)
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import GroupKFold
 from sklearn.multioutput import MultiOutputRegressor
@@ -243,8 +246,7 @@ def main(argv=None):
         route_rows.append({"flagged": b, "failures_caught": float(caught[i]),
                            "oracle": float(min(1.0, b / max(fail.mean(), 1e-12))),
                            "random": b})
-    flag = qr.predict(Xtw[:0]) if False else None  # noqa: F841 - (flag is predict < min_dice)
-    flagged = (pred < MIN_DICE).any(axis=1)
+    flagged = (pred < MIN_DICE).any(axis=1)  # what qr.flag(Xtw, MIN_DICE) returns
     at_threshold = {"min_dice": MIN_DICE, "flagged_share": float(flagged.mean()),
                     "failure_share": float(fail.mean()),
                     "failures_caught": float((flagged & fail).sum() / max(fail.sum(), 1)),
