@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import uqseg
-from uqseg import OnnxSegmenter, persistence
+from uqseg import EnsembleSegmenter, OnnxSegmenter, persistence
 
 
 class StandIn(BaseEstimator):
@@ -313,3 +313,105 @@ def test_save_errors(tiny_2d, tmp_path, saved):
         uqseg.load(tmp_path / "nothing")
     with pytest.raises(ValueError, match="manifest.json is missing"):
         uqseg.load(other)
+
+
+# ---------------------------------------------------------------------------- real estimators
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((6, 1, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 3, (6, 16, 16))
+    return X, y
+
+
+def _segmenters(obj, seen=None):
+    """Every OnnxSegmenter reachable from obj (params, fitted attributes, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, OnnxSegmenter):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _segmenters(v, seen)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _segmenters(v, seen)]
+    if isinstance(obj, BaseEstimator):
+        return _segmenters(vars(obj), seen)
+    return []
+
+
+def _round_trip(est, tmp_path):
+    folder = uqseg.save(est, tmp_path / "rt")
+    loaded = uqseg.load(folder)
+    assert type(loaded) is type(est)
+    segs = _segmenters(loaded)
+    assert segs and len(segs) == len(_segmenters(est))
+    for seg in segs:  # every ONNX path points into the saved folder
+        assert Path(seg.model).is_relative_to(folder.resolve())
+    return loaded
+
+
+def test_ensemble_round_trip(tiny_members, tmp_path, data):
+    X, _ = data
+    ens = EnsembleSegmenter([tiny_members[0], OnnxSegmenter(tiny_members[1]), tiny_members[2]],
+                            tta="flips", weights=[1.0, 2.0, 1.0]).fit()
+    loaded = _round_trip(ens, tmp_path)
+    assert len(list((tmp_path / "rt" / "models").iterdir())) == 3
+    np.testing.assert_array_equal(loaded.predict_proba(X), ens.predict_proba(X))
+    np.testing.assert_array_equal(loaded.predict_members(X), ens.predict_members(X))
+    np.testing.assert_array_equal(loaded.uncertainty(X, kind="mutual_information"),
+                                  ens.uncertainty(X, kind="mutual_information"))
+
+
+def test_mc_ensemble_round_trip(tiny_mc, tmp_path, data):
+    X, _ = data
+    ens = EnsembleSegmenter([tiny_mc], mc_samples=4, seed=3).fit()
+    loaded = _round_trip(ens, tmp_path)
+    np.testing.assert_array_equal(loaded.predict_proba(X), ens.predict_proba(X))
+
+
+def test_calibrator_round_trips(tiny_2d, tiny_members, tmp_path, data):
+    from uqseg import TemperatureCalibrator
+
+    X, y = data
+    cal = TemperatureCalibrator(OnnxSegmenter(tiny_2d).fit(), mode="classwise").fit(X, y)
+    loaded = _round_trip(cal, tmp_path / "a")
+    np.testing.assert_array_equal(loaded.temperature_, cal.temperature_)
+    np.testing.assert_array_equal(loaded.predict_proba(X), cal.predict_proba(X))
+    pipe = make_pipeline(EnsembleSegmenter(tiny_members), TemperatureCalibrator()).fit(X, y)
+    loaded = _round_trip(pipe, tmp_path / "b")
+    np.testing.assert_array_equal(loaded.predict_proba(X), pipe.predict_proba(X))
+    np.testing.assert_array_equal(loaded.predict(X), pipe.predict(X))
+
+
+@pytest.mark.parametrize("name", ["SpectralOODDetector", "UncertaintyOODDetector",
+                                  "MahalanobisOODDetector", "KNNOODDetector"])
+def test_ood_round_trip(name, tiny_2d, tmp_path, data):
+    from uqseg import ood
+
+    X, _ = data
+    det = getattr(ood, name)(OnnxSegmenter(tiny_2d).fit()).fit(X)
+    loaded = _round_trip(det, tmp_path)
+    X_test = X[::-1] * 1.5
+    np.testing.assert_array_equal(loaded.score_samples(X_test), det.score_samples(X_test))
+    np.testing.assert_array_equal(loaded.predict(X_test), det.predict(X_test))
+    assert loaded.offset_ == det.offset_
+
+
+@pytest.mark.parametrize("regressor", [None, "ridge"])
+def test_quality_round_trip(regressor, tiny_members, tmp_path, data):
+    from sklearn.linear_model import Ridge
+
+    from uqseg import QualityRegressor
+
+    X, _ = data
+    ens = EnsembleSegmenter(tiny_members).fit()
+    y = ens.predict(X)
+    y[:, :5] = 0  # imperfect: a spread of Dice to regress
+    qr = QualityRegressor(ens, regressor=Ridge() if regressor else None).fit(X, y)
+    loaded = _round_trip(qr, tmp_path)
+    if qr.estimator_ is qr.estimator:  # a shared object is restored as one object
+        assert loaded.estimator_ is loaded.estimator
+    np.testing.assert_array_equal(loaded.predict(X), qr.predict(X))
+    np.testing.assert_array_equal(loaded.flag(X, min_dice=0.5), qr.flag(X, min_dice=0.5))
