@@ -207,7 +207,8 @@ class QualityRegressor(BaseEstimator):
     regressor_input : {"auto", "features", "maps"}, default="auto"
         What a regressor object receives: the feature table, or the stacked maps of
         :func:`maps_input` (e.g. ``uqseg.training.quality_net.QualityNetRegressor``).
-        ``"auto"``: maps for an ONNX path, features otherwise.
+        ``"auto"``: maps for an ONNX path, features otherwise. Training on maps holds all of
+        them in memory (``N x (C + K + 1)`` float32 images); an ONNX network runs chunk by chunk.
 
     Attributes
     ----------
@@ -366,9 +367,7 @@ class QualityRegressor(BaseEstimator):
             y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
-        feats, targets, maps, k = [], [], [], None
-        reg_obj = self.regressor
-        wants_maps = isinstance(reg_obj, (str, os.PathLike)) or self.regressor_input == "maps"
+        feats, targets, maps, onnx_pred, k, reg = [], [], [], [], None, None
         for sl, xb, proba, unc in self._maps(X):
             k = proba.shape[1]
             yb = y[sl] if not isinstance(y, list) else [y[i] for i in range(sl.start, sl.stop)]
@@ -377,27 +376,33 @@ class QualityRegressor(BaseEstimator):
             if yb.min() < 0 or hi >= k:
                 raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
                                  f"predicts {k} classes (valid labels 0..{k - 1})")
+            if reg is None:
+                self.n_classes_ = int(k)
+                self._runner = None
+                reg, self.input_kind_ = self._resolve_regressor(k - 1)
             targets.append(self._targets(proba.argmax(axis=1), yb, k))
             feats.append(_features(proba, unc, kind, int(self.n_bins)))
-            if wants_maps:
+            if isinstance(reg, str):
+                # a pretrained network: checked on the first chunk, then run chunk by chunk
+                m = maps_input(xb, proba, unc, kind)
+                if not onnx_pred:
+                    self.regressor_ = reg
+                    self._check_onnx_regressor(m)
+                onnx_pred.append(self._predict_maps(m))
+            elif self.input_kind_ == "maps":
                 maps.append(maps_input(xb, proba, unc, kind))
-        self.n_classes_ = int(k)
         self.feature_names_ = feature_names(k, kind, int(self.n_bins))
         T = np.concatenate(targets)
         F = np.concatenate(feats)
-        reg, self.input_kind_ = self._resolve_regressor(k - 1)
-        self._runner = None
         if isinstance(reg, str):
-            self.regressor_ = reg
-            self._check_onnx_regressor(maps[0])
+            pred = np.concatenate(onnx_pred)
         elif self.input_kind_ == "maps":
-            self.regressor_ = reg.fit(np.concatenate(maps), T)
+            M = np.concatenate(maps)
+            self.regressor_ = reg.fit(M, T)
+            pred = self._predict_maps(M)
         else:
             Tt = logit(np.clip(T, _EPS, 1 - _EPS)) if self.target_transform == "logit" else T
             self.regressor_ = reg.fit(F, Tt if Tt.shape[1] > 1 else Tt.ravel())
-        if isinstance(reg, str) or self.input_kind_ == "maps":
-            pred = np.concatenate([self._predict_maps(m) for m in maps])
-        else:
             pred = self._predict_features(F)
         self.fit_report_ = quality_report(pred, T)
         return self
