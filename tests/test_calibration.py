@@ -345,3 +345,17 @@ def test_errors():
         cal.predict(np.concatenate([shown, shown[:, :1]], axis=1))
     with pytest.raises(ValueError, match="4 classes"):
         cal.partial_fit(np.concatenate([shown, shown[:, :1]], axis=1), y)
+
+
+def test_ensemble_segmenter_in_a_pipeline(tiny_members, images):
+    ensemble = pytest.importorskip("uqseg.ensemble")
+    ens = ensemble.EnsembleSegmenter(tiny_members).fit()
+    logp = ens.transform(images)
+    y = _labels_for(logp, scale=3.0)
+    ref = TemperatureCalibrator().fit(logp, y)
+    pipe = make_pipeline(ensemble.EnsembleSegmenter(tiny_members),
+                         TemperatureCalibrator()).fit(images, y)
+    assert pipe[-1].temperature_ == pytest.approx(ref.temperature_, rel=1e-6)
+    np.testing.assert_allclose(pipe.predict_proba(images), ref.predict_proba(logp), atol=1e-6)
+    cal = TemperatureCalibrator(ensemble.EnsembleSegmenter(tiny_members)).fit(images, y)
+    assert cal.temperature_ == pytest.approx(ref.temperature_, rel=1e-6)
