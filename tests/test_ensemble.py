@@ -366,3 +366,16 @@ def test_pipeline_with_temperature_calibrator(tiny_members, X):
     t = pipe[-1].temperature_
     want = _softmax(np.log(_member_proba(tiny_members, X).mean(0)) / t)
     np.testing.assert_allclose(pipe.predict_proba(X), want, atol=1e-4)
+
+
+def test_threads_share_one_ensemble(tiny_members, X):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ens = EnsembleSegmenter(tiny_members, device="cpu", cache_size=1).fit()
+    inputs = [X + i for i in range(4)]
+    want = [_member_proba(tiny_members, x).mean(0) for x in inputs]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(ens.predict_proba, inputs * 2))
+    for g, w in zip(got, want * 2, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    assert len(ens._cache) == 1
