@@ -69,6 +69,11 @@ def parse_args(argv=None):
         help="smoke run: 2 members, 1 epoch, width 4, small data, temporary folder",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep members already recorded in OUT/zoo.json whose file exists",
+    )
     return p.parse_args(argv)
 
 
@@ -100,9 +105,19 @@ def main(argv=None) -> dict:
     print(f"data: train {X.shape}, val {X_val.shape}, test {X_te.shape}; out {out}", flush=True)
 
     members, written = [], []
+    done = {}
+    if args.resume and (out / "zoo.json").exists():
+        old = json.loads((out / "zoo.json").read_text(encoding="utf-8"))
+        done = {m["file"]: m for m in old.get("members", []) if (out / m["file"]).exists()}
     for i in range(args.members):
         loss, dropout, mc = RECIPES[i % len(RECIPES)]
         seed = args.seed + i
+        name = f"member_{i:02d}_{loss}.onnx"
+        if name in done:
+            members.append(done[name])
+            written.append(out / name)
+            print(f"{name}: kept from an earlier run", flush=True)
+            continue
         torch.manual_seed(seed)  # the initial weights differ per member
         model = UNet(1, 3, dims=2, width=args.width, depth=args.depth, dropout=dropout)
         hist = fit_segmenter(
@@ -127,7 +142,6 @@ def main(argv=None) -> dict:
         model.cpu()
         val = member_dice(model, X_val, y_val, "cpu")
         test = member_dice(model, X_te, y_te, "cpu")
-        name = f"member_{i:02d}_{loss}.onnx"
         info = {
             "loss": loss,
             "seed": seed,
@@ -173,11 +187,27 @@ def main(argv=None) -> dict:
             f"diff {report['max_abs_diff']:.1e}",
             flush=True,
         )
+        # record after every member, so an interrupted run can --resume
+        write_zoo(out, args, argv, (X, X_val, X_te), members)
 
     # drop members of an earlier, larger zoo so the folder holds exactly this run
     for stale in out.glob("member_*.onnx"):
         if stale not in written:
             stale.unlink()
+    zoo = write_zoo(out, args, argv, (X, X_val, X_te), members)
+    total = zoo["total_size_bytes"]
+    print(f"wrote {len(members)} members ({total / 2**20:.2f} MiB) and zoo.json to {out}")
+    if total > MAX_TOTAL_BYTES:
+        print(f"WARNING: zoo is {total / 2**20:.1f} MiB > 20 MiB", file=sys.stderr)
+    worst = min(m["test_mean_dice"] for m in members)
+    if not args.quick and worst < 0.85:
+        print(f"WARNING: a member's test mean Dice is {worst:.3f} < 0.85", file=sys.stderr)
+    return zoo
+
+
+def write_zoo(out, args, argv, shapes, members) -> dict:
+    """Write ``zoo.json`` describing ``members`` and return it."""
+    X, X_val, X_te = shapes
     total = sum(m["size_bytes"] for m in members)
     zoo = {
         "description": "Reference 2-D U-Net ensemble for brain tissue segmentation "
@@ -206,12 +236,6 @@ def main(argv=None) -> dict:
     with open(out / "zoo.json", "w", encoding="utf-8") as fh:
         json.dump(zoo, fh, indent=2)
         fh.write("\n")
-    print(f"wrote {len(members)} members ({total / 2**20:.2f} MiB) and zoo.json to {out}")
-    if total > MAX_TOTAL_BYTES:
-        print(f"WARNING: zoo is {total / 2**20:.1f} MiB > 20 MiB", file=sys.stderr)
-    worst = min(m["test_mean_dice"] for m in members)
-    if not args.quick and worst < 0.85:
-        print(f"WARNING: a member's test mean Dice is {worst:.3f} < 0.85", file=sys.stderr)
     return zoo
 
 

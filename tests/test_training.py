@@ -323,10 +323,13 @@ def test_export_feature_tensors_are_named_intermediates(exported):
 
 
 def test_export_without_mask_and_refuses_mismatch(tmp_path, monkeypatch):
-    net = _net(dims=2, dropout=0.0, seed=1)
+    net = _net(dims=2, dropout=0.2, seed=1)
+    net.mc_dropout = True  # must not leak random sampling into a plain export
     x = torch.randn(2, 1, 8, 8)
     report = export_onnx(net, tmp_path / "plain.onnx", x.numpy(), opset=18)
     assert report["inputs"] == ["image"] and report["mc_size"] == 0
+    assert net.mc_dropout is True and not net.training
+    net.mc_dropout = False
     model = onnx.load(str(tmp_path / "plain.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert "uqseg.mc_dropout" not in meta and json.loads(meta["uqseg.feature_layers"]) == []

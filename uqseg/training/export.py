@@ -172,8 +172,11 @@ def export_onnx(
     info_json = json.dumps(info if info is not None else {})
 
     was_training = model.training
+    was_mc = getattr(model, "mc_dropout", None)
     device = next(model.parameters()).device
     model.cpu().eval()
+    if was_mc is not None:
+        model.mc_dropout = False  # sampling inside the graph would not survive export
     try:
         with torch.no_grad():
             names = getattr(model, "feature_names", None)
@@ -269,6 +272,8 @@ def export_onnx(
                 )
     finally:
         model.to(device).train(was_training)
+        if was_mc is not None:
+            model.mc_dropout = was_mc
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
