@@ -1,23 +1,541 @@
-"""Command-line entry point: ``uqseg demo | predict | bench | train | export``."""
+"""Command-line entry point: ``uqseg demo | predict | bench | train | export``.
+
+Exit codes (every subcommand): 0 success; 2 usage error (bad or missing arguments, input
+files that do not exist); 1 runtime failure (unreadable model or image, a failed
+computation, a missing optional extra). Errors are printed to stderr as
+``uqseg <command>: error: <message>``.
+
+Nothing here imports torch: ``train`` and ``export`` import :mod:`uqseg.training` only when
+they run and say ``pip install 'uqseg[train]'`` when torch is missing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import sys
+from pathlib import Path
+
+from uqseg import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
+class UsageError(Exception):
+    """A problem with the arguments: exit code 2."""
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"uqseg {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="inference backend (default: auto = fastest present)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or tensorrt (default: auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per inference call (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+# ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uqseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("demo", "predict", "bench", "train", "export"):
-        sub.add_parser(name, help=f"{name} (not yet available)")
+    """The ``uqseg`` argument parser (one sub-parser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="uqseg",
+        description="Calibration, ensembles, OOD detection and quality prediction for "
+                    "segmentation networks exported to ONNX.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage error. "
+               "Run `uqseg COMMAND --help` for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"uqseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser(
+        "demo", help="run every estimator on the embedded data and write a report",
+        description="Fit a temperature calibrator, an ensemble, OOD detectors and a quality "
+                    "regressor on the embedded brain-tissue data with the shipped reference "
+                    "models; print a table and write report.html and summary.json.")
+    d.add_argument("--out", type=Path, default=Path("uqseg-demo"),
+                   help="output folder (default ./uqseg-demo)")
+    d.add_argument("--models", nargs="+", metavar="MODEL.onnx",
+                   help="ONNX models to use instead of the shipped reference zoo")
+    d.add_argument("--quick", action="store_true",
+                   help="small subsets everywhere (a smoke run in seconds; numbers are rough)")
+    d.add_argument("--no-report", action="store_true",
+                   help="skip report.html (print the table and write summary.json only)")
+    _add_runtime_args(d)
+
+    p = sub.add_parser(
+        "predict", help="segment NIfTI / NumPy / DICOM images with uncertainty maps",
+        description="Segment an image with one or more ONNX models (an ensemble). Writes "
+                    "<name>_seg.nii.gz (uint8 labels), <name>_proba.nii.gz (float32, classes "
+                    "on the 4th axis), <name>_entropy.nii.gz and, with several samples, "
+                    "<name>_mi.nii.gz (mutual information), all with the input's affine, "
+                    "plus <name>_scores.json (with OOD and quality scores when --estimators "
+                    "are given).")
+    p.add_argument("paths", nargs="+", metavar="MODEL.onnx ... INPUT",
+                   help="one or more ONNX models, then the input: .nii/.nii.gz, .npy/.npz "
+                        "(key 'image', optional 'affine') or a folder with one DICOM series")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--estimators", nargs="+", type=Path, default=[], metavar="SAVED_DIR",
+                   help="folders written by uqseg.save: OOD detectors and quality regressors "
+                        "scored on the same (normalised) images")
+    p.add_argument("--tta", action="store_true", help="test-time flips (every spatial axis)")
+    p.add_argument("--mc-samples", type=_non_negative_int, default=0, metavar="N",
+                   help="MC-dropout passes for members exported with an mc_mask input")
+    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                   help="slice axis when a 3-D volume goes through a 2-D model (default 2)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="skip uqseg.datasets.normalize_intensity (1st-99th percentile to [0, 1] "
+                        "per model input image)")
+    _add_runtime_args(p)
+
+    b = sub.add_parser(
+        "bench", help="run the benchmark suite (benchmarks/run_all.py of a source checkout)",
+        description="Run benchmarks/run_all.py from the uqseg source tree; every argument "
+                    "after `bench` is passed on to it (try `uqseg bench -- --help`).",
+        add_help=True)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="arguments for benchmarks/run_all.py")
+
+    t = sub.add_parser(
+        "train", help="train a U-Net and export it to ONNX (needs uqseg[train])",
+        description="Train a U-Net (uqseg.training.UNet + fit_segmenter) on the embedded "
+                    "brain-tissue data or on your own images, then export it with "
+                    "uqseg.training.export_onnx. Needs torch: pip install 'uqseg[train]'.")
+    t.add_argument("--images", nargs="+", type=Path, metavar="FILE",
+                   help="training images (.nii/.nii.gz/.npy/.npz; 2-D, or 3-D volumes cut "
+                        "into slices along --axis for --dims 2). Default: the embedded data")
+    t.add_argument("--labels", nargs="+", type=Path, metavar="FILE",
+                   help="label files matching --images, in the same order")
+    t.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
+                   help="slice axis of 3-D files for a 2-D network (default 2)")
+    t.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2-D or 3-D U-Net")
+    t.add_argument("--loss", choices=("dice", "ce", "dice_ce"), default="dice_ce",
+                   help="training loss (default dice_ce)")
+    t.add_argument("--epochs", type=_positive_int, default=10)
+    t.add_argument("--width", type=_positive_int, default=8, help="first-level channels")
+    t.add_argument("--depth", type=_positive_int, default=4, help="resolution levels (>= 2)")
+    t.add_argument("--dropout", type=_probability, default=0.0,
+                   help="channel dropout; > 0 exports an mc_mask input for MC dropout")
+    t.add_argument("--batch-size", type=_positive_int, default=8)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    t.add_argument("--out", type=Path, default=Path("model.onnx"), help="output ONNX file")
+    t.add_argument("--save-checkpoint", type=Path, metavar="FILE.pt",
+                   help="also save the torch state_dict (+ FILE.json with the config) for "
+                        "`uqseg export`")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser(
+        "export", help="export a checkpoint of `uqseg train` to ONNX (needs uqseg[train])",
+        description="Rebuild the U-Net from CHECKPOINT.json (written next to the checkpoint "
+                    "by `uqseg train --save-checkpoint`), load the state_dict and export it "
+                    "with uqseg.training.export_onnx.")
+    e.add_argument("checkpoint", type=Path, help="the .pt state_dict")
+    e.add_argument("--config", type=Path,
+                   help="config JSON (default: the checkpoint path with .json)")
+    e.add_argument("--out", type=Path, default=Path("model.onnx"), help="output ONNX file")
+    e.add_argument("--opset", type=_positive_int, default=18)
+    e.add_argument("--fixed-size", action="store_true",
+                   help="export fixed spatial axes instead of dynamic ones")
     return parser
 
 
+# ---------------------------------------------------------------------- predict
+def to_model_batch(data, *, dims: int, channels: int, axis: int):
+    """Arrange a volume ``data`` (spatial axes, channels last if any) as a model batch.
+
+    Returns ``(X, layout)``: ``X`` is ``(N, C, *spatial)`` float32 and ``layout`` tells
+    :func:`_to_volume` how to put maps back: ``"whole"`` (one image), ``"slices"`` (a 3-D
+    volume cut along ``axis`` for a 2-D model) or ``"whole2d"`` (a 2-D image as a one-slice
+    volume for a 3-D model).
+    """
+    import numpy as np
+
+    arr = np.asarray(data, dtype=np.float32)
+    if channels > 1:
+        if arr.ndim < 3 or arr.shape[-1] != channels:
+            raise ValueError(f"the model takes {channels} channels: the input needs them on its "
+                             f"last axis, got shape {arr.shape}")
+        arr = np.moveaxis(arr, -1, 0)  # (C, *spatial)
+    else:
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 4:
+            raise ValueError(f"the model takes 1 channel, got a 4-D input of shape {arr.shape}")
+        arr = arr[None]
+    spatial = arr.ndim - 1
+    if spatial == dims:
+        return arr[None], "whole"
+    if spatial == 3 and dims == 2:
+        return np.ascontiguousarray(np.moveaxis(arr, axis + 1, 1).swapaxes(0, 1)), "slices"
+    if spatial == 2 and dims == 3:
+        return arr[:, None][None], "whole2d"
+    raise ValueError(f"a {spatial}-D input cannot go through a {dims}-D model")
+
+
+def _batched(fn, X, batch: int, desc: str, progress: bool):
+    """``fn`` over chunks of ``X`` with a tqdm bar on stderr; concatenated results."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    parts = []
+    starts = range(0, len(X), batch)
+    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2,
+                  file=sys.stderr, leave=False):
+        parts.append(fn(X[i:i + batch]))
+    if isinstance(parts[0], tuple):
+        return tuple(
+            {k: np.concatenate([p[j][k] for p in parts]) for k in parts[0][j]}
+            if isinstance(parts[0][j], dict) else np.concatenate([p[j] for p in parts])
+            for j in range(len(parts[0])))
+    return np.concatenate(parts)
+
+
+def _score_estimators(paths, X, batch_size: int, progress: bool) -> dict:
+    import numpy as np
+
+    import uqseg
+
+    scores = {}
+    for d in paths:
+        est = uqseg.load(d)
+        name = Path(d).name
+        kind = type(est).__name__
+        if hasattr(est, "score_samples") and hasattr(est, "offset_"):
+            s = _batched(est.score_samples, X, batch_size, f"OOD {name}", progress)
+            scores[name] = {
+                "type": kind, "score_samples": s.tolist(),
+                "inlier": (s - est.offset_ >= 0).tolist(),
+                "fraction_outlier": float(np.mean(s - est.offset_ < 0)),
+                "min_score": float(s.min()), "offset": float(est.offset_),
+            }
+        elif hasattr(est, "flag") and hasattr(est, "predict"):
+            q = _batched(est.predict, X, batch_size, f"quality {name}", progress)
+            scores[name] = {"type": kind, "target": getattr(est, "target", "dice"),
+                            "predicted_quality": q.tolist(),
+                            "mean_predicted_quality": np.nanmean(q, axis=0).tolist()}
+        else:
+            raise TypeError(f"--estimators {str(d)!r} holds a {kind}; predict scores OOD "
+                            "detectors and quality regressors only")
+    return scores
+
+
+def predict_file(models, source, out, *, estimators=(), tta=False, mc_samples=0, axis=2,
+                 normalize=True, backend="auto", device="auto", batch_size=16,
+                 progress=True) -> list[Path]:
+    """Segment one input file/folder with an ensemble of ``models`` and write the maps.
+
+    Returns the written paths (segmentation, probabilities, entropy, [mutual information],
+    scores JSON).
+    """
+    import numpy as np
+
+    from uqseg.datasets import normalize_intensity
+    from uqseg.ensemble import EnsembleSegmenter
+    from uqseg.io import image_stem, read_image, write_nifti
+
+    vol = read_image(source)
+    ens = EnsembleSegmenter(list(models), tta="flips" if tta else None,
+                            mc_samples=mc_samples, backend=backend, device=device,
+                            batch_size=batch_size).fit()
+    X, layout = to_model_batch(vol.data, dims=ens.spatial_dims_,
+                               channels=ens.n_input_channels_, axis=axis)
+    if normalize:
+        X = normalize_intensity(X)
+    kinds = ("entropy", "mutual_information") if ens.n_samples_ > 1 else ("entropy",)
+    proba, maps = _batched(lambda x: ens.predict_with_uncertainty(x, kinds=kinds), X,
+                           batch_size, "segment", progress)
+    seg = proba.argmax(axis=1).astype(np.uint8)
+    out = Path(out)
+    stem = image_stem(source)
+    written = [
+        write_nifti(out / f"{stem}_seg.nii.gz", _to_volume(seg, layout, axis), vol.affine),
+        write_nifti(out / f"{stem}_proba.nii.gz",
+                    _to_volume(proba.astype(np.float32), layout, axis, classes=True),
+                    vol.affine),
+    ]
+    names = {"entropy": "entropy", "mutual_information": "mi"}
+    for kind in kinds:
+        written.append(write_nifti(out / f"{stem}_{names[kind]}.nii.gz",
+                                   _to_volume(maps[kind].astype(np.float32), layout, axis),
+                                   vol.affine))
+    report = {
+        "input": str(source), "input_kind": vol.kind, "models": [str(m) for m in models],
+        "n_samples": int(ens.n_samples_), "layout": layout, "axis": axis,
+        "normalized": bool(normalize), "shape": list(vol.data.shape),
+        "class_voxels": np.bincount(seg.ravel(), minlength=ens.n_classes_).tolist(),
+        "mean_entropy": float(maps["entropy"].mean()),
+        "outputs": [str(p) for p in written],
+    }
+    if estimators:
+        report["estimators"] = _score_estimators(estimators, X, batch_size, progress)
+    json_path = out / f"{stem}_scores.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    written.append(json_path)
+    return written
+
+
+def _to_volume(arr, layout: str, axis: int, classes: bool = False):
+    """``(N, [K,] *spatial)`` model-batch maps -> the input's voxel grid (classes last)."""
+    import numpy as np
+
+    if classes:
+        arr = np.moveaxis(arr, 1, -1)  # (N, *spatial, K)
+    if layout == "slices":
+        return np.ascontiguousarray(np.moveaxis(arr, 0, axis))
+    vol = arr[0]
+    if layout == "whole2d":
+        vol = vol[0]
+    return np.ascontiguousarray(vol)
+
+
+# ---------------------------------------------------------------------- commands
+def _cmd_demo(args) -> int:
+    from uqseg import demo
+
+    for m in args.models or []:
+        if not Path(m).is_file():
+            raise UsageError(f"model {m!r} does not exist")
+    demo.run_demo(out=args.out, models=args.models, quick=args.quick, backend=args.backend,
+                  device=args.device, batch_size=args.batch_size,
+                  progress=not args.no_progress, report=not args.no_report)
+    return EXIT_OK
+
+
+def _cmd_predict(args) -> int:
+    if len(args.paths) < 2:
+        raise UsageError("give at least one MODEL.onnx and one INPUT")
+    *models, source = args.paths
+    for m in models:
+        if not Path(m).is_file() or not m.lower().endswith(".onnx"):
+            raise UsageError(f"model {m!r} is not an existing .onnx file")
+    if not Path(source).exists():
+        raise UsageError(f"input {source!r} does not exist")
+    for d in args.estimators:
+        if not (d / "manifest.json").is_file() and not d.is_dir():
+            raise UsageError(f"--estimators {str(d)!r} is not a folder written by uqseg.save")
+    written = predict_file(
+        models, source, args.out, estimators=args.estimators, tta=args.tta,
+        mc_samples=args.mc_samples, axis=args.axis, normalize=not args.no_normalize,
+        backend=args.backend, device=args.device, batch_size=args.batch_size,
+        progress=not args.no_progress)
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def _repo_benchmarks() -> Path | None:
+    here = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    return here if here.is_file() else None
+
+
+def _cmd_bench(args) -> int:
+    script = _repo_benchmarks()
+    if script is None:
+        print("uqseg bench: the benchmark suite lives in the uqseg source repository "
+              "(benchmarks/run_all.py) and is not part of the installed package; clone the "
+              "repository and run `pip install -e .` there, then `uqseg bench`.",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    bench_args = list(args.bench_args)
+    if bench_args[:1] == ["--"]:
+        bench_args = bench_args[1:]
+    sys.path.insert(0, str(script.parent))  # the scripts import their shared helpers
+    try:
+        spec = importlib.util.spec_from_file_location("uqseg_benchmarks_run_all", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "main"):
+            raise RuntimeError(f"{script} defines no main(argv)")
+        result = module.main(bench_args)
+    finally:
+        sys.path.remove(str(script.parent))
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _training():
+    try:
+        import uqseg.training as training
+    except ImportError as exc:
+        raise RuntimeError(
+            f"this command needs torch: pip install 'uqseg[train]' ({exc})") from exc
+    return training
+
+
+def _load_training_files(images, labels, dims, axis):
+    import numpy as np
+
+    from uqseg.io import read_image
+
+    if labels is None or len(labels) != len(images):
+        raise UsageError("--labels must list one label file per --images file")
+    xs, ys = [], []
+    for fi, fl in zip(images, labels, strict=True):
+        for f in (fi, fl):
+            if not f.exists():
+                raise UsageError(f"{str(f)!r} does not exist")
+        x = read_image(fi).data.astype(np.float32)
+        y = read_image(fl).data
+        if x.shape != y.shape:
+            raise ValueError(f"{fi} has shape {x.shape} but {fl} has {y.shape}")
+        if dims == 2 and x.ndim == 3:
+            xs += list(np.moveaxis(x, axis, 0))
+            ys += list(np.moveaxis(y, axis, 0))
+        elif x.ndim == dims:
+            xs.append(x)
+            ys.append(y)
+        else:
+            raise ValueError(f"{fi}: a {x.ndim}-D image cannot train a {dims}-D network")
+    if len({x.shape for x in xs}) > 1:
+        raise ValueError("training images must all have the same size")
+    from uqseg.datasets import normalize_intensity
+
+    X = normalize_intensity(np.stack(xs)[:, None])
+    return X, np.stack(ys).astype(np.int64)
+
+
+def _cmd_train(args) -> int:
+    if args.depth < 2:
+        raise UsageError("--depth must be at least 2")
+    if args.images is None and args.labels is not None:
+        raise UsageError("--labels needs --images")
+    training = _training()
+    import torch
+
+    if args.images is None:
+        from uqseg.datasets import load_brain_tissue
+
+        if args.dims != 2:
+            raise UsageError("the embedded data are 2-D slices: use --dims 2 or give --images")
+        X, y = load_brain_tissue("train")
+        X_val, y_val = load_brain_tissue("val")
+        source = "embedded brain_tissue"
+    else:
+        X, y = _load_training_files(args.images, args.labels, args.dims, args.axis)
+        n_val = len(X) // 5  # the first fifth validates (early stopping); none when < 5
+        X_val, y_val = (X[:n_val], y[:n_val]) if n_val else (None, None)
+        X, y = X[n_val:], y[n_val:]
+        source = f"{len(args.images)} file(s)"
+    n_classes = int(max(y.max(), 1 if y_val is None else y_val.max())) + 1
+    config = {"in_channels": int(X.shape[1]), "n_classes": n_classes, "dims": args.dims,
+              "width": args.width, "depth": args.depth, "dropout": args.dropout,
+              "example_shape": [1, *map(int, X.shape[1:])]}
+    torch.manual_seed(args.seed)
+    model = training.UNet(config["in_channels"], n_classes, dims=args.dims, width=args.width,
+                          depth=args.depth, dropout=args.dropout)
+    div = model.spatial_divisor
+    if any(s % div for s in X.shape[2:]):
+        raise ValueError(f"image sizes {X.shape[2:]} must be multiples of {div} for depth "
+                         f"{args.depth}")
+    print(f"training on {source}: {X.shape[0]} images of {X.shape[2:]}, {n_classes} classes",
+          file=sys.stderr)
+    hist = training.fit_segmenter(
+        model, X, y, X_val, y_val, loss=args.loss, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+        progress=not args.no_progress)
+    if args.save_checkpoint:
+        args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), args.save_checkpoint)
+        args.save_checkpoint.with_suffix(".json").write_text(json.dumps(config, indent=2))
+        print(args.save_checkpoint)
+    best = hist.get("best_val_dice") if isinstance(hist, dict) else None
+    report = _export(training, model, config, args.out, opset=18, dynamic=True,
+                     info={"loss": args.loss, "epochs": args.epochs, "seed": args.seed,
+                           "source": source, "best_val_dice": best})
+    print(report["path"])
+    return EXIT_OK
+
+
+def _export(training, model, config, out, *, opset, dynamic, info):
+    import numpy as np
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = np.random.default_rng(0).random(config["example_shape"], dtype=np.float32)
+    return training.export_onnx(
+        model, out, example, feature_layers=["decoder_last", "bottleneck"],
+        mc_dropout=config["dropout"] > 0, opset=opset, dynamic_spatial=dynamic, info=info)
+
+
+def _cmd_export(args) -> int:
+    if not args.checkpoint.is_file():
+        raise UsageError(f"checkpoint {str(args.checkpoint)!r} does not exist")
+    cfg_path = args.config or args.checkpoint.with_suffix(".json")
+    if not cfg_path.is_file():
+        raise UsageError(f"config {str(cfg_path)!r} does not exist (written by "
+                         "`uqseg train --save-checkpoint`; pass --config)")
+    config = json.loads(cfg_path.read_text())
+    keys = ("in_channels", "n_classes", "dims", "width", "depth", "dropout", "example_shape")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{cfg_path}: config lacks {missing}")
+    training = _training()
+    import torch
+
+    model = training.UNet(config["in_channels"], config["n_classes"], dims=config["dims"],
+                          width=config["width"], depth=config["depth"],
+                          dropout=config["dropout"])
+    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    report = _export(training, model, config, args.out, opset=args.opset,
+                     dynamic=not args.fixed_size, info={"checkpoint": str(args.checkpoint)})
+    print(report["path"])
+    return EXIT_OK
+
+
+COMMANDS = {"demo": _cmd_demo, "predict": _cmd_predict, "bench": _cmd_bench,
+            "train": _cmd_train, "export": _cmd_export}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(f"uqseg {args.command}: not yet available", file=sys.stderr)
-    return 2
+    """Run ``uqseg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error, 0 for --help / --version
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        return _fail(args.command, str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", EXIT_FAILURE)
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+        return _fail(args.command, str(exc), EXIT_FAILURE)
 
 
 if __name__ == "__main__":
