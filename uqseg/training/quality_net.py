@@ -36,6 +36,9 @@ class QualityNet(nn.Module):
     depth : int, default=4
         Conv blocks; each halves the spatial size.
     dims : {2, 3}, default=2
+    downsample : int, default=1
+        Average-pool the input by this factor first (cheap on large images; quality is an
+        image-level property).
 
     Examples
     --------
@@ -45,17 +48,18 @@ class QualityNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, n_outputs: int, width: int = 16, depth: int = 4,
-                 dims: int = 2):
+                 dims: int = 2, downsample: int = 1):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("n_outputs", n_outputs),
-                        ("width", width), ("depth", depth)):
+                        ("width", width), ("depth", depth), ("downsample", downsample)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims!r}")
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-        layers, c_in = [], in_channels
+        pool = nn.AvgPool2d if dims == 2 else nn.AvgPool3d
+        layers, c_in = ([pool(downsample)] if downsample > 1 else []), in_channels
         for i in range(depth):
             c_out = width * 2 ** min(i, 3)
             layers += [conv(c_in, c_out, 3, stride=2, padding=1), norm(c_out), nn.ReLU()]
@@ -205,7 +209,7 @@ class QualityNetRegressor(BaseEstimator):
 
     Parameters
     ----------
-    width, depth : int
+    width, depth, downsample : int
         Network size (see :class:`QualityNet`).
     epochs, batch_size, lr : training schedule (see :func:`train_quality_net`).
     seed : int
@@ -224,9 +228,11 @@ class QualityNetRegressor(BaseEstimator):
     (8, 2)
     """
 
-    def __init__(self, width=16, depth=4, epochs=30, batch_size=32, lr=2e-3, seed=0):
+    def __init__(self, width=16, depth=4, downsample=1, epochs=30, batch_size=32, lr=2e-3,
+                 seed=0):
         self.width = width
         self.depth = depth
+        self.downsample = downsample
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -241,7 +247,8 @@ class QualityNetRegressor(BaseEstimator):
         if X.ndim not in (4, 5):
             raise ValueError(f"X must be maps of shape (N, C, *spatial), got shape {X.shape}")
         torch.manual_seed(self.seed)
-        self.model_ = QualityNet(X.shape[1], y.shape[1], self.width, self.depth, X.ndim - 2)
+        self.model_ = QualityNet(X.shape[1], y.shape[1], self.width, self.depth, X.ndim - 2,
+                                 self.downsample)
         self.history_ = train_quality_net(self.model_, X, y, epochs=self.epochs,
                                           batch_size=self.batch_size, lr=self.lr, seed=self.seed)
         return self
