@@ -67,9 +67,10 @@ def _objective(z, y, w, classwise):
             u -= m
             np.exp(u, out=u)
             tot = u.sum(axis=0)
-            f += float(wc @ (m + np.log(tot)))
+            # einsum, not BLAS: a threaded dot stalls on a busy machine for no gain here
+            f += float(np.einsum("i,i->", wc, m + np.log(tot)))
             u *= zc
-            ga += u @ (wc / tot)  # sum_i w_i p_ik z_ik
+            ga += np.einsum("ki,i->k", u, wc / tot)  # sum_i w_i p_ik z_ik
         g = -np.broadcast_to(a, (k,)) * ga / wsum
         return f / wsum, (g if classwise else np.array([g.sum()]))
 
