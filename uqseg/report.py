@@ -1,0 +1,292 @@
+"""Self-contained HTML report of a run (figures embedded as base64 PNG).
+
+Needs matplotlib (``pip install 'uqseg[plot]'``); it is imported only when a figure is
+drawn, with the non-interactive ``Agg`` backend. Every figure function takes plain arrays
+and returns a matplotlib ``Figure``, so they are usable outside the demo too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from uqseg._optional import import_optional
+
+__all__ = [
+    "examples_figure",
+    "figure_to_png",
+    "ood_histograms_figure",
+    "quality_scatter_figure",
+    "reliability_figure",
+    "write_report",
+]
+
+
+def _plt():
+    mpl = import_optional("matplotlib", extra="plot", purpose="the HTML report")
+    mpl.use("Agg", force=False)
+    return import_optional("matplotlib.pyplot", extra="plot", purpose="the HTML report")
+
+
+def figure_to_png(fig) -> bytes:
+    """PNG bytes of a matplotlib figure (the figure is closed)."""
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def reliability_figure(curves: dict):
+    """Reliability diagrams side by side.
+
+    Parameters
+    ----------
+    curves : dict
+        ``label -> {"confidence", "accuracy", "count", "ece"}`` (as
+        :func:`uqseg.metrics.reliability_curve` returns, plus the ECE). Consecutive pairs
+        share one panel (e.g. before / after calibration).
+    """
+    plt = _plt()
+    items = list(curves.items())
+    pairs = [items[i:i + 2] for i in range(0, len(items), 2)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.2), squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+        for label, c in pair:
+            conf, acc = np.asarray(c["confidence"]), np.asarray(c["accuracy"])
+            ok = np.asarray(c["count"]) > 0
+            ax.plot(conf[ok], acc[ok], marker="o", ms=3, label=f"{label} (ECE {c['ece']:.4f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Reliability diagrams (test, foreground region)")
+    fig.tight_layout()
+    return fig
+
+
+def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="uncertainty"):
+    """Image / truth / prediction / error / uncertainty panels, one row per image.
+
+    Parameters
+    ----------
+    image : array (n, H, W)
+    truth, prediction : int arrays (n, H, W)
+    uncertainty : array (n, H, W)
+    uncertainty_kind : str
+        Title of the last column.
+    """
+    plt = _plt()
+    n = len(image)
+    n_classes = int(max(np.max(truth), np.max(prediction))) + 1
+    fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
+    titles = ["image", "truth", "prediction", "error", uncertainty_kind.replace("_", " ")]
+    for r in range(n):
+        error = prediction[r] != truth[r]
+        panels = [(image[r], "gray", None), (truth[r], "viridis", (0, n_classes - 1)),
+                  (prediction[r], "viridis", (0, n_classes - 1)), (error, "Reds", (0, 1)),
+                  (uncertainty[r], "magma", None)]
+        for c, (arr, cmap, lim) in enumerate(panels):
+            ax = axes[r, c]
+            vmin, vmax = lim if lim else (None, None)
+            im = ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 3:
+                ax.set_xlabel(f"{error.mean():.1%} wrong", fontsize=8)
+            if c == 4:
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def ood_histograms_figure(scores: dict, auroc: dict | None = None):
+    """Histograms of OOD scores, one panel per detector.
+
+    Parameters
+    ----------
+    scores : dict
+        ``detector -> {"in-distribution": array, kind: array, ...}`` (higher = more
+        in-distribution).
+    auroc : dict, optional
+        ``detector -> {kind: AUROC}``, shown in the legend.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 3.8), squeeze=False)
+    for ax, (det, by_kind) in zip(axes[0], scores.items(), strict=True):
+        allv = np.concatenate([np.asarray(v, dtype=float) for v in by_kind.values()])
+        bins = np.linspace(np.nanmin(allv), np.nanmax(allv) + 1e-12, 30)
+        for kind, v in by_kind.items():
+            label = kind
+            if auroc and kind in auroc.get(det, {}):
+                label = f"{kind} (AUROC {auroc[det][kind]:.2f})"
+            style = {"histtype": "stepfilled", "alpha": 0.35, "color": "k"} \
+                if kind == "in-distribution" else {"histtype": "step", "lw": 1.2}
+            ax.hist(np.asarray(v, dtype=float), bins=bins, density=True, label=label, **style)
+        ax.set(title=f"{det} detector", xlabel="score (higher = more in-distribution)",
+               ylabel="density")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def quality_scatter_figure(true, predicted, classes=None, groups=None):
+    """Predicted against true Dice, one panel per foreground class.
+
+    Parameters
+    ----------
+    true, predicted : arrays (N, K - 1)
+    classes : list of str, optional
+    groups : array of str (N,), optional
+        Colour points by group (e.g. the corruption kind).
+    """
+    plt = _plt()
+    true, predicted = np.atleast_2d(np.asarray(true)), np.atleast_2d(np.asarray(predicted))
+    k = true.shape[1]
+    classes = classes or [f"class {i + 1}" for i in range(k)]
+    fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 4.2), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        if groups is None:
+            ax.scatter(true[:, j], predicted[:, j], s=10, alpha=0.7)
+        else:
+            for g in np.unique(groups):
+                m = np.asarray(groups) == g
+                ax.scatter(true[m, j], predicted[m, j], s=10, alpha=0.7, label=str(g))
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ok = ~(np.isnan(true[:, j]) | np.isnan(predicted[:, j]))
+        r = np.corrcoef(true[ok, j], predicted[ok, j])[0, 1] if ok.sum() > 2 else float("nan")
+        mae = np.mean(np.abs(true[ok, j] - predicted[ok, j])) if ok.any() else float("nan")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true Dice", ylabel="predicted Dice",
+               title=f"{classes[j]}: r = {r:.2f}, MAE = {mae:.3f}")
+        if groups is not None and j == 0:
+            ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:1em;overflow-x:auto}
+figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}"""
+
+
+def _table(rows, header) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _f(x, d=3):
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{d}f}"
+
+
+def write_report(out, summary: dict, figure_data: dict, filename: str = "report.html") -> Path:
+    """Write a self-contained HTML report of a demo run.
+
+    Parameters
+    ----------
+    out : str or path-like
+        Folder (created).
+    summary : dict
+        As :func:`uqseg.demo.run_demo` returns (numbers for the tables).
+    figure_data : dict
+        ``reliability`` (see :func:`reliability_figure`), ``examples`` (keys of
+        :func:`examples_figure`), ``ood_scores`` (see :func:`ood_histograms_figure`),
+        ``quality`` (``true``, ``predicted``, ``classes``, optional ``corruption``). Missing
+        keys skip their figure.
+    filename : str
+        Name of the HTML file.
+
+    Returns
+    -------
+    pathlib.Path
+        The HTML file; its figures are ``<img src="data:image/png;base64,...">``.
+    """
+    _plt()  # fail early with the install hint when matplotlib is missing
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if "reliability" in figure_data:
+        figures.append(("Reliability diagrams", reliability_figure(figure_data["reliability"]),
+                        "Top-label accuracy against confidence on the test images, inside "
+                        "the foreground region, before and after temperature scaling."))
+    if "examples" in figure_data:
+        ex = figure_data["examples"]
+        figures.append(("Predictions and uncertainty",
+                        examples_figure(ex["image"], ex["truth"], ex["prediction"],
+                                        ex["uncertainty"], ex.get("uncertainty_kind",
+                                                                  "uncertainty")),
+                        "Test slices: image, ground truth, ensemble prediction, its errors and "
+                        "the ensemble's voxel-wise uncertainty."))
+    if "ood_scores" in figure_data:
+        figures.append(("OOD scores", ood_histograms_figure(figure_data["ood_scores"],
+                                                            summary.get("ood_auroc")),
+                        "Scores of in-distribution test images (grey) and of each OOD kind."))
+    if "quality" in figure_data:
+        q = figure_data["quality"]
+        figures.append(("Predicted against true Dice",
+                        quality_scatter_figure(q["true"], q["predicted"], q.get("classes"),
+                                               q.get("corruption")),
+                        "QualityRegressor on corrupted test images (held-out severities)."))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>uqseg report</title>"
+             f"<style>{_CSS}</style></head><body><h1>uqseg report</h1>"]
+    parts.append(_summary_html(summary))
+    for title, fig, caption in figures:
+        b64 = base64.b64encode(figure_to_png(fig)).decode("ascii")
+        parts.append(f"<figure><h2>{html.escape(title)}</h2>"
+                     f"<img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>summary.json</h2><pre>"
+                 + html.escape(json.dumps(summary, indent=1, default=_plain)) + "</pre>")
+    parts.append("</body></html>")
+    path = out / filename
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def _plain(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def _summary_html(s: dict) -> str:
+    parts = []
+    if "members" in s:
+        rows = [[m["name"], " / ".join(_f(v) for v in m["test_dice"]), _f(m["val_ece"], 4),
+                 _f(m["ece"], 4), _f(m["nll"], 4)] for m in s["members"]]
+        if "ensemble" in s and "test_dice" in s:
+            e = s["ensemble"]["ensemble"]
+            rows.append(["ensemble", " / ".join(_f(v) for v in s["test_dice"]["ensemble"]), "",
+                         _f(e["ece"], 4), _f(e["nll"], 4)])
+        parts.append("<h2>Members and ensemble (test)</h2>" + _table(
+            rows, ["model", "Dice (" + " / ".join(s["test_dice"]["classes"]) + ")",
+                   "val ECE", "test ECE", "test NLL"]))
+    if "temperature_scaling" in s:
+        ts = s["temperature_scaling"]
+        parts.append("<h2>Temperature scaling</h2>" + _table(
+            [[ts["member"], ", ".join(_f(t, 2) for t in ts["temperature"]),
+              f"{_f(ts['before']['ece'], 4)} → {_f(ts['after']['ece'], 4)}",
+              f"{_f(ts['before']['nll'], 4)} → {_f(ts['after']['nll'], 4)}"]],
+            ["member", "T", "ECE", "NLL"]))
+    if "ood_auroc" in s:
+        dets = list(s["ood_auroc"])
+        kinds = list(s["ood_auroc"][dets[0]])
+        rows = [[k] + [_f(s["ood_auroc"][d][k]) for d in dets] for k in kinds]
+        parts.append("<h2>OOD detection (AUROC)</h2>" + _table(rows, ["kind", *dets]))
+    if "quality" in s:
+        q = s["quality"]
+        parts.append("<h2>Quality prediction</h2>" + _table(
+            [[_f(q["pearson_r"]), _f(q["spearman_rho"]), _f(q["mae"]), q["n"]]],
+            ["Pearson r", "Spearman ρ", "MAE", "pairs"]))
+    return "\n".join(parts)
