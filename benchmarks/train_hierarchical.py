@@ -1,0 +1,226 @@
+"""Hierarchical uncertainty U-Net (Bai & Bai) vs a plain U-Net: accuracy, error and OOD maps.
+
+Both arms train with ``uqseg.training.fit_segmenter`` (Dice + CE; the hierarchical arm adds
+its KL term), same epochs and seeds. The hierarchical net is scored from T noise samples
+(mean probability; entropy and mutual information maps), the U-Net from its softmax (entropy
+map). Uncertainty is then checked against errors (UEO, voxel AUROC, per-image correlation)
+and against OOD images (``datasets.load_ood``) and corrupted test images
+(``datasets.corrupt``): mean uncertainty per image, ratio to the test images, AUROC.
+Seed 0's hierarchical net is exported twice — the sampling model (noise inputs) run through
+``sample_onnx`` and the mean model run through ``uqseg.OnnxSegmenter`` — and compared.
+
+    python benchmarks/train_hierarchical.py             # small: minutes on 2 CPU cores
+    python benchmarks/train_hierarchical.py --size 96 96 --width 16 --epochs 30 --samples 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from uqseg import OnnxSegmenter, datasets, metrics
+from uqseg.training import UNet, export_onnx, fit_segmenter, predict_logits
+from uqseg.training.hierarchical import (
+    HierarchicalLoss,
+    HierarchicalUNet,
+    aggregate_samples,
+    export_hierarchical_onnx,
+    sample_onnx,
+    sample_torch,
+)
+from uqseg.uncertainty import entropy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# load_ood already holds noise/ghosting/bias/blur faults: corrupt with the other kinds
+CORRUPT = {"gamma": 0.7, "contrast": 0.7, "downsample": 0.7, "rotate": 0.7}
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def seg_scores(proba: np.ndarray, y: np.ndarray) -> dict:
+    d = metrics.dice_score(proba.argmax(1), y, n_classes=proba.shape[1])
+    return {
+        "dice": float(np.nanmean(d)),
+        "ece": float(metrics.expected_calibration_error(proba, y, n_bins=15)),
+        "nll": float(metrics.negative_log_likelihood(proba, y)),
+    }
+
+
+def error_scores(unc: np.ndarray, proba: np.ndarray, y: np.ndarray, rng) -> dict:
+    """How well an uncertainty map marks errors: UEO, voxel AUROC, per-image Pearson r."""
+    pred = proba.argmax(1)
+    err = pred != y
+    sub = rng.choice(err.size, size=min(err.size, 200_000), replace=False)
+    d = metrics.dice_score(pred, y, n_classes=proba.shape[1])
+    return {
+        "ueo": float(metrics.uncertainty_error_overlap(unc, pred, y)),
+        "error_auroc": float(roc_auc_score(err.ravel()[sub], unc.ravel()[sub])),
+        "image_r_unc_vs_1_minus_dice": float(
+            stats.pearsonr(unc.reshape(len(y), -1).mean(1), 1 - np.nanmean(d, 1))[0]
+        ),
+    }
+
+
+def ood_scores(unc_test: np.ndarray, unc_sets: dict[str, np.ndarray]) -> dict:
+    """Mean uncertainty per image: ratio to the test images and AUROC (test vs set)."""
+    s_in = unc_test.reshape(len(unc_test), -1).mean(1)
+    out = {"test_mean": float(s_in.mean())}
+    for name, u in unc_sets.items():
+        s_out = u.reshape(len(u), -1).mean(1)
+        out[name] = {
+            "mean": float(s_out.mean()),
+            "ratio_to_test": float(s_out.mean() / max(s_in.mean(), 1e-12)),
+            "auroc": float(metrics.ood_auroc(-s_in, -s_out)),
+        }
+    return out
+
+
+def mean_std(values) -> list[float]:
+    v = np.asarray(values, dtype=float)
+    return [float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0.0)]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, nargs=2, default=[48, 48])
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8, help="noise draws T at test time")
+    ap.add_argument("--kl-weight", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "training_hierarchical.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    size = tuple(args.size)
+    X, y = datasets.load_brain_tissue("train", size=size)
+    Xv, yv = datasets.load_brain_tissue("val", size=size)
+    Xt, yt = datasets.load_brain_tissue("test", size=size)
+    K = int(y.max()) + 1
+    shifted = {f"ood_{k}": datasets.load_ood(k, size=size) for k in datasets.OOD_KINDS}
+    shifted |= {f"corrupt_{k}": datasets.corrupt(Xt, k, s, seed=0) for k, s in CORRUPT.items()}
+    fit_kw = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "patience": None,
+        "progress": False,
+        "device": "cpu",
+    }
+    rng = np.random.default_rng(0)
+    runs: dict[str, list[dict]] = {"unet": [], "hierarchical": []}
+    onnx_check: dict = {}
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        unet = UNet(1, K, width=args.width, depth=args.depth)
+        fit_segmenter(unet, X, y, Xv, yv, seed=seed, **fit_kw)
+        torch.manual_seed(seed)
+        hier = HierarchicalUNet(1, K, width=args.width, depth=args.depth)
+        fit_segmenter(
+            hier,
+            X,
+            y,
+            Xv,
+            yv,
+            seed=seed,
+            loss=HierarchicalLoss(hier, "dice_ce", args.kl_weight),
+            **fit_kw,
+        )
+
+        def unet_maps(Z, net=unet):
+            p = softmax(predict_logits(net, Z, 32, "cpu"))
+            return p, {"entropy": entropy(p)}
+
+        def hier_maps(Z, net=hier, seed=seed):
+            agg = aggregate_samples(sample_torch(net, Z, args.samples, seed=seed))
+            return agg["proba"], {"entropy": agg["entropy"], "mi": agg["mutual_information"]}
+
+        for arm, fn in (("unet", unet_maps), ("hierarchical", hier_maps)):
+            proba, maps = fn(Xt)
+            row = {"seed": seed, **seg_scores(proba, yt)}
+            if arm == "hierarchical":
+                row["mean_model"] = seg_scores(softmax(predict_logits(hier, Xt, 32, "cpu")), yt)
+            shifted_maps = {name: fn(Z)[1] for name, Z in shifted.items()}
+            for kind, unc in maps.items():
+                row[f"errors_{kind}"] = error_scores(unc, proba, yt, rng)
+                row[f"ood_{kind}"] = ood_scores(unc, {n: m[kind] for n, m in shifted_maps.items()})
+            runs[arm].append(row)
+            print(
+                f"{arm} seed {seed}: dice {row['dice']:.4f} ece {row['ece']:.4f} "
+                f"ueo {row['errors_entropy']['ueo']:.4f}",
+                flush=True,
+            )
+        if seed == args.seeds[0]:
+            with tempfile.TemporaryDirectory() as tmp:
+                rep = export_hierarchical_onnx(hier, Path(tmp) / "h.onnx", Xt[:2])
+                agg = sample_onnx(rep["path"], Xt, args.samples, seed=seed, device="cpu")
+                ref = aggregate_samples(sample_torch(hier, Xt, args.samples, seed=seed))
+                mean_path = Path(tmp) / "h_mean.onnx"
+                export_onnx(hier, mean_path, Xt[:2], feature_layers=["decoder_last"])
+                seg = OnnxSegmenter(str(mean_path), backend="onnxruntime", device="cpu").fit()
+                p_mean = seg.predict_proba(Xt)
+                onnx_check = {
+                    "sampling_export_max_abs_diff": rep["max_abs_diff"],
+                    "sample_onnx_proba_max_abs_diff_vs_torch": float(
+                        np.abs(agg["proba"] - ref["proba"]).max()
+                    ),
+                    "sample_onnx_mi_max_abs_diff_vs_torch": float(
+                        np.abs(agg["mutual_information"] - ref["mutual_information"]).max()
+                    ),
+                    "sample_onnx_scores": seg_scores(agg["proba"], yt),
+                    "mean_model_onnxsegmenter_max_abs_diff_vs_torch": float(
+                        np.abs(p_mean - softmax(predict_logits(hier, Xt, 32, "cpu"))).max()
+                    ),
+                }
+            print("onnx:", onnx_check, flush=True)
+
+    def collect(arm, path):
+        vals = []
+        for r in runs[arm]:
+            v = r
+            for key in path:
+                v = v[key]
+            vals.append(v)
+        return mean_std(vals)
+
+    summary: dict = {}
+    for arm in runs:
+        kinds = ["entropy"] + (["mi"] if arm == "hierarchical" else [])
+        s = {k: collect(arm, [k]) for k in ("dice", "ece", "nll")}
+        for kind in kinds:
+            for m in ("ueo", "error_auroc", "image_r_unc_vs_1_minus_dice"):
+                s[f"{kind}_{m}"] = collect(arm, [f"errors_{kind}", m])
+            for name in shifted:
+                s[f"{kind}_{name}_ratio"] = collect(arm, [f"ood_{kind}", name, "ratio_to_test"])
+                s[f"{kind}_{name}_auroc"] = collect(arm, [f"ood_{kind}", name, "auroc"])
+        summary[arm] = s
+    result = {
+        "benchmark": "training_hierarchical",
+        "config": vars(args) | {"n_train": len(X), "n_test": len(Xt), "corruptions": CORRUPT},
+        "runs": runs,
+        "summary_mean_std": summary,
+        "onnx_seed0": onnx_check,
+        "seconds": time.perf_counter() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for arm, s in summary.items():
+        print(arm, {k: f"{m:.3f}±{sd:.3f}" for k, (m, sd) in s.items()})
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Multi-task training (Karimi & Gholipour) vs one network per data set vs fine-tuning.
+
+Three segmentation data sets from the embedded brain data, one global label space:
+
+- ``axial_tissue``: grey/white matter (labels 1, 2) on axial slices, all training subjects;
+- ``coronal_tissue_small``: the same classes on coronal slices, only ``--small-subjects``
+  training subjects (the small-data task);
+- ``sagittal_brain``: a binary whole-brain mask (label 3) on sagittal slices.
+
+Arms, same seeds, U-Net and loop (``fit_multitask``, Dice + CE, ``--steps`` gradient steps
+per data set): ``single`` (one network per data set, ``steps`` each), ``joint`` (one network
+on all three, ``3 * steps``, samples drawn with probability 1/(K sqrt(n_k))), ``finetune``
+(the axial single network fine-tuned on each other data set for ``steps`` at lr / 3).
+Scores per data set on its test split, over that task's classes (the mass of other tasks'
+classes counts as background). Seed 0's joint network is exported to ONNX and scored again
+through ``uqseg.OnnxSegmenter``.
+
+    python benchmarks/train_multitask.py                 # small: minutes on 2 CPU cores
+    python benchmarks/train_multitask.py --size 96 96 --width 16 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uqseg import OnnxSegmenter, datasets, metrics
+from uqseg.training import UNet, export_onnx, predict_logits
+from uqseg.training.multitask import dataset_probabilities, fit_multitask, restrict_to_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N_GLOBAL = 4  # 0 background, 1 grey matter, 2 white matter, 3 brain (mask task)
+TASKS = {
+    "axial_tissue": {"plane": "axial", "classes": [0, 1, 2]},
+    "coronal_tissue_small": {"plane": "coronal", "classes": [0, 1, 2]},
+    "sagittal_brain": {"plane": "sagittal", "classes": [0, 3]},
+}
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def load(name: str, split: str, size, small_subjects: int):
+    X, y = datasets.load_brain_tissue(split, plane=TASKS[name]["plane"], size=size)
+    if name == "sagittal_brain":
+        y = np.where(y > 0, 3, 0).astype(y.dtype)
+    if name == "coronal_tissue_small" and split == "train":
+        n = small_subjects * (len(X) // 12)  # 12 training subjects, equal slices each
+        X, y = X[:n], y[:n]
+    return X, y
+
+
+def task_scores(proba_global: np.ndarray, y_global: np.ndarray, classes: list[int]) -> dict:
+    proba = restrict_to_task(proba_global, classes)
+    lut = np.zeros(N_GLOBAL, dtype=np.int64)
+    lut[classes] = np.arange(len(classes))
+    y = lut[y_global]
+    d = metrics.dice_score(proba.argmax(1), y, n_classes=len(classes))
+    return {
+        "dice": float(np.nanmean(d)),
+        "ece": float(metrics.expected_calibration_error(proba, y, n_bins=15)),
+        "nll": float(metrics.negative_log_likelihood(proba, y)),
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, nargs=2, default=[48, 48])
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=80, help="gradient steps per data set")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--small-subjects", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "training_multitask.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    size = tuple(args.size)
+    data = {
+        name: {s: load(name, s, size, args.small_subjects) for s in ("train", "val", "test")}
+        for name in TASKS
+    }
+    names = list(TASKS)
+    sizes = [len(data[n]["train"][0]) for n in names]
+    kw = {"batch_size": args.batch_size, "eval_every": args.eval_every}
+
+    def new_net(seed: int) -> UNet:
+        torch.manual_seed(seed)
+        return UNet(1, N_GLOBAL, width=args.width, depth=args.depth)
+
+    def evaluate(net) -> dict:
+        return {
+            n: task_scores(
+                softmax(predict_logits(net, data[n]["test"][0], 32, "cpu")),
+                data[n]["test"][1],
+                TASKS[n]["classes"],
+            )
+            for n in names
+        }
+
+    runs: dict[str, list[dict]] = {"single": [], "joint": [], "finetune": []}
+    draws, onnx_check = None, {}
+    for seed in args.seeds:
+        single = {}
+        for n in names:
+            net = new_net(seed)
+            fit_multitask(
+                net,
+                [data[n]["train"]],
+                [data[n]["val"]],
+                steps=args.steps,
+                lr=args.lr,
+                seed=seed,
+                **kw,
+            )
+            single[n] = net
+        row = {n: evaluate(single[n])[n] for n in names}
+        runs["single"].append({"seed": seed, **row})
+        joint = new_net(seed)
+        h = fit_multitask(
+            joint,
+            [data[n]["train"] for n in names],
+            [data[n]["val"] for n in names],
+            steps=len(names) * args.steps,
+            lr=args.lr,
+            seed=seed,
+            **kw,
+        )
+        draws = h["draws"]
+        runs["joint"].append({"seed": seed, **evaluate(joint)})
+        ft_row = {}
+        for n in names[1:]:
+            net = copy.deepcopy(single[names[0]])
+            fit_multitask(
+                net,
+                [data[n]["train"]],
+                [data[n]["val"]],
+                steps=args.steps,
+                lr=args.lr / 3,
+                seed=seed,
+                **kw,
+            )
+            ft_row[n] = evaluate(net)[n]
+        runs["finetune"].append({"seed": seed, **ft_row})
+        for arm in runs:
+            r = runs[arm][-1]
+            print(
+                f"seed {seed} {arm}: "
+                + "  ".join(
+                    f"{n} dice {r[n]['dice']:.3f} ece {r[n]['ece']:.3f}" for n in names if n in r
+                ),
+                flush=True,
+            )
+        if seed == args.seeds[0]:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "joint.onnx"
+                rep = export_onnx(
+                    joint,
+                    path,
+                    data[names[0]]["test"][0][:2],
+                    feature_layers=["decoder_last", "bottleneck"],
+                    info={"arm": "joint", "tasks": TASKS, "seed": seed},
+                )
+                seg = OnnxSegmenter(str(path), backend="onnxruntime", device="cpu").fit()
+                onnx_check = {"export_max_abs_diff": rep["max_abs_diff"]}
+                for n in names:
+                    Xt, yt = data[n]["test"]
+                    p = seg.predict_proba(Xt)
+                    ref = softmax(predict_logits(joint, Xt, 32, "cpu"))
+                    onnx_check[n] = {
+                        "proba_max_abs_diff_vs_torch": float(np.abs(p - ref).max()),
+                        **task_scores(p, yt, TASKS[n]["classes"]),
+                    }
+    summary: dict = {}
+    for arm, rows in runs.items():
+        summary[arm] = {}
+        for n in names:
+            if n not in rows[0]:
+                continue
+            summary[arm][n] = {}
+            for k in ("dice", "ece", "nll"):
+                v = np.array([r[n][k] for r in rows])
+                summary[arm][n][k] = [float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0)]
+    result = {
+        "benchmark": "training_multitask",
+        "config": vars(args)
+        | {"tasks": TASKS, "train_sizes": dict(zip(names, sizes, strict=True))},
+        "dataset_probabilities": dict(
+            zip(names, dataset_probabilities(sizes).tolist(), strict=True)
+        ),
+        "joint_draws_last_seed": dict(zip(names, draws, strict=True)),
+        "runs": runs,
+        "summary_mean_std": summary,
+        "onnx_seed0_joint": onnx_check,
+        "seconds": time.perf_counter() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for arm, s in summary.items():
+        for n, v in s.items():
+            print(
+                f"{arm:9s} {n:22s} "
+                + "  ".join(f"{k} {m:.4f}±{sd:.4f}" for k, (m, sd) in v.items())
+            )
+    return result
+
+
+if __name__ == "__main__":
+    main()
