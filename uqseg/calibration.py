@@ -398,8 +398,9 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         self._reset_sample(k)
 
     def _rng(self):
-        seed = None if self.random_state is None else [int(self.random_state),
-                                                       getattr(self, "_n_calls", 0)]
+        # a fresh stream per call, keyed on the voxels seen so far (saved with the sample)
+        seen = int(self.sample_["counts"].sum()) if hasattr(self, "sample_") else 0
+        seed = None if self.random_state is None else [int(self.random_state), seen]
         return np.random.default_rng(seed)
 
     def _consume(self, X, y, first_call):
@@ -412,7 +413,6 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             self._ingest(z, yb, mask, rng)
         if not seen:
             raise ValueError("X is empty: at least one image is required")
-        self._n_calls = getattr(self, "_n_calls", 0) + 1
 
     def _solve(self):
         smp = self.sample_
@@ -459,7 +459,6 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         for attr in ("temperature_", "n_classes_", "sample_"):
             self.__dict__.pop(attr, None)
         self.estimator_ = self._make_estimator(X)
-        self._n_calls = 0
         self._consume(X, y, first_call=True)
         self._solve()
         return self
@@ -493,7 +492,6 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         if first:
             self._check_params()
             self.estimator_ = self._make_estimator(X)
-            self._n_calls = 0
         self._consume(X, y, first_call=first)
         self._solve()
         return self
