@@ -359,3 +359,15 @@ def test_ensemble_segmenter_in_a_pipeline(tiny_members, images):
     np.testing.assert_allclose(pipe.predict_proba(images), ref.predict_proba(logp), atol=1e-6)
     cal = TemperatureCalibrator(ensemble.EnsembleSegmenter(tiny_members)).fit(images, y)
     assert cal.temperature_ == pytest.approx(ref.temperature_, rel=1e-6)
+
+
+def test_save_and_load_without_pickle(tmp_path, tiny_2d, images):
+    persistence = pytest.importorskip("uqseg.persistence")
+    y = _labels_for(OnnxSegmenter(tiny_2d).fit().transform(images))
+    cal = TemperatureCalibrator(tiny_2d, mode="classwise").fit(images, y)
+    persistence.save(cal, tmp_path / "cal")
+    back = persistence.load(tmp_path / "cal")
+    np.testing.assert_array_equal(back.temperature_, cal.temperature_)
+    np.testing.assert_allclose(back.predict_proba(images), cal.predict_proba(images))
+    back.partial_fit(images, y)  # the saved sample continues
+    assert back.n_voxels_fit_ == 2 * cal.n_voxels_fit_
