@@ -107,7 +107,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         if isinstance(self.model, (bytes, bytearray)):
             raise TypeError("model must be a path to an ONNX file (bytes cannot be cloned safely)")
         if not isinstance(self.model, (str, os.PathLike)):
-            raise TypeError(f"model must be a path to an ONNX file, got {type(self.model).__name__}")
+            raise TypeError(
+                f"model must be a path to an ONNX file, got {type(self.model).__name__}")
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not 0 <= float(self.overlap) < 1:
@@ -254,7 +255,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
                                      f"got {item!r}")
                 flips.append(tuple(a + 2 for a in t))
             return flips
-        raise ValueError(f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}")
+        raise ValueError(
+            f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}")
 
     # ------------------------------------------------------------------ inference
     def run(self, X, layers=("auto",), *, mc_mask=None) -> dict:
@@ -349,6 +351,9 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             if len(flips) > 1:
                 acc[self.output_name_] /= len(flips)
             for name, val in acc.items():
+                if n <= bs:  # one batch: the engine's fresh output array is the result
+                    result[name] = val
+                    continue
                 if name not in result:
                     result[name] = np.empty((n, *val.shape[1:]), dtype=np.float32)
                 result[name][start:start + bs] = val

@@ -62,6 +62,10 @@ class OnnxRuntimeRunner(Runner):
         opts.intra_op_num_threads = threads or _physical_cores()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if device == "cpu":
+            # busy-waiting workers steal the cores other threads (numpy, other sessions, other
+            # processes) need; on shared or small machines blocking is faster overall
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = device
         self._device_id = device_id
         providers = self._providers(proto, device, cache_dir, max_batch, fp16, device_id)
@@ -79,7 +83,8 @@ class OnnxRuntimeRunner(Runner):
         self.providers = self._session.get_providers()
         for inp in self._session.get_inputs():
             self.input_names.append(inp.name)
-            self.input_shapes[inp.name] = tuple(d if isinstance(d, int) else None for d in inp.shape)
+            self.input_shapes[inp.name] = tuple(
+                d if isinstance(d, int) else None for d in inp.shape)
             self.input_dtypes[inp.name] = np.dtype(_ort_type(inp.type))
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._use_binding = device in ("cuda", "tensorrt")
@@ -111,7 +116,8 @@ class OnnxRuntimeRunner(Runner):
             if profile is not None:
                 trt_opts.update(profile)
             return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
-        raise ValueError(f"unknown device {device!r} for onnxruntime; use 'cpu', 'cuda' or 'tensorrt'")
+        raise ValueError(
+            f"unknown device {device!r} for onnxruntime; use 'cpu', 'cuda' or 'tensorrt'")
 
     def _run_impl(self, feeds, outputs):
         if not self._use_binding:
