@@ -527,7 +527,12 @@ COMMANDS = {"demo": _cmd_demo, "predict": _cmd_predict, "bench": _cmd_bench,
 def main(argv: list[str] | None = None) -> int:
     """Run ``uqseg`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # exits 2 on a usage error, 0 for --help / --version
+    # exits 2 on a usage error, 0 for --help / --version; `bench` passes unknown options on
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = [*extra, *args.bench_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

@@ -160,8 +160,11 @@ def quality_scatter_figure(true, predicted, classes=None, groups=None):
                 ax.scatter(true[m, j], predicted[m, j], s=10, alpha=0.7, label=str(g))
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         ok = ~(np.isnan(true[:, j]) | np.isnan(predicted[:, j]))
-        r = np.corrcoef(true[ok, j], predicted[ok, j])[0, 1] if ok.sum() > 2 else float("nan")
-        mae = np.mean(np.abs(true[ok, j] - predicted[ok, j])) if ok.any() else float("nan")
+        t, p = true[ok, j], predicted[ok, j]
+        r = float("nan")
+        if ok.sum() > 2 and t.std() > 0 and p.std() > 0:
+            r = float(np.corrcoef(t, p)[0, 1])
+        mae = float(np.mean(np.abs(t - p))) if ok.any() else float("nan")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true Dice", ylabel="predicted Dice",
                title=f"{classes[j]}: r = {r:.2f}, MAE = {mae:.3f}")
         if groups is not None and j == 0:

@@ -1,0 +1,261 @@
+"""The ``uqseg`` command line: help, exit codes, predict round trips, demo, bench wiring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_io import AFFINE, write_dicom_series
+
+from uqseg import cli
+
+SUBCOMMANDS = ["demo", "predict", "bench", "train", "export"]
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------------- usage
+@pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in SUBCOMMANDS]])
+def test_help_exits_zero(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    assert "usage: uqseg" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import uqseg
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"uqseg {uqseg.__version__}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["frobnicate"], "invalid choice"),
+    (["demo", "--batch-size", "0"], "positive integer"),
+    (["predict", "m.onnx", "x.nii"], "--out"),
+    (["predict", "--out", "o", "m.onnx", "x.nii", "--mc-samples", "-2"], "integer >= 0"),
+    (["predict", "--out", "o", "m.onnx", "x.nii", "--axis", "5"], "invalid choice"),
+    (["train", "--dropout", "1.5"], "[0, 1)"),
+    (["demo", "--backend", "cuda-magic"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_usage_errors_found_after_parsing_exit_2(tmp_path, tiny_2d, capsys):
+    code, _, err = run(["predict", tmp_path / "nothing.nii.gz", "--out", tmp_path], capsys)
+    assert code == 2 and "at least one MODEL.onnx" in err
+    code, _, err = run(["predict", tiny_2d, tmp_path / "nothing.nii.gz", "--out", tmp_path],
+                       capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(["demo", "--models", tmp_path / "nope.onnx", "--out", tmp_path], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(["export", tmp_path / "nope.pt"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_runtime_failure_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.float32))
+    code, _, err = run(["predict", bad, tmp_path / "x.npy", "--out", tmp_path / "o"], capsys)
+    assert code == 1
+    assert err.startswith("uqseg predict: error:")
+
+
+def test_core_cli_does_not_import_torch():
+    code = ("import sys, uqseg.cli, uqseg.demo, uqseg.io, uqseg.report;"
+            "uqseg.cli.build_parser();"
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_train_without_torch_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uqseg.training", None)
+    code, _, err = run(["train", "--epochs", "1"], capsys)
+    assert code == 1
+    assert "pip install 'uqseg[train]'" in err
+
+
+# ---------------------------------------------------------------------- predict
+def _outputs(out, stem):
+    return {k: nib.load(out / f"{stem}_{k}.nii.gz") for k in ("seg", "proba", "entropy")}
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_predict_nifti_volume_through_2d_model_keeps_affine(tmp_path, tiny_2d, tiny_members,
+                                                             axis, capsys):
+    shape = (8, 6, 10)
+    x = np.random.default_rng(0).random(shape).astype(np.float32) * 500
+    nib.save(nib.Nifti1Image(x, AFFINE), tmp_path / "vol.nii.gz")
+    out = tmp_path / "out"
+    code, stdout, _ = run(["predict", *tiny_members[:2], tmp_path / "vol.nii.gz", "--out", out,
+                           "--axis", axis, "--no-progress"], capsys)
+    assert code == 0
+    imgs = _outputs(out, "vol")
+    for img in imgs.values():
+        np.testing.assert_allclose(img.affine, AFFINE)
+    seg = np.asarray(imgs["seg"].dataobj)
+    proba = imgs["proba"].get_fdata(dtype=np.float32)
+    assert seg.shape == shape and seg.dtype == np.uint8
+    assert seg.max() <= 2
+    assert proba.shape == (*shape, 3) and imgs["proba"].get_data_dtype() == np.float32
+    np.testing.assert_allclose(proba.sum(-1), 1, atol=1e-5)
+    np.testing.assert_array_equal(seg, proba.argmax(-1))
+    mi = nib.load(out / "vol_mi.nii.gz")  # two members: mutual information is written
+    assert mi.shape == shape
+    # slice-wise prediction equals the ensemble on the normalised slices taken along `axis`
+    from uqseg import EnsembleSegmenter
+    from uqseg.datasets import normalize_intensity
+
+    slices = normalize_intensity(np.moveaxis(x, axis, 0)[:, None])
+    expected = EnsembleSegmenter(tiny_members[:2]).fit().predict(slices)
+    np.testing.assert_array_equal(np.moveaxis(seg, axis, 0), expected)
+    report = json.loads((out / "vol_scores.json").read_text())
+    assert report["layout"] == "slices" and report["n_samples"] == 2
+    assert sum(report["class_voxels"]) == seg.size
+    assert str(out / "vol_seg.nii.gz") in stdout
+
+
+def test_predict_3d_model_single_member_no_mi(tmp_path, tiny_3d, capsys):
+    x = np.random.default_rng(1).random((6, 8, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(x, AFFINE), tmp_path / "v.nii")
+    code, _, _ = run(["predict", tiny_3d, tmp_path / "v.nii", "--out", tmp_path,
+                      "--no-progress"], capsys)
+    assert code == 0
+    imgs = _outputs(tmp_path, "v")
+    assert imgs["seg"].shape == (6, 8, 4) and imgs["proba"].shape == (6, 8, 4, 3)
+    np.testing.assert_allclose(imgs["seg"].affine, AFFINE)
+    assert not (tmp_path / "v_mi.nii.gz").exists()
+
+
+def test_predict_numpy_2d_input(tmp_path, tiny_2d, capsys):
+    x = np.random.default_rng(2).random((12, 10)).astype(np.float32)
+    np.save(tmp_path / "img.npy", x)
+    code, _, _ = run(["predict", tiny_2d, tmp_path / "img.npy", "--out", tmp_path / "o",
+                      "--no-progress"], capsys)
+    assert code == 0
+    seg = nib.load(tmp_path / "o" / "img_seg.nii.gz")
+    assert seg.shape == (12, 10)
+    np.testing.assert_array_equal(seg.affine, np.eye(4))
+    from uqseg import OnnxSegmenter
+    from uqseg.datasets import normalize_intensity
+
+    expected = OnnxSegmenter(tiny_2d).fit().predict(normalize_intensity(x)[None, None])[0]
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), expected)
+
+
+def test_predict_no_normalize_and_tta(tmp_path, tiny_2d, capsys):
+    x = np.random.default_rng(3).random((8, 8)).astype(np.float32) * 3
+    np.save(tmp_path / "img.npy", x)
+    code, _, _ = run(["predict", tiny_2d, tmp_path / "img.npy", "--out", tmp_path, "--no-normalize",
+                      "--tta", "--no-progress"], capsys)
+    assert code == 0
+    from uqseg import EnsembleSegmenter
+
+    expected = EnsembleSegmenter([tiny_2d], tta="flips").fit().predict_proba(x[None, None])[0]
+    proba = nib.load(tmp_path / "img_proba.nii.gz").get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(np.moveaxis(proba, -1, 0), expected, atol=1e-5)
+    assert (tmp_path / "img_mi.nii.gz").exists()  # 4 flips = 4 samples
+
+
+def test_predict_dicom_series(tmp_path, tiny_2d, capsys):
+    vol = np.random.default_rng(4).integers(0, 4000, size=(8, 10, 3)).astype(np.uint16)
+    orient, spacing = [1, 0, 0, 0, 1, 0], [0.8, 0.6]
+    origin, step = np.array([-20.0, 30.0, 10.0]), np.array([0, 0, 2.5])
+    write_dicom_series(tmp_path / "dcm", vol, orientation=orient, spacing=spacing,
+                       origin=origin, step=step)
+    code, _, _ = run(["predict", tiny_2d, tmp_path / "dcm", "--out", tmp_path / "o",
+                      "--no-progress"], capsys)
+    assert code == 0
+    seg = nib.load(tmp_path / "o" / "dcm_seg.nii.gz")
+    assert seg.shape == (10, 8, 3)  # (columns, rows, slices)
+    lps = np.array([[0.6, 0, 0, -20], [0, 0.8, 0, 30], [0, 0, 2.5, 10], [0, 0, 0, 1]])
+    np.testing.assert_allclose(seg.affine, np.diag([-1, -1, 1, 1]) @ lps, atol=1e-6)
+    report = json.loads((tmp_path / "o" / "dcm_scores.json").read_text())
+    assert report["input_kind"] == "dicom"
+
+
+def test_predict_with_saved_estimators(tmp_path, tiny_2d, capsys):
+    import uqseg
+    from uqseg import SpectralOODDetector
+
+    rng = np.random.default_rng(5)
+    X = rng.random((6, 1, 16, 16)).astype(np.float32)
+    uqseg.save(SpectralOODDetector(tiny_2d).fit(X), tmp_path / "ood")
+    np.save(tmp_path / "img.npy", rng.random((16, 16, 3)).astype(np.float32))
+    code, _, _ = run(["predict", tiny_2d, tmp_path / "img.npy", "--out", tmp_path / "o",
+                      "--estimators", tmp_path / "ood", "--no-progress"], capsys)
+    assert code == 0
+    scores = json.loads((tmp_path / "o" / "img_scores.json").read_text())["estimators"]["ood"]
+    assert scores["type"] == "SpectralOODDetector"
+    assert len(scores["score_samples"]) == 3  # one per slice along axis 2
+    det = uqseg.load(tmp_path / "ood")
+    from uqseg.datasets import normalize_intensity
+
+    slices = normalize_intensity(np.moveaxis(np.load(tmp_path / "img.npy"), 2, 0)[:, None])
+    np.testing.assert_allclose(scores["score_samples"], det.score_samples(slices), rtol=1e-6)
+
+
+def test_predict_channel_mismatch_is_a_runtime_error(tmp_path, tiny_2d, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((4, 6, 6, 2), np.float32))
+    code, _, err = run(["predict", tiny_2d, tmp_path / "x.npy", "--out", tmp_path], capsys)
+    assert code == 1 and "1 channel" in err
+
+
+# ---------------------------------------------------------------------- bench
+def test_bench_calls_run_all_main(tmp_path, monkeypatch, capsys):
+    script = tmp_path / "run_all.py"
+    script.write_text("import json, sys\n"
+                      "def main(argv):\n"
+                      "    print(json.dumps(argv))\n"
+                      "    return 3\n")
+    monkeypatch.setattr(cli, "_repo_benchmarks", lambda: script)
+    code, out, _ = run(["bench", "--quick", "--only", "ood"], capsys)
+    assert code == 3
+    assert json.loads(out) == ["--quick", "--only", "ood"]
+
+
+def test_bench_without_the_repository(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_repo_benchmarks", lambda: None)
+    code, _, err = run(["bench"], capsys)
+    assert code == 1 and "source repository" in err
+
+
+# ---------------------------------------------------------------------- demo
+def test_demo_quick_end_to_end(tmp_path, tiny_members, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, _ = run(["demo", "--quick", "--models", *tiny_members[:2], "--out", tmp_path,
+                        "--no-progress"], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    from uqseg import datasets
+
+    assert set(summary["ood_auroc"]) == {"spectral", "uncertainty"}
+    assert set(summary["ood_auroc"]["spectral"]) == set(datasets.OOD_KINDS)
+    for v in summary["ood_auroc"]["spectral"].values():
+        assert 0 <= v <= 1
+    ts = summary["temperature_scaling"]
+    assert ts["temperature"][0] > 0
+    assert summary["n_members"] == 2 and len(summary["members"]) == 2
+    assert summary["throughput_images_per_s"]["ensemble"] > 0
+    assert "OOD AUROC" in out and "quality" in out and "--quick" in out
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
