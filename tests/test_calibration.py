@@ -303,6 +303,8 @@ def test_clone_get_params_and_pickle(tiny_2d, images):
     # the unpickled sample continues streaming
     back.partial_fit(images, y)
     assert back.n_voxels_fit_ == 2 * cal.n_voxels_fit_
+    back.set_params(mode="global").partial_fit(images, y)  # warm start across modes
+    assert np.ndim(back.temperature_) == 0
     cal.set_params(mode="global").fit(images, y)
     assert np.ndim(cal.temperature_) == 0
 

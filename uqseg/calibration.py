@@ -393,7 +393,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         return w[smp["strata"]]
 
     # ------------------------------------------------------------------ fitting
-    def _start(self, X, k):
+    def _start(self, k):
         self.n_classes_ = int(k)
         self._reset_sample(k)
 
@@ -408,7 +408,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         seen = False
         for z, yb, mask in self._pairs(X, y):
             if first_call and not seen:
-                self._start(X, z.shape[1])
+                self._start(z.shape[1])
             seen = True
             self._ingest(z, yb, mask, rng)
         if not seen:
@@ -423,7 +423,10 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         classwise = self.mode == "classwise"
         dim = self.n_classes_ if classwise else 1
         prev = getattr(self, "temperature_", None)
-        x0 = np.zeros(dim) if prev is None else np.broadcast_to(np.log(prev), (dim,)).copy()
+        x0 = np.zeros(dim)
+        if prev is not None:  # warm start; mean log T when the mode changed in between
+            log_prev = np.log(np.atleast_1d(prev))
+            x0 = log_prev.copy() if log_prev.size == dim else np.full(dim, log_prev.mean())
         fun = _objective(smp["scores"], smp["labels"], w, classwise)
         res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[LOG_T_BOUNDS] * dim)
         t = np.exp(res.x)
