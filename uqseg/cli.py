@@ -102,13 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict", help="segment NIfTI / NumPy / DICOM images with uncertainty maps",
+        usage="uqseg predict MODEL.onnx [MODEL.onnx ...] INPUT --out DIR [options]",
         description="Segment an image with one or more ONNX models (an ensemble). Writes "
                     "<name>_seg.nii.gz (uint8 labels), <name>_proba.nii.gz (float32, classes "
                     "on the 4th axis), <name>_entropy.nii.gz and, with several samples, "
                     "<name>_mi.nii.gz (mutual information), all with the input's affine, "
                     "plus <name>_scores.json (with OOD and quality scores when --estimators "
                     "are given).")
-    p.add_argument("paths", nargs="+", metavar="MODEL.onnx ... INPUT",
+    p.add_argument("paths", nargs="+", metavar="PATH",
                    help="one or more ONNX models, then the input: .nii/.nii.gz, .npy/.npz "
                         "(key 'image', optional 'affine') or a folder with one DICOM series")
     p.add_argument("--out", type=Path, required=True, help="output folder")
