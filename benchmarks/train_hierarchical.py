@@ -39,6 +39,75 @@ from uqseg.training.hierarchical import (
 from uqseg.uncertainty import entropy
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
+
+
+def write_doc_section(name: str, markdown: str) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of the docs page."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def pm(pair, digits: int = 3) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def render(result: dict) -> str:
+    """Markdown tables: accuracy and error detection; OOD uncertainty ratio and AUROC."""
+    s, cfg = result["summary_mean_std"], result["config"]
+    u, h = s["unet"], s["hierarchical"]
+    lines = [
+        f"Test split, {len(cfg['seeds'])} seeds, {cfg['size'][0]}x{cfg['size'][1]} slices, "
+        f"width {cfg['width']} depth {cfg['depth']}, {cfg['epochs']} epochs, "
+        f"T = {cfg['samples']} samples, kl_weight = {cfg['kl_weight']}.",
+        "",
+        "| arm (uncertainty map) | Dice | ECE | NLL | UEO | error AUROC | r(unc, 1 - Dice) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r, kind in (
+        ("U-Net (entropy)", u, "entropy"),
+        ("hierarchical (entropy)", h, "entropy"),
+        ("hierarchical (mutual information)", h, "mi"),
+    ):
+        lines.append(
+            f"| {label} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} | "
+            f"{pm(r[kind + '_ueo'])} | {pm(r[kind + '_error_auroc'])} | "
+            f"{pm(r[kind + '_image_r_unc_vs_1_minus_dice'])} |"
+        )
+    shifted = [k[len("entropy_") : -len("_ratio")] for k in u if k.endswith("_ratio")]
+    lines += [
+        "",
+        "Mean uncertainty per image on shifted images relative to the test images (ratio > 1: "
+        "higher on the shifted set) and AUROC of test vs shifted by mean uncertainty:",
+        "",
+        "| shifted set | U-Net entropy ratio / AUROC | hier. entropy ratio / AUROC | "
+        "hier. MI ratio / AUROC |",
+        "|---|---|---|---|",
+    ]
+    for name in shifted:
+        cells = [
+            f"{pm(r[f'{k}_{name}_ratio'], 2)} / {pm(r[f'{k}_{name}_auroc'], 2)}"
+            for r, k in ((u, "entropy"), (h, "entropy"), (h, "mi"))
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    o = result["onnx_seed0"]
+    lines += [
+        "",
+        "ONNX (seed 0): sampling model via `sample_onnx` vs torch, max |diff| of mean "
+        f"probability {o['sample_onnx_proba_max_abs_diff_vs_torch']:.1e}, of MI "
+        f"{o['sample_onnx_mi_max_abs_diff_vs_torch']:.1e}; mean model through "
+        "`OnnxSegmenter` max |diff| "
+        f"{o['mean_model_onnxsegmenter_max_abs_diff_vs_torch']:.1e}.",
+    ]
+    return "\n".join(lines)
+
+
 # load_ood already holds noise/ghosting/bias/blur faults: corrupt with the other kinds
 CORRUPT = {"gamma": 0.7, "contrast": 0.7, "downsample": 0.7, "rotate": 0.7}
 
@@ -103,7 +172,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_hierarchical.json"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
+    if args.render_only:
+        result = json.loads(Path(args.out).read_text())
+        write_doc_section("hierarchical", render(result))
+        return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     size = tuple(args.size)
@@ -217,6 +291,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    write_doc_section("hierarchical", render(result))
     for arm, s in summary.items():
         print(arm, {k: f"{m:.3f}±{sd:.3f}" for k, (m, sd) in s.items()})
     return result

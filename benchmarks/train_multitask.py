@@ -36,6 +36,54 @@ from uqseg.training import UNet, export_onnx, predict_logits
 from uqseg.training.multitask import dataset_probabilities, fit_multitask, restrict_to_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
+
+
+def write_doc_section(name: str, markdown: str) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of the docs page."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def pm(pair, digits: int = 3) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def render(result: dict) -> str:
+    """Markdown table: Dice / ECE / NLL per data set and arm (test split, mean ± std)."""
+    s, cfg = result["summary_mean_std"], result["config"]
+    lines = [
+        f"Test split, {len(cfg['seeds'])} seeds, {cfg['size'][0]}x{cfg['size'][1]} slices, "
+        f"width {cfg['width']} depth {cfg['depth']}, {cfg['steps']} steps of "
+        f"{cfg['batch_size']} per data set (joint: {len(TASKS)} x {cfg['steps']}). "
+        f"Training sizes {cfg['train_sizes']}; joint draw probabilities per data set "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["dataset_probabilities"].items())
+        + ".",
+        "",
+        "| data set | arm | Dice | ECE | NLL |",
+        "|---|---|---|---|---|",
+    ]
+    for n in TASKS:
+        for arm in ("single", "joint", "finetune"):
+            if n in s[arm]:
+                r = s[arm][n]
+                lines.append(f"| {n} | {arm} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} |")
+    o = result["onnx_seed0_joint"]
+    diff = max(o[n]["proba_max_abs_diff_vs_torch"] for n in TASKS)
+    lines += [
+        "",
+        f"ONNX (seed 0 joint network) through `OnnxSegmenter`: max |p_onnx - p_torch| "
+        f"= {diff:.1e}.",
+    ]
+    return "\n".join(lines)
+
+
 N_GLOBAL = 4  # 0 background, 1 grey matter, 2 white matter, 3 brain (mask task)
 TASKS = {
     "axial_tissue": {"plane": "axial", "classes": [0, 1, 2]},
@@ -85,7 +133,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_multitask.json"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
+    if args.render_only:
+        result = json.loads(Path(args.out).read_text())
+        write_doc_section("multitask", render(result))
+        return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     size = tuple(args.size)
@@ -209,6 +262,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    write_doc_section("multitask", render(result))
     for arm, s in summary.items():
         for n, v in s.items():
             print(

@@ -33,6 +33,62 @@ from uqseg.training.vls import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
+
+
+def write_doc_section(name: str, markdown: str) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of the docs page."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def pm(pair, digits: int = 3) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def render(result: dict) -> str:
+    """Markdown tables (test split, mean ± std over seeds; validation grid of seed 0)."""
+    s, c, cfg = result["summary_mean_std"], result["chosen"], result["config"]
+    names = {
+        "hard_ce": "hard-label CE",
+        "label_smoothing": f"label smoothing (eps = {cfg['ls_epsilon']})",
+        "vls": f"VLS (m = {c['m']}, tau = {c['tau']}, alpha = {c['alpha']})",
+    }
+    lines = [
+        f"Test split, {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}), "
+        f"{cfg['size'][0]}x{cfg['size'][1]} slices, U-Net width {cfg['width']} depth "
+        f"{cfg['depth']}, {cfg['epochs']} stage-2 epochs, stage 1 {cfg['stage1_epochs']} epochs.",
+        "",
+        "| arm | Dice | ECE | NLL | Brier |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, label in names.items():
+        r = s[arm]
+        lines.append(
+            f"| {label} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} | {pm(r['brier'])} |"
+        )
+    lines += [
+        "",
+        "Validation grid (seed 0): ",
+        "",
+        "| m | tau | alpha | val Dice | val ECE |",
+        "|---|---|---|---|---|",
+    ]
+    for g in result["grid"]:
+        lines.append(f"| {g['m']} | {g['tau']} | {g['alpha']} | {g['dice']:.3f} | {g['ece']:.3f} |")
+    o = result["onnx_seed0"]
+    diff = max(v["proba_max_abs_diff_vs_torch"] for v in o.values())
+    lines += [
+        "",
+        f"ONNX (seed 0, every arm) through `OnnxSegmenter`: max |p_onnx - p_torch| = {diff:.1e}.",
+    ]
+    return "\n".join(lines)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -72,7 +128,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_vls.json"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
+    if args.render_only:
+        result = json.loads(Path(args.out).read_text())
+        write_doc_section("vls", render(result))
+        return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     size = tuple(args.size)
@@ -183,6 +244,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    write_doc_section("vls", render(result))
     for arm, s in summary.items():
         print(f"{arm:16s} " + "  ".join(f"{k} {m:.4f}±{sd:.4f}" for k, (m, sd) in s.items()))
     return result
