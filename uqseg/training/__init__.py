@@ -11,9 +11,23 @@ from .._optional import import_optional
 import_optional("torch", "train", purpose="uqseg.training")
 
 from .export import export_onnx  # noqa: E402
+from .hierarchical import (  # noqa: E402
+    HierarchicalLoss,
+    HierarchicalUNet,
+    export_hierarchical_onnx,
+    sample_onnx,
+)
 from .loop import fit_segmenter, predict_logits  # noqa: E402
 from .losses import CrossEntropyLoss, DiceCELoss, DiceLoss  # noqa: E402
+from .multitask import fit_multitask, restrict_to_task, sample_probabilities  # noqa: E402
 from .networks import UNet  # noqa: E402
+from .vls import (  # noqa: E402
+    VariationalLabelSmoothing,
+    fit_soft_targets,
+    fit_vls,
+    smooth_labels,
+    vls_soft_labels,
+)
 
 # further modules (VLS, hierarchical U-Net, multi-task) add their names here
 __all__ = [
@@ -24,4 +38,16 @@ __all__ = [
     "fit_segmenter",
     "predict_logits",
     "export_onnx",
+    "HierarchicalUNet",
+    "HierarchicalLoss",
+    "export_hierarchical_onnx",
+    "sample_onnx",
+    "VariationalLabelSmoothing",
+    "fit_vls",
+    "vls_soft_labels",
+    "fit_soft_targets",
+    "smooth_labels",
+    "fit_multitask",
+    "sample_probabilities",
+    "restrict_to_task",
 ]
