@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory probes")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--compile-configs", default="2d128",
+                   help="configs where torch.compile runs (compiling takes minutes on 2 cores)")
     p.add_argument("--out", type=Path, default=common.RESULTS / "inference.json")
     # internal: one variant's memory probe in a fresh interpreter
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -185,7 +187,7 @@ def make_call(variant: str, spec: dict, X: np.ndarray):
         info = {}
         if variant == "torch_compile":
             if spec.get("no_compile"):
-                raise _Skip("--no-compile given")
+                raise _Skip("not compiled in this run (--no-compile / --compile-configs)")
             try:
                 model = torch.compile(model)
                 t0 = time.perf_counter()
@@ -283,7 +285,7 @@ def bench_config(name, dims, size, batch, args, arch, workdir: Path, peak_gflops
     flops1 = count_flops(proto, (1, 1, *([size] * dims)))
     spec = {"dims": dims, "size": size, "batch": batch, "width": arch["width"],
             "depth": arch["depth"], "weights": str(weights), "onnx": str(onnx_path),
-            "no_compile": args.no_compile}
+            "no_compile": args.no_compile or name not in args.compile_configs.split(",")}
     X = _input(dims, size, batch)
     X1 = np.ascontiguousarray(X[:1])
     calls, calls1, results = {}, {}, {}
