@@ -65,13 +65,15 @@ def render(result: dict) -> str:
         f"{cfg['size'][0]}x{cfg['size'][1]} slices, U-Net width {cfg['width']} depth "
         f"{cfg['depth']}, {cfg['epochs']} stage-2 epochs, stage 1 {cfg['stage1_epochs']} epochs.",
         "",
-        "| arm | Dice | ECE | NLL | Brier |",
-        "|---|---|---|---|---|",
+        "| arm | Dice | ECE | NLL | Brier | confidence - accuracy |",
+        "|---|---|---|---|---|---|",
     ]
     for arm, label in names.items():
         r = s[arm]
+        gap = pm(r["confidence_minus_accuracy"]) if "confidence_minus_accuracy" in r else "n/a"
         lines.append(
-            f"| {label} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} | {pm(r['brier'])} |"
+            f"| {label} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} | {pm(r['brier'])} "
+            f"| {gap} |"
         )
     lines += [
         "",
@@ -105,6 +107,8 @@ def scores(proba: np.ndarray, y: np.ndarray) -> dict:
         "ece": float(metrics.expected_calibration_error(proba, y, n_bins=15)),
         "nll": float(metrics.negative_log_likelihood(proba, y)),
         "brier": float(metrics.brier_score(proba, y)),
+        # > 0: over-confident on average, < 0: under-confident
+        "confidence_minus_accuracy": float(proba.max(1).mean() - (proba.argmax(1) == y).mean()),
     }
 
 
@@ -128,11 +132,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_vls.json"))
+    ap.add_argument("--doc-section", default="vls", help="marker name of the docs table")
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
     if args.render_only:
         result = json.loads(Path(args.out).read_text())
-        write_doc_section("vls", render(result))
+        write_doc_section(args.doc_section, render(result))
         return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -229,7 +234,11 @@ def main(argv=None) -> dict:
                         },
                     }
     summary = {
-        arm: {k: mean_std(rows, k) for k in ("dice", "ece", "nll", "brier")}
+        arm: {
+            k: mean_std(rows, k)
+            for k in ("dice", "ece", "nll", "brier", "confidence_minus_accuracy")
+            if k in rows[0]
+        }
         for arm, rows in runs.items()
     }
     result = {
@@ -244,7 +253,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    write_doc_section("vls", render(result))
+    write_doc_section(args.doc_section, render(result))
     for arm, s in summary.items():
         print(f"{arm:16s} " + "  ".join(f"{k} {m:.4f}±{sd:.4f}" for k, (m, sd) in s.items()))
     return result
