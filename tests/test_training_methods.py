@@ -156,6 +156,18 @@ def test_hierarchical_shapes_and_noise_determinism():
     assert samples.shape == (3, 2, 3, 16, 32)
 
 
+def test_three_d_forward_shapes():
+    torch.manual_seed(0)
+    net = HierarchicalUNet(1, 2, dims=3, width=2, depth=2).eval()
+    x = torch.randn(1, 1, 8, 8, 4)
+    noise = net.sample_noise(1, (8, 8, 4), torch.Generator().manual_seed(0))
+    assert [tuple(t.shape) for t in noise] == [(1, 2, 8, 8, 4)]
+    assert net(x, noise).shape == (1, 2, 8, 8, 4)
+    vls = VariationalLabelSmoothing(1, 2, dims=3, width=2, depth=2)
+    y = torch.randint(0, 2, (1, 8, 8, 4))
+    assert vls.soft_labels(x, y, m=2).shape == (1, 2, 8, 8, 4)
+
+
 def test_hierarchical_onnx_matches_torch(tmp_path):
     import onnxruntime as ort
 
