@@ -249,7 +249,7 @@ def probe(variant: str, spec: dict) -> dict:
         import torch  # noqa: F401 - library RSS belongs to the baseline
     import onnxruntime  # noqa: F401
 
-    import uqseg  # noqa: F401
+    from uqseg import OnnxSegmenter  # noqa: F401 - sklearn/scipy RSS belongs to the baseline
 
     X = _input(spec["dims"], spec["size"], spec["batch"])
 

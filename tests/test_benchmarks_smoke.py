@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmark scripts: they run with tiny settings and write valid JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _conv_model() -> onnx.ModelProto:
+    """Conv 1->2 (3x3, pad 1) then ConvTranspose 2->4 (2x2, stride 2) then MatMul by (16, 5)."""
+    w1 = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w1")
+    w2 = numpy_helper.from_array(np.ones((2, 4, 2, 2), np.float32), "w2")
+    w3 = numpy_helper.from_array(np.ones((16, 5), np.float32), "w3")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("ConvTranspose", ["h", "w2"], ["u"], strides=[2, 2],
+                         kernel_shape=[2, 2]),
+        helper.make_node("MatMul", ["u", "w3"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [w1, w2, w3])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_count_flops_by_hand():
+    flops = _load("bench_inference").count_flops(_conv_model(), (3, 1, 8, 8))
+    conv = 3 * 2 * 8 * 8 * (1 * 3 * 3)  # every output: C_in x k x k MACs
+    convt = 3 * 2 * 8 * 8 * (4 * 2 * 2)  # every input scatters into C_out x k x k outputs
+    matmul = 3 * 4 * 16 * 5 * 16  # (3, 4, 16, 16) @ (16, 5)
+    assert flops["macs_by_op"] == {"Conv": conv, "ConvTranspose": convt, "MatMul": matmul,
+                                   "Gemm": 0}
+    assert flops["flops"] == 2 * (conv + convt + matmul)
+    assert flops["nodes_without_shapes"] == 0
+
+
+def test_peak_formula_and_timer():
+    common = _load("common")
+    cpu = common.cpu_info()
+    assert cpu["usable_cpus"] >= 1
+    if cpu["ghz"]:
+        assert cpu["peak_gflops_fp32"] == pytest.approx(
+            cpu["usable_cpus"] * cpu["ghz"] * cpu["fp32_flops_per_cycle_per_core"])
+    calls = []
+    t = common.time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # interleaved, warm-up first
+    assert set(t) == {"a", "b"} and len(t["a"]["times_s"]) == 3
+    mem = common.measure_peak(lambda: np.ones(2**22))  # 32 MB
+    assert mem["tracemalloc_peak_mb"] >= 30
+
+
+def test_render_and_only(tmp_path):
+    run_all = _load("run_all")
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "other.json").write_text(json.dumps(
+        {"date": "2026-01-01", "cpu": {"model": "x"}, "speed": {"a_per_s": 2.5}}))
+    docs = tmp_path / "b.md"
+    docs.write_text("# Benchmarks\n\nintro kept\n\n<!-- results:start -->\nold\n"
+                    "<!-- results:end -->\n\ntail kept\n")
+    assert run_all.main(["--render-only", "--out", str(tmp_path / "res"),
+                         "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "intro kept" in text and "tail kept" in text and "old" not in text
+    assert "| speed.a_per_s | 2.5 |" in text
+    assert run_all.main(["--only", "nope", "--no-render", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_metrics_quick(tmp_path):
+    pytest.importorskip("netcal")
+    out = tmp_path / "metrics.json"
+    _load("bench_metrics").main(["--quick", "--no-memory", "--out", str(out)])
+    r = json.loads(out.read_text())
+    ece = r["compare"]["ece"]["methods"]
+    # uqseg and netcal bin the same way (Guo et al.): same ECE on the same data
+    assert ece["uqseg"]["value"] == pytest.approx(ece["netcal"]["value"], rel=1e-6)
+    assert r["large"]["methods"]["uqseg"]["median_s"] > 0
+    assert r["versions"]["numpy"] and r["loadavg_end"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_inference_quick(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "inference.json"
+    _load("bench_inference").main(["--quick", "--no-memory", "--configs", "2d32",
+                                   "--variants", "torch_eager,ort_default,uqseg,ort_cuda",
+                                   "--out", str(out)])
+    r = json.loads(out.read_text())
+    v = r["configs"]["2d32"]["variants"]
+    for name in ("torch_eager", "ort_default", "uqseg"):
+        assert v[name]["images_per_s"] > 0
+        assert v[name]["max_abs_diff_vs_first"] < 1e-3  # same network everywhere
+    assert "skipped" in v["ort_cuda"] or v["ort_cuda"]["images_per_s"] > 0
+    assert r["configs"]["2d32"]["flops_per_image"] > 0
