@@ -201,9 +201,6 @@ def test_external_data_is_copied(tmp_path):
         np.testing.assert_array_equal(got[name], want[name])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "backend bug: backends.load passes model_bytes(proto) to onnxruntime without the external "
-    "data that read_model accepted (uqseg/backends/onnxruntime.py InferenceSession)"))
 def test_external_data_model_predicts(tmp_path, X2):
     seg = OnnxSegmenter(str(_external_model(tmp_path))).fit()
     want = OnnxSegmenter(_save(tmp_path, make_unet_like(dims=2, seed=3))).fit().transform(X2)

@@ -374,14 +374,21 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         norm = np.zeros(spatial, dtype=np.float32)
         for st in starts:
             norm[tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))] += imp
+        bs = int(self.batch_size)
         for i in range(X.shape[0]):
-            imask = None if mask is None else np.repeat(mask[i:i + 1], len(starts), axis=0)
-            patches = np.stack([Xp[i][(slice(None),) + tuple(
-                slice(a, a + w) for a, w in zip(st, window, strict=True))] for st in starts])
-            logits = self._batched(patches, [self.output_name_], imask)[self.output_name_]
-            for st, lg in zip(starts, logits, strict=True):
-                out[i][(slice(None),) + tuple(slice(a, a + w)
-                                              for a, w in zip(st, window, strict=True))] += lg * imp
+            # windows are cut, run and accumulated batch_size at a time: memory stays at one
+            # output volume plus one batch of patches, whatever the number of windows
+            for first in range(0, len(starts), bs):
+                chunk = starts[first:first + bs]
+                patches = np.stack([Xp[i][(slice(None),) + tuple(
+                    slice(a, a + w) for a, w in zip(st, window, strict=True))] for st in chunk])
+                imask = None if mask is None else np.repeat(mask[i:i + 1], len(chunk), axis=0)
+                logits = self._batched(patches, [self.output_name_], imask)[self.output_name_]
+                for st, lg in zip(chunk, logits, strict=True):
+                    region = (slice(None),) + tuple(slice(a, a + w)
+                                                    for a, w in zip(st, window, strict=True))
+                    lg *= imp
+                    out[i][region] += lg
         out /= norm
         crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in X.shape[2:])
         return out[crop]

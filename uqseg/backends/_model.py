@@ -36,6 +36,13 @@ def read_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
     return proto, folder
 
 
+def with_external_data(proto: onnx.ModelProto, folder: Path | None) -> onnx.ModelProto:
+    """Pull vetted external weights into the proto: engines receive the model as bytes."""
+    if folder is not None and any(True for _ in _external_tensors(proto)):
+        onnx.load_external_data_for_model(proto, str(folder))
+    return proto
+
+
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
     if not data:
         raise ValueError(f"model file {where} is empty")
