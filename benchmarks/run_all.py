@@ -213,6 +213,7 @@ def render(out_dir: Path, docs: Path) -> str:
             lines += RENDERERS.get(kind, render_generic)(r)
         except (KeyError, TypeError, ValueError) as exc:
             lines += [f"Could not render ({type(exc).__name__}: {exc}); see the JSON.", ""]
+    lines += verdict(out_dir)
     lines.append(END)
     block = "\n".join(lines)
     text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n\n"
@@ -224,6 +225,43 @@ def render(out_dir: Path, docs: Path) -> str:
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text, encoding="utf-8")
     return text
+
+
+def verdict(out_dir: Path) -> list[str]:
+    """The issue's floors, checked against the full (else quick) inference/metrics JSON."""
+    rows = []
+    for stem in ("inference", "metrics"):
+        path = next((Path(out_dir) / f"{stem}{s}.json" for s in ("", "_quick")
+                     if (Path(out_dir) / f"{stem}{s}.json").exists()), None)
+        if path is None:
+            continue
+        r = json.loads(path.read_text(encoding="utf-8"))
+        if stem == "inference":
+            for name, c in r.get("configs", {}).items():
+                u = c["variants"].get("uqseg", {})
+                for key, floor, label in (("speedup_vs_torch_eager", 1.8, "vs torch eager"),
+                                          ("speedup_vs_ort_default", 1.0, "vs bare ORT")):
+                    if key in u:
+                        ok = "holds" if u[key] >= floor else "**does not hold**"
+                        rows.append(f"| uqseg throughput {label}, {name} | >= {floor}x | "
+                                    f"{u[key]:.2f}x | {ok} |")
+        else:
+            ece = r.get("compare", {}).get("ece", {})
+            t = ece.get("methods", {}).get("netcal", {}).get("time_vs_uqseg")
+            if t is not None:
+                ok = "holds" if t >= 10 else "**does not hold**"
+                rows.append(f"| ECE vs netcal, {ece['voxels']:.3g} voxels | >= 10x | {t:.2f}x | "
+                            f"{ok} |")
+            big = r.get("large", {})
+            if "speedup_vs_netcal_extrapolated" in big:
+                t = big["speedup_vs_netcal_extrapolated"]
+                ok = "holds" if t >= 10 else "**does not hold**"
+                rows.append(f"| ECE vs netcal, {big['voxels']:.3g} voxels (netcal "
+                            f"extrapolated) | >= 10x | {t:.2f}x | {ok} |")
+    if not rows:
+        return []
+    return ["### Verdict", "", "| floor | target | measured | |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def _rel(p: Path) -> str:
