@@ -171,6 +171,15 @@ def main(argv=None):
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     text = table(recs, worst["member"])
+    src = "the reference zoo" if not args.models else (
+        "models given with --models (not the reference zoo): "
+        + ", ".join(f"`{p}`" for p in paths))
+    text += (f"\n\nRun {result['date'][:10]} on {src}. Worst member by val ECE: "
+             f"{worst['member']}; test ECE ratio after/before "
+             f"{verdict['test_ece_ratio']:.2f}, NLL {verdict['test_nll_before']:.4f} → "
+             f"{verdict['test_nll_after']:.4f}, labels unchanged: "
+             f"{verdict['labels_unchanged']} — issue bar (ECE at least halved, NLL lower, "
+             f"labels unchanged) {'met' if verdict['meets_bar'] else 'NOT met'}.")
     if DOC.exists():
         doc = DOC.read_text()
         if START in doc and END in doc:
