@@ -259,3 +259,38 @@ def test_demo_quick_end_to_end(tmp_path, tiny_members, capsys):
     assert "OOD AUROC" in out and "quality" in out and "--quick" in out
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
+
+
+# ---------------------------------------------------------------------- train / export
+@pytest.mark.torch
+@pytest.mark.slow
+def test_train_then_export_give_the_same_network(tmp_path, capsys):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x = rng.random((16, 16, 10)).astype(np.float32)
+    y = (x > 0.5).astype(np.uint8) + (x > 0.8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y.astype(np.uint8))
+    code, out, _ = run(["train", "--images", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                        "--epochs", "1", "--width", "2", "--depth", "2", "--device", "cpu",
+                        "--out", tmp_path / "a.onnx", "--save-checkpoint", tmp_path / "c.pt",
+                        "--no-progress"], capsys)
+    assert code == 0, out
+    config = json.loads((tmp_path / "c.json").read_text())
+    assert config["n_classes"] == 3 and config["width"] == 2
+    code, _, _ = run(["export", tmp_path / "c.pt", "--out", tmp_path / "b.onnx"], capsys)
+    assert code == 0
+    from uqseg import OnnxSegmenter
+
+    slices = rng.random((4, 1, 16, 16)).astype(np.float32)
+    za = OnnxSegmenter(str(tmp_path / "a.onnx")).fit().transform(slices)
+    zb = OnnxSegmenter(str(tmp_path / "b.onnx")).fit().transform(slices)
+    assert za.shape == (4, 3, 16, 16)
+    np.testing.assert_allclose(za, zb, atol=1e-5)
+
+
+def test_train_label_files_must_match(tmp_path, capsys):
+    pytest.importorskip("torch")
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.float32))
+    code, _, err = run(["train", "--images", tmp_path / "x.npy", "--no-progress"], capsys)
+    assert code == 2 and "--labels" in err
