@@ -198,8 +198,11 @@ class CalibrationAccumulator:
             scores = np.asarray(scores)
             if scores.ndim < 3 or scores.size == 0:
                 check_scores(scores, name=name, kind=kind)
-            check_scores(scores[(slice(0, 1), slice(None)) + (slice(0, 1),) * (scores.ndim - 2)],
-                         name=name, kind=kind)
+            check_scores(
+                scores[(slice(0, 1), slice(None)) + (slice(0, 1),) * (scores.ndim - 2)],
+                name=name,
+                kind=kind,
+            )
         k = scores.shape[1]
         if self.n_classes is None:
             self._set_classes(k)
@@ -246,12 +249,14 @@ class CalibrationAccumulator:
             self._restore(saved)  # a bad block leaves the statistics as they were
             raise
 
-    _STATE = ("_count", "_conf", "_acc", "_brier", "_nll", "n_voxels", "_ccount", "_cconf",
-              "_cacc")
+    _STATE = ("_count", "_conf", "_acc", "_brier", "_nll", "n_voxels", "_ccount", "_cconf", "_cacc")
 
     def _snapshot(self):
-        return {a: (v.copy() if isinstance(v, np.ndarray) else v)
-                for a in self._STATE for v in [getattr(self, a)]}
+        return {
+            a: (v.copy() if isinstance(v, np.ndarray) else v)
+            for a in self._STATE
+            for v in [getattr(self, a)]
+        }
 
     def _restore(self, saved):
         for a, v in saved.items():
@@ -343,8 +348,9 @@ class CalibrationAccumulator:
         self.n_voxels += n_kept
         if full:
             # multi-class Brier: sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_y + 1
-            self._brier += float(sq.sum(dtype=np.float64) - 2.0 * p_y.sum(dtype=np.float64)
-                                 + n_kept)
+            self._brier += float(
+                sq.sum(dtype=np.float64) - 2.0 * p_y.sum(dtype=np.float64) + n_kept
+            )
             np.maximum(p_y, self.eps, out=p_y)
             np.log(p_y, out=p_y)
             self._nll -= float(p_y.sum(dtype=np.float64))
@@ -480,7 +486,15 @@ def _collect(proba, y, mask, ignore_index, chunk, what):
 
 
 def _accumulate(
-    proba, y, n_bins, strategy, classwise, mask, ignore_index, eps=1e-7, chunk_size=DEFAULT_CHUNK,
+    proba,
+    y,
+    n_bins,
+    strategy,
+    classwise,
+    mask,
+    ignore_index,
+    eps=1e-7,
+    chunk_size=DEFAULT_CHUNK,
     scores=True,
 ):
     if strategy not in ("uniform", "quantile"):
@@ -491,8 +505,11 @@ def _accumulate(
     if proba.ndim < 3 or proba.size == 0 or strategy == "quantile":
         proba = _check_scores_chunked(proba, "proba", "proba", chunk_size)
     else:  # values are validated block by block while they are consumed
-        check_scores(proba[(slice(0, 1), slice(None)) + (slice(0, 1),) * (proba.ndim - 2)],
-                     name="proba", kind="proba")
+        check_scores(
+            proba[(slice(0, 1), slice(None)) + (slice(0, 1),) * (proba.ndim - 2)],
+            name="proba",
+            kind="proba",
+        )
     shape = (proba.shape[0], *proba.shape[2:])
     y = check_labels(y, n_classes=proba.shape[1], shapes=shape, ignore_index=ignore_index)
     mask = _check_mask(mask, shape)
