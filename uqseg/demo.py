@@ -223,16 +223,18 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
         "spectral": SpectralOODDetector(ens.members_[0]),
         "uncertainty": UncertaintyOODDetector(ens, score="entropy"),
     }
+    X_all = np.concatenate([X_in, *ood_sets.values()])
+    sizes = [len(X_in), *(len(v) for v in ood_sets.values())]
     ood_scores, ood_auroc = {}, {}
     for dname, det in detectors.items():
         with _bar(len(X_fit), f"fit {dname} OOD", progress) as bar:
             for i in range(0, len(X_fit), 32):
                 det.partial_fit(X_fit[i:i + 32])
                 bar.update(len(X_fit[i:i + 32]))
-        scores = {"in-distribution": _chunks(det.score_samples, X_in, f"{dname}: test",
-                                             progress)}
-        for kind, Xo in ood_sets.items():
-            scores[kind] = _chunks(det.score_samples, Xo, f"{dname}: {kind}", progress)
+        # one pass over the test images and every OOD kind, split afterwards
+        all_scores = _chunks(det.score_samples, X_all, f"{dname} OOD scores", progress)
+        scores = dict(zip(["in-distribution", *ood_sets],
+                          np.split(all_scores, np.cumsum(sizes)[:-1]), strict=True))
         ood_scores[dname] = scores
         ood_auroc[dname] = {k: metrics.ood_auroc(scores["in-distribution"], s)
                             for k, s in scores.items() if k != "in-distribution"}
