@@ -351,7 +351,7 @@ def _cmd_predict(args) -> int:
     if not Path(source).exists():
         raise UsageError(f"input {source!r} does not exist")
     for d in args.estimators:
-        if not (d / "manifest.json").is_file() and not d.is_dir():
+        if not (d / "manifest.json").is_file():
             raise UsageError(f"--estimators {str(d)!r} is not a folder written by uqseg.save")
     written = predict_file(
         models, source, args.out, estimators=args.estimators, tta=args.tta,
