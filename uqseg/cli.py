@@ -363,18 +363,19 @@ def _cmd_predict(args) -> int:
     return EXIT_OK
 
 
+BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+
+
 def _repo_benchmarks() -> Path | None:
-    here = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
-    return here if here.is_file() else None
+    return BENCH_SCRIPT if BENCH_SCRIPT.is_file() else None
 
 
 def _cmd_bench(args) -> int:
     script = _repo_benchmarks()
     if script is None:
-        print("uqseg bench: the benchmark suite lives in the uqseg source repository "
-              "(benchmarks/run_all.py) and is not part of the installed package; clone the "
-              "repository and run `pip install -e .` there, then `uqseg bench`.",
-              file=sys.stderr)
+        print(f"uqseg bench: error: {BENCH_SCRIPT} not found. The benchmark suite lives in the "
+              "uqseg source repository, not in the installed package: clone the repository, "
+              "run `pip install -e .` there, then `uqseg bench`.", file=sys.stderr)
         return EXIT_FAILURE
     bench_args = list(args.bench_args)
     if bench_args[:1] == ["--"]:
