@@ -71,7 +71,9 @@ def test_demo_without_matplotlib_still_prints_the_table(tmp_path, tiny_members, 
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    cfg = demo.QUICK
+    cfg = demo.DemoConfig(n_val=4, n_test=4, n_train_ood=6, n_test_ood=4, n_per_ood_kind=2,
+                          n_quality_val=2, n_quality_test=2, quality_fit_severities=(1.0,),
+                          quality_test_severities=(0.5,), n_examples=1)
     summary = demo.run_demo(tmp_path, models=tiny_members[:1], quick=True, progress=False,
                             config=cfg)
     out = capsys.readouterr().out
