@@ -70,11 +70,13 @@ def render(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for n in TASKS:
-        for arm in ("single", "joint", "finetune"):
-            if n in s[arm]:
+        for arm in ("single", "single_long", "joint", "finetune"):
+            if arm in s and n in s[arm]:
                 r = s[arm][n]
                 lines.append(f"| {n} | {arm} | {pm(r['dice'])} | {pm(r['ece'])} | {pm(r['nll'])} |")
     o = result["onnx_seed0_joint"]
+    if not o:
+        return "\n".join(lines)
     diff = max(o[n]["proba_max_abs_diff_vs_torch"] for n in TASKS)
     lines += [
         "",
@@ -133,11 +135,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_multitask.json"))
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=["single", "joint", "finetune"],
+        choices=["single", "joint", "finetune", "single_long"],
+        help="single_long: one network per data set with the joint network's step count",
+    )
+    ap.add_argument("--doc-section", default="multitask", help="marker name of the docs table")
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
     if args.render_only:
         result = json.loads(Path(args.out).read_text())
-        write_doc_section("multitask", render(result))
+        write_doc_section(args.doc_section, render(result))
         return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -164,11 +174,26 @@ def main(argv=None) -> dict:
             for n in names
         }
 
-    runs: dict[str, list[dict]] = {"single": [], "joint": [], "finetune": []}
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     draws, onnx_check = None, {}
     for seed in args.seeds:
+        if "single_long" in runs:  # one network per data set with the joint network's steps
+            row = {}
+            for n in names:
+                net = new_net(seed)
+                fit_multitask(
+                    net,
+                    [data[n]["train"]],
+                    [data[n]["val"]],
+                    steps=len(names) * args.steps,
+                    lr=args.lr,
+                    seed=seed,
+                    **kw,
+                )
+                row[n] = evaluate(net)[n]
+            runs["single_long"].append({"seed": seed, **row})
         single = {}
-        for n in names:
+        for n in names if {"single", "finetune"} & set(runs) else []:
             net = new_net(seed)
             fit_multitask(
                 net,
@@ -180,10 +205,10 @@ def main(argv=None) -> dict:
                 **kw,
             )
             single[n] = net
-        row = {n: evaluate(single[n])[n] for n in names}
-        runs["single"].append({"seed": seed, **row})
-        joint = new_net(seed)
-        h = fit_multitask(
+        if "single" in runs:
+            runs["single"].append({"seed": seed, **{n: evaluate(single[n])[n] for n in names}})
+        joint = new_net(seed) if "joint" in runs else None
+        h = joint and fit_multitask(
             joint,
             [data[n]["train"] for n in names],
             [data[n]["val"] for n in names],
@@ -192,10 +217,11 @@ def main(argv=None) -> dict:
             seed=seed,
             **kw,
         )
-        draws = h["draws"]
-        runs["joint"].append({"seed": seed, **evaluate(joint)})
+        if joint is not None:
+            draws = h["draws"]
+            runs["joint"].append({"seed": seed, **evaluate(joint)})
         ft_row = {}
-        for n in names[1:]:
+        for n in names[1:] if "finetune" in runs else []:
             net = copy.deepcopy(single[names[0]])
             fit_multitask(
                 net,
@@ -207,7 +233,8 @@ def main(argv=None) -> dict:
                 **kw,
             )
             ft_row[n] = evaluate(net)[n]
-        runs["finetune"].append({"seed": seed, **ft_row})
+        if "finetune" in runs:
+            runs["finetune"].append({"seed": seed, **ft_row})
         for arm in runs:
             r = runs[arm][-1]
             print(
@@ -217,7 +244,7 @@ def main(argv=None) -> dict:
                 ),
                 flush=True,
             )
-        if seed == args.seeds[0]:
+        if seed == args.seeds[0] and joint is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "joint.onnx"
                 rep = export_onnx(
@@ -254,7 +281,7 @@ def main(argv=None) -> dict:
         "dataset_probabilities": dict(
             zip(names, dataset_probabilities(sizes).tolist(), strict=True)
         ),
-        "joint_draws_last_seed": dict(zip(names, draws, strict=True)),
+        "joint_draws_last_seed": None if draws is None else dict(zip(names, draws, strict=True)),
         "runs": runs,
         "summary_mean_std": summary,
         "onnx_seed0_joint": onnx_check,
@@ -262,7 +289,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    write_doc_section("multitask", render(result))
+    write_doc_section(args.doc_section, render(result))
     for arm, s in summary.items():
         for n, v in s.items():
             print(
