@@ -69,6 +69,7 @@ def timing(paths, X, args) -> dict:
     kw = dict(device="cpu", batch_size=n, cache_size=0)
     unfused = EnsembleSegmenter(members, fuse=False, **kw).fit()
     fused = EnsembleSegmenter(members, fuse=True, **kw).fit()
+    fused._fused_stats = "graph"
     fused_np = EnsembleSegmenter(members, fuse=True, **kw).fit()
     fused_np._fused_stats = "numpy"
 

@@ -207,8 +207,9 @@ def test_mc_samples_reproducible_and_seeded(tiny_mc, tiny_members, X):
 
 
 def test_mc_member_without_mc_samples_is_deterministic(tiny_mc, tiny_members, X):
-    ens = EnsembleSegmenter([tiny_mc, tiny_members[0]], device="cpu").fit()
+    ens = EnsembleSegmenter([tiny_mc, tiny_members[0]], device="cpu", fuse=True).fit()
     assert ens.fused_  # the mask is fed as ones inside the fused graph
+    assert not EnsembleSegmenter(tiny_members, device="cpu").fit().fused_  # auto: not on CPU
     want = _member_proba([tiny_mc, tiny_members[0]], X).mean(0)
     np.testing.assert_allclose(ens.predict_proba(X), want, atol=1e-5)
 

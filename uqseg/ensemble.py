@@ -109,10 +109,11 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     seed : int or None, default=0
         Seed of the MC-dropout masks; ``None`` draws fresh masks (and disables the cache).
     fuse : {"auto", True, False}, default="auto"
-        Run all members as one fused ONNX graph (:func:`uqseg.backends.fuse.fuse_members`) that
-        computes the mean probability and entropies in the graph. Valid without MC dropout, when
-        the members have dynamic spatial axes, no TTA of their own and one backend/device/
-        precision. ``"auto"`` fuses when valid; ``True`` raises when not.
+        Run all members as one fused ONNX graph (:func:`uqseg.backends.fuse.fuse_members`).
+        Valid without MC dropout, when the members have dynamic spatial axes, no TTA of their
+        own and one backend/device/precision. ``"auto"`` fuses when valid on a GPU device only
+        (on the CPU separate sessions measured faster, see docs/ensemble.md); ``True`` fuses
+        whenever valid and raises when not.
     backend, device : str, default="auto"
         Used for members given as paths and for the fused graph.
     batch_size : int, default=16
@@ -152,9 +153,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     (4, 128, 128)
     """
 
-    # where a fused graph's statistics are computed: "graph" (in ONNX) or "numpy" (from the
-    # members' logits); chosen by benchmarks/bench_ensemble.py
-    _fused_stats = "graph"
+    # where a fused graph's statistics are computed: "graph" (in ONNX, fewer copies off a GPU)
+    # or "numpy" (from the members' logits; faster on CPU in benchmarks/bench_ensemble.py);
+    # None picks by device
+    _fused_stats = None
 
     def __init__(
         self,
@@ -357,7 +359,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         problem = self._fuse_problem()
         if self.fuse is True and problem is not None:
             raise ValueError(f"fuse=True but the members cannot be fused: {problem}")
-        self.fused_ = self.fuse is not False and problem is None
+        # measured (benchmarks/bench_ensemble.py): on ONNX Runtime's CPU provider the fused graph
+        # is slower than separate sessions, so "auto" fuses only on GPU devices
+        on_cpu = backends.resolve(first.backend, first.device)[1] == "cpu"
+        self.fused_ = problem is None and (
+            self.fuse is True or (self.fuse == "auto" and not on_cpu)
+        )
         self._reset()
         if X is not None:
             self._check_X(X)
@@ -503,7 +510,11 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if target != spatial:
             pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
             chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
-        if self._fused_stats == "numpy":
+        mode = self._fused_stats
+        if mode is None:
+            s0 = self.members_[0]
+            mode = "numpy" if backends.resolve(s0.backend, s0.device)[1] == "cpu" else "graph"
+        if mode == "numpy":
             acc = self._fused_logits_stats(chunk, flips, need_h, need_sq)
         else:
             acc = self._fused_graph_stats(chunk, flips, need_h, need_sq)
