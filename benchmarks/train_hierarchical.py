@@ -172,11 +172,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "training_hierarchical.json"))
+    ap.add_argument("--doc-section", default="hierarchical", help="marker name of the docs table")
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
     args = ap.parse_args(argv)
     if args.render_only:
         result = json.loads(Path(args.out).read_text())
-        write_doc_section("hierarchical", render(result))
+        write_doc_section(args.doc_section, render(result))
         return result
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -291,7 +292,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    write_doc_section("hierarchical", render(result))
+    write_doc_section(args.doc_section, render(result))
     for arm, s in summary.items():
         print(arm, {k: f"{m:.3f}±{sd:.3f}" for k, (m, sd) in s.items()})
     return result
