@@ -67,7 +67,7 @@ def collect(qr, X):
     """Features, CNN maps (float16) and predicted labels from one inference pass."""
     feats, maps, preds = [], [], []
     for _, xb, p, u in qr._maps(X):
-        feats.append(_features(p, u, qr.uncertainty_kind_, int(qr.n_bins)))
+        feats.append(_features(xb, p, u, qr.uncertainty_kind_, int(qr.n_bins)))
         maps.append(maps_input(xb, p, u, qr.uncertainty_kind_).astype(np.float16))
         preds.append(p.argmax(axis=1))
     return np.concatenate(feats), np.concatenate(maps), np.concatenate(preds)

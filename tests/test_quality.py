@@ -108,6 +108,9 @@ def test_features_match_hand_computations():
             sd = 2 * proba[i, c][s].sum() / (proba[i, c].sum() + s.sum())
             assert col[f"self_dice_c{c}"][i] == pytest.approx(sd, rel=1e-5)
             assert col[f"log_components_c{c}"][i] == pytest.approx(np.log1p(ndimage.label(s)[1]))
+            img = X[i].astype(np.float64).mean(axis=0)[s]
+            assert col[f"mean_intensity_c{c}"][i] == pytest.approx(img.mean(), rel=1e-5)
+            assert col[f"std_intensity_c{c}"][i] == pytest.approx(img.std(), rel=1e-4, abs=1e-6)
     np.testing.assert_allclose(col["mean_entropy"], ent.mean(axis=(1, 2)), rtol=1e-5)
     hist = F[:, [i for i, n in enumerate(names) if "_hist_" in n]]
     assert hist.shape[1] == 8

@@ -74,7 +74,7 @@ def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
     """Names of the columns :meth:`QualityRegressor.features` returns, in order."""
     per_class = ["volume", "self_dice", "soft_volume_ratio", "mean_proba", "seg_binary_entropy",
                  "boundary_binary_entropy", f"seg_{kind}", f"boundary_{kind}", "boundary_fraction",
-                 "log_components"]
+                 "log_components", "mean_intensity", "std_intensity"]
     names = [f"{f}_c{c}" for c in range(1, n_classes) for f in per_class]
     names += ["foreground_fraction", f"mean_{kind}", f"foreground_{kind}",
               "foreground_max_proba"]
@@ -84,9 +84,13 @@ def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
     return names
 
 
-def _features(proba: np.ndarray, unc: np.ndarray, kind: str, n_bins: int) -> np.ndarray:
-    """Per-image features from probabilities ``(n, K, *sp)`` and an uncertainty map ``(n, *sp)``."""
+def _features(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str,
+              n_bins: int) -> np.ndarray:
+    """Per-image features from images ``(n, C, *sp)``, probabilities ``(n, K, *sp)`` and an
+    uncertainty map ``(n, *sp)``."""
     n, k = proba.shape[:2]
+    # tissue intensities inside each predicted class: a changed contrast shows up here
+    img = np.asarray(X, dtype=np.float64).mean(axis=1)
     pred = proba.argmax(axis=1)
     n_vox = float(np.prod(proba.shape[2:]))
     cols = []
@@ -113,6 +117,8 @@ def _features(proba: np.ndarray, unc: np.ndarray, kind: str, n_bins: int) -> np.
             _masked_mean(unc, bnd),
             np.divide(bnd.reshape(n, -1).sum(axis=1), size, out=np.zeros(n), where=size > 0),
             np.log1p(n_comp),
+            _masked_mean(img, seg),
+            np.sqrt(np.maximum(_masked_mean(img**2, seg) - _masked_mean(img, seg) ** 2, 0)),
         ]
     fg = pred > 0
     # the histogram region includes a one-voxel rim: errors sit on the predicted border
@@ -381,7 +387,7 @@ class QualityRegressor(BaseEstimator):
                 self._runner = None
                 reg, self.input_kind_ = self._resolve_regressor(k - 1)
             targets.append(self._targets(proba.argmax(axis=1), yb, k))
-            feats.append(_features(proba, unc, kind, int(self.n_bins)))
+            feats.append(_features(xb, proba, unc, kind, int(self.n_bins)))
             if isinstance(reg, str):
                 # a pretrained network: checked on the first chunk, then run chunk by chunk
                 m = maps_input(xb, proba, unc, kind)
@@ -472,8 +478,8 @@ class QualityRegressor(BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        return np.concatenate([_features(p, u, self.uncertainty_kind_, int(self.n_bins))
-                               for _, _, p, u in self._maps(X)])
+        return np.concatenate([_features(x, p, u, self.uncertainty_kind_, int(self.n_bins))
+                               for _, x, p, u in self._maps(X)])
 
     def predict(self, X) -> np.ndarray:
         """Predicted quality (Dice, or IoU for ``target="iou"``) per foreground class.
@@ -494,7 +500,7 @@ class QualityRegressor(BaseEstimator):
                 out.append(self._predict_maps(maps_input(xb, p, u, self.uncertainty_kind_)))
             else:
                 out.append(self._predict_features(
-                    _features(p, u, self.uncertainty_kind_, int(self.n_bins))))
+                    _features(xb, p, u, self.uncertainty_kind_, int(self.n_bins))))
         return np.concatenate(out)
 
     def flag(self, X, min_dice=0.8, reduce="any") -> np.ndarray:
