@@ -190,6 +190,22 @@ def test_hierarchical_onnx_matches_torch(tmp_path):
     assert float(agg["mutual_information"].max()) > 0
 
 
+def test_hierarchical_mean_model_runs_in_onnx_segmenter(tmp_path):
+    from uqseg import OnnxSegmenter
+    from uqseg.training import export_onnx
+
+    net = _hier()
+    export_onnx(
+        net, tmp_path / "m.onnx", torch.randn(2, 1, 16, 16), feature_layers=["decoder_last"]
+    )
+    seg = OnnxSegmenter(str(tmp_path / "m.onnx"), backend="onnxruntime", device="cpu").fit()
+    X = np.random.default_rng(0).standard_normal((2, 1, 24, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(net(torch.from_numpy(X)), 1).numpy()  # zero noise = mean model
+    np.testing.assert_allclose(seg.predict_proba(X), ref, atol=1e-5)
+    assert seg.feature_layers_[0] == "decoder_last"
+
+
 def test_hierarchical_two_epoch_run_decreases_loss():
     X, y = _blobs(16)
     torch.manual_seed(0)
