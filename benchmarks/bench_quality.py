@@ -267,7 +267,7 @@ def main(argv=None):
                     "severities": sev},
         "test_set": {"split": "test", "images": int(len(Xtw)),
                      "corruptions": FIT_KINDS + HELD_OUT_KINDS, "held_out": HELD_OUT_KINDS},
-        "default_regressor": repr(qr.regressor_),
+        "default_regressor": " ".join(repr(qr.regressor_).split()),
         "uncertainty": qr.uncertainty_kind_,
         "n_features": len(names),
         "reports": reports,
