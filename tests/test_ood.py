@@ -62,7 +62,8 @@ def X_train():
 
 @pytest.fixture(scope="module")
 def spectral(tiny_2d, X_train):
-    return SpectralOODDetector(tiny_2d, layer="decoder_last", grid=8).fit(X_train)
+    return SpectralOODDetector(tiny_2d, layer="decoder_last", grid=8,
+                               descriptor="spectrum").fit(X_train)
 
 
 def direct_signature(feat, grid_pool, eps=1e-6):
@@ -147,7 +148,8 @@ def test_identical_image_scores_max(spectral, X_train):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_nearest_neighbour_vs_brute_force(tiny_2d, X_train, k):
-    det = SpectralOODDetector(tiny_2d, layer="decoder_last", n_neighbors=k).fit(X_train)
+    det = SpectralOODDetector(tiny_2d, layer="decoder_last", n_neighbors=k,
+                              descriptor="spectrum").fit(X_train)
     X = blobs(5, seed=11)
     D = cdist(det.signature(X), det.signatures_)
     np.testing.assert_allclose(det.score_samples(X), -np.sort(D, axis=1)[:, k - 1], atol=1e-7)
@@ -176,7 +178,7 @@ def test_predict_and_decision_function(spectral):
 
 
 def test_karimi_threshold(tiny_2d, X_train):
-    det = SpectralOODDetector(tiny_2d, threshold="karimi").fit(X_train)
+    det = SpectralOODDetector(tiny_2d, threshold="karimi", descriptor="spectrum").fit(X_train)
     L = cdist(det.signatures_, det.signatures_)
     np.fill_diagonal(L, np.inf)
     d = L.min(axis=1)
@@ -188,7 +190,7 @@ def test_partial_fit_equals_fit_on_union(tiny_2d, X_train):
     det = SpectralOODDetector(tiny_2d, contamination=0.1)
     det.partial_fit(X_train[:10]).partial_fit(X_train[10:])
     full = SpectralOODDetector(tiny_2d, contamination=0.1).fit(X_train)
-    np.testing.assert_allclose(det.signatures_, full.signatures_)
+    np.testing.assert_allclose(det.descriptors_, full.descriptors_)
     np.testing.assert_allclose(det.train_scores_, full.train_scores_, atol=1e-9)
     assert det.offset_ == pytest.approx(full.offset_)
 
@@ -205,7 +207,7 @@ def test_synthetic_shift_scores_lower(tiny_2d, X_train, layer):
 
 def test_3d_network(tiny_3d):
     X = blobs(12, size=(8, 8, 8), seed=2)
-    det = SpectralOODDetector(tiny_3d, layer="decoder_last", grid=4).fit(X)
+    det = SpectralOODDetector(tiny_3d, layer="decoder_last", grid=4, descriptor="spectrum").fit(X)
     assert det.signatures_.shape == (12, 4)
     feats = det.estimator_.run(X[:2], layers=["decoder_last"])["decoder_last"]
     pool = lambda f: f.reshape(4, 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))  # noqa: E731
@@ -231,9 +233,95 @@ def test_estimator_forms(tiny_2d, X_train):
     seg = OnnxSegmenter(tiny_2d)
     det = SpectralOODDetector(seg).fit(X_train)
     assert det.estimator is seg and not hasattr(seg, "n_classes_")  # cloned, not mutated
-    assert det.layers_ == ["decoder_last"]
+    assert det.layers_ == ["decoder_last", "bottleneck"]  # last decoder block and deepest
+    assert det.layout_layer_ == "decoder_last"
     np.testing.assert_allclose(det.signatures_,
                                SpectralOODDetector(tiny_2d).fit(X_train).signatures_)
+
+
+# ---------------------------------------------------------------------- spectrum + layout
+def direct_combined(path, X_train, X, k=1, n_comp=64):
+    """Spectrum+layout score written out: numpy SVDs, cdist, explicit leave-one-out."""
+    seg = OnnxSegmenter(path).fit()
+
+    def parts(Xs):
+        out = seg.run(Xs, layers=["decoder_last", "bottleneck"])
+        dl, bn = out["decoder_last"], out["bottleneck"]
+        # tiny_2d: decoder_last 16x16 -> grid 16 is itself; bottleneck 8x8 -> grid 16 repeats
+        # every cell 2x2 (adaptive pooling of a shorter axis), which scales s by 2
+        up = bn.repeat(2, axis=2).repeat(2, axis=3)
+        sig = np.concatenate([np.stack([direct_signature(f, lambda a: a) for f in dl]),
+                              np.stack([direct_signature(f, lambda a: a) for f in up])], 1)
+        lay = dl.reshape(len(dl), dl.shape[1], 4, 4, 4, 4).mean(axis=(3, 5))
+        return sig / np.sqrt(2), lay.reshape(len(dl), -1).astype(np.float64)
+
+    S_tr, L_tr = parts(X_train)
+    S, L = parts(X)
+    mu, sd = L_tr.mean(0), L_tr.std(0)
+    sd = np.maximum(sd, 0.01 * sd.max())  # documented floor for dead units
+    _, sv, vt = np.linalg.svd((L_tr - mu) / sd, full_matrices=False)
+    m = min(n_comp, len(X_train) // 4, int(np.sum(sv >= 1e-3 * sv[0])))
+    W = vt[:m] * (np.sqrt(len(X_train)) / sv[:m])[:, None]
+    P_tr, P = ((L_tr - mu) / sd) @ W.T, ((L - mu) / sd) @ W.T
+    # whitening: unit variance along every kept axis of the training set
+    np.testing.assert_allclose(P_tr.var(axis=0), 1.0, rtol=1e-6)
+    z_tr, z = [], []
+    for A_tr, A in ((S_tr, S), (P_tr, P)):
+        loo = cdist(A_tr, A_tr)
+        np.fill_diagonal(loo, np.inf)
+        d_loo = np.sort(loo, axis=1)[:, k - 1]
+        d = np.sort(cdist(A, A_tr), axis=1)[:, k - 1]
+        z_tr.append((d_loo - d_loo.mean()) / d_loo.std())
+        z.append((d - d_loo.mean()) / d_loo.std())
+    return -np.maximum(*z), -np.maximum(*z_tr), S, W
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_spectrum_layout_vs_direct(tiny_2d, X_train, k):
+    det = SpectralOODDetector(tiny_2d, n_neighbors=k).fit(X_train)
+    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 4
+    X = np.concatenate([blobs(4, seed=31), np.rot90(blobs(3, seed=32), axes=(2, 3))])
+    want, want_train, sig, W = direct_combined(tiny_2d, X_train, X, k=k)
+    np.testing.assert_allclose(det.signature(X), sig, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(det.train_scores_, want_train, rtol=1e-5, atol=1e-6)
+    assert det.layout_components_.shape == (len(W), 4 * 16)
+    assert det.offset_ == pytest.approx(np.percentile(want_train, 5))
+
+
+def test_spectrum_blind_to_rotation_layout_not():
+    """Why the layout part exists: singular values ignore where the voxels are."""
+    f = np.random.default_rng(3).random((2, 5, 16, 16))
+    rot = np.rot90(f, axes=(2, 3)).copy()
+    flip = f[:, :, ::-1].copy()
+    for g in (4, 8, 16):
+        np.testing.assert_allclose(spectral_signature(rot, g), spectral_signature(f, g),
+                                   atol=1e-10)
+        np.testing.assert_allclose(spectral_signature(flip, g), spectral_signature(f, g),
+                                   atol=1e-10)
+    assert np.abs(adaptive_avg_pool(rot, 4) - adaptive_avg_pool(f, 4)).max() > 0.05
+
+
+def test_spectrum_only_is_the_paper(tiny_2d, X_train):
+    plain = SpectralOODDetector(tiny_2d, descriptor="spectrum").fit(X_train)
+    both = SpectralOODDetector(tiny_2d).fit(X_train)
+    assert plain.layout_layer_ is None and plain.descriptors_.shape == (24, 12)
+    assert both.descriptors_.shape == (24, 12 + 4 * 16)
+    np.testing.assert_allclose(plain.signatures_, both.signatures_)
+    X = blobs(3, seed=40)
+    D = cdist(plain.signature(X), plain.signatures_)
+    np.testing.assert_allclose(plain.score_samples(X), -D.min(axis=1), atol=1e-7)
+
+
+def test_spectrum_layout_save_load(tiny_2d, X_train, tmp_path):
+    import uqseg
+
+    det = SpectralOODDetector(tiny_2d, contamination=0.1).fit(X_train)
+    uqseg.save(det, tmp_path / "ood")
+    back = uqseg.load(tmp_path / "ood")
+    X = blobs(3, seed=41)
+    np.testing.assert_allclose(back.score_samples(X), det.score_samples(X))
+    assert back.offset_ == det.offset_
 
 
 # ---------------------------------------------------------------------- baselines
@@ -340,6 +428,16 @@ def test_errors(tiny_2d, X_train):
         SpectralOODDetector(tiny_2d, grid=0).fit(X_train)
     with pytest.raises(ValueError, match="n_neighbors"):
         SpectralOODDetector(tiny_2d, n_neighbors=30).fit(X_train)
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        SpectralOODDetector(tiny_2d, descriptor="layout").fit(X_train)
+    with pytest.raises(ValueError, match="layout_grid must be"):
+        SpectralOODDetector(tiny_2d, layout_grid=0).fit(X_train)
+    with pytest.raises(ValueError, match="layout_components must be"):
+        SpectralOODDetector(tiny_2d, layout_components=0).fit(X_train)
+    with pytest.raises(ValueError, match="layer 'nope' is not a feature layer"):
+        SpectralOODDetector(tiny_2d, layout_layer="nope").fit(X_train)
+    with pytest.raises(ValueError, match="layout_grid has 3 entries"):
+        SpectralOODDetector(tiny_2d, layout_grid=(2, 2, 2)).fit(X_train)
     with pytest.raises(ValueError, match="score must be one of"):
         UncertaintyOODDetector(tiny_2d, score="variance").fit(X_train)
     with pytest.raises(ValueError, match="region must be one of"):

@@ -357,15 +357,30 @@ class _FeatureDetector(_BaseOODDetector):
 
 
 # ---------------------------------------------------------------------- spectral
+DESCRIPTORS = ("spectrum+layout", "spectrum")
+
+
 class SpectralOODDetector(_FeatureDetector):
     """Spectral signatures of feature maps (Karimi & Gholipour, arXiv 2004.06569).
 
-    One inference pass gives the chosen layer's feature maps ``(C, *spatial)``; they are
+    One inference pass gives the chosen layers' feature maps ``(C, *spatial)``; each is
     average-pooled to a fixed ``grid`` (any image size gives the same signature length),
     reshaped to a (voxels x channels) matrix ``A`` whose ``C`` singular values ``s`` give the
     signature ``log(s + eps) / ||log(s + eps)||_2``. Several layers give the concatenation of
-    their signatures divided by ``sqrt(n_layers)`` (unit norm again). The OOD score is minus the
-    distance to the ``n_neighbors``-th nearest training signature. No labels are used.
+    their signatures divided by ``sqrt(n_layers)`` (unit norm again). No labels are used.
+
+    ``descriptor="spectrum"`` is the paper's method: the score is minus the distance to the
+    ``n_neighbors``-th nearest training signature.
+
+    ``descriptor="spectrum+layout"`` (default) adds what the spectrum cannot see: singular values
+    do not change when voxels are permuted, so a rotated or flipped image has nearly the same
+    signature. The layout part pools ``layout_layer`` to a coarse ``layout_grid`` (4 x 4 cells
+    in 2-D), standardises each cell-channel with the training mean and standard deviation,
+    projects on the first ``layout_components`` principal axes of the training set (whitened)
+    and takes the distance to the ``n_neighbors``-th nearest training point. Each of the two
+    distances is turned into a z-score with the mean and standard deviation of its training
+    leave-one-out distances; the score is minus the larger z-score. Both parts come from the same
+    inference pass.
 
     Parameters
     ----------
@@ -375,38 +390,59 @@ class SpectralOODDetector(_FeatureDetector):
         used.
     layer : str or list of str, default="auto"
         Feature layer name(s) (see ``feature_layers_`` of the segmenter). ``"auto"`` takes
-        ``"decoder_last"`` (the last decoder block, as the authors' code) when the model
-        exports it, else the model's preferred layer.
-    grid : int, tuple of int or None, default=8
+        ``"decoder_last"`` (the last decoder block, as the authors' code) and ``"bottleneck"``
+        (the deepest layer) when the model exports them (either one alone if only one is
+        there), else the model's preferred layer.
+    grid : int, tuple of int or None, default=16
         Cells per spatial axis after adaptive average pooling; ``None`` keeps the maps as they
         are (then signatures depend on the image size).
     n_neighbors : int, default=1
-        The score uses the distance to this nearest training signature (1 as in the paper).
+        The score uses the distance to this nearest training descriptor (1 as in the paper).
     contamination : float in (0, 0.5], default=0.05
         Expected fraction of outliers among training images; sets ``offset_`` when
         ``threshold="contamination"``.
     threshold : {"contamination", "karimi"}, default="contamination"
-        ``"karimi"``: flag images farther than mean + 2.5 std of the training leave-one-out
-        nearest-neighbour distances (the paper's rule).
+        ``"karimi"``: flag images whose score is below mean - 2.5 std of the training
+        leave-one-out scores (the paper's rule on nearest-neighbour distances).
     normalize : {"l2", None}, default="l2"
         Divide ``log(s)`` by its L2 norm (the paper) or keep it raw.
     metric : str, default="euclidean"
         Distance between signatures (any scikit-learn ``NearestNeighbors`` metric).
     eps : float, default=1e-6
         Added to the singular values before the log.
+    descriptor : {"spectrum+layout", "spectrum"}, default="spectrum+layout"
+        ``"spectrum"``: Karimi & Gholipour's signature alone.
+    layout_layer : str, default="auto"
+        Layer of the layout descriptor; ``"auto"``: ``"decoder_last"`` when exported, else the
+        first of ``layers_``.
+    layout_grid : int or tuple of int, default=4
+        Cells per spatial axis of the layout descriptor.
+    layout_components : int, default=64
+        Principal axes kept: at most this, ``n_train // 4`` and the number of axes whose
+        singular value is at least 1e-3 of the first. The standard deviations used for
+        standardising are floored at 1% of the largest (dead units are not amplified).
 
     Attributes
     ----------
     estimator_ : segmenter
     layers_ : list of str
+    layout_layer_ : str or None
+    descriptors_ : ndarray of shape (n_train, L + P)
+        Per training image: spectral signature (``L`` = channels summed over layers) followed,
+        with the layout part, by the ``P`` pooled layout features.
     signatures_ : ndarray of shape (n_train, L)
-        ``L`` = number of channels (summed over layers).
+        The spectral signatures (a view of ``descriptors_``).
+    layout_mean_, layout_scale_, layout_components_ : ndarray
+        Standardisation and whitened principal axes ``(n_components, P)`` of the layout part.
+    dist_stats_ : ndarray of shape (n_parts, 2)
+        Mean and standard deviation of each part's training leave-one-out distances.
     train_scores_ : ndarray of shape (n_train,)
         Leave-one-out scores of the training images.
     offset_ : float
         ``decision_function = score_samples - offset_``.
     threshold_ : float
-        The distance above which an image is an outlier (``-offset_``).
+        ``-offset_``: with ``descriptor="spectrum"`` the distance above which an image is an
+        outlier; with the layout part, the z-score.
     n_train_ : int
 
     Examples
@@ -418,11 +454,13 @@ class SpectralOODDetector(_FeatureDetector):
     array([-1, -1, -1])
     """
 
-    _train_attr = "signatures_"
+    _train_attr = "descriptors_"
     _preferred_layers = ("decoder_last",)
 
-    def __init__(self, estimator, layer="auto", grid=8, n_neighbors=1, contamination=0.05,
-                 threshold="contamination", normalize="l2", metric="euclidean", eps=1e-6):
+    def __init__(self, estimator, layer="auto", grid=16, n_neighbors=1, contamination=0.05,
+                 threshold="contamination", normalize="l2", metric="euclidean", eps=1e-6,
+                 descriptor="spectrum+layout", layout_layer="auto", layout_grid=4,
+                 layout_components=64):
         self.estimator = estimator
         self.layer = layer
         self.grid = grid
@@ -432,51 +470,153 @@ class SpectralOODDetector(_FeatureDetector):
         self.normalize = normalize
         self.metric = metric
         self.eps = eps
+        self.descriptor = descriptor
+        self.layout_layer = layout_layer
+        self.layout_grid = layout_grid
+        self.layout_components = layout_components
+
+    @staticmethod
+    def _check_grid(grid, name, allow_none):
+        if grid is None and allow_none:
+            return
+        g = (grid,) if isinstance(grid, Integral) else grid
+        if not isinstance(g, (tuple, list)) or not g or any(
+                isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in g):
+            raise ValueError(f"{name} must be {'None, ' if allow_none else ''}a positive int or "
+                             f"a tuple of positive ints, got {grid!r}")
+
+    def _setup(self):
+        self._setup_params()
+        self.__dict__.pop("n_spectral_", None)
+        seg = _feature_segmenter(self.estimator_)
+        layer = self.layer
+        if layer == "auto":
+            auto = [n for n in ("decoder_last", "bottleneck") if n in seg.feature_layers_]
+            layer = auto or "auto"
+        self.layers_ = _resolve_layers(seg, layer, self._preferred_layers)
+        self.layout_layer_ = None
+        if self.descriptor == "spectrum+layout":
+            ll = self.layout_layer
+            if not isinstance(ll, str):
+                raise TypeError(f"layout_layer must be a layer name or 'auto', got {ll!r}")
+            if ll == "auto":
+                ll = "decoder_last" if "decoder_last" in seg.feature_layers_ else self.layers_[0]
+            self.layout_layer_ = _resolve_layers(seg, ll, self._preferred_layers)[0]
 
     def _setup_params(self):
         self._check_k(self.n_neighbors)
-        if self.grid is not None:
-            g = (self.grid,) if isinstance(self.grid, Integral) else self.grid
-            if not isinstance(g, (tuple, list)) or not g or any(
-                    isinstance(v, bool) or not isinstance(v, Integral) or v < 1 for v in g):
-                raise ValueError(f"grid must be None, a positive int or a tuple of positive "
-                                 f"ints, got {self.grid!r}")
+        self._check_grid(self.grid, "grid", True)
         if self.normalize not in ("l2", None):
             raise ValueError(f"normalize must be 'l2' or None, got {self.normalize!r}")
         if not isinstance(self.eps, Real) or not self.eps > 0:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+        if self.descriptor not in DESCRIPTORS:
+            raise ValueError(f"descriptor must be one of {DESCRIPTORS}, got {self.descriptor!r}")
+        if self.descriptor == "spectrum+layout":
+            self._check_grid(self.layout_grid, "layout_grid", False)
+            self._check_k(self.layout_components, "layout_components")
+
+    def _features(self, X) -> dict:
+        seg = _feature_segmenter(self.estimator_)
+        names = list(self.layers_)
+        if self.layout_layer_ is not None and self.layout_layer_ not in names:
+            names.append(self.layout_layer_)
+        out = seg.run(X, layers=names)
+        return {name: out[name] for name in names}
 
     def _descriptors(self, X) -> np.ndarray:
         feats = self._features(X)
-        if self.grid is not None and not isinstance(self.grid, Integral):
-            nsp = (feats[self.layers_[0]][0].ndim - 1)
-            if len(self.grid) != nsp:
-                raise ValueError(f"grid has {len(self.grid)} entries but the features have "
+        nsp = feats[self.layers_[0]][0].ndim - 1
+        for name, g in (("grid", self.grid), ("layout_grid", self.layout_grid)):
+            if g is not None and not isinstance(g, Integral) and len(g) != nsp and (
+                    name == "grid" or self.layout_layer_ is not None):
+                raise ValueError(f"{name} has {len(g)} entries but the features have "
                                  f"{nsp} spatial axes")
         sigs = [_per_image(feats[name], lambda f: spectral_signature(
             f, self.grid, eps=float(self.eps), normalize=self.normalize))
             for name in self.layers_]
         sig = np.concatenate(sigs, axis=1)
-        return sig / np.sqrt(len(sigs)) if len(sigs) > 1 else sig
+        if len(sigs) > 1:
+            sig = sig / np.sqrt(len(sigs))
+        if not hasattr(self, "n_spectral_"):  # set on the first (fitting) call
+            self.n_spectral_ = int(sig.shape[1])
+        if self.layout_layer_ is None:
+            return sig
+        lay = _per_image(feats[self.layout_layer_], lambda f: adaptive_avg_pool(
+            f, self.layout_grid).reshape(f.shape[0], -1))
+        return np.concatenate([sig, lay], axis=1)
+
+    @property
+    def signatures_(self) -> np.ndarray:
+        return self.descriptors_[:, :self.n_spectral_]
+
+    def _layout_project(self, L):
+        return ((L - self.layout_mean_) / self.layout_scale_) @ self.layout_components_.T
 
     def _fit_model(self):
-        n = self.signatures_.shape[0]
+        D = self.descriptors_
+        n = D.shape[0]
         if n <= self.n_neighbors:
             raise ValueError(f"n_neighbors={self.n_neighbors} needs more than {self.n_neighbors} "
                              f"training images, got {n}")
+        if self.layout_layer_ is not None:
+            L = D[:, self.n_spectral_:]
+            self.layout_mean_ = L.mean(axis=0)
+            sd = L.std(axis=0)
+            # near-constant cells/channels (dead units) are not blown up to unit variance
+            self.layout_scale_ = np.maximum(sd, 1e-2 * sd.max() + np.finfo(float).tiny)
+            _, sv, vt = np.linalg.svd((L - self.layout_mean_) / self.layout_scale_,
+                                      full_matrices=False)
+            # keep at most layout_components axes and n // 4 (whitened with ~n axes, n points
+            # form a regular simplex: all equidistant), none with variance < 1e-6 of the first
+            m = int(max(1, min(self.layout_components, n // 4,
+                               np.count_nonzero(sv >= 1e-3 * sv[0]))))
+            # whitened: training coordinates have unit variance along every kept axis
+            self.layout_components_ = vt[:m] * (np.sqrt(n) / sv[:m])[:, None]
+        cache = self.__dict__.setdefault("_cache", {})
+        cache.pop("parts_nn", None)
+        loo = [nn.kneighbors(None, n_neighbors=self.n_neighbors)[0][:, -1]
+               for nn in self._parts_nn()]
+        self.dist_stats_ = np.array([[d.mean(), max(d.std(), 1e-6 * d.mean(), 1e-12)]
+                                     for d in loo])
+        cache["loo"] = loo
+
+    def _part_metrics(self):
+        return [self.metric] + (["euclidean"] if self.layout_layer_ is not None else [])
+
+    def _parts_nn(self):
+        cache = self.__dict__.setdefault("_cache", {})
+        if "parts_nn" not in cache:
+            parts = [self.signatures_]
+            if self.layout_layer_ is not None:
+                parts.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
+            cache["parts_nn"] = [NearestNeighbors(n_neighbors=self.n_neighbors,
+                                                  algorithm="brute", metric=mt).fit(P)
+                                 for P, mt in zip(parts, self._part_metrics(), strict=True)]
+        return cache["parts_nn"]
+
+    def _combine(self, dists):
+        if self.layout_layer_ is None:
+            return -dists[0]
+        z = [(d - m) / s for d, (m, s) in zip(dists, self.dist_stats_, strict=True)]
+        return -np.max(z, axis=0)
 
     def _score(self, D):
-        return -_knn_distance(self.signatures_, D, self.n_neighbors, self.metric,
-                              self._nn(self.n_neighbors, self.metric))
+        nns = self._parts_nn()
+        parts = [D[:, :self.n_spectral_]]
+        if self.layout_layer_ is not None:
+            parts.append(self._layout_project(D[:, self.n_spectral_:]))
+        dists = [nn.kneighbors(P, n_neighbors=self.n_neighbors)[0][:, -1]
+                 for P, nn in zip(parts, nns, strict=True)]
+        return self._combine(dists)
 
     def _train_scores(self):
-        return -_knn_distance(self.signatures_, None, self.n_neighbors, self.metric,
-                              self._nn(self.n_neighbors, self.metric))
+        return self._combine(self.__dict__["_cache"].pop("loo"))
 
     def signature(self, X) -> np.ndarray:
-        """Signatures ``(N, L)`` of images ``X`` (what ``score_samples`` compares)."""
+        """Spectral signatures ``(N, L)`` of images ``X`` (the paper's descriptor)."""
         check_is_fitted(self)
-        return self._descriptors(X)
+        return self._descriptors(X)[:, :self.n_spectral_]
 
 
 # ---------------------------------------------------------------------- baselines
