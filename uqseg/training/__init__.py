@@ -21,6 +21,12 @@ from .loop import fit_segmenter, predict_logits  # noqa: E402
 from .losses import CrossEntropyLoss, DiceCELoss, DiceLoss  # noqa: E402
 from .multitask import fit_multitask, restrict_to_task, sample_probabilities  # noqa: E402
 from .networks import UNet  # noqa: E402
+from .quality_net import (  # noqa: E402
+    QualityNet,
+    QualityNetRegressor,
+    export_quality_net,
+    train_quality_net,
+)
 from .vls import (  # noqa: E402
     VariationalLabelSmoothing,
     fit_soft_targets,
@@ -29,7 +35,6 @@ from .vls import (  # noqa: E402
     vls_soft_labels,
 )
 
-# further modules (VLS, hierarchical U-Net, multi-task) add their names here
 __all__ = [
     "UNet",
     "DiceLoss",
@@ -50,4 +55,8 @@ __all__ = [
     "fit_multitask",
     "sample_probabilities",
     "restrict_to_task",
+    "QualityNet",
+    "QualityNetRegressor",
+    "train_quality_net",
+    "export_quality_net",
 ]
