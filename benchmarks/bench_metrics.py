@@ -134,7 +134,8 @@ def make_call(metric: str, method: str, chunks, flat=None):
             return lambda: TemperatureCalibrator().fit(z, yz).temperature_
 
         def run():
-            acc = CalibrationAccumulator(N_BINS, K)
+            # ECE needs only the binned statistics; Brier/NLL need the per-voxel scores
+            acc = CalibrationAccumulator(N_BINS, K, scores=metric != "ece")
             for p, y in chunks:
                 if method == "uqseg_logits":
                     acc.update_logits(p, y)  # probabilities are valid logits: same cost

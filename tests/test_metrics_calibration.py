@@ -305,3 +305,20 @@ def test_public_names_of_the_design_contract():
     missing = [n for n in names if not callable(getattr(uqseg.metrics, n, None))]
     assert missing == []
     assert set(uqseg.metrics.__all__) >= set(names)
+
+
+def test_binned_only_accumulator_matches_and_refuses_scores():
+    from uqseg.metrics.calibration import CalibrationAccumulator
+
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((3, 4, 9, 11)).astype(np.float32)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = rng.integers(0, 4, (3, 9, 11))
+    full = CalibrationAccumulator(10).update(p, y)
+    binned = CalibrationAccumulator(10, scores=False).update(p, y)
+    assert binned.ece == pytest.approx(full.ece, abs=1e-12)
+    np.testing.assert_allclose(binned.reliability_curve()[2], full.reliability_curve()[2])
+    with pytest.raises(ValueError, match="scores=True"):
+        _ = binned.brier
+    with pytest.raises(ValueError, match="scores=False"):
+        CalibrationAccumulator(10).update(p, y).merge(binned)

@@ -109,6 +109,9 @@ class CalibrationAccumulator:
         NLL clips ``p_y`` below at ``eps`` (so a zero probability costs ``-log(eps)``).
     chunk_size : int, default=2**16
         Voxels handled at once; bounds the temporary memory.
+    scores : bool, default=True
+        Also accumulate the Brier score and NLL. ``False`` keeps only the binned statistics
+        (ECE, MCE, reliability curve) and skips their per-voxel work (about 2x faster).
 
     Examples
     --------
@@ -130,6 +133,7 @@ class CalibrationAccumulator:
         ignore_index: int | None = None,
         eps: float = 1e-7,
         chunk_size: int = DEFAULT_CHUNK,
+        scores: bool = True,
     ):
         if edges is None:
             if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
@@ -168,7 +172,7 @@ class CalibrationAccumulator:
         self._brier = 0.0
         self._nll = 0.0
         self._ccount = self._cconf = self._cacc = None
-        self._scores = True  # False: binned statistics only (no Brier/NLL work)
+        self._scores = bool(scores)  # False: binned statistics only (no Brier/NLL work)
         if n_classes is not None:
             self._set_classes(int(n_classes))
 
@@ -375,6 +379,8 @@ class CalibrationAccumulator:
             raise TypeError(f"other must be a CalibrationAccumulator, got {type(other).__name__}")
         if other.edges.shape != self.edges.shape or not np.array_equal(other.edges, self.edges):
             raise ValueError("cannot merge accumulators with different bin edges")
+        if self._scores and not other._scores and other.n_voxels:
+            raise ValueError("other was built with scores=False: it has no Brier/NLL statistics")
         if self.classwise and not other.classwise and other.n_voxels:
             raise ValueError("other does not keep class-wise histograms")
         if other.n_classes is None:
@@ -401,6 +407,10 @@ class CalibrationAccumulator:
         gap = np.zeros_like(count)
         np.divide(np.abs(conf - acc), count, out=gap, where=count > 0)
         return gap
+
+    def _need_scores(self):
+        if not self._scores:
+            raise ValueError("Brier score and NLL need CalibrationAccumulator(scores=True)")
 
     def _need_classwise(self):
         if not self.classwise:
@@ -444,11 +454,13 @@ class CalibrationAccumulator:
     @property
     def brier(self) -> float:
         """Mean over voxels of ``sum_k (p_k - 1[y == k])^2`` (range ``[0, 2]``)."""
+        self._need_scores()
         return float(self._brier / self.n_voxels) if self.n_voxels else float("nan")
 
     @property
     def nll(self) -> float:
         """Mean over voxels of ``-log(max(p_y, eps))``."""
+        self._need_scores()
         return float(self._nll / self.n_voxels) if self.n_voxels else float("nan")
 
     def reliability_curve(self):
@@ -534,7 +546,7 @@ def _accumulate(
         eps=eps,
         chunk_size=chunk_size,
     )
-    acc._scores = scores
+    acc._scores = bool(scores)
     acc._consume(proba, y, mask, logits=False)
     return acc
 
