@@ -163,6 +163,14 @@ def _knn_distance(train: np.ndarray, query: np.ndarray | None, k: int, metric: s
     return dist[:, k - 1]
 
 
+def _kth_euclidean(train: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    """Euclidean distance of each query row to its k-th nearest training row (batched)."""
+    d2 = (np.einsum("ij,ij->i", query, query)[:, None] - 2.0 * query @ train.T
+          + np.einsum("ij,ij->i", train, train)[None, :])
+    kth = np.partition(d2, k - 1, axis=1)[:, k - 1] if k > 1 else d2.min(axis=1)
+    return np.sqrt(np.maximum(kth, 0.0))
+
+
 # ---------------------------------------------------------------------- estimator helpers
 def _is_fitted(est) -> bool:
     try:
@@ -602,12 +610,18 @@ class SpectralOODDetector(_FeatureDetector):
         return -np.max(z, axis=0)
 
     def _score(self, D):
-        nns = self._parts_nn()
         parts = [D[:, :self.n_spectral_]]
         if self.layout_layer_ is not None:
             parts.append(self._layout_project(D[:, self.n_spectral_:]))
-        dists = [nn.kneighbors(P, n_neighbors=self.n_neighbors)[0][:, -1]
-                 for P, nn in zip(parts, nns, strict=True)]
+        if self.metric == "euclidean":  # numpy: no per-call overhead of the neighbour search
+            train = [self.signatures_]
+            if self.layout_layer_ is not None:
+                train.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
+            dists = [_kth_euclidean(T, P, self.n_neighbors) for T, P in
+                     zip(train, parts, strict=True)]
+        else:
+            dists = [nn.kneighbors(P, n_neighbors=self.n_neighbors)[0][:, -1]
+                     for P, nn in zip(parts, self._parts_nn(), strict=True)]
         return self._combine(dists)
 
     def _train_scores(self):
