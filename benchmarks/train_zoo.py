@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from uqseg.datasets import load_brain_tissue
-from uqseg.training import UNet, export_onnx, fit_segmenter, predict_logits
+from uqseg.training import DiceLoss, UNet, export_onnx, fit_segmenter, predict_logits
 from uqseg.training.loop import foreground_dice
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "uqseg" / "datasets" / "models"
@@ -36,9 +36,9 @@ FEATURE_LAYERS = ["decoder_last", "bottleneck"]
 CLASSES = ["grey_matter", "white_matter"]
 # member recipes, cycled when more members are asked for: (loss, dropout, mc_dropout export)
 RECIPES = [
-    ("dice", 0.0, False),
+    ("dice", 0.0, False),  # soft Dice over the foreground classes (nnU-Net style)
     ("ce", 0.0, False),
-    ("dice", 0.0, False),
+    ("dice_bg", 0.0, False),  # soft Dice over all classes, background included
     ("ce", 0.0, False),
     ("dice_ce", 0.2, True),
 ]
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
             y,
             X_val,
             y_val,
-            loss=loss,
+            loss=DiceLoss(include_background=True) if loss == "dice_bg" else loss,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
