@@ -240,7 +240,7 @@ def test_estimator_forms(tiny_2d, X_train):
 
 
 # ---------------------------------------------------------------------- spectrum + layout
-def direct_combined(path, X_train, X, k=1, n_comp=64):
+def direct_combined(path, X_train, X, k=1, n_comp=16, k_layout=5):
     """Spectrum+layout score written out: numpy SVDs, cdist, explicit leave-one-out."""
     seg = OnnxSegmenter(path).fit()
 
@@ -252,7 +252,7 @@ def direct_combined(path, X_train, X, k=1, n_comp=64):
         up = bn.repeat(2, axis=2).repeat(2, axis=3)
         sig = np.concatenate([np.stack([direct_signature(f, lambda a: a) for f in dl]),
                               np.stack([direct_signature(f, lambda a: a) for f in up])], 1)
-        lay = dl.reshape(len(dl), dl.shape[1], 4, 4, 4, 4).mean(axis=(3, 5))
+        lay = dl.reshape(len(dl), dl.shape[1], 2, 8, 2, 8).mean(axis=(3, 5))
         return sig / np.sqrt(2), lay.reshape(len(dl), -1).astype(np.float64)
 
     S_tr, L_tr = parts(X_train)
@@ -266,11 +266,11 @@ def direct_combined(path, X_train, X, k=1, n_comp=64):
     # whitening: unit variance along every kept axis of the training set
     np.testing.assert_allclose(P_tr.var(axis=0), 1.0, rtol=1e-6)
     z_tr, z = [], []
-    for A_tr, A in ((S_tr, S), (P_tr, P)):
+    for A_tr, A, kk in ((S_tr, S, k), (P_tr, P, k_layout)):
         loo = cdist(A_tr, A_tr)
         np.fill_diagonal(loo, np.inf)
-        d_loo = np.sort(loo, axis=1)[:, k - 1]
-        d = np.sort(cdist(A, A_tr), axis=1)[:, k - 1]
+        d_loo = np.sort(loo, axis=1)[:, kk - 1]
+        d = np.sort(cdist(A, A_tr), axis=1)[:, kk - 1]
         z_tr.append((d_loo - d_loo.mean()) / d_loo.std())
         z.append((d - d_loo.mean()) / d_loo.std())
     return -np.maximum(*z), -np.maximum(*z_tr), S, W
@@ -279,13 +279,13 @@ def direct_combined(path, X_train, X, k=1, n_comp=64):
 @pytest.mark.parametrize("k", [1, 2])
 def test_spectrum_layout_vs_direct(tiny_2d, X_train, k):
     det = SpectralOODDetector(tiny_2d, n_neighbors=k).fit(X_train)
-    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 4
+    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 2
     X = np.concatenate([blobs(4, seed=31), np.rot90(blobs(3, seed=32), axes=(2, 3))])
     want, want_train, sig, W = direct_combined(tiny_2d, X_train, X, k=k)
     np.testing.assert_allclose(det.signature(X), sig, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(det.train_scores_, want_train, rtol=1e-5, atol=1e-6)
-    assert det.layout_components_.shape == (len(W), 4 * 16)
+    assert det.layout_components_.shape == (len(W), 4 * 4)
     assert det.offset_ == pytest.approx(np.percentile(want_train, 5))
 
 
@@ -306,7 +306,7 @@ def test_spectrum_only_is_the_paper(tiny_2d, X_train):
     plain = SpectralOODDetector(tiny_2d, descriptor="spectrum").fit(X_train)
     both = SpectralOODDetector(tiny_2d).fit(X_train)
     assert plain.layout_layer_ is None and plain.descriptors_.shape == (24, 12)
-    assert both.descriptors_.shape == (24, 12 + 4 * 16)
+    assert both.descriptors_.shape == (24, 12 + 4 * 4)
     np.testing.assert_allclose(plain.signatures_, both.signatures_)
     X = blobs(3, seed=40)
     D = cdist(plain.signature(X), plain.signatures_)
@@ -436,6 +436,8 @@ def test_errors(tiny_2d, X_train):
         SpectralOODDetector(tiny_2d, layout_components=0).fit(X_train)
     with pytest.raises(ValueError, match="layer 'nope' is not a feature layer"):
         SpectralOODDetector(tiny_2d, layout_layer="nope").fit(X_train)
+    with pytest.raises(ValueError, match="layout_neighbors=24 needs more than 24"):
+        SpectralOODDetector(tiny_2d, layout_neighbors=24).fit(X_train)
     with pytest.raises(ValueError, match="layout_grid has 3 entries"):
         SpectralOODDetector(tiny_2d, layout_grid=(2, 2, 2)).fit(X_train)
     with pytest.raises(ValueError, match="score must be one of"):

@@ -382,10 +382,10 @@ class SpectralOODDetector(_FeatureDetector):
 
     ``descriptor="spectrum+layout"`` (default) adds what the spectrum cannot see: singular values
     do not change when voxels are permuted, so a rotated or flipped image has nearly the same
-    signature. The layout part pools ``layout_layer`` to a coarse ``layout_grid`` (4 x 4 cells
+    signature. The layout part pools ``layout_layer`` to a coarse ``layout_grid`` (2 x 2 cells
     in 2-D), standardises each cell-channel with the training mean and standard deviation,
     projects on the first ``layout_components`` principal axes of the training set (whitened)
-    and takes the distance to the ``n_neighbors``-th nearest training point. Each of the two
+    and takes the distance to the ``layout_neighbors``-th nearest training point. Each of the two
     distances is turned into a z-score with the mean and standard deviation of its training
     leave-one-out distances; the score is minus the larger z-score. Both parts come from the same
     inference pass.
@@ -423,12 +423,15 @@ class SpectralOODDetector(_FeatureDetector):
     layout_layer : str, default="auto"
         Layer of the layout descriptor; ``"auto"``: ``"decoder_last"`` when exported, else the
         first of ``layers_``.
-    layout_grid : int or tuple of int, default=4
+    layout_grid : int or tuple of int, default=2
         Cells per spatial axis of the layout descriptor.
-    layout_components : int, default=64
+    layout_components : int, default=16
         Principal axes kept: at most this, ``n_train // 4`` and the number of axes whose
         singular value is at least 1e-3 of the first. The standard deviations used for
         standardising are floored at 1% of the largest (dead units are not amplified).
+    layout_neighbors : int, default=5
+        The layout distance is to this nearest training point (robust to near-duplicate
+        training slices, which make 1-NN leave-one-out distances optimistic).
 
     Attributes
     ----------
@@ -467,8 +470,8 @@ class SpectralOODDetector(_FeatureDetector):
 
     def __init__(self, estimator, layer="auto", grid=16, n_neighbors=1, contamination=0.05,
                  threshold="contamination", normalize="l2", metric="euclidean", eps=1e-6,
-                 descriptor="spectrum+layout", layout_layer="auto", layout_grid=4,
-                 layout_components=64):
+                 descriptor="spectrum+layout", layout_layer="auto", layout_grid=2,
+                 layout_components=16, layout_neighbors=5):
         self.estimator = estimator
         self.layer = layer
         self.grid = grid
@@ -482,6 +485,7 @@ class SpectralOODDetector(_FeatureDetector):
         self.layout_layer = layout_layer
         self.layout_grid = layout_grid
         self.layout_components = layout_components
+        self.layout_neighbors = layout_neighbors
 
     @staticmethod
     def _check_grid(grid, name, allow_none):
@@ -523,6 +527,7 @@ class SpectralOODDetector(_FeatureDetector):
         if self.descriptor == "spectrum+layout":
             self._check_grid(self.layout_grid, "layout_grid", False)
             self._check_k(self.layout_components, "layout_components")
+            self._check_k(self.layout_neighbors, "layout_neighbors")
 
     def _features(self, X) -> dict:
         seg = _feature_segmenter(self.estimator_)
@@ -564,9 +569,10 @@ class SpectralOODDetector(_FeatureDetector):
     def _fit_model(self):
         D = self.descriptors_
         n = D.shape[0]
-        if n <= self.n_neighbors:
-            raise ValueError(f"n_neighbors={self.n_neighbors} needs more than {self.n_neighbors} "
-                             f"training images, got {n}")
+        for name, k in (("n_neighbors", self.n_neighbors),
+                        ("layout_neighbors", self.layout_neighbors)):
+            if (name == "n_neighbors" or self.layout_layer_ is not None) and n <= k:
+                raise ValueError(f"{name}={k} needs more than {k} training images, got {n}")
         if self.layout_layer_ is not None:
             L = D[:, self.n_spectral_:]
             self.layout_mean_ = L.mean(axis=0)
@@ -583,11 +589,15 @@ class SpectralOODDetector(_FeatureDetector):
             self.layout_components_ = vt[:m] * (np.sqrt(n) / sv[:m])[:, None]
         cache = self.__dict__.setdefault("_cache", {})
         cache.pop("parts_nn", None)
-        loo = [nn.kneighbors(None, n_neighbors=self.n_neighbors)[0][:, -1]
-               for nn in self._parts_nn()]
+        loo = [nn.kneighbors(None, n_neighbors=k)[0][:, -1]
+               for nn, k in zip(self._parts_nn(), self._part_k(), strict=True)]
         self.dist_stats_ = np.array([[d.mean(), max(d.std(), 1e-6 * d.mean(), 1e-12)]
                                      for d in loo])
         cache["loo"] = loo
+
+    def _part_k(self):
+        return [self.n_neighbors] + ([self.layout_neighbors] if self.layout_layer_ is not None
+                                     else [])
 
     def _part_metrics(self):
         return [self.metric] + (["euclidean"] if self.layout_layer_ is not None else [])
@@ -598,9 +608,10 @@ class SpectralOODDetector(_FeatureDetector):
             parts = [self.signatures_]
             if self.layout_layer_ is not None:
                 parts.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
-            cache["parts_nn"] = [NearestNeighbors(n_neighbors=self.n_neighbors,
-                                                  algorithm="brute", metric=mt).fit(P)
-                                 for P, mt in zip(parts, self._part_metrics(), strict=True)]
+            cache["parts_nn"] = [NearestNeighbors(n_neighbors=k, algorithm="brute",
+                                                  metric=mt).fit(P)
+                                 for P, mt, k in zip(parts, self._part_metrics(), self._part_k(),
+                                                     strict=True)]
         return cache["parts_nn"]
 
     def _combine(self, dists):
@@ -617,11 +628,11 @@ class SpectralOODDetector(_FeatureDetector):
             train = [self.signatures_]
             if self.layout_layer_ is not None:
                 train.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
-            dists = [_kth_euclidean(T, P, self.n_neighbors) for T, P in
-                     zip(train, parts, strict=True)]
+            dists = [_kth_euclidean(T, P, k) for T, P, k in
+                     zip(train, parts, self._part_k(), strict=True)]
         else:
-            dists = [nn.kneighbors(P, n_neighbors=self.n_neighbors)[0][:, -1]
-                     for P, nn in zip(parts, self._parts_nn(), strict=True)]
+            dists = [nn.kneighbors(P, n_neighbors=k)[0][:, -1]
+                     for P, nn, k in zip(parts, self._parts_nn(), self._part_k(), strict=True)]
         return self._combine(dists)
 
     def _train_scores(self):
