@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
+from scipy.special import logit
 from sklearn.base import BaseEstimator, clone
 from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor
 from sklearn.linear_model import RidgeCV
@@ -45,7 +46,16 @@ from sklearn.preprocessing import StandardScaler
 
 from uqseg import OnnxSegmenter, datasets
 from uqseg.metrics import quality_report
-from uqseg.quality import QualityRegressor, _features, make_quality_set, maps_input
+from uqseg.quality import (
+    TYPICALITY_NAMES,
+    QualityRegressor,
+    _feature_member,
+    _features,
+    _typicality_layer,
+    make_quality_set,
+    maps_input,
+    typicality_distances,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_KINDS = ["noise", "blur", "bias", "gamma", "ghosting"]
@@ -122,6 +132,10 @@ class CachedEnsemble(BaseEstimator):
     def fit(self, X=None, y=None):
         return self
 
+    @property
+    def members_(self):  # the live members: typicality runs the first one on the images
+        return self.seg.members_
+
     def _rows(self, X):
         return [self._where[_digest(x)] for x in X]
 
@@ -145,7 +159,7 @@ class CachedEnsemble(BaseEstimator):
 def collect(qr, X):
     """Features, CNN maps (float16) and predicted labels from one inference pass."""
     feats, maps, preds = [], [], []
-    for _, xb, p, u in qr._maps(X):
+    for _, xb, p, u, _s in qr._maps(X):
         feats.append(_features(xb, p, u, qr.uncertainty_kind_, int(qr.n_bins)))
         maps.append(maps_input(xb, p, u, qr.uncertainty_kind_).astype(np.float16))
         preds.append(p.argmax(axis=1))
@@ -159,8 +173,7 @@ def true_quality(pred, y, k):
 
 
 def to_logit(t):
-    t = np.clip(t, 1e-3, 1 - 1e-3)
-    return np.log(t / (1 - t))
+    return logit(np.clip(t, 1e-3, 1 - 1e-3))  # as QualityRegressor (same float rounding)
 
 
 def cv_compare(F, T, groups, n_splits=5):
@@ -175,6 +188,61 @@ def cv_compare(F, T, groups, n_splits=5):
             out[f"{name}/{space}"] = quality_report(np.clip(pred, 0, 1), T)
             print(f"  cv {name:>13}/{space:<8} {out[f'{name}/{space}']}", flush=True)
     return out
+
+
+def loko_cv(F, T, kinds):
+    """Leave-one-kind-out on the fitting set: each fitted corruption kind held out in turn
+    (fitted on clean + the other kinds), with the default extra trees on logit(Dice)."""
+    pred = np.full_like(T, np.nan)
+    per = {}
+    for kd in FIT_KINDS:
+        te = kinds == kd
+        r = clone(candidates()["extra_trees"]).fit(F[~te], to_logit(T[~te]))
+        pred[te] = 1 / (1 + np.exp(-r.predict(F[te]).reshape(te.sum(), -1)))
+        per[kd] = quality_report(pred[te], T[te])
+    m = ~np.isnan(pred[:, 0])
+    return {"pooled": quality_report(pred[m], T[m]), "per_kind": per}
+
+
+def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held, info_t):
+    """Typicality features (distance of the first member's spectral signature to clean
+    reference images): leave-one-kind-out CV on the fitting set, then the test set once."""
+    clean = info_v["corruption"] == "none"
+    probe = QualityRegressor(seg, typicality=True)
+    probe.estimator_ = seg
+    probe.typicality_layer_ = _typicality_layer(_feature_member(seg))
+    t0 = time.perf_counter()
+    S_v = probe._reference_signatures(Xvw)
+    S_t = probe._reference_signatures(Xtw)
+    t_sig = (time.perf_counter() - t0) / (len(Xvw) + len(Xtw))
+    arms = {"off": (F_v, F_t),
+            "reference=clean fit images": (
+                np.hstack([F_v, typicality_distances(S_v, S_v[clean])]),
+                np.hstack([F_t, typicality_distances(S_t, S_v[clean])])),
+            "reference=None (leave-one-out)": (
+                np.hstack([F_v, typicality_distances(S_v, S_v)]),
+                np.hstack([F_t, typicality_distances(S_t, S_v)]))}
+    out = {"layer": probe.typicality_layer_, "features": list(TYPICALITY_NAMES),
+           "signature_seconds_per_image_first_member": t_sig, "arms": {}}
+    for name, (Fv, Ft) in arms.items():
+        cv = loko_cv(Fv, T_v, info_v["corruption"])
+        r = clone(candidates()["extra_trees"]).fit(Fv, to_logit(T_v))
+        p = 1 / (1 + np.exp(-r.predict(Ft).reshape(len(Ft), -1)))
+        out["arms"][name] = {
+            "loko_cv": cv,
+            "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
+            "test_held_out_kinds": quality_report(p[held], T_te[held]),
+            "test_per_kind": {c: quality_report(p[info_t["corruption"] == c],
+                                                T_te[info_t["corruption"] == c])
+                              for c in dict.fromkeys(info_t["corruption"])}}
+        print(f"  typicality {name}: loko {cv['pooled']}, held-out "
+              f"{out['arms'][name]['test_held_out_kinds']}", flush=True)
+        if name.startswith("reference=clean"):
+            p_ref = p
+    # the estimator's own code path gives the same predictions
+    qr_t = QualityRegressor(seg, typicality=True, reference=Xvw[clean]).fit(Xvw, yvw)
+    np.testing.assert_allclose(qr_t.predict(Xtw[-16:]), p_ref[-16:], atol=2e-3)
+    return out, qr_t
 
 
 def routing(pred, true, min_dice=MIN_DICE):
@@ -290,12 +358,21 @@ def main(argv=None):
           flush=True)
     worst = worst_images(pred, T_te, info_t)
 
+    F_v, maps_v, pred_v = collect(qr, Xvw)
+    T_v = true_quality(pred_v, yvw, k)
+    # --- regressor choice by grouped CV on the fitting set; the same models on the test set
+    cv = cv_compare(F_v, T_v, groups=info_v["source"])
+    typ, qr_typ = typicality_experiment(cseg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te,
+                                        held, info_t)
     # --- overhead of quality prediction over plain inference (same images)
     sub = Xt[: min(32, len(Xt))]
     seg.predict_proba(sub[:2])
+    qr_typ_live = copy.copy(qr_typ)
+    qr_typ_live.estimator_ = seg
     timings = {}
     for name, fn in (("inference", lambda: seg.predict_proba(sub)),
-                     ("quality_predict", lambda: qr_live.predict(sub))):
+                     ("quality_predict", lambda: qr_live.predict(sub)),
+                     ("quality_predict_typicality", lambda: qr_typ_live.predict(sub))):
         best = np.inf
         for _ in range(3):
             if hasattr(seg, "clear_cache"):
@@ -305,12 +382,10 @@ def main(argv=None):
             best = min(best, time.perf_counter() - t0)
         timings[name] = best / len(sub)
     timings["overhead_ratio"] = timings["quality_predict"] / timings["inference"]
+    timings["overhead_ratio_typicality"] = (timings["quality_predict_typicality"]
+                                            / timings["inference"])
     print("timings (s/image):", timings, flush=True)
 
-    F_v, maps_v, pred_v = collect(qr, Xvw)
-    T_v = true_quality(pred_v, yvw, k)
-    # --- regressor choice by grouped CV on the fitting set; the same models on the test set
-    cv = cv_compare(F_v, T_v, groups=info_v["source"])
     test_cmp = {}
     for name, reg in candidates().items():
         for space in ("identity", "logit"):
@@ -390,6 +465,8 @@ def main(argv=None):
         "reports": reports,
         "worst_test_images": worst,
         "cv_on_fit_set": cv,
+        "typicality": typ,
+        "typicality_default": QualityRegressor(seg).typicality,
         "test_by_regressor": test_cmp,
         "uncertainty_directly_spearman_class1": direct,
         "cnn": cnn,
@@ -477,15 +554,35 @@ def _write_tables(res):
     rt += (f"\n\n`flag(X, min_dice={a['min_dice']})` flags {a['flagged_share']:.1%} of the test "
            f"images; {a['failure_share']:.1%} are failures; it catches "
            f"{a['failures_caught']:.1%} of them with precision {a['precision']:.1%}.")
+    ty_rows = []
+    for name, r in res["typicality"]["arms"].items():
+        c = r["loko_cv"]["pooled"]
+        ty_rows.append([name, f3(c["pearson_r"]), f3(c["mae"]),
+                        f3(r["test_fitted_kinds"]["mae"]),
+                        f3(r["test_held_out_kinds"]["pearson_r"]),
+                        f3(r["test_held_out_kinds"]["mae"]),
+                        f3(r["test_per_kind"]["contrast"]["mae"])])
+    tyt = table(ty_rows, ["typicality features", "LOKO CV r", "LOKO CV MAE", "test fitted MAE",
+                          "held-out r", "held-out MAE", "contrast MAE"])
+    loko = table([[name] + [f3(r["loko_cv"]["per_kind"][kd]["mae"]) for kd in
+                            r["loko_cv"]["per_kind"]]
+                  for name, r in res["typicality"]["arms"].items()],
+                 ["LOKO CV MAE by held-out fitted kind"]
+                 + list(next(iter(res["typicality"]["arms"].values()))["loko_cv"]["per_kind"]))
     tm = res["timings_s_per_image"]
     tt = table([["plain inference (predict_proba)", f"{1000 * tm['inference']:.1f}"],
                 ["QualityRegressor.predict", f"{1000 * tm['quality_predict']:.1f}"],
-                ["ratio", f"{tm['overhead_ratio']:.2f}x"]], ["step", "ms / image"])
+                ["ratio", f"{tm['overhead_ratio']:.2f}x"],
+                ["QualityRegressor.predict, typicality=True",
+                 f"{1000 * tm['quality_predict_typicality']:.1f}"],
+                ["ratio, typicality=True", f"{tm['overhead_ratio_typicality']:.2f}x"]],
+               ["step", "ms / image"])
     direct = table([[k, f3(v)] for k, v in res["uncertainty_directly_spearman_class1"].items()],
                    ["uncertainty feature used directly (class 1)", "Spearman with true Dice"])
     body = (f"Segmenter: {res['segmenter']}; uncertainty: `{res['uncertainty']}`; "
             f"default regressor `{res['default_regressor']}`.\n\n### Accuracy\n\n{acc}\n\n"
-            f"### Regressor choice\n\n{cvt}\n\n### Uncertainty directly\n\n{direct}\n\n"
+            f"### Regressor choice\n\n{cvt}\n\n### Typicality features\n\n{tyt}\n\n{loko}\n\n"
+            f"### Uncertainty directly\n\n{direct}\n\n"
             f"### Review routing\n\n{rt}\n\n### Overhead\n\n{tt}\n")
     doc = ROOT / "docs/quality.md"
     text = doc.read_text() if doc.exists() else "<!-- bench:start -->\n<!-- bench:end -->\n"

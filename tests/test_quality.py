@@ -414,3 +414,90 @@ def test_with_ensemble_segmenter(tiny_members):
     np.testing.assert_allclose(col["mean_mutual_information"], mi.mean(axis=(1, 2)), rtol=1e-4,
                                atol=1e-7)
     assert qr.predict(X).shape == (5, 2)
+
+
+# --------------------------------------------------------------------------- typicality
+def _signature_by_hand(feats):
+    """Spectral signature of (N, C, 32, 32) maps pooled 2 x 2 to 16 x 16 (an SVD per image)."""
+    n, c = feats.shape[:2]
+    pooled = feats.astype(np.float64).reshape(n, c, 16, 2, 16, 2).mean(axis=(3, 5))
+    out = []
+    for f in pooled:
+        s = np.linalg.svd(f.reshape(c, -1), compute_uv=False)
+        s = np.concatenate([s, np.zeros(c - len(s))])
+        v = np.log(s + 1e-6)
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def _distances_by_hand(sig, ref, k=5):
+    rows = []
+    for s in sig:
+        d = sorted(float(np.linalg.norm(s - r)) for r in ref if np.linalg.norm(s - r) >= 1e-4)
+        rows.append([d[0], np.mean(d[:k])])
+    return np.array(rows)
+
+
+def test_typicality_distances_leave_out_the_image_itself():
+    from uqseg.quality import typicality_distances
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((9, 4))
+    q = np.vstack([ref[:3], rng.standard_normal((4, 4))])
+    np.testing.assert_allclose(typicality_distances(q, ref), _distances_by_hand(q, ref))
+    # a far-away image is far from its nearest reference
+    far = typicality_distances(ref[:1] + 100.0, ref)
+    assert far[0, 0] > 90
+
+
+def test_typicality_features_single_segmenter(tiny_2d):
+    rng = np.random.default_rng(0)
+    X = rng.random((8, 1, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 3, (8, 32, 32))
+    ref = rng.random((6, 1, 32, 32)).astype(np.float32)
+    base = QualityRegressor(tiny_2d).fit(X, y)
+    qr = QualityRegressor(tiny_2d, typicality=True, reference=ref).fit(X, y)
+    assert qr.feature_names_[-2:] == ["typicality_nn1", "typicality_nn5"]
+    seg = OnnxSegmenter(tiny_2d).fit()
+    layer = qr.typicality_layer_
+    assert layer in seg.feature_layers_
+    R = _signature_by_hand(seg.run(ref, layers=[layer])[layer])
+    np.testing.assert_allclose(qr.reference_signatures_, R, rtol=1e-6, atol=1e-9)
+    Xq = np.concatenate([X[:3], ref[:2]])  # two reference images: leave-one-out distances
+    S = _signature_by_hand(seg.run(Xq, layers=[layer])[layer])
+    F = qr.features(Xq)
+    np.testing.assert_allclose(F[:, -2:], _distances_by_hand(S, R), rtol=1e-5, atol=1e-8)
+    # the other columns come from the same single pass and equal those without typicality
+    np.testing.assert_allclose(F[:, :-2], base.features(Xq), rtol=1e-5, atol=1e-6)
+    assert qr.predict(Xq).shape == (5, 2)
+    # a list of images gives the same features
+    np.testing.assert_allclose(qr.features(list(Xq)), F, rtol=1e-5, atol=1e-7)
+    clone(qr)
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(qr)).features(Xq), F)
+
+
+def test_typicality_ensemble_first_member_and_leave_one_out(tiny_members):
+    ensemble = pytest.importorskip("uqseg.ensemble")
+    rng = np.random.default_rng(1)
+    X = rng.random((7, 1, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 3, (7, 32, 32))
+    ens = ensemble.EnsembleSegmenter(tiny_members).fit()
+    qr = QualityRegressor(ens, regressor=Ridge(), typicality=True).fit(X, y)
+    first = OnnxSegmenter(tiny_members[0]).fit()
+    S = _signature_by_hand(first.run(X, layers=[qr.typicality_layer_])[qr.typicality_layer_])
+    # reference=None: the fitting images (Gram eigenvalues vs SVD: ~1e-5 apart in the log)
+    np.testing.assert_allclose(qr.reference_signatures_, S, atol=1e-4)
+    np.testing.assert_allclose(qr.features(X)[:, -2:], _distances_by_hand(S, S), atol=1e-4)
+
+
+def test_typicality_errors(tiny_2d, tmp_path):
+    X = _logit_images(4)
+    y = np.zeros((4, 16, 16), int)
+    with pytest.raises(ValueError, match="typicality"):
+        QualityRegressor(LogitSegmenter(), typicality="yes").fit(X, y)
+    with pytest.raises(TypeError, match="run\\(X, layers\\)"):
+        QualityRegressor(LogitSegmenter(), typicality=True).fit(X, y)
+    Xo = np.random.default_rng(0).random((4, 1, 16, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="feature regressor"):
+        QualityRegressor(tiny_2d, regressor=Recorder(), regressor_input="maps",
+                         typicality=True).fit(Xo, y)

@@ -32,13 +32,18 @@ from uqseg.metrics.segmentation import dice_score, iou_score
 from uqseg.metrics.uncertainty import binary_entropy
 from uqseg.uncertainty import KINDS, entropy, expected_entropy, mutual_information, variance
 
-__all__ = ["QualityRegressor", "make_quality_set", "maps_input", "TARGETS"]
+__all__ = ["QualityRegressor", "make_quality_set", "maps_input", "typicality_distances",
+           "TARGETS"]
 
 TARGETS = ("dice", "iou")
 TARGET_TRANSFORMS = ("identity", "logit")
 REGRESSOR_INPUTS = ("auto", "features", "maps")
 _CHUNK = 32  # images per inference call: bounds the memory of member probabilities
 _EPS = 1e-3  # logit targets are clipped to [eps, 1 - eps]
+TYPICALITY_GRID = 16  # pooling grid of the spectral signature (SpectralOODDetector's default)
+TYPICALITY_K = 5  # the second typicality column averages the distances to this many neighbours
+_SAME = 1e-4  # signature distance below which two images are the same image
+TYPICALITY_NAMES = ("typicality_nn1", f"typicality_nn{TYPICALITY_K}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -143,6 +148,51 @@ def _features(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str,
     return np.column_stack(cols).astype(np.float64)
 
 
+def _feature_member(est):
+    """The network whose feature maps give the signature: the segmenter or an ensemble's first
+    member (``members_[0]``), as :class:`uqseg.SpectralOODDetector` takes them."""
+    members = getattr(est, "members_", None)
+    seg = members[0] if members else est
+    if not (callable(getattr(seg, "run", None)) and hasattr(seg, "feature_layers_")):
+        raise TypeError("typicality=True needs a segmenter with run(X, layers) and "
+                        f"feature_layers_ (an OnnxSegmenter or an ensemble of them), got "
+                        f"{type(seg).__name__}")
+    if not list(seg.feature_layers_):
+        raise ValueError("typicality=True needs a model that exposes a feature layer")
+    return seg
+
+
+def _typicality_layer(seg) -> str:
+    layers = list(seg.feature_layers_)
+    return "decoder_last" if "decoder_last" in layers else layers[0]
+
+
+def typicality_distances(sig: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Distances of signatures ``(n, L)`` to reference signatures ``(m, L)``.
+
+    Returns ``(n, 2)``: Euclidean distance to the nearest reference signature and the mean
+    distance to the ``TYPICALITY_K`` nearest. A reference signature equal to the query up to the
+    float noise of batched inference (distance below ``1e-4``; signatures have unit norm and
+    distinct images lie orders of magnitude further apart) is the image itself and is left out,
+    so reference images get leave-one-out distances at fit and at predict time alike.
+    """
+    sig = np.asarray(sig, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    d2 = (np.einsum("ij,ij->i", sig, sig)[:, None] - 2.0 * sig @ ref.T
+          + np.einsum("ij,ij->i", ref, ref)[None, :])
+    d = np.sqrt(np.maximum(d2, 0.0))
+    d[d < _SAME] = np.inf
+    k = min(TYPICALITY_K, ref.shape[0])
+    d.sort(axis=1)
+    near = d[:, :k]
+    finite = np.isfinite(near)
+    nn1 = np.where(finite[:, 0], near[:, 0], 0.0)
+    cnt = finite.sum(axis=1)
+    mean_k = np.divide(np.where(finite, near, 0.0).sum(axis=1), cnt, out=np.zeros(len(sig)),
+                       where=cnt > 0)
+    return np.column_stack([nn1, mean_k])
+
+
 def maps_input(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str) -> np.ndarray:
     """Stack ``(image, probabilities, uncertainty / max)`` into the CNN input.
 
@@ -215,6 +265,21 @@ class QualityRegressor(BaseEstimator):
         :func:`maps_input` (e.g. ``uqseg.training.quality_net.QualityNetRegressor``).
         ``"auto"``: maps for an ONNX path, features otherwise. Training on maps holds all of
         them in memory (``N x (C + K + 1)`` float32 images); an ONNX network runs chunk by chunk.
+    typicality : bool, default=False
+        Add two *typicality* features (feature regressor only): the distance of the image's
+        spectral signature (:func:`uqseg.ood.spectral_signature` of the ``decoder_last`` feature
+        maps of the segmenter, or of an ensemble's first member, pooled to 16 x 16, as
+        :class:`uqseg.SpectralOODDetector` computes it) to its nearest reference signature and
+        the mean distance to the 5 nearest (:func:`typicality_distances`). A single
+        ``OnnxSegmenter`` gives logits and features in one pass; an ensemble runs its first
+        member a second time (about ``1 / n_members`` more inference). Off by default: in the
+        leave-one-kind-out check of ``docs/quality.md`` it did not help.
+    reference : array of shape (M, C, *spatial), list of arrays or None, default=None
+        Clean images whose signatures are the reference (no labels needed; pass them
+        intensity-normalised like the images to score, e.g. the clean copies
+        ``make_quality_set`` puts first). ``None``: the fitting images themselves, each compared
+        with the others (leave-one-out; weaker when the fitting set holds corrupted copies,
+        which are then typical of each other). Used only with ``typicality=True``.
 
     Attributes
     ----------
@@ -225,6 +290,10 @@ class QualityRegressor(BaseEstimator):
     n_classes_ : int
     uncertainty_kind_ : str
     feature_names_ : list of str
+    reference_signatures_ : ndarray of shape (M, L)
+        Only with ``typicality=True``.
+    typicality_layer_ : str
+        Only with ``typicality=True``.
     fit_report_ : dict
         ``quality_report`` of predicted against true targets on the fitting set (in-sample).
 
@@ -238,7 +307,8 @@ class QualityRegressor(BaseEstimator):
     """
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
-                 target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto"):
+                 target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto",
+                 typicality=False, reference=None):
         self.estimator = estimator
         self.regressor = regressor
         self.target = target
@@ -247,6 +317,8 @@ class QualityRegressor(BaseEstimator):
         self.n_bins = n_bins
         self.empty_score = empty_score
         self.regressor_input = regressor_input
+        self.typicality = typicality
+        self.reference = reference
 
     # ----------------------------------------------------------------- validation
     def _check_params(self):
@@ -264,6 +336,8 @@ class QualityRegressor(BaseEstimator):
         if (isinstance(self.empty_score, bool) or not isinstance(self.empty_score, numbers.Real)
                 or not 0 <= self.empty_score <= 1):
             raise ValueError(f"empty_score must be a number in [0, 1], got {self.empty_score!r}")
+        if not isinstance(self.typicality, (bool, np.bool_)):
+            raise ValueError(f"typicality must be True or False, got {self.typicality!r}")
         if self.uncertainty != "auto" and self.uncertainty not in KINDS:
             raise ValueError(f"uncertainty must be 'auto' or one of {KINDS}, got "
                              f"{self.uncertainty!r}")
@@ -306,19 +380,38 @@ class QualityRegressor(BaseEstimator):
         return reg, kind
 
     # ----------------------------------------------------------------- inference
-    def _maps(self, X):
-        """Yield ``(slice, X chunk, proba, uncertainty)`` over chunks, one inference each."""
+    def _maps(self, X, signatures=False):
+        """Yield ``(slice, X chunk, proba, uncertainty, signatures or None)`` over chunks, one
+        inference each (plus one pass of an ensemble's first member for signatures)."""
         est, kind = self.estimator_, self.uncertainty_kind_
+        layer = getattr(self, "typicality_layer_", None) if signatures else None
         if isinstance(X, list):
             for i, x in enumerate(X):
-                yield from self._chunk_maps(est, kind, x[None], slice(i, i + 1))
+                yield from self._chunk_maps(est, kind, x[None], slice(i, i + 1), layer)
             return
         for start in range(0, X.shape[0], _CHUNK):
             sl = slice(start, min(start + _CHUNK, X.shape[0]))
-            yield from self._chunk_maps(est, kind, X[sl], sl)
+            yield from self._chunk_maps(est, kind, X[sl], sl, layer)
 
     @staticmethod
-    def _chunk_maps(est, kind, xb, sl):
+    def _signature(feats) -> np.ndarray:
+        from uqseg.ood import spectral_signature
+
+        return spectral_signature(np.asarray(feats), TYPICALITY_GRID)
+
+    @classmethod
+    def _chunk_maps(cls, est, kind, xb, sl, layer=None):
+        sig = None
+        if layer is not None and not _is_ensemble(est):
+            # one pass: logits and the feature layer together
+            from uqseg.segmenter import softmax
+
+            out = _feature_member(est).run(xb, layers=[layer])
+            proba = np.asarray(softmax(np.asarray(out["logits"])), dtype=np.float32)
+            yield sl, xb, proba, entropy(proba), cls._signature(out[layer])
+            return
+        if layer is not None:  # an ensemble: its first member's features (a second pass)
+            sig = cls._signature(_feature_member(est).run(xb, layers=[layer])[layer])
         if callable(getattr(est, "predict_with_uncertainty", None)):
             # EnsembleSegmenter: weighted mean and the map from one streamed pass
             proba, maps = est.predict_with_uncertainty(xb, kinds=(kind,))
@@ -333,7 +426,19 @@ class QualityRegressor(BaseEstimator):
         else:
             proba = np.asarray(est.predict_proba(xb), dtype=np.float32)
             unc = entropy(proba)
-        yield sl, xb, proba, unc
+        yield sl, xb, proba, unc, sig
+
+    def _reference_signatures(self, X):
+        """Signatures of images ``X`` from the feature network alone (one pass)."""
+        seg, layer = _feature_member(self.estimator_), self.typicality_layer_
+        if isinstance(X, list):
+            return np.concatenate([self._signature(seg.run(x[None], layers=[layer])[layer])
+                                   for x in X])
+        return np.concatenate([self._signature(seg.run(X[s:s + _CHUNK], layers=[layer])[layer])
+                               for s in range(0, X.shape[0], _CHUNK)])
+
+    def _typicality(self, sig):
+        return typicality_distances(sig, self.reference_signatures_)
 
     def _targets(self, proba_pred, y, k):
         fn = dice_score if self.target == "dice" else iou_score
@@ -373,8 +478,16 @@ class QualityRegressor(BaseEstimator):
             y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
-        feats, targets, maps, onnx_pred, k, reg = [], [], [], [], None, None
-        for sl, xb, proba, unc in self._maps(X):
+        typ = bool(self.typicality)
+        for attr in ("reference_signatures_", "typicality_layer_"):
+            self.__dict__.pop(attr, None)
+        if typ:
+            if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
+                raise ValueError("typicality=True adds features: it needs the feature regressor "
+                                 "(regressor_input 'features' or 'auto', not an ONNX path)")
+            self.typicality_layer_ = _typicality_layer(_feature_member(est))
+        feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
+        for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
             k = proba.shape[1]
             yb = y[sl] if not isinstance(y, list) else [y[i] for i in range(sl.start, sl.stop)]
             yb = np.asarray(yb)
@@ -388,6 +501,8 @@ class QualityRegressor(BaseEstimator):
                 reg, self.input_kind_ = self._resolve_regressor(k - 1)
             targets.append(self._targets(proba.argmax(axis=1), yb, k))
             feats.append(_features(xb, proba, unc, kind, int(self.n_bins)))
+            if typ:
+                sigs.append(sig)
             if isinstance(reg, str):
                 # a pretrained network: checked on the first chunk, then run chunk by chunk
                 m = maps_input(xb, proba, unc, kind)
@@ -400,6 +515,12 @@ class QualityRegressor(BaseEstimator):
         self.feature_names_ = feature_names(k, kind, int(self.n_bins))
         T = np.concatenate(targets)
         F = np.concatenate(feats)
+        if typ:
+            S = np.concatenate(sigs)
+            self.reference_signatures_ = S if self.reference is None else \
+                self._reference_signatures(check_images(self.reference))
+            F = np.hstack([F, self._typicality(S)])
+            self.feature_names_ += list(TYPICALITY_NAMES)
         if isinstance(reg, str):
             pred = np.concatenate(onnx_pred)
         elif self.input_kind_ == "maps":
@@ -478,8 +599,12 @@ class QualityRegressor(BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        return np.concatenate([_features(x, p, u, self.uncertainty_kind_, int(self.n_bins))
-                               for _, x, p, u in self._maps(X)])
+        return np.concatenate([self._row_features(x, p, u, s)
+                               for _, x, p, u, s in self._maps(X, signatures=True)])
+
+    def _row_features(self, xb, proba, unc, sig):
+        F = _features(xb, proba, unc, self.uncertainty_kind_, int(self.n_bins))
+        return F if sig is None else np.hstack([F, self._typicality(sig)])
 
     def predict(self, X) -> np.ndarray:
         """Predicted quality (Dice, or IoU for ``target="iou"``) per foreground class.
@@ -495,12 +620,11 @@ class QualityRegressor(BaseEstimator):
         check_is_fitted(self)
         X = check_images(X)
         out = []
-        for _, xb, p, u in self._maps(X):
+        for _, xb, p, u, s in self._maps(X, signatures=True):
             if self.input_kind_ == "maps":
                 out.append(self._predict_maps(maps_input(xb, p, u, self.uncertainty_kind_)))
             else:
-                out.append(self._predict_features(
-                    _features(xb, p, u, self.uncertainty_kind_, int(self.n_bins))))
+                out.append(self._predict_features(self._row_features(xb, p, u, s)))
         return np.concatenate(out)
 
     def flag(self, X, min_dice=0.8, reduce="any") -> np.ndarray:
