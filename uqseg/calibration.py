@@ -19,12 +19,12 @@ import os
 
 import numpy as np
 from scipy.optimize import minimize
-from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.exceptions import NotFittedError
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._validation import check_labels, check_scores
 from uqseg.metrics.calibration import CalibrationAccumulator, foreground_roi
+from uqseg.segmenter import resolve_segmenter
 
 __all__ = ["TemperatureCalibrator"]
 
@@ -95,16 +95,6 @@ def _water_fill(counts: np.ndarray, budget: int) -> float:
             return float(max(left // rest, 1))
         left -= n
     return np.inf  # pragma: no cover - the first test above returns
-
-
-def _is_fitted(est) -> bool:
-    try:
-        check_is_fitted(est)
-    except NotFittedError:
-        return False
-    except (TypeError, AttributeError):  # duck-typed segmenter without sklearn's machinery
-        return any(v.endswith("_") and not v.startswith("__") for v in vars(est))
-    return True
 
 
 class TemperatureCalibrator(TransformerMixin, BaseEstimator):
@@ -217,16 +207,11 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         est = self.estimator
         if est is None:
             return None
-        if isinstance(est, (str, os.PathLike)):
-            from uqseg.segmenter import OnnxSegmenter  # only needed for a path
-
-            return OnnxSegmenter(est).fit()
-        if not callable(getattr(est, "transform", None)):
+        if not isinstance(est, (str, os.PathLike)) and not callable(
+                getattr(est, "transform", None)):
             raise TypeError("estimator must be None, a path to an ONNX file or a segmenter with "
                             f"transform(X) -> logits; got {type(est).__name__}")
-        if _is_fitted(est):
-            return est
-        return clone(est).fit(X)
+        return resolve_segmenter(est, X, requires=("transform",))
 
     # ------------------------------------------------------------------ scores in batches
     def _check_scores(self, S, name):

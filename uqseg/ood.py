@@ -22,16 +22,15 @@ per-image descriptors (``_descriptors``) and descriptors into scores (``_score``
 
 from __future__ import annotations
 
-import os
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, OutlierMixin, clone
+from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.covariance import LedoitWolf
-from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg.segmenter import resolve_segmenter
 from uqseg.uncertainty import entropy
 
 __all__ = [
@@ -172,31 +171,9 @@ def _kth_euclidean(train: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- estimator helpers
-def _is_fitted(est) -> bool:
-    try:
-        check_is_fitted(est)
-    except (NotFittedError, TypeError):
-        return False
-    return True
-
-
 def _resolve_estimator(estimator, X):
     """Paths become an ``OnnxSegmenter``; an unfitted segmenter is cloned and fitted."""
-    if isinstance(estimator, (str, os.PathLike)):
-        from uqseg.segmenter import OnnxSegmenter
-
-        return OnnxSegmenter(estimator).fit()
-    if not (hasattr(estimator, "fit") and hasattr(estimator, "predict_proba")):
-        raise TypeError(
-            "estimator must be a path to an ONNX file, an OnnxSegmenter or an EnsembleSegmenter "
-            f"(an object with fit and predict_proba), got {type(estimator).__name__}")
-    if _is_fitted(estimator):
-        return estimator
-    est = clone(estimator)
-    try:
-        return est.fit(X)
-    except TypeError:  # segmenters whose fit takes no images
-        return est.fit()
+    return resolve_segmenter(estimator, X, requires=("fit", "predict_proba"))
 
 
 def _feature_segmenter(est):

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from itertools import product
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
@@ -422,3 +423,38 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         tags.requires_fit = True
         tags.input_tags.two_d_array = False
         return tags
+
+
+def is_fitted(est) -> bool:
+    """sklearn's fitted check, duck-typed for segmenters without sklearn's machinery."""
+    try:
+        check_is_fitted(est)
+    except NotFittedError:
+        return False
+    except (TypeError, AttributeError):
+        return any(v.endswith("_") and not v.startswith("__") for v in vars(est))
+    return True
+
+
+def resolve_segmenter(estimator, X=None, *, requires=("predict_proba",)):
+    """The fitted segmenter a meta-estimator works with.
+
+    A path becomes a fitted :class:`OnnxSegmenter`; a fitted segmenter is used as is; an
+    unfitted one is cloned (the caller's object stays untouched) and fitted on ``X``.
+    ``requires`` names the methods the caller needs; a missing one is a ``TypeError``.
+    """
+    if isinstance(estimator, (str, os.PathLike)):
+        return OnnxSegmenter(estimator).fit()
+    missing = [m for m in requires if not callable(getattr(estimator, m, None))]
+    if missing:
+        raise TypeError(
+            f"estimator must be a path to an ONNX file or a segmenter with {', '.join(requires)}"
+            f" (an OnnxSegmenter or EnsembleSegmenter); got {type(estimator).__name__} "
+            f"without {', '.join(missing)}")
+    if is_fitted(estimator):
+        return estimator
+    est = clone(estimator) if hasattr(estimator, "get_params") else estimator
+    try:
+        return est.fit(X)
+    except TypeError:  # segmenters whose fit takes no images
+        return est.fit()
