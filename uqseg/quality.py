@@ -718,7 +718,7 @@ def make_quality_set(X, y, corruptions=None, severities=(0.25, 0.5, 0.75, 1.0), 
     >>> X = np.random.default_rng(0).random((2, 1, 16, 16)).astype(np.float32)
     >>> y = np.zeros((2, 16, 16), int)
     >>> Xw, yw, info = make_quality_set(X, y, corruptions=["blur", "noise"], severities=[0.5])
-    >>> Xw.shape, list(info["corruption"])
+    >>> Xw.shape, [str(c) for c in info["corruption"]]
     ((6, 1, 16, 16), ['none', 'none', 'blur', 'blur', 'noise', 'noise'])
     """
     from uqseg.datasets import CORRUPTIONS, corrupt, normalize_intensity
