@@ -21,7 +21,6 @@ from scipy import ndimage
 from scipy.special import expit, logit
 from sklearn.base import BaseEstimator, clone
 from sklearn.ensemble import ExtraTreesRegressor
-from sklearn.exceptions import NotFittedError
 from sklearn.multioutput import MultiOutputRegressor
 from sklearn.utils import get_tags
 from sklearn.utils.validation import check_is_fitted
@@ -30,6 +29,7 @@ from uqseg._validation import check_images, check_labels
 from uqseg.metrics.quality import quality_report
 from uqseg.metrics.segmentation import dice_score, iou_score
 from uqseg.metrics.uncertainty import binary_entropy
+from uqseg.segmenter import resolve_segmenter
 from uqseg.uncertainty import KINDS, entropy, expected_entropy, mutual_information, variance
 
 __all__ = ["QualityRegressor", "make_quality_set", "maps_input", "typicality_distances",
@@ -343,21 +343,7 @@ class QualityRegressor(BaseEstimator):
                              f"{self.uncertainty!r}")
 
     def _resolve_estimator(self, X):
-        est = self.estimator
-        if isinstance(est, (str, os.PathLike)):
-            from uqseg.segmenter import OnnxSegmenter
-
-            est = OnnxSegmenter(est)
-        if not callable(getattr(est, "predict_proba", None)):
-            raise TypeError("estimator must be a segmenter with predict_proba (or a path to an "
-                            f"ONNX file), got {type(est).__name__}")
-        try:
-            check_is_fitted(est)
-        except NotFittedError:
-            est = (clone(est) if hasattr(est, "get_params") else est).fit(X)
-        except TypeError:  # not a scikit-learn estimator: trusted to be ready
-            pass
-        return est
+        return resolve_segmenter(self.estimator, X, requires=("predict_proba",))
 
     def _resolve_regressor(self, n_out: int):
         reg = self.regressor
