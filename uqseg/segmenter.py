@@ -21,9 +21,13 @@ from uqseg.backends._model import image_input_names, metadata, read_model
 MC_MASK = "mc_mask"
 
 
-def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Numerically stable softmax in float32 (written into a new array)."""
-    out = logits - logits.max(axis=axis, keepdims=True)
+def softmax(logits: np.ndarray, axis: int = 1, *, copy: bool = True) -> np.ndarray:
+    """Numerically stable softmax in float32; ``copy=False`` overwrites ``logits``."""
+    if copy:
+        out = logits - logits.max(axis=axis, keepdims=True)
+    else:
+        out = logits
+        out -= logits.max(axis=axis, keepdims=True)
     np.exp(out, out=out)
     out /= out.sum(axis=axis, keepdims=True)
     return out
@@ -402,8 +406,9 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         """Softmax probabilities ``(N, K, *spatial)``."""
         logits = self.transform(X)
         if isinstance(logits, list):
-            return [softmax(lg[None])[0] for lg in logits]
-        return softmax(logits)
+            return [softmax(lg[None], copy=False)[0] for lg in logits]
+        # transform's result is ours alone (the engine's fresh output or our buffer)
+        return softmax(logits, copy=False)
 
     def predict(self, X):
         """Labels ``(N, *spatial)`` (argmax over classes)."""
