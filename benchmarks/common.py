@@ -37,10 +37,15 @@ def time_round_robin(
         for fn in calls.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
+    names = list(calls)
+    for r in range(repeats):
+        # rotate the order each round: an engine's worker threads keep spinning for a moment
+        # after a call and would always slow whichever variant comes next; the short pause
+        # lets them go idle
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(0.05)
             t0 = time.perf_counter()
-            fn()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: summarize(ts) for name, ts in times.items()}
 
