@@ -48,7 +48,7 @@ MAX_TOTAL_BYTES = 20 * 2**20
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--members", type=int, default=5, help="number of members (default 5)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per member (default 6, as shipped)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per member (6, as shipped)")
     p.add_argument("--width", type=int, default=8, help="U-Net width (default 8)")
     p.add_argument("--depth", type=int, default=4, help="U-Net depth (default 4)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -35,40 +35,64 @@ def make_unet_like(
         return name
 
     def bias(name, n):
-        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(n)).astype(np.float32), name))
+        inits.append(
+            numpy_helper.from_array((0.1 * rng.standard_normal(n)).astype(np.float32), name)
+        )
         return name
 
     f = width
     nodes += [
-        helper.make_node("Conv", ["image", weight("w1", (f, in_channels, *k)), bias("b1", f)],
-                         ["c1"], kernel_shape=k, pads=pads),
+        helper.make_node(
+            "Conv",
+            ["image", weight("w1", (f, in_channels, *k)), bias("b1", f)],
+            ["c1"],
+            kernel_shape=k,
+            pads=pads,
+        ),
         helper.make_node("Relu", ["c1"], ["enc1"]),
         helper.make_node("MaxPool", ["enc1"], ["p1"], kernel_shape=[2] * dims, strides=[2] * dims),
-        helper.make_node("Conv", ["p1", weight("w2", (2 * f, f, *k)), bias("b2", 2 * f)],
-                         ["c2"], kernel_shape=k, pads=pads),
+        helper.make_node(
+            "Conv",
+            ["p1", weight("w2", (2 * f, f, *k)), bias("b2", 2 * f)],
+            ["c2"],
+            kernel_shape=k,
+            pads=pads,
+        ),
         helper.make_node("Relu", ["c2"], ["bottleneck"]),
     ]
-    inits.append(numpy_helper.from_array(
-        np.array([1.0, 1.0] + [2.0] * dims, dtype=np.float32), "scales"))
+    inits.append(
+        numpy_helper.from_array(np.array([1.0, 1.0] + [2.0] * dims, dtype=np.float32), "scales")
+    )
     nodes += [
         helper.make_node("Resize", ["bottleneck", "", "scales"], ["up"], mode="nearest"),
         helper.make_node("Concat", ["up", "enc1"], ["cat"], axis=1),
-        helper.make_node("Conv", ["cat", weight("w3", (f, 3 * f, *k)), bias("b3", f)],
-                         ["c3"], kernel_shape=k, pads=pads),
+        helper.make_node(
+            "Conv",
+            ["cat", weight("w3", (f, 3 * f, *k)), bias("b3", f)],
+            ["c3"],
+            kernel_shape=k,
+            pads=pads,
+        ),
         helper.make_node("Relu", ["c3"], ["decoder_last"]),
     ]
     head_in = "decoder_last"
     if mc_mask:
-        inits.append(numpy_helper.from_array(
-            np.array([0, f] + [1] * dims, dtype=np.int64), "mask_shape"))
+        inits.append(
+            numpy_helper.from_array(np.array([0, f] + [1] * dims, dtype=np.int64), "mask_shape")
+        )
         nodes += [
             helper.make_node("Reshape", ["mc_mask", "mask_shape"], ["mask_b"]),
             helper.make_node("Mul", ["decoder_last", "mask_b"], ["dropped"]),
         ]
         head_in = "dropped"
-    nodes.append(helper.make_node(
-        "Conv", [head_in, weight("w4", (n_classes, f, *[1] * dims)), bias("b4", n_classes)],
-        ["logits"], kernel_shape=[1] * dims))
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [head_in, weight("w4", (n_classes, f, *[1] * dims)), bias("b4", n_classes)],
+            ["logits"],
+            kernel_shape=[1] * dims,
+        )
+    )
 
     sp = list(spatial) if spatial is not None else [f"s{i}" for i in range(dims)]
     elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
@@ -98,7 +122,9 @@ def _to_fp16_initializers(model):
     for i, t in enumerate(model.graph.initializer):
         arr = numpy_helper.to_array(t)
         if arr.dtype == np.float32 and t.name != "scales":  # Resize scales stay float32
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr.astype(np.float16), t.name))
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(arr.astype(np.float16), t.name)
+            )
 
 
 def make_wrong_rank() -> onnx.ModelProto:
@@ -110,9 +136,12 @@ def make_wrong_rank() -> onnx.ModelProto:
         helper.make_node("MatMul", ["f", "w"], ["logits"]),
     ]
     graph = helper.make_graph(
-        nodes, "classifier",
+        nodes,
+        "classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializer=inits)
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model

@@ -15,7 +15,8 @@ ImageBatch = np.ndarray | list[np.ndarray]
 def _as_float_image(x: object, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
         or arr.dtype == np.bool_
     ):
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
@@ -54,7 +55,9 @@ def check_images(
     arr = _as_float_image(X, name)
     _check_one(arr, name, spatial_dims, n_channels, batched=True)
     if arr.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {arr.shape}): at least one image is required")
+        raise ValueError(
+            f"{name} is an empty batch (shape {arr.shape}): at least one image is required"
+        )
     return arr
 
 
@@ -74,7 +77,9 @@ def _check_one(arr, name, spatial_dims, n_channels, batched):
         )
     ch = arr.shape[lead - 1]
     if n_channels is not None and ch != n_channels:
-        raise ValueError(f"{name} has {ch} channels (axis {lead - 1}) but the model expects {n_channels}")
+        raise ValueError(
+            f"{name} has {ch} channels (axis {lead - 1}) but the model expects {n_channels}"
+        )
     if any(s == 0 for s in arr.shape[lead:]):
         raise ValueError(f"{name} has an empty spatial axis (shape {arr.shape})")
 
@@ -96,8 +101,12 @@ def check_labels(
     ``shapes`` is either the expected full array shape or one spatial shape per image.
     """
     if isinstance(y, (list, tuple)):
-        out = [check_labels(v[None], n_classes=n_classes, ignore_index=ignore_index,
-                            name=f"{name}[{i}]")[0] for i, v in enumerate(y)]
+        out = [
+            check_labels(
+                v[None], n_classes=n_classes, ignore_index=ignore_index, name=f"{name}[{i}]"
+            )[0]
+            for i, v in enumerate(y)
+        ]
         if shapes is not None and not isinstance(shapes, tuple):
             for i, (lab, shp) in enumerate(zip(out, shapes, strict=False)):
                 if lab.shape != tuple(shp):
@@ -107,8 +116,12 @@ def check_labels(
         return out
     arr = np.asarray(y)
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.isfinite(arr)) \
-                and np.all(arr == np.round(arr)):
+        if (
+            np.issubdtype(arr.dtype, np.floating)
+            and arr.size
+            and np.all(np.isfinite(arr))
+            and np.all(arr == np.round(arr))
+        ):
             arr = arr.astype(np.int64)
         else:
             raise TypeError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
@@ -136,10 +149,12 @@ def check_labels(
 
 
 def check_scores(S: object, *, name: str, kind: str) -> np.ndarray:
-    """Validate logits (``kind='logits'``) or probabilities (``kind='proba'``) ``(N, K, *spatial)``."""
+    """Validate logits (``kind='logits'``) or probabilities (``kind='proba'``), (N, K, *spatial)."""
     arr = np.asarray(S)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"{name} must be floating point {kind} of shape (N, K, *spatial), got dtype {arr.dtype}")
+        raise TypeError(
+            f"{name} must be floating point {kind} of shape (N, K, *spatial), got dtype {arr.dtype}"
+        )
     if arr.ndim < 3:
         raise ValueError(f"{name} must have shape (N, K, *spatial), got shape {arr.shape}")
     if arr.shape[1] < 2:
@@ -148,10 +163,14 @@ def check_scores(S: object, *, name: str, kind: str) -> np.ndarray:
         raise ValueError(f"{name} contains NaN or infinite values")
     if kind == "proba":
         if arr.min() < -1e-6 or arr.max() > 1 + 1e-6:
-            raise ValueError(f"{name} must hold probabilities in [0, 1]; got values in "
-                             f"[{arr.min():.3g}, {arr.max():.3g}] (are these logits?)")
+            raise ValueError(
+                f"{name} must hold probabilities in [0, 1]; got values in "
+                f"[{arr.min():.3g}, {arr.max():.3g}] (are these logits?)"
+            )
         sums = arr.sum(axis=1)
         if np.abs(sums - 1).max() > 1e-3:
-            raise ValueError(f"{name} must sum to 1 over the class axis (axis 1); max deviation "
-                             f"{np.abs(sums - 1).max():.3g} (are these logits?)")
+            raise ValueError(
+                f"{name} must sum to 1 over the class axis (axis 1); max deviation "
+                f"{np.abs(sums - 1).max():.3g} (are these logits?)"
+            )
     return arr

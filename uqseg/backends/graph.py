@@ -18,10 +18,33 @@ FEATURE_LAYERS_KEY = "uqseg.feature_layers"
 
 # Producers whose outputs are meaningful feature maps (not weights, shapes or indices).
 _FEATURE_OPS = {
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Gelu", "Sigmoid", "Tanh", "Clip", "HardSwish",
-    "Mish", "Softplus", "Silu", "Add", "Concat", "MaxPool", "AveragePool", "BatchNormalization",
-    "InstanceNormalization", "GroupNormalization", "Conv", "ConvTranspose", "Resize", "Mul",
-    "Identity", "Dropout", "Upsample",
+    "Relu",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Gelu",
+    "Sigmoid",
+    "Tanh",
+    "Clip",
+    "HardSwish",
+    "Mish",
+    "Softplus",
+    "Silu",
+    "Add",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "Conv",
+    "ConvTranspose",
+    "Resize",
+    "Mul",
+    "Identity",
+    "Dropout",
+    "Upsample",
 }
 
 
@@ -104,7 +127,9 @@ def preferred_layers(model: onnx.ModelProto) -> list[str]:
     try:
         names = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"model metadata {FEATURE_LAYERS_KEY!r} is not valid JSON: {raw!r}") from exc
+        raise ValueError(
+            f"model metadata {FEATURE_LAYERS_KEY!r} is not valid JSON: {raw!r}"
+        ) from exc
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"model metadata {FEATURE_LAYERS_KEY!r} must be a JSON list of names")
     return names

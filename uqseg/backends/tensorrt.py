@@ -23,14 +23,20 @@ from uqseg.backends.onnxruntime import _default_cache
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 graph with fp32 inputs/outputs kept (TensorRT 11 is strongly typed)."""
-    f16 = import_optional("onnxconverter_common.float16", extra="trt",
-                          purpose="fp16 conversion of the ONNX graph")
+    f16 = import_optional(
+        "onnxconverter_common.float16", extra="trt", purpose="fp16 conversion of the ONNX graph"
+    )
     return f16.convert_float_to_float16(proto, keep_io_types=True)
 
 
 def _trt_dtype_to_numpy(trt, dtype):
-    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32,
-             trt.int8: np.int8, trt.bool: np.bool_}
+    table = {
+        trt.float32: np.float32,
+        trt.float16: np.float16,
+        trt.int32: np.int32,
+        trt.int8: np.int8,
+        trt.bool: np.bool_,
+    }
     if hasattr(trt, "int64"):
         table[trt.int64] = np.int64
     return table[dtype]
@@ -41,9 +47,16 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, proto: onnx.ModelProto, *, fp16: bool = False, max_batch: int = 32,
-                 cache_dir: str | os.PathLike | None = None, device_id: int = 0,
-                 workspace_gib: float = 4.0) -> None:
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        *,
+        fp16: bool = False,
+        max_batch: int = 32,
+        cache_dir: str | os.PathLike | None = None,
+        device_id: int = 0,
+        workspace_gib: float = 4.0,
+    ) -> None:
         super().__init__()
         trt = import_optional("tensorrt", extra="trt", purpose="the native TensorRT backend")
         cp = import_optional("cupy", extra="trt", purpose="device buffers of the TensorRT backend")
@@ -80,8 +93,9 @@ class TensorRTRunner(Runner):
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 self.input_names.append(name)
                 self.input_dtypes[name] = dtype
-                self.input_shapes[name] = tuple(d if d >= 0 else None
-                                                for d in engine.get_tensor_shape(name))
+                self.input_shapes[name] = tuple(
+                    d if d >= 0 else None for d in engine.get_tensor_shape(name)
+                )
             else:
                 self.output_names.append(name)
         self.providers = ["TensorRT"]
@@ -92,8 +106,10 @@ class TensorRTRunner(Runner):
         for inp in proto.graph.input:
             if inp.name in init:
                 continue
-            dims = [d.dim_value if d.HasField("dim_value") else -1
-                    for d in inp.type.tensor_type.shape.dim]
+            dims = [
+                d.dim_value if d.HasField("dim_value") else -1
+                for d in inp.type.tensor_type.shape.dim
+            ]
             if any(d < 0 for d in dims[1:]):
                 raise ValueError(
                     f"input {inp.name!r} has dynamic spatial axes {dims}; the native TensorRT "
@@ -136,7 +152,9 @@ class TensorRTRunner(Runner):
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
-        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
+        timing = config.create_timing_cache(
+            timing_path.read_bytes() if timing_path.exists() else b""
+        )
         config.set_timing_cache(timing, ignore_mismatch=False)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
