@@ -265,3 +265,21 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------- docs
+def write_doc_section(doc: Path, name: str, markdown: str) -> None:
+    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of ``doc``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def pm(pair, digits: int = 3) -> str:
+    """``mean ± std`` of a (mean, std) pair."""
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"

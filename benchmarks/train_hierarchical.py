@@ -21,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
+from common import pm
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
@@ -43,19 +45,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
 
 
 def write_doc_section(name: str, markdown: str) -> None:
-    """Replace the ``<!-- name:begin -->`` ... ``<!-- name:end -->`` block of the docs page."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = DOC.read_text() if DOC.exists() else ""
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
-
-
-def pm(pair, digits: int = 3) -> str:
-    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+    common.write_doc_section(DOC, name, markdown)
 
 
 def render(result: dict) -> str:
