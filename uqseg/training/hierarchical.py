@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .losses import make_loss
-from .networks import _CONV, _CONVT, _POOL, ConvBlock
+from .networks import _CONV, _CONVT, _POOL, ConvBlock, check_unet_args
 
 NOISE_META = "uqseg.hierarchical"
 
@@ -92,18 +92,7 @@ class HierarchicalUNet(nn.Module):
         max_logvar: float = 4.0,
     ) -> None:
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
-        for name, value, low in (
-            ("in_channels", in_channels, 1),
-            ("n_classes", n_classes, 2),
-            ("width", width, 1),
-            ("depth", depth, 2),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if norm not in ("batch", "instance", None):
-            raise ValueError(f"norm must be 'batch', 'instance' or None, got {norm!r}")
+        check_unet_args(dims, in_channels, n_classes, width, depth, norm)
         if not min_logvar < max_logvar:
             raise ValueError(f"min_logvar must be < max_logvar, got {min_logvar}, {max_logvar}")
         self.in_channels, self.n_classes, self.dims = in_channels, n_classes, dims

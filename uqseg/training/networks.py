@@ -40,6 +40,22 @@ class ConvBlock(nn.Sequential):
         )
 
 
+def check_unet_args(dims, in_channels, n_classes, width, depth, norm) -> None:
+    """Argument checks shared by the U-Net family."""
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+    for name, value, low in (
+        ("in_channels", in_channels, 1),
+        ("n_classes", n_classes, 2),
+        ("width", width, 1),
+        ("depth", depth, 2),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if norm not in ("batch", "instance", None):
+        raise ValueError(f"norm must be 'batch', 'instance' or None, got {norm!r}")
+
+
 class UNet(nn.Module):
     """U-Net for 2-D or 3-D segmentation with mask-driven channel dropout.
 
@@ -101,20 +117,9 @@ class UNet(nn.Module):
         up: str = "transpose",
     ) -> None:
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
-        for name, value, low in (
-            ("in_channels", in_channels, 1),
-            ("n_classes", n_classes, 2),
-            ("width", width, 1),
-            ("depth", depth, 2),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_unet_args(dims, in_channels, n_classes, width, depth, norm)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if norm not in ("batch", "instance", None):
-            raise ValueError(f"norm must be 'batch', 'instance' or None, got {norm!r}")
         if up not in ("transpose", "upsample"):
             raise ValueError(f"up must be 'transpose' or 'upsample', got {up!r}")
         self.in_channels, self.n_classes, self.dims = in_channels, n_classes, dims
