@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uqseg.uncertainty import softmax
+
 __all__ = ["FULL", "QUICK", "DemoConfig", "format_table", "run_demo"]
 
 CLASS_NAMES = ("grey matter", "white matter")
@@ -85,13 +87,6 @@ def _chunks(fn, X, desc: str, progress: bool, chunk: int = 32):
             out.append(fn(X[i:i + chunk]))
             bar.update(len(X[i:i + chunk]))
     return np.concatenate(out)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
 
 
 def _calibration(proba, y, mask) -> dict:
@@ -179,13 +174,13 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     logits_val_worst = logits_te_worst = None
     for name, seg in zip(names, ens.members_, strict=True):
         z_val = _chunks(seg.transform, X_val, f"{name} on val", progress)
-        p_val = _softmax(z_val.copy())
+        p_val = softmax(z_val)
         val_sum += p_val
         ece_val = metrics.expected_calibration_error(p_val, y_val, mask=roi_val)
         t0 = time.perf_counter()
         z_te = _chunks(seg.transform, X_te, f"{name} on test", progress)
         seconds_single += time.perf_counter() - t0
-        p_te = _softmax(z_te.copy())
+        p_te = softmax(z_te)
         member_rows.append({"name": name, "val_ece": ece_val,
                             "test_dice": _dice(p_te.argmax(1), y_te, K).tolist(),
                             **_calibration(p_te, y_te, roi_te)})
@@ -195,7 +190,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
 
     # 2. temperature scaling ----------------------------------------------------------------
     cal = TemperatureCalibrator().fit(logits_val_worst, y_val)
-    p_before = _softmax(logits_te_worst.copy())
+    p_before = softmax(logits_te_worst)
     p_after = cal.predict_proba(logits_te_worst)
     cal_ens = TemperatureCalibrator(input_kind="proba").fit(val_ens, y_val)
 

@@ -30,7 +30,14 @@ from uqseg.metrics.quality import quality_report
 from uqseg.metrics.segmentation import dice_score, iou_score
 from uqseg.metrics.uncertainty import binary_entropy
 from uqseg.segmenter import resolve_segmenter
-from uqseg.uncertainty import KINDS, entropy, expected_entropy, mutual_information, variance
+from uqseg.uncertainty import (
+    KINDS,
+    entropy,
+    expected_entropy,
+    mutual_information,
+    softmax,
+    variance,
+)
 
 __all__ = ["QualityRegressor", "make_quality_set", "maps_input", "typicality_distances",
            "TARGETS"]
@@ -390,10 +397,8 @@ class QualityRegressor(BaseEstimator):
         sig = None
         if layer is not None and not _is_ensemble(est):
             # one pass: logits and the feature layer together
-            from uqseg.segmenter import softmax
-
             out = _feature_member(est).run(xb, layers=[layer])
-            proba = np.asarray(softmax(np.asarray(out["logits"])), dtype=np.float32)
+            proba = softmax(out["logits"], copy=False)  # the run's own fresh logits
             yield sl, xb, proba, entropy(proba), cls._signature(out[layer])
             return
         if layer is not None:  # an ensemble: its first member's features (a second pass)

@@ -14,23 +14,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
+from uqseg._numeric import softmax
 from uqseg._validation import ImageBatch, check_images, n_images
 from uqseg.backends import graph
 from uqseg.backends._model import image_input_names, metadata, read_model
 
 MC_MASK = "mc_mask"
-
-
-def softmax(logits: np.ndarray, axis: int = 1, *, copy: bool = True) -> np.ndarray:
-    """Numerically stable softmax in float32; ``copy=False`` overwrites ``logits``."""
-    if copy:
-        out = logits - logits.max(axis=axis, keepdims=True)
-    else:
-        out = logits
-        out -= logits.max(axis=axis, keepdims=True)
-    np.exp(out, out=out)
-    out /= out.sum(axis=axis, keepdims=True)
-    return out
 
 
 def _gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:

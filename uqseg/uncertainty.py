@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import xlogy
 
+from uqseg._numeric import softmax as _softmax
 from uqseg._validation import check_scores
 from uqseg.metrics.uncertainty import binary_entropy, segment_uncertainty
 
@@ -56,12 +57,9 @@ def softmax(logits, axis: int = 1, *, copy: bool = True) -> np.ndarray:
     x = np.asarray(logits)
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise TypeError(f"logits must hold real numbers, got dtype {x.dtype}")
-    x = np.array(x, dtype=np.float32, copy=True) if copy or x.dtype != np.float32 else x
-    # subtracting the max keeps exp() from overflowing
-    x -= x.max(axis=axis, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=axis, keepdims=True)
-    return x
+    if x.dtype != np.float32:
+        return _softmax(x.astype(np.float32), axis, copy=False)
+    return _softmax(x, axis, copy=copy)
 
 
 def entropy(proba, axis: int = 1) -> np.ndarray:
