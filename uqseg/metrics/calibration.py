@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from uqseg._numeric import softmax
 from uqseg._optional import import_optional
 from uqseg._validation import check_labels, check_scores
 
@@ -78,14 +79,6 @@ def _check_scores_chunked(scores, name, kind, chunk):
     for si, sv in _blocks(s3.shape[0], s3.shape[2], chunk):
         check_scores(s3[si, :, sv], name=name, kind=kind)
     return arr
-
-
-def _softmax_block(z: np.ndarray) -> np.ndarray:
-    z = np.array(z, dtype=np.float32, copy=True)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
 
 
 class CalibrationAccumulator:
@@ -241,7 +234,7 @@ class CalibrationAccumulator:
             for si, sv in _blocks(n, s3.shape[2], self.chunk_size):
                 p = s3[si, :, sv]
                 if logits:
-                    p = _softmax_block(p)
+                    p = softmax(p.astype(np.float32), copy=False)  # a block-sized copy
                 yy = y2[si, sv]
                 keep = None if m2 is None else m2[si, sv]
                 if self.ignore_index is not None:
