@@ -12,7 +12,15 @@ Usage::
     python benchmarks/train_zoo.py --quick         # tiny smoke run into a temporary folder
     python benchmarks/train_zoo.py --members 3 --epochs 4 --out /tmp/zoo --device cuda
 
-Deterministic given the seeds on one device and torch version.
+Training on a GPU machine that lacks the data dependencies or the ONNX exporter, in three steps::
+
+    python benchmarks/train_zoo.py --dump-data build/zoo_data.npz          # here
+    python benchmarks/train_zoo.py --data build/zoo_data.npz --device cuda \
+        --states-only --out build/zoo_states                                 # on the GPU
+    python benchmarks/train_zoo.py --from-states build/zoo_states            # here: export
+
+Deterministic given the seeds on one device and torch version (on CUDA up to cuDNN's
+non-deterministic kernels).
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uqseg.datasets import load_brain_tissue
 from uqseg.training import DiceLoss, UNet, export_onnx, fit_segmenter, predict_logits
 from uqseg.training.loop import foreground_dice
 
@@ -70,6 +77,29 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--dump-data",
+        type=Path,
+        default=None,
+        help="write the train/val/test arrays to this .npz and exit",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="read the arrays from a --dump-data file instead of uqseg.datasets",
+    )
+    p.add_argument(
+        "--states-only",
+        action="store_true",
+        help="train and save state dicts + histories to OUT, no ONNX export",
+    )
+    p.add_argument(
+        "--from-states",
+        type=Path,
+        default=None,
+        help="skip training: load the members saved by --states-only from this folder",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="keep members already recorded in OUT/zoo.json whose file exists",
@@ -92,13 +122,31 @@ def main(argv=None) -> dict:
         args.members, args.epochs, args.width = min(args.members, 2), 1, 4
         if args.out is None:
             args.out = Path(tempfile.mkdtemp(prefix="uqseg_zoo_quick_"))
+    if args.dump_data is not None:
+        from uqseg.datasets import load_brain_tissue
+
+        arrays = {}
+        for split in ("train", "val", "test"):
+            arrays[f"X_{split}"], arrays[f"y_{split}"] = load_brain_tissue(split)
+        args.dump_data.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.dump_data, **arrays)
+        print(f"wrote {args.dump_data}")
+        return {}
     out = Path(args.out or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    X, y = load_brain_tissue("train")
-    X_val, y_val = load_brain_tissue("val")
-    X_te, y_te = load_brain_tissue("test")
+    if args.data is not None:
+        with np.load(args.data) as d:
+            X, y, X_val, y_val, X_te, y_te = (
+                d[f"{a}_{s}"] for s in ("train", "val", "test") for a in ("X", "y")
+            )
+    else:
+        from uqseg.datasets import load_brain_tissue
+
+        X, y = load_brain_tissue("train")
+        X_val, y_val = load_brain_tissue("val")
+        X_te, y_te = load_brain_tissue("test")
     if args.quick:
         X, y, X_val, y_val = X[::8], y[::8], X_val[::8], y_val[::8]
         X_te, y_te = X_te[::8], y_te[::8]
@@ -120,26 +168,51 @@ def main(argv=None) -> dict:
             continue
         torch.manual_seed(seed)  # the initial weights differ per member
         model = UNet(1, 3, dims=2, width=args.width, depth=args.depth, dropout=dropout)
-        hist = fit_segmenter(
-            model,
-            X,
-            y,
-            X_val,
-            y_val,
-            loss=DiceLoss(include_background=True) if loss == "dice_bg" else loss,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=1e-4,
-            augment=True,
-            flip_axes=(-1,),  # left-right mirror only: axial slices keep anterior up
-            seed=seed,
-            device=args.device,
-            patience=None,
-            progress=not args.no_progress,
-            max_minutes=args.max_minutes,
-        )
+        stem = name.removesuffix(".onnx")
+        if args.from_states is not None:
+            state = torch.load(args.from_states / f"{stem}.pt", weights_only=True)
+            model.load_state_dict(state)
+            saved = json.loads((args.from_states / f"{stem}.json").read_text(encoding="utf-8"))
+            hist, trained = saved["history"], saved["trained"]
+        else:
+            hist = fit_segmenter(
+                model,
+                X,
+                y,
+                X_val,
+                y_val,
+                loss=DiceLoss(include_background=True) if loss == "dice_bg" else loss,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                weight_decay=1e-4,
+                augment=True,
+                flip_axes=(-1,),  # left-right mirror only: axial slices keep anterior up
+                seed=seed,
+                device=args.device,
+                patience=None,
+                progress=not args.no_progress,
+                max_minutes=args.max_minutes,
+            )
+            cuda = str(hist["device"]).startswith("cuda")
+            trained = {
+                "device": hist["device"],
+                "gpu": torch.cuda.get_device_name() if cuda else None,
+                "torch": torch.__version__,
+                "epochs": args.epochs,
+            }
         model.cpu()
+        if args.states_only:
+            torch.save(model.state_dict(), out / f"{stem}.pt")
+            (out / f"{stem}.json").write_text(
+                json.dumps({"history": hist, "trained": trained}), encoding="utf-8"
+            )
+            print(
+                f"{stem}: {hist['seconds']:.1f}s on {hist['device']}, best epoch "
+                f"{hist['best_epoch']}, val Dice {hist['best_val_dice']:.4f}",
+                flush=True,
+            )
+            continue
         val = member_dice(model, X_val, y_val, "cpu")
         test = member_dice(model, X_te, y_te, "cpu")
         info = {
@@ -148,7 +221,7 @@ def main(argv=None) -> dict:
             "width": args.width,
             "depth": args.depth,
             "dropout": dropout,
-            "epochs": args.epochs,
+            "epochs": trained.get("epochs", args.epochs),
             "val_dice": val["per_class"],
             "test_dice": test["per_class"],
             "data": "uqseg.datasets.load_brain_tissue",
@@ -166,10 +239,11 @@ def main(argv=None) -> dict:
             "dropout": dropout,
             "mc_dropout": mc,
             "mc_size": report["mc_size"],
-            "epochs": args.epochs,
+            "epochs": trained.get("epochs", args.epochs),
             "epochs_run": hist["epochs_run"],
             "best_epoch": hist["best_epoch"],
             "train_seconds": round(hist["seconds"], 1),
+            "trained_on": trained,
             "train_loss": [round(v, 5) for v in hist["loss"]],
             "val_dice": val["per_class"],
             "val_mean_dice": val["mean"],
@@ -190,6 +264,9 @@ def main(argv=None) -> dict:
         # record after every member, so an interrupted run can --resume
         write_zoo(out, args, argv, (X, X_val, X_te), members)
 
+    if args.states_only:
+        print(f"saved {args.members} member states to {out}")
+        return {}
     # drop members of an earlier, larger zoo so the folder holds exactly this run
     for stale in out.glob("member_*.onnx"):
         if stale not in written:
@@ -217,7 +294,10 @@ def write_zoo(out, args, argv, shapes, members) -> dict:
         else " ".join(["python", "benchmarks/train_zoo.py", *argv]),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": args.device,
+        "device": members[0].get("trained_on", {}).get("device", args.device)
+        if members
+        else args.device,
+        "gpu": members[0].get("trained_on", {}).get("gpu") if members else None,
         "threads": args.threads,
         "data": {"train": list(X.shape), "val": list(X_val.shape), "test": list(X_te.shape)},
         "classes": ["background", *CLASSES],

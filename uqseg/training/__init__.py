@@ -21,12 +21,6 @@ from .loop import fit_segmenter, predict_logits  # noqa: E402
 from .losses import CrossEntropyLoss, DiceCELoss, DiceLoss  # noqa: E402
 from .multitask import fit_multitask, restrict_to_task, sample_probabilities  # noqa: E402
 from .networks import UNet  # noqa: E402
-from .quality_net import (  # noqa: E402
-    QualityNet,
-    QualityNetRegressor,
-    export_quality_net,
-    train_quality_net,
-)
 from .vls import (  # noqa: E402
     VariationalLabelSmoothing,
     fit_soft_targets,
@@ -34,6 +28,23 @@ from .vls import (  # noqa: E402
     smooth_labels,
     vls_soft_labels,
 )
+
+# the quality network's estimator needs scikit-learn: loaded on first use, so that training
+# and export run where only torch and onnx are installed (e.g. a bare GPU image)
+_LAZY = {"QualityNet", "QualityNetRegressor", "train_quality_net", "export_quality_net"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import quality_net
+
+        return getattr(quality_net, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY)
+
 
 __all__ = [
     "UNet",
