@@ -74,6 +74,27 @@ def test_global_keeps_labels_and_lowers_ece_on_held_out_data():
                                                                                           y_te)
 
 
+def test_ece_objective_finds_the_lowest_ece_temperature():
+    _, shown, y = synth(3, temps=2.5)
+    cal = TemperatureCalibrator(objective="ece").fit(shown, y)
+    proba = cal.predict_proba(shown)
+    np.testing.assert_array_equal(proba.argmax(axis=1), shown.argmax(axis=1))
+    ece = metrics.expected_calibration_error(proba, y)
+    # the sample estimate is the metric itself when nothing is subsampled
+    assert cal.ece_after_ == pytest.approx(ece, abs=1e-6)
+    assert cal.ece_before_ == pytest.approx(
+        metrics.expected_calibration_error(softmax(shown).astype(np.float32), y), abs=1e-6)
+    # an independent dense scan of T finds nothing better
+    grid = np.exp(np.linspace(np.log(0.5), np.log(8), 400))
+    scan = min(metrics.expected_calibration_error(softmax(shown / t).astype(np.float32), y)
+               for t in grid)
+    assert ece <= scan + 1e-4
+    nll = TemperatureCalibrator().fit(shown, y)
+    assert cal.ece_after_ <= nll.ece_after_ + 1e-9
+    assert cal.nll_after_ >= nll.nll_after_ - 1e-9  # the NLL fit is the NLL optimum
+    assert cal.temperature_ == pytest.approx(2.5, rel=0.1)
+
+
 def test_classwise_recovers_per_class_temperatures():
     temps = [2.0, 0.7, 1.5]
     _, shown, y = synth(3, n=8, shape=(64, 64), temps=temps)
@@ -320,6 +341,12 @@ def test_errors():
         TemperatureCalibrator(input_kind="probs").fit(shown, y)
     with pytest.raises(ValueError, match="roi"):
         TemperatureCalibrator(roi="box").fit(shown, y)
+    with pytest.raises(ValueError, match="objective must be 'nll' or 'ece'"):
+        TemperatureCalibrator(objective="brier").fit(shown, y)
+    with pytest.raises(ValueError, match="objective='ece' fits one global temperature"):
+        TemperatureCalibrator(mode="classwise", objective="ece").fit(shown, y)
+    with pytest.raises(ValueError, match="n_bins must be an integer >= 1"):
+        TemperatureCalibrator(objective="ece", n_bins=0).fit(shown, y)
     with pytest.raises(ValueError, match="max_voxels must be an integer >= 1"):
         TemperatureCalibrator(max_voxels=0).fit(shown, y)
     with pytest.raises(TypeError, match="estimator must be None, a path"):
