@@ -59,10 +59,14 @@ TUNE_SHIFTS = {"noise": 0.3, "ghosting": 0.4, "bias": 0.5, "blur": 0.4, "gamma":
                "contrast": 0.5, "downsample": 0.5, "rotate": 0.5}
 TUNE_SEED = 100
 HELD_OUT_KINDS = tuple(datasets.OOD_KINDS)
-# the zoo exports decoder_last and bottleneck by name; the encoder blocks and the two deeper
-# decoder blocks are reached by their tensor names in the exported graph (checked by shape)
+# the zoo exports every block by name; a model exported with only decoder_last and bottleneck
+# named is reached through the other blocks' graph tensor names (checked by shape)
 LAYER_TENSORS = {"enc1": "relu_1", "enc2": "relu_3", "enc3": "relu_5", "bottleneck": "bottleneck",
                  "dec1": "relu_9", "dec2": "relu_11", "decoder_last": "decoder_last"}
+
+
+def tensor_of(seg, name):
+    return name if name in seg.feature_layers_ else LAYER_TENSORS[name]
 LAYER_SHAPES = {"enc1": (8, 128), "enc2": (16, 64), "enc3": (32, 32), "bottleneck": (64, 16),
                 "dec1": (32, 32), "dec2": (16, 64), "decoder_last": (8, 128)}
 BASE = 16  # feature maps are cached pooled to 16x16 (exact for grids 16, 8, 4)
@@ -75,11 +79,11 @@ def collect(seg, X, names):
     """Feature maps of every ablation layer, adaptive-average-pooled to BASE x BASE."""
     acc = {n: [] for n in names}
     for i in range(0, len(X), CHUNK):
-        out = seg.run(X[i:i + CHUNK], layers=[LAYER_TENSORS[n] for n in names])
+        out = seg.run(X[i:i + CHUNK], layers=[tensor_of(seg, n) for n in names])
         for n in names:
-            f = out[LAYER_TENSORS[n]]
+            f = out[tensor_of(seg, n)]
             if i == 0 and (f.shape[1], f.shape[-1]) != LAYER_SHAPES[n]:
-                raise ValueError(f"{n} ({LAYER_TENSORS[n]}) has shape {f.shape}, expected "
+                raise ValueError(f"{n} ({tensor_of(seg, n)}) has shape {f.shape}, expected "
                                  f"{LAYER_SHAPES[n]}: not the reference zoo's graph")
             acc[n].append(adaptive_avg_pool(f, BASE))
     return {n: np.concatenate(v) for n, v in acc.items()}

@@ -39,7 +39,8 @@ from uqseg.training import DiceLoss, UNet, export_onnx, fit_segmenter, predict_l
 from uqseg.training.loop import foreground_dice
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "uqseg" / "datasets" / "models"
-FEATURE_LAYERS = ["decoder_last", "bottleneck"]
+# every named block: the spectral OOD detector measures best with all of them (docs/ood.md)
+FEATURE_LAYERS = ["decoder_last", "bottleneck", "enc1", "enc2", "enc3", "dec1", "dec2"]
 CLASSES = ["grey_matter", "white_matter"]
 # member recipes, cycled when more members are asked for: (loss, dropout, mc_dropout export)
 RECIPES = [
