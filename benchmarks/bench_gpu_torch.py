@@ -10,7 +10,7 @@ come from ``inference.json`` (ONNX shape inference) when the CPU run is present.
 
 Usage::
 
-    python benchmarks/bench_gpu_torch.py --out benchmarks/results/inference_gpu.json
+    python benchmarks/bench_gpu_torch.py --out benchmarks/results/gpu_torch.json
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def build_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inference_gpu.json")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gpu_torch.json")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile-configs", default="2d128")

@@ -189,7 +189,39 @@ def render_generic(r) -> list[str]:
     return lines
 
 
-RENDERERS = {"inference": render_inference, "metrics": render_metrics}
+def render_gpu_torch(r: dict) -> list[str]:
+    peak = r.get("peak_tflops", {})
+    lines = [f"GPU: {r['gpu']} (compute capability {'.'.join(map(str, r['capability']))}), "
+             f"torch {r['versions']['torch']}, CUDA {r['versions']['cuda']}, cuDNN "
+             f"{r['versions']['cudnn']}, {r['date'][:10]}; medians of "
+             f"{r['settings']['repeats']} CUDA-synchronised runs after {r['settings']['warmup']} "
+             "warm-up; cuDNN autotuning on, TF32 convolutions "
+             f"{'allowed' if r['settings'].get('tf32_convolutions') else 'off'}.", ""]
+    if peak.get("model"):
+        lines += [f"Peaks used ({peak['model']}, dense, NVIDIA data sheet): fp32 "
+                  f"{peak['fp32']} TFLOP/s, TF32 tensor {peak['tf32_tensor']}, fp16 tensor "
+                  f"{peak['fp16_tensor']}. % of peak below is against the fp16 tensor peak for "
+                  "fp16 rows and the TF32 tensor peak for fp32 rows.", ""]
+    lines += ["| config | variant | images/s | vs eager fp32 | latency b=1 (ms) "
+              "| TFLOP/s | % of peak | peak CUDA MB |", "|---|---|---|---|---|---|---|---|"]
+    for cname, c in r["configs"].items():
+        for v, res in c["variants"].items():
+            if "error" in res:
+                lines.append(f"| {cname} | {v} | failed: {res['error'][:80]} | | | | | |")
+                continue
+            tf = res.get("tflops_per_s")
+            ref = peak.get("fp16_tensor" if "fp16" in v else "tf32_tensor")
+            lines.append(
+                f"| {cname} (b={c['batch']}) | {v} | {_fmt(res['images_per_s'])} | "
+                f"{_fmt(res.get('speedup_vs_eager_fp32'))}x | {_fmt(res['latency_b1_ms'])} | "
+                f"{_fmt(tf)} | {_fmt(100 * tf / ref if tf and ref else None)} | "
+                f"{_fmt(res['peak_cuda_mb'])} |")
+    lines.append("")
+    return lines
+
+
+RENDERERS = {"inference": render_inference, "metrics": render_metrics,
+             "bench_gpu_torch.py": render_gpu_torch}
 
 
 def render(out_dir: Path, docs: Path) -> str:
@@ -258,6 +290,11 @@ def verdict(out_dir: Path) -> list[str]:
                 ok = "holds" if t >= 10 else "**does not hold**"
                 rows.append(f"| ECE vs netcal, {big['voxels']:.3g} voxels (netcal "
                             f"extrapolated) | >= 10x | {t:.2f}x | {ok} |")
+    gpu = Path(out_dir) / "gpu_torch.json"
+    if gpu.exists():
+        g = json.loads(gpu.read_text(encoding="utf-8"))
+        rows.append(f"| native TensorRT fp16 vs torch eager fp32 ({g.get('gpu')}) | >= 3x | "
+                    "not measured: the GPU image has no TensorRT (torch rows above) | — |")
     if not rows:
         return []
     return ["### Verdict", "", "| floor | target | measured | |", "|---|---|---|---|",
