@@ -216,6 +216,10 @@ def test_default_regressor_and_sklearn_regressors():
     q = qr.predict(X)
     assert q.shape == (12, 2) and 0 <= q.min() and q.max() <= 1
     assert qr.input_kind_ == "features" and set(qr.fit_report_) >= {"mae", "pearson_r"}
+    # the default: trees + ridge averaged, one per output class
+    assert isinstance(qr.regressor_, MultiOutputRegressor)
+    assert [type(e).__name__ for e in qr.regressor_.estimators_[0].estimators_] == [
+        "ExtraTreesRegressor", "Pipeline"]
     ridge = QualityRegressor(LogitSegmenter(), regressor=Ridge(alpha=3.0)).fit(X, y)
     assert isinstance(ridge.regressor_, Ridge) and ridge.regressor_.alpha == 3.0
     hgb = QualityRegressor(LogitSegmenter(),

@@ -20,8 +20,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit, logit
 from sklearn.base import BaseEstimator, clone
-from sklearn.ensemble import ExtraTreesRegressor
+from sklearn.ensemble import ExtraTreesRegressor, VotingRegressor
+from sklearn.linear_model import RidgeCV
 from sklearn.multioutput import MultiOutputRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils import get_tags
 from sklearn.utils.validation import check_is_fitted
 
@@ -39,7 +42,8 @@ from uqseg.uncertainty import (
     variance,
 )
 
-__all__ = ["QualityRegressor", "make_quality_set", "maps_input", "typicality_distances",
+__all__ = ["QualityRegressor", "default_regressor", "make_quality_set", "maps_input",
+           "typicality_distances",
            "TARGETS"]
 
 TARGETS = ("dice", "iou")
@@ -54,6 +58,21 @@ TYPICALITY_NAMES = ("typicality_nn1", f"typicality_nn{TYPICALITY_K}")
 
 
 # --------------------------------------------------------------------------- helpers
+def default_regressor() -> VotingRegressor:
+    """The feature regressor ``QualityRegressor(regressor=None)`` uses.
+
+    The mean of extra trees and a standardised ridge regression (``VotingRegressor``; wrapped
+    per output in ``MultiOutputRegressor`` by the estimator). Trees fit the kinds of failure they
+    were shown closely but cannot extrapolate; the linear part can, so the average generalises
+    better to degradations absent from the fitting set. Chosen by leave-one-degradation-kind-out
+    cross-validation on the fitting set (``docs/quality.md``).
+    """
+    trees = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
+                                random_state=0, n_jobs=1)
+    linear = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    return VotingRegressor([("trees", trees), ("linear", linear)])
+
+
 def _is_ensemble(est) -> bool:
     return any(callable(getattr(est, m, None))
                for m in ("predict_with_uncertainty", "predict_members"))
@@ -246,8 +265,9 @@ class QualityRegressor(BaseEstimator):
         :class:`uqseg.OnnxSegmenter`. A fitted estimator is used as is; an unfitted one is
         fitted with ``fit(X)``.
     regressor : sklearn regressor, object with fit/predict, str or path-like, optional
-        ``None``: ``ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
-        random_state=0)`` on the features (chosen by cross-validation, see ``docs/quality.md``).
+        ``None``: :func:`default_regressor`, the mean of extra trees and a standardised ridge
+        regression on the features (chosen by leave-one-degradation-kind-out cross-validation,
+        see ``docs/quality.md``).
         Any scikit-learn regressor is cloned and fitted on :meth:`features`; one without native
         multi-output support is wrapped in ``MultiOutputRegressor``. A path to an ONNX file is
         a pretrained quality network (DeVries & Taylor): it reads :func:`maps_input`
@@ -360,8 +380,7 @@ class QualityRegressor(BaseEstimator):
                                  "regressor_input='features' cannot apply")
             return os.fspath(reg), "maps"
         if reg is None:
-            reg = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
-                                      random_state=0, n_jobs=1)
+            reg = default_regressor()
         if not (callable(getattr(reg, "fit", None)) and callable(getattr(reg, "predict", None))):
             raise TypeError("regressor must be None, a path to an ONNX quality network or an "
                             f"object with fit and predict, got {type(reg).__name__}")
