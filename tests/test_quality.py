@@ -459,8 +459,9 @@ def test_typicality_features_single_segmenter(tiny_2d):
     X = rng.random((8, 1, 32, 32)).astype(np.float32)
     y = rng.integers(0, 3, (8, 32, 32))
     ref = rng.random((6, 1, 32, 32)).astype(np.float32)
-    base = QualityRegressor(tiny_2d).fit(X, y)
+    base = QualityRegressor(tiny_2d, typicality=False).fit(X, y)
     qr = QualityRegressor(tiny_2d, typicality=True, reference=ref).fit(X, y)
+    assert not base.typicality_ and qr.typicality_
     assert qr.feature_names_[-2:] == ["typicality_nn1", "typicality_nn5"]
     seg = OnnxSegmenter(tiny_2d).fit()
     layer = qr.typicality_layer_
@@ -501,7 +502,13 @@ def test_typicality_errors(tiny_2d, tmp_path):
         QualityRegressor(LogitSegmenter(), typicality="yes").fit(X, y)
     with pytest.raises(TypeError, match="run\\(X, layers\\)"):
         QualityRegressor(LogitSegmenter(), typicality=True).fit(X, y)
+    # "auto" turns it off where it cannot apply: a segmenter without features, a maps regressor
+    assert not QualityRegressor(LogitSegmenter()).fit(X, y).typicality_
     Xo = np.random.default_rng(0).random((4, 1, 16, 16)).astype(np.float32)
     with pytest.raises(ValueError, match="feature regressor"):
         QualityRegressor(tiny_2d, regressor=Recorder(), regressor_input="maps",
                          typicality=True).fit(Xo, y)
+    auto_maps = QualityRegressor(tiny_2d, regressor=Recorder(), regressor_input="maps").fit(Xo, y)
+    assert not auto_maps.typicality_
+    auto = QualityRegressor(tiny_2d).fit(Xo, y)  # an ONNX model with feature layers: on
+    assert auto.typicality_ and auto.feature_names_[-2:] == ["typicality_nn1", "typicality_nn5"]

@@ -292,21 +292,24 @@ class QualityRegressor(BaseEstimator):
         :func:`maps_input` (e.g. ``uqseg.training.quality_net.QualityNetRegressor``).
         ``"auto"``: maps for an ONNX path, features otherwise. Training on maps holds all of
         them in memory (``N x (C + K + 1)`` float32 images); an ONNX network runs chunk by chunk.
-    typicality : bool, default=False
+    typicality : {"auto", True, False}, default="auto"
         Add two *typicality* features (feature regressor only): the distance of the image's
         spectral signature (:func:`uqseg.ood.spectral_signature` of the ``decoder_last`` feature
         maps of the segmenter, or of an ensemble's first member, pooled to 16 x 16, as
         :class:`uqseg.SpectralOODDetector` computes it) to its nearest reference signature and
         the mean distance to the 5 nearest (:func:`typicality_distances`). A single
         ``OnnxSegmenter`` gives logits and features in one pass; an ensemble runs its first
-        member a second time (about ``1 / n_members`` more inference). Off by default: in the
-        leave-one-kind-out check of ``docs/quality.md`` it did not help.
+        member a second time (about ``1 / n_members`` more inference). ``"auto"``: on when the
+        regressor reads features and the segmenter (or an ensemble's first member) exposes a
+        feature layer through ``run(X, layers)``, off otherwise; ``True`` makes either missing
+        an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``, where it lowers
+        the error on unfitted degradation kinds.
     reference : array of shape (M, C, *spatial), list of arrays or None, default=None
         Clean images whose signatures are the reference (no labels needed; pass them
         intensity-normalised like the images to score, e.g. the clean copies
         ``make_quality_set`` puts first). ``None``: the fitting images themselves, each compared
         with the others (leave-one-out; weaker when the fitting set holds corrupted copies,
-        which are then typical of each other). Used only with ``typicality=True``.
+        which are then typical of each other). Used only when typicality is on.
 
     Attributes
     ----------
@@ -317,10 +320,12 @@ class QualityRegressor(BaseEstimator):
     n_classes_ : int
     uncertainty_kind_ : str
     feature_names_ : list of str
+    typicality_ : bool
+        Whether the typicality features are used (``typicality`` resolved).
     reference_signatures_ : ndarray of shape (M, L)
-        Only with ``typicality=True``.
+        Only when typicality is on.
     typicality_layer_ : str
-        Only with ``typicality=True``.
+        Only when typicality is on.
     fit_report_ : dict
         ``quality_report`` of predicted against true targets on the fitting set (in-sample).
 
@@ -335,7 +340,7 @@ class QualityRegressor(BaseEstimator):
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
                  target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto",
-                 typicality=False, reference=None):
+                 typicality="auto", reference=None):
         self.estimator = estimator
         self.regressor = regressor
         self.target = target
@@ -363,8 +368,9 @@ class QualityRegressor(BaseEstimator):
         if (isinstance(self.empty_score, bool) or not isinstance(self.empty_score, numbers.Real)
                 or not 0 <= self.empty_score <= 1):
             raise ValueError(f"empty_score must be a number in [0, 1], got {self.empty_score!r}")
-        if not isinstance(self.typicality, (bool, np.bool_)):
-            raise ValueError(f"typicality must be True or False, got {self.typicality!r}")
+        if not (isinstance(self.typicality, (bool, np.bool_)) or self.typicality == "auto"):
+            raise ValueError(f"typicality must be 'auto', True or False, got "
+                             f"{self.typicality!r}")
         if self.uncertainty != "auto" and self.uncertainty not in KINDS:
             raise ValueError(f"uncertainty must be 'auto' or one of {KINDS}, got "
                              f"{self.uncertainty!r}")
@@ -447,6 +453,17 @@ class QualityRegressor(BaseEstimator):
         return np.concatenate([self._signature(seg.run(X[s:s + _CHUNK], layers=[layer])[layer])
                                for s in range(0, X.shape[0], _CHUNK)])
 
+    def _resolve_typicality(self, est) -> bool:
+        if not isinstance(self.typicality, str):
+            return bool(self.typicality)
+        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
+            return False
+        try:
+            _feature_member(est)
+        except (TypeError, ValueError):
+            return False
+        return True
+
     def _typicality(self, sig):
         return typicality_distances(sig, self.reference_signatures_)
 
@@ -488,9 +505,10 @@ class QualityRegressor(BaseEstimator):
             y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
-        typ = bool(self.typicality)
         for attr in ("reference_signatures_", "typicality_layer_"):
             self.__dict__.pop(attr, None)
+        typ = self._resolve_typicality(est)
+        self.typicality_ = typ
         if typ:
             if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
                 raise ValueError("typicality=True adds features: it needs the feature regressor "
