@@ -209,7 +209,7 @@ def test_mc_samples_reproducible_and_seeded(tiny_mc, tiny_members, X):
 def test_mc_member_without_mc_samples_is_deterministic(tiny_mc, tiny_members, X):
     ens = EnsembleSegmenter([tiny_mc, tiny_members[0]], device="cpu", fuse=True).fit()
     assert ens.fused_  # the mask is fed as ones inside the fused graph
-    assert not EnsembleSegmenter(tiny_members, device="cpu").fit().fused_  # auto: not on CPU
+    assert EnsembleSegmenter(tiny_members, device="cpu").fit().fused_  # auto fuses on CPU too
     want = _member_proba([tiny_mc, tiny_members[0]], X).mean(0)
     np.testing.assert_allclose(ens.predict_proba(X), want, atol=1e-5)
 
@@ -380,3 +380,20 @@ def test_threads_share_one_ensemble(tiny_members, X):
     for g, w in zip(got, want * 2, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
     assert len(ens._cache) == 1
+
+
+def test_auto_fuse_runs_large_chunks_member_by_member(tiny_members, X, monkeypatch):
+    import uqseg.ensemble as ens_mod
+
+    ref = EnsembleSegmenter(tiny_members, fuse=False, device="cpu").fit()
+    want_p, want_m = ref.predict_with_uncertainty(X, kinds=("mutual_information", "variance"))
+    calls = []
+    auto = EnsembleSegmenter(tiny_members, device="cpu").fit()
+    monkeypatch.setattr(auto, "_chunk_fused", lambda *a, **k: calls.append(1) or 1 / 0)
+    monkeypatch.setattr(ens_mod, "_FUSED_BUDGET", 0)  # every chunk is "too large"
+    p, m = auto.predict_with_uncertainty(X, kinds=("mutual_information", "variance"))
+    assert auto.fused_ and not calls
+    np.testing.assert_allclose(p, want_p, atol=1e-6)
+    np.testing.assert_allclose(m["variance"], want_m["variance"], atol=1e-6)
+    forced = EnsembleSegmenter(tiny_members, fuse=True, device="cpu").fit()
+    np.testing.assert_allclose(forced.predict_proba(X), want_p, atol=1e-5)  # True ignores it
