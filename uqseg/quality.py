@@ -454,14 +454,22 @@ class QualityRegressor(BaseEstimator):
                                for s in range(0, X.shape[0], _CHUNK)])
 
     def _resolve_typicality(self, est) -> bool:
-        if not isinstance(self.typicality, str):
-            return bool(self.typicality)
-        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
+        """``typicality`` resolved: ``"auto"`` is on where it can apply, ``True`` raises where
+        it cannot."""
+        auto = isinstance(self.typicality, str)  # "auto", checked in _check_params
+        if not auto and not self.typicality:
             return False
+        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
+            if auto:
+                return False
+            raise ValueError("typicality=True adds features: it needs the feature regressor "
+                             "(regressor_input 'features' or 'auto', not an ONNX path)")
         try:
             _feature_member(est)
         except (TypeError, ValueError):
-            return False
+            if auto:
+                return False
+            raise
         return True
 
     def _typicality(self, sig):
@@ -507,12 +515,8 @@ class QualityRegressor(BaseEstimator):
         self.uncertainty_kind_ = kind
         for attr in ("reference_signatures_", "typicality_layer_"):
             self.__dict__.pop(attr, None)
-        typ = self._resolve_typicality(est)
-        self.typicality_ = typ
+        typ = self.typicality_ = self._resolve_typicality(est)
         if typ:
-            if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
-                raise ValueError("typicality=True adds features: it needs the feature regressor "
-                                 "(regressor_input 'features' or 'auto', not an ONNX path)")
             self.typicality_layer_ = _typicality_layer(_feature_member(est))
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
         for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
