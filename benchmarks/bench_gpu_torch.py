@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -29,10 +30,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from uqseg.training import UNet  # noqa: E402
+from bench_inference import CONFIGS, build_model  # noqa: E402  (same networks and sizes)
 
-CONFIGS = {"2d128": (2, 128, 16), "2d256": (2, 256, 8), "3d96": (3, 96, 2)}
 # dense (no sparsity) peaks from NVIDIA's H100/H200 data sheets, TFLOP/s
 PEAKS = {
     "H100 SXM": {"fp32": 67.0, "tf32_tensor": 494.7, "fp16_tensor": 989.4},
@@ -50,17 +51,6 @@ def peak_for(name: str) -> tuple[str | None, dict | None]:
     return None, None
 
 
-def build(dims: int, width: int, depth: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = UNet(1, 3, dims=dims, width=width, depth=depth).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def timed(fn, x, repeats: int, warmup: int) -> list[float]:
     with torch.inference_mode():
         for _ in range(warmup):
@@ -75,33 +65,16 @@ def timed(fn, x, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def variants(base: torch.nn.Module, dims: int, name: str, compile_: bool):
-    dev = torch.device("cuda")
-    fp32 = base.to(dev).float()
-    yield "torch_eager_fp32", fp32, torch.float32, None
-    half = build_copy(base).to(dev).half()
-    yield "torch_eager_fp16", half, torch.float16, None
+def variants(base: torch.nn.Module, dims: int, compile_: bool):
+    """``(name, model on the GPU, input dtype, memory format)`` for each variant."""
+    fresh = lambda: copy.deepcopy(base).cuda()  # noqa: E731
     cl = torch.channels_last if dims == 2 else torch.channels_last_3d
-    yield (
-        "torch_eager_fp16_channels_last",
-        build_copy(base).to(dev).half().to(memory_format=cl),
-        torch.float16,
-        cl,
-    )
+    yield "torch_eager_fp32", fresh(), torch.float32, None
+    yield "torch_eager_fp16", fresh().half(), torch.float16, None
+    yield "torch_eager_fp16_channels_last", fresh().half().to(memory_format=cl), torch.float16, cl
     if compile_:
-        yield "torch_compile_fp32", torch.compile(build_copy(base).to(dev)), torch.float32, None
-        yield (
-            "torch_compile_fp16",
-            torch.compile(build_copy(base).to(dev).half()),
-            torch.float16,
-            None,
-        )
-
-
-def build_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).float()
+        yield "torch_compile_fp32", torch.compile(fresh()), torch.float32, None
+        yield "torch_compile_fp16", torch.compile(fresh().half()), torch.float16, None
 
 
 def main(argv=None) -> dict:
@@ -148,9 +121,9 @@ def main(argv=None) -> dict:
     }
     compile_cfgs = set(filter(None, args.compile_configs.split(",")))
     for name, (dims, size, batch) in CONFIGS.items():
-        base = build(dims, args.width, args.depth)
+        base = build_model(dims, args.width, args.depth)
         rows = {}
-        for vname, model, dtype, fmt in variants(base, dims, name, name in compile_cfgs):
+        for vname, model, dtype, fmt in variants(base, dims, name in compile_cfgs):
             x = torch.randn(batch, 1, *([size] * dims), device="cuda", dtype=dtype)
             x1 = x[:1].contiguous()
             if fmt is not None:
