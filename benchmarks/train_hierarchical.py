@@ -38,9 +38,9 @@ from uqseg.training.hierarchical import (
     sample_onnx,
     sample_torch,
 )
-from uqseg.uncertainty import entropy
+from uqseg.uncertainty import entropy, softmax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
 
 
@@ -100,11 +100,6 @@ def render(result: dict) -> str:
 
 # load_ood already holds noise/ghosting/bias/blur faults: corrupt with the other kinds
 CORRUPT = {"gamma": 0.7, "contrast": 0.7, "downsample": 0.7, "rotate": 0.7}
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def seg_scores(proba: np.ndarray, y: np.ndarray) -> dict:

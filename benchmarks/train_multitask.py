@@ -36,8 +36,9 @@ from common import pm
 from uqseg import OnnxSegmenter, datasets, metrics
 from uqseg.training import UNet, export_onnx, predict_logits
 from uqseg.training.multitask import dataset_probabilities, fit_multitask, restrict_to_task
+from uqseg.uncertainty import softmax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
 
 
@@ -82,11 +83,6 @@ TASKS = {
     "coronal_tissue_small": {"plane": "coronal", "classes": [0, 1, 2]},
     "sagittal_brain": {"plane": "sagittal", "classes": [0, 3]},
 }
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def load(name: str, split: str, size, small_subjects: int):

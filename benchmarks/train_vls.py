@@ -33,8 +33,9 @@ from uqseg.training.vls import (
     smooth_labels,
     vls_soft_labels,
 )
+from uqseg.uncertainty import softmax
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training_methods.md"
 
 
@@ -81,11 +82,6 @@ def render(result: dict) -> str:
         f"ONNX (seed 0, every arm) through `OnnxSegmenter`: max |p_onnx - p_torch| = {diff:.1e}.",
     ]
     return "\n".join(lines)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def scores(proba: np.ndarray, y: np.ndarray) -> dict:
