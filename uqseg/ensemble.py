@@ -395,27 +395,21 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     def _fused_runner(self, outputs: tuple[str, ...]):
         if not hasattr(self, "_fused_runners"):
             self._reset()
-        runner = self._fused_runners.get(outputs)
-        if runner is None:
-            with self._lock:
-                runner = self._fused_runners.get(outputs)
-                if runner is None:
-                    from uqseg.backends.fuse import fuse_members
+        def build():
+            from uqseg.backends.fuse import fuse_members
 
-                    proto = fuse_members(
-                        [s.model for s in self.members_], self.weights_, outputs=outputs
-                    )
-                    s0 = self.members_[0]
-                    runner = backends.load(
-                        proto,
-                        s0.backend,
-                        s0.device,
-                        s0.precision,
-                        threads=s0.threads,
-                        max_batch=int(self.batch_size),
-                    )
-                    self._fused_runners[outputs] = runner
-        return runner
+            proto = fuse_members([s.model for s in self.members_], self.weights_, outputs=outputs)
+            s0 = self.members_[0]
+            return backends.load(
+                proto,
+                s0.backend,
+                s0.device,
+                s0.precision,
+                threads=s0.threads,
+                max_batch=int(self.batch_size),
+            )
+
+        return backends.cached_runner(self._fused_runners, outputs, self._lock, build)
 
     # ------------------------------------------------------------------ inference core
     def _check_X(self, X):

@@ -183,17 +183,10 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     def _runner(self, layers: tuple[str, ...] = ()):
         if not hasattr(self, "_runners"):
             self._reset()
-        runner = self._runners.get(layers)
-        if runner is None:
-            with self._lock:
-                runner = self._runners.get(layers)
-                if runner is None:
-                    runner = backends.load(
-                        self.model, self.backend, self.device, self.precision,
-                        outputs=list(layers) or None, threads=self.threads,
-                        max_batch=int(self.batch_size))
-                    self._runners[layers] = runner
-        return runner
+        return backends.cached_runner(self._runners, layers, self._lock, lambda: backends.load(
+            self.model, self.backend, self.device, self.precision,
+            outputs=list(layers) or None, threads=self.threads,
+            max_batch=int(self.batch_size)))
 
     def _raw_run(self, batch: np.ndarray, outputs: list[str], mask: np.ndarray | None = None):
         layers = tuple(o for o in outputs if o != self.output_name_)

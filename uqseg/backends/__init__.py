@@ -85,6 +85,18 @@ def resolve(backend: str = "auto", device: str = "auto") -> tuple[str, str]:
     return ("onnxruntime", dev)
 
 
+def cached_runner(cache: dict, key, lock, build):
+    """The runner ``cache[key]``, built by ``build()`` on first use; double-checked under
+    ``lock`` so that concurrent callers build it once and hits take no lock."""
+    runner = cache.get(key)
+    if runner is None:
+        with lock:
+            runner = cache.get(key)
+            if runner is None:
+                runner = cache[key] = build()
+    return runner
+
+
 def _split_device(device: str) -> tuple[str, int]:
     if not isinstance(device, str):
         raise TypeError(f"device must be a string, got {type(device).__name__}")
