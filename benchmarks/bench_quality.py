@@ -182,6 +182,14 @@ def to_logit(t):
     return logit(np.clip(t, 1e-3, 1 - 1e-3))  # as QualityRegressor (same float rounding)
 
 
+def fit_predict(reg, space, F_fit, T_fit, F_pred):
+    """Fit a clone of ``reg`` on the targets in ``space`` ("identity" or "logit") and return
+    its predictions for ``F_pred`` mapped back to [0, 1], as QualityRegressor does."""
+    r = clone(reg).fit(F_fit, to_logit(T_fit) if space == "logit" else T_fit)
+    p = r.predict(F_pred).reshape(len(F_pred), -1)
+    return np.clip(1 / (1 + np.exp(-p)) if space == "logit" else p, 0, 1)
+
+
 def cv_compare(F, T, groups, kinds, n_splits=5):
     """Grouped K-fold CV (groups = source slice: interpolation within the fitted kinds) and
     leave-one-kind-out CV (extrapolation to an unfitted kind) of every candidate."""
@@ -190,10 +198,8 @@ def cv_compare(F, T, groups, kinds, n_splits=5):
         for space in ("identity", "logit"):
             pred = np.zeros_like(T)
             for tr, te in GroupKFold(n_splits).split(F, T, groups):
-                r = clone(reg).fit(F[tr], to_logit(T[tr]) if space == "logit" else T[tr])
-                p = r.predict(F[te]).reshape(len(te), -1)
-                pred[te] = 1 / (1 + np.exp(-p)) if space == "logit" else p
-            out[f"{name}/{space}"] = quality_report(np.clip(pred, 0, 1), T)
+                pred[te] = fit_predict(reg, space, F[tr], T[tr], F[te])
+            out[f"{name}/{space}"] = quality_report(pred, T)
             out[f"{name}/{space}"]["loko"] = loko_cv(F, T, kinds, reg, space)["pooled"]
             print(f"  cv {name:>13}/{space:<8} {out[f'{name}/{space}']}", flush=True)
     return out
@@ -208,9 +214,7 @@ def loko_cv(F, T, kinds, reg=None, space="logit"):
     per = {}
     for kd in FIT_KINDS:
         te = kinds == kd
-        r = clone(reg).fit(F[~te], to_logit(T[~te]) if space == "logit" else T[~te])
-        q = r.predict(F[te]).reshape(te.sum(), -1)
-        pred[te] = 1 / (1 + np.exp(-q)) if space == "logit" else np.clip(q, 0, 1)
+        pred[te] = fit_predict(reg, space, F[~te], T[~te], F[te])
         per[kd] = quality_report(pred[te], T[te])
     m = ~np.isnan(pred[:, 0])
     return {"pooled": quality_report(pred[m], T[m]), "per_kind": per}
@@ -238,8 +242,7 @@ def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held,
            "signature_seconds_per_image_first_member": t_sig, "arms": {}}
     for name, (Fv, Ft) in arms.items():
         cv = loko_cv(Fv, T_v, info_v["corruption"])
-        r = clone(candidates()["trees+ridge"]).fit(Fv, to_logit(T_v))
-        p = 1 / (1 + np.exp(-r.predict(Ft).reshape(len(Ft), -1)))
+        p = fit_predict(candidates()["trees+ridge"], "logit", Fv, T_v, Ft)
         out["arms"][name] = {
             "loko_cv": cv,
             "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
@@ -401,9 +404,7 @@ def main(argv=None):
     test_cmp = {}
     for name, reg in candidates().items():
         for space in ("identity", "logit"):
-            r = clone(reg).fit(F_v, to_logit(T_v) if space == "logit" else T_v)
-            p = r.predict(F_t).reshape(len(F_t), -1)
-            p = np.clip(1 / (1 + np.exp(-p)) if space == "logit" else p, 0, 1)
+            p = fit_predict(reg, space, F_v, T_v, F_t)
             test_cmp[f"{name}/{space}"] = {"fitted_kinds": quality_report(p[~held], T_te[~held]),
                                            "held_out_kinds": quality_report(p[held], T_te[held])}
 
