@@ -452,7 +452,8 @@ def main(argv=None):
 
     # --- figures
     share, caught, fail = routing(pred, T_te)
-    _figures(pred, T_te, held, share, caught, fail)
+    if not args.quick:  # a smoke run must not overwrite the docs figures
+        _figures(pred, T_te, held, share, caught, fail)
     budgets = [0.05, 0.1, 0.2, 0.3, 0.5]
     route_rows = []
     for b in budgets:
