@@ -39,8 +39,9 @@ from uqseg.training import DiceLoss, UNet, export_onnx, fit_segmenter, predict_l
 from uqseg.training.loop import foreground_dice
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "uqseg" / "datasets" / "models"
-# every named block: the spectral OOD detector measures best with all of them (docs/ood.md)
-FEATURE_LAYERS = ["decoder_last", "bottleneck", "enc1", "enc2", "enc3", "dec1", "dec2"]
+# named first in the metadata: the layers the estimators prefer; then every other block
+# (the spectral OOD detector measures best with all of them, docs/ood.md)
+PREFERRED_LAYERS = ["decoder_last", "bottleneck"]
 CLASSES = ["grey_matter", "white_matter"]
 # member recipes, cycled when more members are asked for: (loss, dropout, mc_dropout export)
 RECIPES = [
@@ -108,6 +109,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def feature_layers(model) -> list[str]:
+    """The model's named blocks, ``PREFERRED_LAYERS`` first (any depth)."""
+    return PREFERRED_LAYERS + [n for n in model.feature_names if n not in PREFERRED_LAYERS]
+
+
+def load_splits(path=None) -> dict:
+    """``X_<split>``, ``y_<split>`` of train/val/test: from a ``--dump-data`` file, else built."""
+    if path is not None:
+        with np.load(path) as d:
+            return dict(d)
+    from uqseg.datasets import load_brain_tissue
+
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"X_{split}"], arrays[f"y_{split}"] = load_brain_tissue(split)
+    return arrays
+
+
 def member_dice(model, X, y, device):
     pred = predict_logits(model, X, batch_size=16, device=device).argmax(1)
     per_class = foreground_dice(pred, y, 3).mean(0)
@@ -124,30 +143,18 @@ def main(argv=None) -> dict:
         if args.out is None:
             args.out = Path(tempfile.mkdtemp(prefix="uqseg_zoo_quick_"))
     if args.dump_data is not None:
-        from uqseg.datasets import load_brain_tissue
-
-        arrays = {}
-        for split in ("train", "val", "test"):
-            arrays[f"X_{split}"], arrays[f"y_{split}"] = load_brain_tissue(split)
         args.dump_data.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(args.dump_data, **arrays)
+        np.savez_compressed(args.dump_data, **load_splits())
         print(f"wrote {args.dump_data}")
         return {}
     out = Path(args.out or DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    if args.data is not None:
-        with np.load(args.data) as d:
-            X, y, X_val, y_val, X_te, y_te = (
-                d[f"{a}_{s}"] for s in ("train", "val", "test") for a in ("X", "y")
-            )
-    else:
-        from uqseg.datasets import load_brain_tissue
-
-        X, y = load_brain_tissue("train")
-        X_val, y_val = load_brain_tissue("val")
-        X_te, y_te = load_brain_tissue("test")
+    d = load_splits(args.data)
+    X, y, X_val, y_val, X_te, y_te = (
+        d[f"{a}_{s}"] for s in ("train", "val", "test") for a in ("X", "y")
+    )
     if args.quick:
         X, y, X_val, y_val = X[::8], y[::8], X_val[::8], y_val[::8]
         X_te, y_te = X_te[::8], y_te[::8]
@@ -228,7 +235,12 @@ def main(argv=None) -> dict:
             "data": "uqseg.datasets.load_brain_tissue",
         }
         report = export_onnx(
-            model, out / name, X_val[:2], feature_layers=FEATURE_LAYERS, mc_dropout=mc, info=info
+            model,
+            out / name,
+            X_val[:2],
+            feature_layers=feature_layers(model),
+            mc_dropout=mc,
+            info=info,
         )
         written.append(out / name)
         rec = {
@@ -315,7 +327,7 @@ def write_zoo(out, args, argv, shapes, members) -> dict:
         "threads": args.threads,
         "data": {"train": list(X.shape), "val": list(X_val.shape), "test": list(X_te.shape)},
         "classes": ["background", *CLASSES],
-        "feature_layers": FEATURE_LAYERS,
+        "feature_layers": feature_layers(UNet(1, 3, width=args.width, depth=args.depth)),
         "settings": {
             "batch_size": args.batch_size,
             "lr": args.lr,
