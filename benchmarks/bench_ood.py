@@ -63,10 +63,6 @@ HELD_OUT_KINDS = tuple(datasets.OOD_KINDS)
 # named is reached through the other blocks' graph tensor names (checked by shape)
 LAYER_TENSORS = {"enc1": "relu_1", "enc2": "relu_3", "enc3": "relu_5", "bottleneck": "bottleneck",
                  "dec1": "relu_9", "dec2": "relu_11", "decoder_last": "decoder_last"}
-
-
-def tensor_of(seg, name):
-    return name if name in seg.feature_layers_ else LAYER_TENSORS[name]
 LAYER_SHAPES = {"enc1": (8, 128), "enc2": (16, 64), "enc3": (32, 32), "bottleneck": (64, 16),
                 "dec1": (32, 32), "dec2": (16, 64), "decoder_last": (8, 128)}
 BASE = 16  # feature maps are cached pooled to 16x16 (exact for grids 16, 8, 4)
@@ -75,6 +71,11 @@ CHUNK = 32
 
 
 # ---------------------------------------------------------------------- ablation features
+def tensor_of(seg, name):
+    """The graph tensor of block ``name``: its exported name, else the zoo's tensor name."""
+    return name if name in seg.feature_layers_ else LAYER_TENSORS[name]
+
+
 def collect(seg, X, names):
     """Feature maps of every ablation layer, adaptive-average-pooled to BASE x BASE."""
     acc = {n: [] for n in names}

@@ -48,6 +48,13 @@ def scores(proba, y, roi):
     }
 
 
+def meets_bar(before, after, labels_unchanged) -> bool:
+    """Issue 4's bar: test ECE at least halved, NLL lower, no label changed."""
+    return bool(
+        after["ece"] <= 0.5 * before["ece"] and after["nll"] < before["nll"] and labels_unchanged
+    )
+
+
 def confidence_gap(proba, y):
     """Mean confidence minus accuracy (> 0: over-confident), overall and per predicted class."""
     conf, pred = proba.max(1), proba.argmax(1)
@@ -242,17 +249,9 @@ def main(argv=None):
             flush=True,
         )
     worst = max(recs, key=lambda r: r["val_ece_before"])
-    ok = (
-        worst["after"]["ece"] <= 0.5 * worst["before"]["ece"]
-        and worst["after"]["nll"] < worst["before"]["nll"]
-        and worst["labels_unchanged"]
-    )
+    ok = meets_bar(worst["before"], worst["after"], worst["labels_unchanged"])
     a_ece = worst["after_ece_objective"]
-    ok_ece = (
-        a_ece["ece"] <= 0.5 * worst["before"]["ece"]
-        and a_ece["nll"] < worst["before"]["nll"]
-        and worst["ece_objective_labels_unchanged"]
-    )
+    ok_ece = meets_bar(worst["before"], a_ece, worst["ece_objective_labels_unchanged"])
     verdict = {
         "worst_member": worst["member"],
         "chosen_by": "highest val-split ECE before",
