@@ -12,14 +12,29 @@ import numpy as np
 ImageBatch = np.ndarray | list[np.ndarray]
 
 
-def _as_float_image(x: object, name: str) -> np.ndarray:
-    arr = np.asarray(x)
+def check_real_dtype(arr: np.ndarray, name: str) -> None:
+    """TypeError unless ``arr`` holds real numbers (float, integer or bool)."""
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating)
         or np.issubdtype(arr.dtype, np.integer)
         or arr.dtype == np.bool_
     ):
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+
+
+def check_mask(mask, shape, *, name: str = "mask", hint: str = "") -> np.ndarray:
+    """A boolean array of exactly ``shape``; ``hint`` follows the shape in the message."""
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {m.dtype}")
+    if m.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}{hint}, got {m.shape}")
+    return m
+
+
+def _as_float_image(x: object, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    check_real_dtype(arr, name)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     if arr.size and not np.isfinite(arr).all():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.transform import resize
 
+from uqseg._validation import check_real_dtype
+
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.0
 
@@ -54,12 +56,7 @@ def normalize_intensity(img: object) -> np.ndarray:
     (0.0, 1.0)
     """
     arr = np.asarray(img)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating)
-        or np.issubdtype(arr.dtype, np.integer)
-        or arr.dtype == np.bool_
-    ):
-        raise TypeError(f"img must hold real numbers, got dtype {arr.dtype}")
+    check_real_dtype(arr, "img")
     if arr.ndim not in (2, 3, 4, 5):
         raise ValueError(
             "img must be a batch (N, C, *spatial) with 2-D or 3-D spatial axes or a single "

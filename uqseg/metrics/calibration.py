@@ -17,7 +17,7 @@ import numpy as np
 
 from uqseg._numeric import softmax
 from uqseg._optional import import_optional
-from uqseg._validation import check_labels, check_scores
+from uqseg._validation import check_labels, check_mask, check_scores
 
 __all__ = [
     "CalibrationAccumulator",
@@ -56,14 +56,7 @@ def _blocks(n_img: int, n_vox: int, chunk: int):
 
 
 def _check_mask(mask, shape):
-    if mask is None:
-        return None
-    m = np.asarray(mask)
-    if m.dtype != np.bool_:
-        raise TypeError(f"mask must be a boolean array, got dtype {m.dtype}")
-    if m.shape != tuple(shape):
-        raise ValueError(f"mask must have shape {tuple(shape)} (N, *spatial), got {m.shape}")
-    return m
+    return None if mask is None else check_mask(mask, shape, hint=" (N, *spatial)")
 
 
 def _check_scores_chunked(scores, name, kind, chunk):

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import xlogy
 
-from uqseg._validation import check_labels, check_scores
+from uqseg._validation import check_labels, check_mask, check_scores
 
 __all__ = ["binary_entropy", "segment_uncertainty", "uncertainty_error_overlap"]
 
@@ -43,15 +43,6 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     h = -(xlogy(p, p) + xlogy(1 - p, 1 - p))
     # rounding can give -0.0 or a tiny negative value at p in {0, 1}
     return np.maximum(h, 0, out=h) if isinstance(h, np.ndarray) else np.maximum(h, 0)
-
-
-def _as_mask(mask, shape, name="mask"):
-    m = np.asarray(mask)
-    if m.dtype != np.bool_:
-        raise TypeError(f"{name} must be a boolean array, got dtype {m.dtype}")
-    if m.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {m.shape}")
-    return m
 
 
 def _default_thresholds(unc: np.ndarray, n: int = 100) -> np.ndarray:
@@ -137,7 +128,7 @@ def uncertainty_error_overlap(
         raise ValueError("unc contains NaN or infinite values")
     pred = check_labels(pred, shapes=u.shape, name="pred")
     y = check_labels(y, shapes=u.shape, name="y")
-    m = np.ones(u.shape, bool) if mask is None else _as_mask(mask, u.shape)
+    m = np.ones(u.shape, bool) if mask is None else check_mask(mask, u.shape)
     t_given = None
     if thresholds is not None:
         t_given = np.asarray(thresholds, dtype=np.float64).ravel()
