@@ -68,6 +68,10 @@ LAYER_SHAPES = {"enc1": (8, 128), "enc2": (16, 64), "enc3": (32, 32), "bottlenec
 BASE = 16  # feature maps are cached pooled to 16x16 (exact for grids 16, 8, 4)
 GRIDS = (4, 8, 16)
 CHUNK = 32
+FOLDS = 5  # training distances cross-fitted over contiguous blocks, as SpectralOODDetector
+SPECTRAL_SETS = [("decoder_last", "bottleneck"), ("dec2", "bottleneck"),
+                 ("dec1", "dec2", "bottleneck"), tuple(LAYER_TENSORS)]
+DOC_ROWS = 12  # ablation rows per detector in the docs (best tuning mean first; JSON has all)
 
 
 # ---------------------------------------------------------------------- ablation features
@@ -117,10 +121,25 @@ def layout_desc(F_tr, F, layer, grid, n_comp):
     return ((L_tr - mu) / sd) @ W.T, ((flat(F[layer]) - mu) / sd) @ W.T
 
 
+def xfit_distances(train, k):
+    """k-th nearest distance of each training row to the other contiguous folds."""
+    folds = np.arange(len(train)) * FOLDS // len(train)
+    d = np.empty(len(train))
+    for f in range(FOLDS):
+        out = folds == f
+        d[out] = _knn_distance(train[~out], train[out], k, "euclidean")
+    return d
+
+
 def dists(train, others, k):
-    """(leave-one-out training distances, {name: distance to k-th nearest training row})."""
-    return (_knn_distance(train, None, k, "euclidean"),
+    """(cross-fitted training distances, {name: distance to k-th nearest training row})."""
+    return (xfit_distances(train, k),
             {n: _knn_distance(train, v, k, "euclidean") for n, v in others.items()})
+
+
+def z(d, ref):
+    """Distances as z-scores of the training (reference) distances."""
+    return (d - ref.mean()) / ref.std()
 
 
 def ablation(seg, data):
@@ -128,14 +147,14 @@ def ablation(seg, data):
     feats = {name: collect(seg, X, names) for name, X in data.items()}
     tr = feats.pop("train")
     rows = []
-    layer_sets = [(n,) for n in names] + [("decoder_last", "bottleneck"), tuple(names)]
+    layer_sets = [(n,) for n in names] + SPECTRAL_SETS
     spec_cache = {}
     for layers, grid, k in product(layer_sets, GRIDS, (1, 5)):
         S = {n: spectral_sig(f, layers, grid) for n, f in feats.items()}
-        loo, d = dists(spectral_sig(tr, layers, grid), S, k)
-        spec_cache[layers, grid, k] = (loo, d)
+        ref, d = dists(spectral_sig(tr, layers, grid), S, k)
+        spec_cache[layers, grid, k] = (ref, d)
         rows.append(summary("spectrum", dict(layer=lname(layers), grid=grid, n_neighbors=k),
-                            {n: -v for n, v in d.items()}, -loo))
+                            {n: -v for n, v in d.items()}, -ref))
     for layers, (grid, reg) in product([("decoder_last",), ("decoder_last", "bottleneck")],
                                        ((8, 2), (16, 2), (16, 4))):
         S = {n: spectral_sig(f, layers, grid, reg) for n, f in feats.items()}
@@ -143,24 +162,24 @@ def ablation(seg, data):
         rows.append(summary("spectrum, regions", dict(layer=lname(layers), grid=grid,
                                                       regions=reg, n_neighbors=1),
                             {n: -v for n, v in d.items()}))
-    for layers, lay, (g, nc), kl in product([("decoder_last", "bottleneck"), tuple(names)],
-                                            ("decoder_last", "bottleneck"),
-                                            ((2, 16), (4, 32), (4, 64)), (1, 5)):
-        loo_s, d_s = spec_cache[layers, 16, 1]
+    layouts = {}
+    for lay, (g, nc), kl in product(("decoder_last", "dec2", "bottleneck"),
+                                    ((2, 16), (4, 32), (4, 64)), (1, 5)):
         P_tr, _ = layout_desc(tr, tr, lay, g, nc)
-        loo_l, d_l = dists(P_tr, {n: layout_desc(tr, f, lay, g, nc)[1]
-                                  for n, f in feats.items()}, kl)
-        if layers == ("decoder_last", "bottleneck"):
-            rows.append(summary("layout only", dict(layout_layer=lay, layout_grid=g,
-                                                     layout_components=nc, layout_neighbors=kl),
-                                {n: -v for n, v in d_l.items()}))
-        score = {n: -np.maximum((d_s[n] - loo_s.mean()) / loo_s.std(),
-                                (d_l[n] - loo_l.mean()) / loo_l.std()) for n in feats}
-        train = -np.maximum((loo_s - loo_s.mean()) / loo_s.std(),
-                            (loo_l - loo_l.mean()) / loo_l.std())
+        layouts[lay, g, nc, kl] = dists(P_tr, {n: layout_desc(tr, f, lay, g, nc)[1]
+                                               for n, f in feats.items()}, kl)
+        rows.append(summary("layout only", dict(layout_layer=lay, layout_grid=g,
+                                                 layout_components=nc, layout_neighbors=kl),
+                            {n: -v for n, v in layouts[lay, g, nc, kl][1].items()}))
+    for layers, (lay, g, nc, kl), comb in product(SPECTRAL_SETS, layouts, ("mean", "max")):
+        reduce = np.mean if comb == "mean" else np.max
+        parts = [spec_cache[layers, 16, 1], layouts[lay, g, nc, kl]]
+        score = {n: -reduce([z(d[n], ref) for ref, d in parts], axis=0) for n in feats}
+        train = -reduce([z(ref, ref) for ref, _ in parts], axis=0)
         rows.append(summary("spectrum+layout", dict(layer=lname(layers), grid=16,
                                                      layout_layer=lay, layout_grid=g,
-                                                     layout_components=nc, layout_neighbors=kl),
+                                                     layout_components=nc, layout_neighbors=kl,
+                                                     combine=comb),
                             score, train))
     gap = {n: {ly: f[ly].mean(axis=(2, 3)) for ly in ("bottleneck", "decoder_last")}
            for n, f in feats.items()}
@@ -260,6 +279,8 @@ def tables(res) -> dict:
     abl = ("| detector | setting | tune: val vs synthetic shifts | held-out mean | held-out min "
            "| orientation | val flagged at offset_ |\n|---|---|---|---|---|---|---|\n")
     rows = sorted(res["ablation"], key=lambda r: (r["detector"], -r["tune_mean"]))
+    rows = [r for i, r in enumerate(rows)
+            if i < DOC_ROWS or rows[i - DOC_ROWS]["detector"] != r["detector"]]
     abl += "".join(f"| {r['detector']} | {fmt_setting(r['setting'])} | {r['tune_mean']:.3f} | "
                    f"{r['held_out_mean']:.3f} | {r['held_out_min']:.3f} | "
                    f"{r['auroc']['orientation']:.3f} | "

@@ -76,6 +76,15 @@ def direct_signature(feat, grid_pool, eps=1e-6):
     return v / np.linalg.norm(v)
 
 
+def xfit_kth(A, k, n_folds=5):
+    """k-th nearest distance of each row to the rows outside its contiguous block, via cdist."""
+    n = len(A)
+    block = np.arange(n) * n_folds // n  # 24 images -> blocks of 5, 5, 5, 5, 4
+    D = cdist(A, A)
+    D[block[:, None] == block[None, :]] = np.inf
+    return np.sort(D, axis=1)[:, k - 1]
+
+
 def pool2(f):  # 16x16 -> 8x8 by 2x2 means, written out
     return 0.25 * (f[:, ::2, ::2] + f[:, 1::2, ::2] + f[:, ::2, 1::2] + f[:, 1::2, 1::2])
 
@@ -153,9 +162,9 @@ def test_nearest_neighbour_vs_brute_force(tiny_2d, X_train, k):
     X = blobs(5, seed=11)
     D = cdist(det.signature(X), det.signatures_)
     np.testing.assert_allclose(det.score_samples(X), -np.sort(D, axis=1)[:, k - 1], atol=1e-7)
-    L = cdist(det.signatures_, det.signatures_)
-    np.fill_diagonal(L, np.inf)  # leave one out
-    np.testing.assert_allclose(det.train_scores_, -np.sort(L, axis=1)[:, k - 1], atol=1e-7)
+    # training images are scored against the four other contiguous blocks only
+    np.testing.assert_allclose(det.train_scores_, -xfit_kth(det.signatures_, k), atol=1e-7)
+    assert not np.allclose(det.train_scores_, -xfit_kth(det.signatures_, k, n_folds=24))
 
 
 @pytest.mark.parametrize("contamination", [0.1, 0.25])
@@ -179,9 +188,7 @@ def test_predict_and_decision_function(spectral):
 
 def test_karimi_threshold(tiny_2d, X_train):
     det = SpectralOODDetector(tiny_2d, threshold="karimi", descriptor="spectrum").fit(X_train)
-    L = cdist(det.signatures_, det.signatures_)
-    np.fill_diagonal(L, np.inf)
-    d = L.min(axis=1)
+    d = xfit_kth(det.signatures_, 1)
     assert det.threshold_ == pytest.approx(d.mean() + 2.5 * d.std(), rel=1e-9)
     assert det.offset_ == pytest.approx(-(d.mean() + 2.5 * d.std()), rel=1e-9)
 
@@ -240,8 +247,8 @@ def test_estimator_forms(tiny_2d, X_train):
 
 
 # ---------------------------------------------------------------------- spectrum + layout
-def direct_combined(path, X_train, X, k=1, n_comp=16, k_layout=5):
-    """Spectrum+layout score written out: numpy SVDs, cdist, explicit leave-one-out."""
+def direct_combined(path, X_train, X, k=1, n_comp=64, k_layout=1, combine="mean"):
+    """Spectrum+layout score written out: numpy SVDs, cdist, explicit cross-fitting."""
     seg = OnnxSegmenter(path).fit()
 
     def parts(Xs):
@@ -252,7 +259,7 @@ def direct_combined(path, X_train, X, k=1, n_comp=16, k_layout=5):
         up = bn.repeat(2, axis=2).repeat(2, axis=3)
         sig = np.concatenate([np.stack([direct_signature(f, lambda a: a) for f in dl]),
                               np.stack([direct_signature(f, lambda a: a) for f in up])], 1)
-        lay = dl.reshape(len(dl), dl.shape[1], 2, 8, 2, 8).mean(axis=(3, 5))
+        lay = dl.reshape(len(dl), dl.shape[1], 4, 4, 4, 4).mean(axis=(3, 5))  # 4x4 cells
         return sig / np.sqrt(2), lay.reshape(len(dl), -1).astype(np.float64)
 
     S_tr, L_tr = parts(X_train)
@@ -267,25 +274,24 @@ def direct_combined(path, X_train, X, k=1, n_comp=16, k_layout=5):
     np.testing.assert_allclose(P_tr.var(axis=0), 1.0, rtol=1e-6)
     z_tr, z = [], []
     for A_tr, A, kk in ((S_tr, S, k), (P_tr, P, k_layout)):
-        loo = cdist(A_tr, A_tr)
-        np.fill_diagonal(loo, np.inf)
-        d_loo = np.sort(loo, axis=1)[:, kk - 1]
+        d_tr = xfit_kth(A_tr, kk)
         d = np.sort(cdist(A, A_tr), axis=1)[:, kk - 1]
-        z_tr.append((d_loo - d_loo.mean()) / d_loo.std())
-        z.append((d - d_loo.mean()) / d_loo.std())
-    return -np.maximum(*z), -np.maximum(*z_tr), S, W
+        z_tr.append((d_tr - d_tr.mean()) / d_tr.std())
+        z.append((d - d_tr.mean()) / d_tr.std())
+    reduce = {"mean": np.mean, "max": np.max}[combine]
+    return -reduce(z, axis=0), -reduce(z_tr, axis=0), S, W
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_spectrum_layout_vs_direct(tiny_2d, X_train, k):
-    det = SpectralOODDetector(tiny_2d, n_neighbors=k).fit(X_train)
-    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 2
+@pytest.mark.parametrize("k, combine", [(1, "mean"), (2, "mean"), (1, "max")])
+def test_spectrum_layout_vs_direct(tiny_2d, X_train, k, combine):
+    det = SpectralOODDetector(tiny_2d, n_neighbors=k, combine=combine).fit(X_train)
+    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 4
     X = np.concatenate([blobs(4, seed=31), np.rot90(blobs(3, seed=32), axes=(2, 3))])
-    want, want_train, sig, W = direct_combined(tiny_2d, X_train, X, k=k)
+    want, want_train, sig, W = direct_combined(tiny_2d, X_train, X, k=k, combine=combine)
     np.testing.assert_allclose(det.signature(X), sig, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(det.train_scores_, want_train, rtol=1e-5, atol=1e-6)
-    assert det.layout_components_.shape == (len(W), 4 * 4)
+    assert det.layout_components_.shape == (len(W), 4 * 16)  # 4 channels x 4x4 cells
     assert det.offset_ == pytest.approx(np.percentile(want_train, 5))
 
 
@@ -306,7 +312,7 @@ def test_spectrum_only_is_the_paper(tiny_2d, X_train):
     plain = SpectralOODDetector(tiny_2d, descriptor="spectrum").fit(X_train)
     both = SpectralOODDetector(tiny_2d).fit(X_train)
     assert plain.layout_layer_ is None and plain.descriptors_.shape == (24, 12)
-    assert both.descriptors_.shape == (24, 12 + 4 * 4)
+    assert both.descriptors_.shape == (24, 12 + 4 * 16)
     np.testing.assert_allclose(plain.signatures_, both.signatures_)
     X = blobs(3, seed=40)
     D = cdist(plain.signature(X), plain.signatures_)
@@ -436,8 +442,15 @@ def test_errors(tiny_2d, X_train):
         SpectralOODDetector(tiny_2d, layout_components=0).fit(X_train)
     with pytest.raises(ValueError, match="layer 'nope' is not a feature layer"):
         SpectralOODDetector(tiny_2d, layout_layer="nope").fit(X_train)
-    with pytest.raises(ValueError, match="layout_neighbors=24 needs more than 24"):
-        SpectralOODDetector(tiny_2d, layout_neighbors=24).fit(X_train)
+    with pytest.raises(ValueError, match=r"layout_neighbors=20 needs at least 20 .* \(19 outside"):
+        SpectralOODDetector(tiny_2d, layout_neighbors=20).fit(X_train)
+    SpectralOODDetector(tiny_2d, layout_neighbors=19).fit(X_train)  # 19 are enough
+    with pytest.raises(ValueError, match="combine must be 'mean' or 'max'"):
+        SpectralOODDetector(tiny_2d, combine="sum").fit(X_train)
+    with pytest.raises(ValueError, match="n_folds must be at least 2"):
+        SpectralOODDetector(tiny_2d, n_folds=1).fit(X_train)
+    with pytest.raises(ValueError, match="n_folds must be a positive integer"):
+        SpectralOODDetector(tiny_2d, n_folds=2.5).fit(X_train)
     with pytest.raises(ValueError, match="layout_grid has 3 entries"):
         SpectralOODDetector(tiny_2d, layout_grid=(2, 2, 2)).fit(X_train)
     with pytest.raises(ValueError, match="score must be one of"):
@@ -481,3 +494,19 @@ def test_real_ensemble_mutual_information(tiny_members, X_train):
     spec = SpectralOODDetector(ens).fit(X_train)
     ref = SpectralOODDetector(tiny_members[0]).fit(X_train)
     np.testing.assert_allclose(spec.signatures_, ref.signatures_)
+
+
+# ---------------------------------------------------------------------- reference zoo
+def test_reference_zoo_defaults_see_orientation_and_keep_false_alarms_low():
+    """The documented behaviour on the embedded data with the library defaults."""
+    from uqseg import datasets, metrics
+
+    X_tr, _ = datasets.load_brain_tissue("train")
+    X_te, _ = datasets.load_brain_tissue("test")
+    det = SpectralOODDetector(datasets.reference_models()[0]).fit(X_tr)
+    assert det.layers_ == ["dec1", "dec2", "bottleneck"] and det.layout_layer_ == "dec2"
+    s_in = det.score_samples(X_te)
+    # cross-fitted training scores: new subjects are not flagged far above contamination
+    assert np.mean(s_in < det.offset_) <= 0.08
+    for kind, floor in (("orientation", 0.95), ("bias", 0.95), ("ct", 0.99)):
+        assert metrics.ood_auroc(s_in, det.score_samples(datasets.load_ood(kind))) >= floor
