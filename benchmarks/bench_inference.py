@@ -6,7 +6,8 @@ depth from ``uqseg/datasets/models/zoo.json`` when present, else the zoo script'
 :func:`uqseg.training.export_onnx` exactly as the zoo members are. Configurations: 2-D
 128x128 and 256x256, and a 3-D U-Net of the same width/depth on 96^3 patches (smaller batch).
 
-Variants (same weights, same input, timed round-robin):
+Variants (same weights, same input, timed round-robin in blocks: per round and variant one
+untimed call, then ``--block`` timed calls):
 
 - ``torch_eager``: ``model(x)`` under ``torch.inference_mode``.
 - ``torch_compile``: ``torch.compile(model)`` (inductor); compile time recorded, skipped with
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--block", type=int, default=3,
+                   help="timed calls per variant and round, after one untimed call")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory probes")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--compile-configs", default="2d128",
@@ -307,8 +310,8 @@ def bench_config(name, dims, size, batch, args, arch, workdir: Path, peak_gflops
         if ref is None:
             ref = out
         results[v]["max_abs_diff_vs_first"] = float(np.max(np.abs(out - ref)))
-    t_batch = common.time_round_robin(calls, args.repeats, args.warmup)
-    t_one = common.time_round_robin(calls1, args.repeats, args.warmup)
+    t_batch = common.time_round_robin(calls, args.repeats, args.warmup, args.block)
+    t_one = common.time_round_robin(calls1, args.repeats, args.warmup, args.block)
     for v in calls:
         tb, t1 = t_batch[v]["median_s"], t_one[v]["median_s"]
         results[v].update({
@@ -359,7 +362,7 @@ def main(argv=None) -> dict:
     configs = CONFIGS
     if args.quick:
         configs, arch = QUICK_CONFIGS, {"width": 4, "depth": 3, "source": "--quick"}
-        args.repeats, args.warmup, args.no_compile = 1, 1, True
+        args.repeats, args.warmup, args.block, args.no_compile = 1, 1, 1, True
     if args.configs:
         pool = {**CONFIGS, **QUICK_CONFIGS}
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -372,7 +375,7 @@ def main(argv=None) -> dict:
     record.update({
         "benchmark": "inference",
         "quick": args.quick,
-        "settings": {"repeats": args.repeats, "warmup": args.warmup,
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "block": args.block,
                      "variants": args.variants, "network": arch},
         "peak": {"gflops_fp32": peak, "formula": record["cpu"]["peak_formula"],
                  "note": "nominal FLOPs count direct convolution MACs; Winograd/FFT "

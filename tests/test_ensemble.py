@@ -244,7 +244,7 @@ def test_bad_parameters(tiny_members):
         EnsembleSegmenter(tiny_members, weights=[1, 2]).fit()
     with pytest.raises(ValueError, match="weights must be positive"):
         EnsembleSegmenter(tiny_members, weights=[1, 0, 2]).fit()
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be .auto. or a positive integer, got 0"):
         EnsembleSegmenter(tiny_members, batch_size=0).fit()
     with pytest.raises(ValueError, match="mc_samples must be a non-negative integer"):
         EnsembleSegmenter(tiny_members, mc_samples=-1).fit()

@@ -57,6 +57,34 @@ def test_transform_equals_direct_onnxruntime(request, fixture):
     np.testing.assert_array_equal(seg.predict(x), logits.argmax(axis=1))
 
 
+def test_auto_batch_size_chunks_by_voxels_on_cpu(tiny_2d, monkeypatch):
+    seg = OnnxSegmenter(tiny_2d).fit()
+    assert seg.batch_size == "auto" and seg.device_ == "cpu"
+    runner = seg._runner(())
+    calls = []
+    real_run = runner.run
+    monkeypatch.setattr(runner, "run", lambda feeds, outputs: (
+        calls.append(feeds["image"].shape[0]), real_run(feeds, outputs))[1])
+    big = RNG.standard_normal((5, 1, 256, 256)).astype(np.float32)  # 2**16 voxels: 2 per call
+    np.testing.assert_allclose(seg.transform(big), _ort(tiny_2d, big), atol=1e-5)
+    assert calls == [2, 2, 1]
+    calls.clear()
+    small = RNG.standard_normal((20, 1, 16, 16)).astype(np.float32)  # capped at 16 per call
+    np.testing.assert_allclose(seg.transform(small), _ort(tiny_2d, small), atol=1e-5)
+    assert calls == [16, 4]
+
+
+def test_resolve_batch_size():
+    from uqseg.segmenter import resolve_batch_size
+
+    assert resolve_batch_size("auto", (128, 128), "cpu") == 8
+    assert resolve_batch_size("auto", (256, 256), "cpu") == 2
+    assert resolve_batch_size("auto", (96, 96, 96), "cpu") == 1  # never 0
+    assert resolve_batch_size("auto", (32, 32), "cpu") == 16  # upper bound
+    assert resolve_batch_size("auto", (96, 96, 96), "cuda") == 16
+    assert resolve_batch_size(3, (96, 96, 96), "cpu") == 3
+
+
 def test_dynamic_model_pads_to_divisor_and_crops(tiny_2d):
     x = RNG.standard_normal((2, 1, 9, 13)).astype(np.float32)
     out = OnnxSegmenter(tiny_2d).fit().transform(x)
@@ -222,8 +250,10 @@ def test_bad_models_and_settings(tmp_path, tiny_2d):
         OnnxSegmenter(tiny_2d, backend="torch").fit()
     with pytest.raises(ValueError, match="unknown device"):
         OnnxSegmenter(tiny_2d, device="tpu").fit()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be 'auto' or a positive integer"):
         OnnxSegmenter(tiny_2d, batch_size=0).fit()
+    with pytest.raises(ValueError, match="got 'big'"):
+        OnnxSegmenter(tiny_2d, batch_size="big").fit()
     with pytest.raises(ValueError, match="overlap"):
         OnnxSegmenter(tiny_2d, overlap=1.0).fit()
     with pytest.raises(TypeError, match="path"):

@@ -48,6 +48,14 @@ def _checked(convert, ok, expected: str):
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+
+
+def _batch_size(text: str):
+    """``"auto"`` or a positive integer."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+PROGRESS_CHUNK = 16  # images per progress-bar step when the batch size is "auto"
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
@@ -57,8 +65,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="inference backend (default: auto = fastest present)")
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda, cuda:N or tensorrt (default: auto)")
-    p.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="images per inference call (default 16)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="images per inference call, or 'auto' (default: as many as keep a "
+                        "call within 2**17 voxels on a CPU, 16 on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
@@ -202,12 +211,13 @@ def to_model_batch(data, *, dims: int, channels: int, axis: int):
     raise ValueError(f"a {spatial}-D input cannot go through a {dims}-D model")
 
 
-def _batched(fn, X, batch: int, desc: str, progress: bool):
+def _batched(fn, X, batch, desc: str, progress: bool):
     """``fn`` over chunks of ``X`` with a tqdm bar on stderr; concatenated results."""
     import numpy as np
     from tqdm.auto import tqdm
 
     parts = []
+    batch = PROGRESS_CHUNK if batch == "auto" else batch
     starts = range(0, len(X), batch)
     for i in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2,
                   file=sys.stderr, leave=False):
@@ -220,7 +230,7 @@ def _batched(fn, X, batch: int, desc: str, progress: bool):
     return np.concatenate(parts)
 
 
-def _score_estimators(paths, X, batch_size: int, progress: bool) -> dict:
+def _score_estimators(paths, X, batch_size, progress: bool) -> dict:
     import numpy as np
 
     import uqseg
@@ -250,7 +260,7 @@ def _score_estimators(paths, X, batch_size: int, progress: bool) -> dict:
 
 
 def predict_file(models, source, out, *, estimators=(), tta=False, mc_samples=0, axis=2,
-                 normalize=True, backend="auto", device="auto", batch_size=16,
+                 normalize=True, backend="auto", device="auto", batch_size="auto",
                  progress=True) -> list[Path]:
     """Segment one input file/folder with an ensemble of ``models`` and write the maps.
 

@@ -114,7 +114,7 @@ def _dice(pred, y, n_classes) -> np.ndarray:
 
 
 def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = "auto",
-             device: str = "auto", batch_size: int = 16, progress: bool = True,
+             device: str = "auto", batch_size="auto", progress: bool = True,
              report: bool = True, stream=None, config: DemoConfig | None = None) -> dict:
     """Run the demo and write ``summary.json`` (and ``report.html``) into ``out``.
 

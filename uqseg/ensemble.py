@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted
 from uqseg import backends
 from uqseg._validation import check_images, n_images
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
-from uqseg.segmenter import OnnxSegmenter
+from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size
 from uqseg.uncertainty import KINDS
 
 __all__ = ["EnsembleSegmenter"]
@@ -119,8 +119,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         stays that of one member; ``True`` always fuses when valid and raises when not.
     backend, device : str, default="auto"
         Used for members given as paths and for the fused graph.
-    batch_size : int, default=16
+    batch_size : int or "auto", default="auto"
         Images per chunk: memory is bounded by one chunk's maps, whatever the size of ``X``.
+        ``"auto"``: as :class:`uqseg.OnnxSegmenter` (on a CPU, chunks of at most 2**17 input
+        voxels: 8 images of 128 x 128; 16 on a GPU).
     cache_size : int, default=2
         Inputs whose results are kept (each entry holds the probabilities and maps of one
         ``X``); 0 disables the cache.
@@ -171,7 +173,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         fuse="auto",
         backend="auto",
         device="auto",
-        batch_size=16,
+        batch_size="auto",
         cache_size=2,
     ):
         self.members = members
@@ -187,10 +189,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
-        for name in ("batch_size",):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_batch_size(self.batch_size)
         for name in ("mc_samples", "cache_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -406,12 +405,17 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 s0.device,
                 s0.precision,
                 threads=s0.threads,
-                max_batch=int(self.batch_size),
+                max_batch=resolve_batch_size(self.batch_size, (), "gpu"),
             )
 
         return backends.cached_runner(self._fused_runners, outputs, self._lock, build)
 
     # ------------------------------------------------------------------ inference core
+    def _batch(self, X: np.ndarray) -> int:
+        """Images per chunk for ``X`` (``batch_size`` resolved on the members' device)."""
+        device = getattr(self.members_[0], "device_", "cpu")
+        return resolve_batch_size(self.batch_size, X.shape[2:], device)
+
     def _check_X(self, X):
         return check_images(X, spatial_dims=self.spatial_dims_, n_channels=self.n_input_channels_)
 
@@ -532,7 +536,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     def _compute_array(self, X: np.ndarray, idx: np.ndarray, masks, kinds: frozenset) -> dict:
         need_h = bool(kinds & {"expected_entropy", "mutual_information"})
         need_sq = "variance" in kinds
-        n, bs = X.shape[0], int(self.batch_size)
+        n, bs = X.shape[0], self._batch(X)
         result: dict[str, np.ndarray] = {}
         for start in range(0, n, bs):
             chunk = X[start : start + bs]
@@ -741,7 +745,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         out = np.zeros((lead, n, self.n_classes_, *X.shape[2:]), dtype=np.float32)
         masks = self._masks(n)
         idx = np.arange(n)
-        bs = int(self.batch_size)
+        bs = self._batch(X)
         for start in range(0, n, bs):
             counter = 0
             chunk = X[start : start + bs]

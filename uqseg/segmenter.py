@@ -20,6 +20,38 @@ from uqseg.backends import graph
 from uqseg.backends._model import image_input_names, metadata, read_model
 
 MC_MASK = "mc_mask"
+# batch_size="auto": on a CPU, calls of at most this many input voxels (smaller calls keep the
+# activations in cache: docs/benchmarks.md); on a GPU, and as the CPU upper bound, 16 images
+AUTO_BATCH_VOXELS = 1 << 17
+AUTO_BATCH_MAX = 16
+
+
+def check_batch_size(value, name: str = "batch_size") -> None:
+    """``value`` must be ``"auto"`` or a positive integer."""
+    if isinstance(value, str) and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
+
+
+def resolve_batch_size(batch_size, spatial: Sequence[int], device: str) -> int:
+    """Images per inference call: ``batch_size`` itself, or for ``"auto"`` the largest count
+    whose input voxels stay within ``AUTO_BATCH_VOXELS`` on a CPU (at least 1, at most
+    ``AUTO_BATCH_MAX``) and ``AUTO_BATCH_MAX`` on a GPU.
+
+    Examples
+    --------
+    >>> resolve_batch_size("auto", (128, 128), "cpu"), resolve_batch_size("auto", (96,) * 3, "cpu")
+    (8, 1)
+    >>> resolve_batch_size("auto", (128, 128), "cuda"), resolve_batch_size(4, (128, 128), "cpu")
+    (16, 4)
+    """
+    if not (isinstance(batch_size, str) and batch_size == "auto"):
+        return int(batch_size)
+    if device != "cpu":
+        return AUTO_BATCH_MAX
+    voxels = int(np.prod([int(v) for v in spatial], dtype=np.int64))
+    return int(max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_VOXELS // max(voxels, 1))))
 
 
 def _gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
@@ -53,8 +85,10 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     backend : {"auto", "onnxruntime", "tensorrt"}, default="auto"
     device : {"auto", "cpu", "cuda", "cuda:N", "tensorrt"}, default="auto"
     precision : {"fp32", "fp16"}, default="fp32"
-    batch_size : int, default=16
-        Images (or sliding-window patches) per inference call.
+    batch_size : int or "auto", default="auto"
+        Images (or sliding-window patches) per inference call. ``"auto"``: on a CPU as many as
+        keep one call within 2**17 input voxels (8 images of 128 x 128, 2 of 256 x 256, 1
+        volume of 96**3; at most 16), on a GPU 16 (see :func:`resolve_batch_size`).
     tta : None, "flips" or list of tuples of spatial axes, default=None
         Test-time flips; logits are averaged over the flipped passes.
     overlap : float in [0, 1), default=0.5
@@ -73,6 +107,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         Candidate feature tensors, the preferred (deepest or exporter-chosen) first.
     spatial_divisor_ : int
         Dynamic-size inputs are padded to a multiple of this.
+    device_ : str
+        The device ``device`` resolved to (``"cpu"``, ``"cuda"`` or ``"tensorrt"``).
     mc_dropout_ : dict or None
         ``{"input", "p", "size"}`` when the model takes an MC-dropout mask.
 
@@ -84,7 +120,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     (2, 128, 128)
     """
 
-    def __init__(self, model, backend="auto", device="auto", precision="fp32", batch_size=16,
+    def __init__(self, model, backend="auto", device="auto", precision="fp32", batch_size="auto",
                  tta=None, overlap=0.5, threads=None):
         self.model = model
         self.backend = backend
@@ -103,11 +139,11 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         if not isinstance(self.model, (str, os.PathLike)):
             raise TypeError(
                 f"model must be a path to an ONNX file, got {type(self.model).__name__}")
-        if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        check_batch_size(self.batch_size)
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}")
-        backends.resolve(self.backend, self.device)  # unknown names fail here, before any work
+        # unknown names fail here, before any work
+        self.device_ = backends.resolve(self.backend, self.device)[1]
         if self.precision not in backends.PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of "
                              f"{backends.PRECISIONS}")
@@ -186,7 +222,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         return backends.cached_runner(self._runners, layers, self._lock, lambda: backends.load(
             self.model, self.backend, self.device, self.precision,
             outputs=list(layers) or None, threads=self.threads,
-            max_batch=int(self.batch_size)))
+            max_batch=resolve_batch_size(self.batch_size, (), "gpu")))
 
     def _raw_run(self, batch: np.ndarray, outputs: list[str], mask: np.ndarray | None = None):
         layers = tuple(o for o in outputs if o != self.output_name_)
@@ -317,7 +353,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         """Run in batches (and over flips), filling preallocated outputs without concatenation."""
         flips = self._flips()
         n = X.shape[0]
-        bs = int(self.batch_size)
+        bs = resolve_batch_size(self.batch_size, X.shape[2:], getattr(self, "device_", "cpu"))
         result: dict[str, np.ndarray] = {}
         for start in range(0, n, bs):
             batch = X[start:start + bs]
@@ -361,7 +397,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         norm = np.zeros(spatial, dtype=np.float32)
         for st in starts:
             norm[tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))] += imp
-        bs = int(self.batch_size)
+        bs = resolve_batch_size(self.batch_size, window, getattr(self, "device_", "cpu"))
         for i in range(X.shape[0]):
             # windows are cut, run and accumulated batch_size at a time: memory stays at one
             # output volume plus one batch of patches, whatever the number of windows
