@@ -270,6 +270,24 @@ def routing(pred, true, min_dice=MIN_DICE):
     return share, caught, fail
 
 
+def routing_with_ood(model, X, q_flag, fail, info, quick):
+    """Review routing by the quality flag, by SpectralOODDetector (library defaults, fitted on
+    the train split of the first member) and by either: share flagged, failures caught."""
+    from uqseg import SpectralOODDetector
+
+    X_tr, _ = datasets.load_brain_tissue("train")
+    det = SpectralOODDetector(model).fit(X_tr[:48] if quick else X_tr)
+    ood = det.predict(X) == -1
+    clean = info["corruption"] == "none"
+    out = {"ood_flagged_clean_test": float(ood[clean].mean())}
+    for name, f in (("quality", q_flag), ("ood", ood), ("quality_or_ood", q_flag | ood)):
+        out[name] = {"flagged_share": float(f.mean()),
+                     "failures_caught": float((f & fail).sum() / max(fail.sum(), 1)),
+                     "precision": float((f & fail).sum() / max(f.sum(), 1)),
+                     "failures_missed": int((fail & ~f).sum())}
+    return out
+
+
 def evaluate(pred, true, held, kinds):
     """Pooled, per-class, fitted-vs-held-out and per-kind reports."""
     def both(mask):
@@ -466,6 +484,7 @@ def main(argv=None):
                     "failure_share": float(fail.mean()),
                     "failures_caught": float((flagged & fail).sum() / max(fail.sum(), 1)),
                     "precision": float((flagged & fail).sum() / max(flagged.sum(), 1))}
+    with_ood = routing_with_ood(paths[0], Xtw, flagged, fail, info_t, args.quick)
 
     result = {
         "segmenter": seg_desc,
@@ -485,7 +504,8 @@ def main(argv=None):
         "test_by_regressor": test_cmp,
         "uncertainty_directly_spearman_class1": direct,
         "cnn": cnn,
-        "routing": {"budgets": route_rows, "at_min_dice": at_threshold},
+        "routing": {"budgets": route_rows, "at_min_dice": at_threshold,
+                    "with_ood_detector": with_ood},
         "timings_s_per_image": timings,
         "fit_seconds": t_fit,
         "predict_seconds": t_pred,
@@ -570,6 +590,18 @@ def _write_tables(res):
     rt += (f"\n\n`flag(X, min_dice={a['min_dice']})` flags {a['flagged_share']:.1%} of the test "
            f"images; {a['failure_share']:.1%} are failures; it catches "
            f"{a['failures_caught']:.1%} of them with precision {a['precision']:.1%}.")
+    w = res["routing"].get("with_ood_detector")
+    if w:
+        rt += "\n\n" + table(
+            [[label, f"{w[k]['flagged_share']:.1%}", f"{w[k]['failures_caught']:.1%}",
+              f"{w[k]['precision']:.1%}", str(w[k]["failures_missed"])]
+             for k, label in (("quality", f"quality: `flag(X, min_dice={a['min_dice']})`"),
+                              ("ood", "OOD: `SpectralOODDetector.predict(X) == -1`"),
+                              ("quality_or_ood", "either"))],
+            ["route to review when", "images flagged", "failures caught", "precision",
+             "failures missed"])
+        rt += (f"\n\nThe OOD detector (library defaults, fitted on the train split) flags "
+               f"{w['ood_flagged_clean_test']:.1%} of the clean test images.")
     ty_rows = []
     for name, r in res["typicality"]["arms"].items():
         c = r["loko_cv"]["pooled"]
