@@ -397,3 +397,40 @@ def test_auto_fuse_runs_large_chunks_member_by_member(tiny_members, X, monkeypat
     np.testing.assert_allclose(m["variance"], want_m["variance"], atol=1e-6)
     forced = EnsembleSegmenter(tiny_members, fuse=True, device="cpu").fit()
     np.testing.assert_allclose(forced.predict_proba(X), want_p, atol=1e-5)  # True ignores it
+
+
+@pytest.mark.parametrize("fuse, stats, tta", [(True, "numpy", None), (True, "graph", None),
+                                              (True, "numpy", "flips"), (False, None, None)])
+def test_run_gives_first_member_features_from_the_same_pass(tiny_members, X, fuse, stats, tta,
+                                                            monkeypatch):
+    ens = EnsembleSegmenter(tiny_members, fuse=fuse, tta=tta, device="cpu").fit()
+    if stats:
+        ens._fused_stats = stats
+    layers = ["bottleneck", "decoder_last"]
+    want = ens.members_[0].run(X, layers=layers)  # X (8 x 12) is padded: features are not
+    p, m = ens.predict_with_uncertainty(X, kinds=("mutual_information",))
+    ens.clear_cache()
+    if fuse:  # from the fused call itself: the first member alone never runs
+        monkeypatch.setattr(ens.members_[0], "run", lambda *a, **k: 1 / 0)
+    out = ens.run(X, layers=layers, kinds=["mutual_information"])
+    assert sorted(out) == ["bottleneck", "decoder_last", "mutual_information", "proba"]
+    for ly in layers:
+        assert out[ly].shape == want[ly].shape
+        np.testing.assert_allclose(out[ly], want[ly], atol=1e-5)
+    np.testing.assert_allclose(out["proba"], p, atol=1e-5)
+    np.testing.assert_allclose(out["mutual_information"], m["mutual_information"], atol=1e-5)
+    out["proba"][:] = 0  # copies: the cache is not touched
+    assert ens.predict_proba(X).max() > 0
+
+
+def test_run_errors_and_lists(tiny_members, X):
+    with pytest.raises(NotFittedError):
+        EnsembleSegmenter(tiny_members).run(X, layers=["bottleneck"])
+    ens = EnsembleSegmenter(tiny_members, device="cpu").fit()
+    with pytest.raises(ValueError, match="'nope' is not a feature layer of the first member"):
+        ens.run(X, layers=["nope"])
+    imgs = [X[0], X[1, :, :8, :8]]
+    out = ens.run(imgs, layers="bottleneck", kinds="entropy")
+    for img, f in zip(imgs, out["bottleneck"], strict=True):
+        np.testing.assert_allclose(
+            f, ens.members_[0].run(img[None], layers=["bottleneck"])["bottleneck"][0], atol=1e-5)

@@ -493,6 +493,13 @@ def test_typicality_ensemble_first_member_and_leave_one_out(tiny_members):
     # reference=None: the fitting images (Gram eigenvalues vs SVD: ~1e-5 apart in the log)
     np.testing.assert_allclose(qr.reference_signatures_, S, atol=1e-4)
     np.testing.assert_allclose(qr.features(X)[:, -2:], _distances_by_hand(S, S), atol=1e-4)
+    # the fused ensemble gives the first member's features from its own pass: the member
+    # alone is not run again, and the features do not change
+    want = qr.features(X)
+    qr.estimator_.clear_cache()
+    qr.estimator_.members_[0].run = lambda *a, **k: 1 / 0
+    assert qr.estimator_.fused_
+    np.testing.assert_allclose(qr.features(X), want, atol=1e-6)
 
 
 def test_typicality_errors(tiny_2d, tmp_path):

@@ -32,6 +32,8 @@ _TINY = np.float32(np.finfo(np.float32).tiny)
 # computed on every inference: they cost one multiply-add per sample and make the common
 # "predict_proba, then uncertainty" sequence a cache hit
 _DEFAULT = frozenset({"entropy", "expected_entropy", "mutual_information"})
+_FEATURE = "feature:"  # result keys of the first member's feature maps (``run(layers=...)``)
+_M0 = "m0__"  # fuse_members' prefix of the first member's tensors
 # fuse="auto" runs a chunk member by member when all members' logits of it would exceed this
 _FUSED_BUDGET = 256 * 2**20
 
@@ -62,6 +64,18 @@ def _entropy_of(proba: np.ndarray) -> np.ndarray:
     h = tmp.sum(axis=1)
     np.negative(h, out=h)
     return np.maximum(h, 0, out=h)
+
+
+def _feature_outputs(flip, layers) -> list[str]:
+    """The first member's exposed tensors to fetch: on the unflipped pass only (features of a
+    flipped image do not align with the image)."""
+    return [] if flip else [_M0 + name for name in layers]
+
+
+def _take_features(res: dict, acc: dict) -> None:
+    """Move the first member's tensors out of a fused run's results into ``acc``."""
+    for name in [n for n in res if n.startswith(_M0)]:
+        acc[_FEATURE + name[len(_M0):]] = res.pop(name)
 
 
 class _Sums:
@@ -391,7 +405,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             with self._lock:
                 self._cache.clear()
 
-    def _fused_runner(self, outputs: tuple[str, ...]):
+    def _fused_runner(self, outputs: tuple[str, ...], layers: tuple[str, ...] = ()):
         if not hasattr(self, "_fused_runners"):
             self._reset()
         def build():
@@ -404,11 +418,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 s0.backend,
                 s0.device,
                 s0.precision,
+                outputs=[_M0 + name for name in layers] or None,
                 threads=s0.threads,
                 max_batch=resolve_batch_size(self.batch_size, (), "gpu"),
             )
 
-        return backends.cached_runner(self._fused_runners, outputs, self._lock, build)
+        return backends.cached_runner(self._fused_runners, (outputs, layers), self._lock, build)
 
     # ------------------------------------------------------------------ inference core
     def _batch(self, X: np.ndarray) -> int:
@@ -457,18 +472,19 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             out["mean_sq"] = sums.sq
         return out
 
-    def _fused_graph_stats(self, chunk, flips, need_h, need_sq) -> dict:
+    def _fused_graph_stats(self, chunk, flips, need_h, need_sq, layers=()) -> dict:
         """Statistics computed inside the fused graph; flips averaged here."""
         names = (
             ["proba"] + (["expected_entropy"] if need_h else []) + (["mean_sq"] if need_sq else [])
         )
         if need_h and len(flips) == 1:
             names += ["entropy", "mutual_information"]  # in-graph: no numpy pass afterwards
-        runner = self._fused_runner(tuple(names))
+        runner = self._fused_runner(tuple(names), layers)
         acc: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = runner.run({runner.input_names[0]: inp}, names)
+            res = runner.run({runner.input_names[0]: inp}, names + _feature_outputs(flip, layers))
+            _take_features(res, acc)
             for name, val in res.items():
                 if flip:
                     val = np.flip(val, tuple(a - (name not in ("proba", "mean_sq")) for a in flip))
@@ -481,26 +497,28 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 val /= np.float32(len(flips))
         return acc
 
-    def _fused_logits_stats(self, chunk, flips, need_h, need_sq) -> dict:
+    def _fused_logits_stats(self, chunk, flips, need_h, need_sq, layers=()) -> dict:
         """Members' logits from the fused graph; statistics in numpy as in the unfused path."""
-        runner = self._fused_runner(("logits",))
+        runner = self._fused_runner(("logits",), layers)
         names = [f"logits_{i}" for i in range(self.n_members_)]
         sums = _Sums(need_h, need_sq)
+        feats: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = runner.run({runner.input_names[0]: inp}, names)
+            res = runner.run({runner.input_names[0]: inp}, names + _feature_outputs(flip, layers))
+            _take_features(res, feats)
             for i, name in enumerate(names):
                 z = np.flip(res[name], flip) if flip else res[name]
                 p, h = _softmax_entropy(z, need_h)
                 sums.add(p, h, self.weights_[i] / len(flips))
-        acc = {"proba": sums.p}
+        acc = {"proba": sums.p, **feats}
         if need_h:
             acc["expected_entropy"] = sums.h
         if need_sq:
             acc["mean_sq"] = sums.sq
         return acc
 
-    def _chunk_fused(self, chunk, need_h, need_sq) -> dict:
+    def _chunk_fused(self, chunk, need_h, need_sq, layers=()) -> dict:
         flips = self._flip_list(self.spatial_dims_)
         spatial = chunk.shape[2:]
         d = self.spatial_divisor_
@@ -513,13 +531,13 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             s0 = self.members_[0]
             mode = "numpy" if backends.resolve(s0.backend, s0.device)[1] == "cpu" else "graph"
         if mode == "numpy":
-            acc = self._fused_logits_stats(chunk, flips, need_h, need_sq)
+            acc = self._fused_logits_stats(chunk, flips, need_h, need_sq, layers)
         else:
-            acc = self._fused_graph_stats(chunk, flips, need_h, need_sq)
+            acc = self._fused_graph_stats(chunk, flips, need_h, need_sq, layers)
         if target != spatial:
             crop = tuple(slice(0, s) for s in spatial)
             acc = {
-                k: v[
+                k: v if k.startswith(_FEATURE) else v[  # features stay as the member gives them
                     (slice(None), slice(None), *crop)
                     if v.ndim == chunk.ndim
                     else (slice(None), *crop)
@@ -536,14 +554,22 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     def _compute_array(self, X: np.ndarray, idx: np.ndarray, masks, kinds: frozenset) -> dict:
         need_h = bool(kinds & {"expected_entropy", "mutual_information"})
         need_sq = "variance" in kinds
+        layers = tuple(sorted(k[len(_FEATURE):] for k in kinds if k.startswith(_FEATURE)))
+        # the fused pass pads to the ensemble's divisor: only where that is the first member's
+        # own do its features equal members_[0].run's
+        piggyback = self.spatial_divisor_ == self.members_[0].spatial_divisor_
         n, bs = X.shape[0], self._batch(X)
         result: dict[str, np.ndarray] = {}
         for start in range(0, n, bs):
             chunk = X[start : start + bs]
             if self.fused_ and (self.fuse is True or self._fused_fits(chunk)):
-                res = self._chunk_fused(chunk, need_h, need_sq)
+                res = self._chunk_fused(chunk, need_h, need_sq, layers if piggyback else ())
             else:
                 res = self._chunk_members(chunk, idx[start : start + bs], masks, need_h, need_sq)
+            missing = [ly for ly in layers if _FEATURE + ly not in res]
+            if missing:  # the first member once more, deterministic, for its features
+                out = self.members_[0].run(chunk, layers=missing)
+                res.update({_FEATURE + ly: out[ly] for ly in missing})
             maps = self._finish(res, kinds)
             for name, val in maps.items():
                 if name not in result:
@@ -572,6 +598,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             np.subtract(res["mean_sq"], v, out=v)
             np.maximum(v, 0, out=v)
             out["variance"] = v.mean(axis=1)
+        out.update({k: v for k, v in res.items() if k.startswith(_FEATURE)})
         return out
 
     def _compute(self, X, kinds: frozenset) -> dict:
@@ -599,12 +626,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             h.update(np.ascontiguousarray(a).data)
         return h.hexdigest()
 
-    def _results(self, X, kinds) -> dict:
+    def _results(self, X, kinds, layers=()) -> dict:
         """Probabilities and maps for ``X``, from the cache when the same input came before."""
         check_is_fitted(self)
         kinds = self._check_kinds(kinds)
         X = self._check_X(X)
-        want = frozenset(kinds) | _DEFAULT
+        want = frozenset(kinds) | _DEFAULT | {_FEATURE + ly for ly in self._check_layers(layers)}
         use_cache = self.cache_size > 0 and not (self.seed is None and self.mc_samples > 0)
         if not hasattr(self, "_lock"):
             self._reset()
@@ -630,6 +657,15 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if bad:
             raise ValueError(f"kind must be one of {KINDS}, got {bad[0]!r}")
         return kinds
+
+    def _check_layers(self, layers) -> tuple[str, ...]:
+        layers = (layers,) if isinstance(layers, str) else tuple(layers)
+        known = self.members_[0].feature_layers_
+        bad = [ly for ly in layers if not isinstance(ly, str) or ly not in known]
+        if bad:
+            raise ValueError(f"layer {bad[0]!r} is not a feature layer of the first member; "
+                             f"choose from {known[:12]}")
+        return layers
 
     @staticmethod
     def _copy(val):
@@ -659,6 +695,42 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         kinds = self._check_kinds(kinds)
         res = self._results(X, kinds)
         return self._copy(res["proba"]), {k: self._copy(res[k]) for k in kinds}
+
+    def run(self, X, layers=(), kinds=()):
+        """Probabilities, uncertainty maps and the first member's feature maps, one pass.
+
+        With the fused graph (``fused_``) the first member's feature maps come out of the same
+        inference call as the probabilities (the tensors are exposed in the fused graph); else
+        the first member runs once more for them. Either way they equal
+        ``members_[0].run(X, layers)`` (deterministic, unflipped pass).
+
+        Parameters
+        ----------
+        X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
+        layers : str or sequence of str, default=()
+            Feature layers of the first member (``members_[0].feature_layers_``).
+        kinds : str or sequence of str, default=()
+            Uncertainty maps, as in :meth:`predict_with_uncertainty`.
+
+        Returns
+        -------
+        dict
+            ``"proba"`` ``(N, K, *spatial)``, one ``(N, *spatial)`` map per kind and one
+            ``(N, C_l, *spatial_l)`` array per layer (lists for list input).
+
+        Examples
+        --------
+        >>> out = ens.run(X, layers=["dec2"], kinds=["mutual_information"])  # doctest: +SKIP
+        >>> sorted(out)                                                     # doctest: +SKIP
+        ['dec2', 'mutual_information', 'proba']
+        """
+        kinds = self._check_kinds(kinds)
+        res = self._results(X, kinds, layers)
+        layers = self._check_layers(layers)
+        out = {"proba": self._copy(res["proba"])}
+        out.update({k: self._copy(res[k]) for k in kinds})
+        out.update({ly: self._copy(res[_FEATURE + ly]) for ly in layers})
+        return out
 
     def predict_proba(self, X):
         """Weighted mean of the samples' softmax ``(N, K, *spatial)`` float32."""

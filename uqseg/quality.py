@@ -426,7 +426,14 @@ class QualityRegressor(BaseEstimator):
             proba = softmax(out["logits"], copy=False)  # the run's own fresh logits
             yield sl, xb, proba, entropy(proba), cls._signature(out[layer])
             return
-        if layer is not None:  # an ensemble: its first member's features (a second pass)
+        from uqseg.ensemble import EnsembleSegmenter
+
+        if layer is not None and isinstance(est, EnsembleSegmenter):
+            # probabilities, the map and the first member's features from one (fused) pass
+            out = est.run(xb, layers=[layer], kinds=(kind,))
+            yield sl, xb, out["proba"], out[kind], cls._signature(out[layer])
+            return
+        if layer is not None:  # another ensemble: its first member's features (a second pass)
             sig = cls._signature(_feature_member(est).run(xb, layers=[layer])[layer])
         if callable(getattr(est, "predict_with_uncertainty", None)):
             # EnsembleSegmenter: weighted mean and the map from one streamed pass
