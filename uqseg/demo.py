@@ -46,8 +46,8 @@ class DemoConfig:
 
     n_val: int | None  # calibration fit and member selection
     n_test: int | None  # segmentation / calibration metrics and throughput
-    n_train_ood: int  # OOD detectors' fit (every k-th training image)
-    n_test_ood: int  # in-distribution test images scored by the OOD detectors
+    n_train_ood: int | None  # OOD detectors' fit (every k-th training image)
+    n_test_ood: int | None  # in-distribution test images scored by the OOD detectors
     n_per_ood_kind: int  # images of each OOD kind
     n_quality_val: int  # val images widened by make_quality_set for the quality fit
     n_quality_test: int  # test images widened for the quality evaluation
@@ -56,7 +56,7 @@ class DemoConfig:
     n_examples: int = 3  # image panels in the report
 
 
-FULL = DemoConfig(n_val=None, n_test=None, n_train_ood=88, n_test_ood=48, n_per_ood_kind=24,
+FULL = DemoConfig(n_val=None, n_test=None, n_train_ood=None, n_test_ood=None, n_per_ood_kind=24,
                   n_quality_val=24, n_quality_test=16)
 QUICK = DemoConfig(n_val=8, n_test=8, n_train_ood=12, n_test_ood=8, n_per_ood_kind=4,
                    n_quality_val=4, n_quality_test=3, quality_fit_severities=(1.0,),
