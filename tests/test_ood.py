@@ -412,6 +412,27 @@ def test_uncertainty_mutual_information(tiny_members, X_train):
 
 
 # ---------------------------------------------------------------------- errors, clone, pickle
+@pytest.mark.parametrize("params, match", [
+    ({"contamination": 0.7}, "contamination must be"),
+    ({"threshold": "mean"}, "threshold must be one of"),
+    ({"grid": 0}, "grid must be"),
+    ({"n_neighbors": 30}, "n_neighbors"),
+    ({"descriptor": "layout"}, "descriptor must be one of"),
+    ({"layout_grid": 0}, "layout_grid must be"),
+    ({"layout_components": 0}, "layout_components must be"),
+    ({"layout_layer": "nope"}, "layer 'nope' is not a feature layer"),
+    # 24 images in 5 contiguous folds: at most 19 lie outside the largest fold
+    ({"layout_neighbors": 20}, r"layout_neighbors=20 needs at least 20 .* \(19 outside"),
+    ({"combine": "sum"}, "combine must be 'mean' or 'max'"),
+    ({"n_folds": 1}, "n_folds must be at least 2"),
+    ({"n_folds": 2.5}, "n_folds must be a positive integer"),
+    ({"layout_grid": (2, 2, 2)}, "layout_grid has 3 entries"),
+])
+def test_spectral_parameter_errors(tiny_2d, X_train, params, match):
+    with pytest.raises(ValueError, match=match):
+        SpectralOODDetector(tiny_2d, **params).fit(X_train)
+
+
 def test_errors(tiny_2d, X_train):
     det = SpectralOODDetector(tiny_2d)
     with pytest.raises(NotFittedError):
@@ -426,33 +447,7 @@ def test_errors(tiny_2d, X_train):
         SpectralOODDetector(tiny_2d).fit(X_train).score_samples(bad)
     with pytest.raises(ValueError, match="mutual_information.*EnsembleSegmenter"):
         UncertaintyOODDetector(tiny_2d, score="mutual_information").fit(X_train)
-    with pytest.raises(ValueError, match="contamination must be"):
-        SpectralOODDetector(tiny_2d, contamination=0.7).fit(X_train)
-    with pytest.raises(ValueError, match="threshold must be one of"):
-        SpectralOODDetector(tiny_2d, threshold="mean").fit(X_train)
-    with pytest.raises(ValueError, match="grid must be"):
-        SpectralOODDetector(tiny_2d, grid=0).fit(X_train)
-    with pytest.raises(ValueError, match="n_neighbors"):
-        SpectralOODDetector(tiny_2d, n_neighbors=30).fit(X_train)
-    with pytest.raises(ValueError, match="descriptor must be one of"):
-        SpectralOODDetector(tiny_2d, descriptor="layout").fit(X_train)
-    with pytest.raises(ValueError, match="layout_grid must be"):
-        SpectralOODDetector(tiny_2d, layout_grid=0).fit(X_train)
-    with pytest.raises(ValueError, match="layout_components must be"):
-        SpectralOODDetector(tiny_2d, layout_components=0).fit(X_train)
-    with pytest.raises(ValueError, match="layer 'nope' is not a feature layer"):
-        SpectralOODDetector(tiny_2d, layout_layer="nope").fit(X_train)
-    with pytest.raises(ValueError, match=r"layout_neighbors=20 needs at least 20 .* \(19 outside"):
-        SpectralOODDetector(tiny_2d, layout_neighbors=20).fit(X_train)
-    SpectralOODDetector(tiny_2d, layout_neighbors=19).fit(X_train)  # 19 are enough
-    with pytest.raises(ValueError, match="combine must be 'mean' or 'max'"):
-        SpectralOODDetector(tiny_2d, combine="sum").fit(X_train)
-    with pytest.raises(ValueError, match="n_folds must be at least 2"):
-        SpectralOODDetector(tiny_2d, n_folds=1).fit(X_train)
-    with pytest.raises(ValueError, match="n_folds must be a positive integer"):
-        SpectralOODDetector(tiny_2d, n_folds=2.5).fit(X_train)
-    with pytest.raises(ValueError, match="layout_grid has 3 entries"):
-        SpectralOODDetector(tiny_2d, layout_grid=(2, 2, 2)).fit(X_train)
+    SpectralOODDetector(tiny_2d, layout_neighbors=19).fit(X_train)  # 19 outside each fold
     with pytest.raises(ValueError, match="score must be one of"):
         UncertaintyOODDetector(tiny_2d, score="variance").fit(X_train)
     with pytest.raises(ValueError, match="region must be one of"):
