@@ -164,7 +164,7 @@ def test_targets_equal_metrics(target, fn):
     y = _labels(X)
     y[0][y[0] == 2] = 0  # class 2 absent from prediction and truth: NaN -> empty_score
     qr = QualityRegressor(LogitSegmenter(), regressor=Recorder(), target=target,
-                          target_transform="identity", empty_score=0.7).fit(X, y)
+                          target_transform="identity", empty_score=0.7, atlas=False).fit(X, y)
     ref = fn(X.argmax(axis=1), y, n_classes=3)
     assert np.isnan(ref[0, 1])
     np.testing.assert_allclose(qr.regressor_.y_seen_, np.nan_to_num(ref, nan=0.7))
@@ -459,8 +459,8 @@ def test_typicality_features_single_segmenter(tiny_2d):
     X = rng.random((8, 1, 32, 32)).astype(np.float32)
     y = rng.integers(0, 3, (8, 32, 32))
     ref = rng.random((6, 1, 32, 32)).astype(np.float32)
-    base = QualityRegressor(tiny_2d, typicality=False).fit(X, y)
-    qr = QualityRegressor(tiny_2d, typicality=True, reference=ref).fit(X, y)
+    base = QualityRegressor(tiny_2d, typicality=False, atlas=False).fit(X, y)
+    qr = QualityRegressor(tiny_2d, typicality=True, reference=ref, atlas=False).fit(X, y)
     assert not base.typicality_ and qr.typicality_
     assert qr.feature_names_[-2:] == ["typicality_nn1", "typicality_nn5"]
     seg = OnnxSegmenter(tiny_2d).fit()
@@ -487,7 +487,7 @@ def test_typicality_ensemble_first_member_and_leave_one_out(tiny_members):
     X = rng.random((7, 1, 32, 32)).astype(np.float32)
     y = rng.integers(0, 3, (7, 32, 32))
     ens = ensemble.EnsembleSegmenter(tiny_members).fit()
-    qr = QualityRegressor(ens, regressor=Ridge(), typicality=True).fit(X, y)
+    qr = QualityRegressor(ens, regressor=Ridge(), typicality=True, atlas=False).fit(X, y)
     first = OnnxSegmenter(tiny_members[0]).fit()
     S = _signature_by_hand(first.run(X, layers=[qr.typicality_layer_])[qr.typicality_layer_])
     # reference=None: the fitting images (Gram eigenvalues vs SVD: ~1e-5 apart in the log)
@@ -519,3 +519,90 @@ def test_typicality_errors(tiny_2d, tmp_path):
     assert not auto_maps.typicality_
     auto = QualityRegressor(tiny_2d).fit(Xo, y)  # an ONNX model with feature layers: on
     assert auto.typicality_ and auto.feature_names_[-2:] == ["typicality_nn1", "typicality_nn5"]
+
+
+# --------------------------------------------------------------------------- atlas agreement
+def _square(size=32, box=(8, 24, 10, 22), inner=(12, 20, 13, 19)):
+    lab = np.zeros((size, size), np.int64)
+    lab[box[0]:box[1], box[2]:box[3]] = 1
+    lab[inner[0]:inner[1], inner[2]:inner[3]] = 2
+    return lab
+
+
+def test_atlas_maps_pool_and_centre():
+    from uqseg.quality import ATLAS_GRID, atlas_maps
+
+    lab = np.zeros((64, 64), np.int64)
+    lab[0:16, 0:16] = 1  # a corner square: pooled to 8 x 8 cells, then moved to the centre
+    m = atlas_maps(lab[None], 3)
+    assert m.shape == (1, 2, ATLAS_GRID, ATLAS_GRID) and m.dtype == np.float32
+    np.testing.assert_allclose(m[0, 0].sum(), 64.0, rtol=1e-5)  # 8 x 8 full cells, kept
+    assert m[0, 1].sum() == 0
+    cy, cx = ndimage.center_of_mass(m[0, 0])
+    assert abs(cy - 15.5) < 1e-3 and abs(cx - 15.5) < 1e-3
+    # any image size gives the grid; a list works too
+    assert atlas_maps([lab, lab[:48, :40]], 3).shape == (2, 2, ATLAS_GRID, ATLAS_GRID)
+
+
+def test_atlas_agreement_is_pose_invariant_and_sees_missing_tissue():
+    from uqseg.quality import atlas_agreement, atlas_maps
+
+    ref = atlas_maps(np.stack([_square(), _square(box=(4, 28, 6, 26))]), 3)
+    same = atlas_agreement(ref[:1], ref)
+    np.testing.assert_allclose(same[0], 1.0, atol=1e-6)  # itself: Dice 1 per class and jointly
+    rotated = atlas_maps(np.rot90(_square())[None].copy(), 3)
+    assert atlas_agreement(rotated, ref).min() > 0.97  # found again after a 90-degree turn
+    shifted = atlas_maps(np.roll(_square(), (5, -4), axis=(0, 1))[None], 3)
+    assert atlas_agreement(shifted, ref).min() > 0.97  # centroid alignment
+    swapped = _square()
+    swapped[swapped == 2] = 1  # class 2 predicted as class 1: confident and consistent
+    got = atlas_agreement(atlas_maps(swapped[None], 3), ref)[0]
+    assert got[1] == 0.0 and got[0] < 0.9 and got[2] < 0.5
+    # hand check of the unrotated soft Dice with the second reference only
+    A = ref[1].reshape(2, -1)
+    P = atlas_maps(swapped[None], 3)[0].reshape(2, -1)
+    dice0 = 2 * (P[0] * A[0]).sum() / (P[0].sum() + A[0].sum())
+    excl = np.array([[True, False]])
+    assert atlas_agreement(atlas_maps(swapped[None], 3), ref, excl)[0, 0] >= dice0 - 1e-6
+    assert np.isneginf(atlas_agreement(ref[:1], ref, np.array([[True, True]]))).all()
+
+
+def test_atlas_features_cross_fitted_at_fit_and_full_at_predict(tiny_2d):
+    from uqseg.quality import _atlas_fit, atlas_agreement, atlas_maps
+
+    rng = np.random.default_rng(3)
+    X = rng.random((10, 1, 32, 32)).astype(np.float32)
+    y = np.stack([_square(box=(4 + i, 26, 6, 24 + i % 3)) for i in range(5)] * 2)  # 5 maps x2
+    qr = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False).fit(X, y)
+    assert qr.atlas_ and qr.feature_names_[-3:] == ["atlas_dice_c1", "atlas_dice_c2",
+                                                    "atlas_dice_joint"]
+    assert qr.atlas_maps_.shape == (5, 2, 32, 32)  # the distinct maps only
+    np.testing.assert_allclose(qr.atlas_maps_, atlas_maps(y[:5], 3), atol=1e-6)
+    pred = OnnxSegmenter(tiny_2d).fit().predict(X)
+    P = atlas_maps(pred, 3)
+    # fit: each image against the 4 other blocks of distinct maps (5 maps -> 5 blocks of 1)
+    block = np.arange(10) % 5
+    want_fit = atlas_agreement(P, qr.atlas_maps_, block[:, None] == np.arange(5)[None, :])
+    np.testing.assert_allclose(qr.regressor_.X_seen_[:, -3:], want_fit, atol=1e-6)
+    keys = [str(i % 5) for i in range(10)]
+    np.testing.assert_allclose(_atlas_fit(P, atlas_maps(y, 3), keys)[0], want_fit, atol=1e-6)
+    # predict: every reference
+    np.testing.assert_allclose(qr.features(X)[:, -3:], atlas_agreement(P, qr.atlas_maps_),
+                               atol=1e-6)
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(qr)).features(X), qr.features(X))
+
+
+def test_atlas_auto_and_errors(tiny_2d, tiny_3d):
+    rng = np.random.default_rng(4)
+    X3 = rng.random((4, 1, 8, 8, 8)).astype(np.float32)
+    y3 = rng.integers(0, 3, (4, 8, 8, 8))
+    assert not QualityRegressor(tiny_3d, regressor=Ridge()).fit(X3, y3).atlas_  # 2-D only
+    with pytest.raises(ValueError, match="atlas=True needs 2-D images"):
+        QualityRegressor(tiny_3d, regressor=Ridge(), atlas=True).fit(X3, y3)
+    X = rng.random((4, 1, 32, 32)).astype(np.float32)
+    one = np.stack([_square()] * 4)  # a single distinct label map: nothing to cross-fit
+    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, one).atlas_
+    with pytest.raises(ValueError, match="at least 2 distinct label maps"):
+        QualityRegressor(tiny_2d, regressor=Ridge(), atlas=True).fit(X, one)
+    with pytest.raises(ValueError, match="atlas must be 'auto', True or False"):
+        QualityRegressor(tiny_2d, atlas="yes").fit(X, one)

@@ -13,6 +13,7 @@ spread of good and bad segmentations.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import os
 
@@ -42,9 +43,8 @@ from uqseg.uncertainty import (
     variance,
 )
 
-__all__ = ["QualityRegressor", "default_regressor", "make_quality_set", "maps_input",
-           "typicality_distances",
-           "TARGETS"]
+__all__ = ["QualityRegressor", "atlas_agreement", "atlas_maps", "default_regressor",
+           "make_quality_set", "maps_input", "typicality_distances", "TARGETS"]
 
 TARGETS = ("dice", "iou")
 TARGET_TRANSFORMS = ("identity", "logit")
@@ -55,6 +55,9 @@ TYPICALITY_GRID = 16  # pooling grid of the spectral signature (SpectralOODDetec
 TYPICALITY_K = 5  # the second typicality column averages the distances to this many neighbours
 _SAME = 1e-4  # signature distance below which two images are the same image
 TYPICALITY_NAMES = ("typicality_nn1", f"typicality_nn{TYPICALITY_K}")
+ATLAS_GRID = 32  # class maps are pooled to this grid for the atlas comparison
+ATLAS_ANGLES = tuple(range(0, 360, 15))  # in-plane rotations searched (degrees)
+ATLAS_FOLDS = 5  # contiguous blocks of reference label maps for the cross-fitted fit features
 
 
 # --------------------------------------------------------------------------- helpers
@@ -99,6 +102,11 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     count = mask.sum(axis=axes)
     total = np.where(mask, values, 0).sum(axis=axes, dtype=np.float64)
     return np.divide(total, count, out=np.zeros(len(count)), where=count > 0)
+
+
+def atlas_names(n_classes: int) -> list[str]:
+    """Names of the :func:`atlas_agreement` columns."""
+    return [f"atlas_dice_c{c}" for c in range(1, n_classes)] + ["atlas_dice_joint"]
 
 
 def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
@@ -247,6 +255,102 @@ def maps_input(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str) -> 
     return np.concatenate([X, proba, u], axis=1).astype(np.float32)
 
 
+def atlas_maps(labels, n_classes: int) -> np.ndarray:
+    """Foreground class maps of 2-D label maps, pooled and centred for :func:`atlas_agreement`.
+
+    Each class ``1..K-1`` becomes its fraction per cell of an ``ATLAS_GRID`` x ``ATLAS_GRID``
+    grid (adaptive average pooling, so any image size gives the same grid), and the maps are
+    shifted so that the foreground's centroid lies at the grid centre.
+
+    Parameters
+    ----------
+    labels : int array of shape (N, H, W) or list of (H, W) arrays
+    n_classes : int
+
+    Returns
+    -------
+    ndarray of float32, shape (N, K - 1, ATLAS_GRID, ATLAS_GRID)
+    """
+    from uqseg.ood import adaptive_avg_pool
+
+    items = list(labels) if isinstance(labels, list) else [labels]
+    parts = []
+    for lab in items:
+        lab = np.asarray(lab)
+        if lab.ndim == 2:
+            lab = lab[None]
+        onehot = np.stack([lab == c for c in range(1, n_classes)], axis=1).astype(np.float32)
+        parts.append(adaptive_avg_pool(onehot, ATLAS_GRID).astype(np.float32))
+    maps = np.concatenate(parts)
+    centre = (ATLAS_GRID - 1) / 2
+    for i, m in enumerate(maps):
+        fg = m.sum(axis=0)
+        if fg.sum() > 0:
+            cy, cx = ndimage.center_of_mass(fg)
+            maps[i] = ndimage.shift(m, (0, centre - cy, centre - cx), order=1, mode="constant")
+    return maps
+
+
+def atlas_agreement(maps: np.ndarray, atlas: np.ndarray,
+                    exclude: np.ndarray | None = None) -> np.ndarray:
+    """How well predicted class maps match the reference label maps, in any in-plane pose.
+
+    For each predicted map and each rotation of :data:`ATLAS_ANGLES` about the centroid, the
+    soft Dice ``2 sum(p a) / (sum p + sum a)`` with every reference map, per class (1 where a
+    class is empty in both). The best over rotations and references: per class, and for the
+    mean over classes (the single best-matching pose and reference). A version of reverse
+    classification accuracy (Valindria et al. 2017) in which the references' own labels stand in
+    for segmentations propagated from them, and a rotation search for registration.
+
+    Parameters
+    ----------
+    maps : ndarray (n, K - 1, G, G)
+        :func:`atlas_maps` of the predicted labels.
+    atlas : ndarray (M, K - 1, G, G)
+        :func:`atlas_maps` of the reference label maps.
+    exclude : bool ndarray (n, M), optional
+        Reference maps a query may not use (cross-fitting).
+
+    Returns
+    -------
+    ndarray of shape (n, K), float64: ``K - 1`` per-class columns, then the joint one.
+    """
+    n, k1 = maps.shape[:2]
+    A = atlas.reshape(len(atlas), k1, -1).astype(np.float32)
+    a_sum = A.sum(axis=2)
+    best = np.full((n, k1 + 1), -np.inf)
+    for angle in ATLAS_ANGLES:
+        R = maps if angle == 0 else ndimage.rotate(maps, angle, axes=(2, 3), reshape=False,
+                                                  order=1, mode="constant")
+        R = R.reshape(n, k1, -1)
+        inter = np.einsum("ncv,mcv->nmc", R, A)
+        den = R.sum(axis=2)[:, None, :] + a_sum[None]
+        dice = np.divide(2.0 * inter, den, out=np.ones_like(inter), where=den > 0)
+        if exclude is not None:
+            dice[exclude] = -np.inf
+        best[:, :k1] = np.maximum(best[:, :k1], dice.max(axis=1))
+        best[:, k1] = np.maximum(best[:, k1], dice.mean(axis=2).max(axis=1))
+    return best
+
+
+def _atlas_fit(pred_maps, label_maps, label_keys):
+    """Cross-fitted atlas features of the fitting images and the reference maps.
+
+    The references are the distinct ground-truth maps (corrupted copies share theirs), in order
+    of first appearance, cut into ``ATLAS_FOLDS`` contiguous blocks (slices of one scan stay
+    together); a fitting image is compared only with the blocks that do not hold its own map.
+    """
+    first = {}
+    ids = np.array([first.setdefault(key, len(first)) for key in label_keys])
+    order = sorted(first.values())
+    keep = [int(np.flatnonzero(ids == j)[0]) for j in order]
+    refs = label_maps[keep]
+    m = len(refs)
+    block = np.arange(m) * min(ATLAS_FOLDS, m) // m
+    exclude = block[ids][:, None] == block[None, :]
+    return atlas_agreement(pred_maps, refs, exclude), refs
+
+
 # --------------------------------------------------------------------------- estimator
 class QualityRegressor(BaseEstimator):
     """Predict the per-class Dice (or IoU) of a segmentation without the ground truth.
@@ -304,6 +408,17 @@ class QualityRegressor(BaseEstimator):
         feature layer through ``run(X, layers)``, off otherwise; ``True`` makes either missing
         an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``, where it lowers
         the error on unfitted degradation kinds.
+    atlas : {"auto", True, False}, default="auto"
+        Add ``K`` *atlas agreement* features (feature regressor, 2-D images): how well the
+        predicted label map matches the fitting set's ground-truth label maps in the best
+        in-plane pose (:func:`atlas_agreement`: centroid-aligned, rotations every 15 degrees,
+        per class and jointly). A prediction that puts tissue where no reference has it (a
+        confident, consistent failure that uncertainty does not show) scores low. At fit
+        time each image is compared only with references outside its own block of 5
+        contiguous blocks of distinct label maps, so its own (and its neighbouring slices')
+        truth is never used. ``"auto"``: on for 2-D images with the feature regressor when
+        the fitting labels hold at least 2 distinct maps; ``True`` makes any of these missing
+        an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``.
     reference : array of shape (M, C, *spatial), list of arrays or None, default=None
         Clean images whose signatures are the reference (no labels needed; pass them
         intensity-normalised like the images to score, e.g. the clean copies
@@ -326,6 +441,10 @@ class QualityRegressor(BaseEstimator):
         Only when typicality is on.
     typicality_layer_ : str
         Only when typicality is on.
+    atlas_ : bool
+        Whether the atlas agreement features are used (``atlas`` resolved).
+    atlas_maps_ : ndarray of shape (M, K - 1, 32, 32)
+        :func:`atlas_maps` of the distinct fitting label maps; only when ``atlas_`` is on.
     fit_report_ : dict
         ``quality_report`` of predicted against true targets on the fitting set (in-sample).
 
@@ -340,7 +459,7 @@ class QualityRegressor(BaseEstimator):
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
                  target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto",
-                 typicality="auto", reference=None):
+                 typicality="auto", reference=None, atlas="auto"):
         self.estimator = estimator
         self.regressor = regressor
         self.target = target
@@ -351,6 +470,7 @@ class QualityRegressor(BaseEstimator):
         self.regressor_input = regressor_input
         self.typicality = typicality
         self.reference = reference
+        self.atlas = atlas
 
     # ----------------------------------------------------------------- validation
     def _check_params(self):
@@ -368,9 +488,10 @@ class QualityRegressor(BaseEstimator):
         if (isinstance(self.empty_score, bool) or not isinstance(self.empty_score, numbers.Real)
                 or not 0 <= self.empty_score <= 1):
             raise ValueError(f"empty_score must be a number in [0, 1], got {self.empty_score!r}")
-        if not (isinstance(self.typicality, (bool, np.bool_)) or self.typicality == "auto"):
-            raise ValueError(f"typicality must be 'auto', True or False, got "
-                             f"{self.typicality!r}")
+        for name in ("typicality", "atlas"):
+            v = getattr(self, name)
+            if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, str) and v == "auto")):
+                raise ValueError(f"{name} must be 'auto', True or False, got {v!r}")
         if self.uncertainty != "auto" and self.uncertainty not in KINDS:
             raise ValueError(f"uncertainty must be 'auto' or one of {KINDS}, got "
                              f"{self.uncertainty!r}")
@@ -460,6 +581,22 @@ class QualityRegressor(BaseEstimator):
         return np.concatenate([self._signature(seg.run(X[s:s + _CHUNK], layers=[layer])[layer])
                                for s in range(0, X.shape[0], _CHUNK)])
 
+    def _resolve_atlas(self, X) -> bool:
+        """``atlas`` resolved before fitting (the distinct-map count is checked after)."""
+        auto = isinstance(self.atlas, str)
+        if not auto and not self.atlas:
+            return False
+        why = None
+        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
+            why = "the feature regressor (regressor_input 'features' or 'auto', not an ONNX path)"
+        elif (X[0].ndim if isinstance(X, list) else X.ndim - 1) != 3:
+            why = "2-D images (N, C, H, W)"
+        if why is None:
+            return True
+        if auto:
+            return False
+        raise ValueError(f"atlas=True needs {why}")
+
     def _resolve_typicality(self, est) -> bool:
         """``typicality`` resolved: ``"auto"`` is on where it can apply, ``True`` raises where
         it cannot."""
@@ -520,9 +657,11 @@ class QualityRegressor(BaseEstimator):
             y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
-        for attr in ("reference_signatures_", "typicality_layer_"):
+        for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_"):
             self.__dict__.pop(attr, None)
         typ = self.typicality_ = self._resolve_typicality(est)
+        use_atlas = self._resolve_atlas(X)
+        pmaps, ymaps, ykeys = [], [], []
         if typ:
             self.typicality_layer_ = _typicality_layer(_feature_member(est))
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
@@ -540,6 +679,12 @@ class QualityRegressor(BaseEstimator):
                 reg, self.input_kind_ = self._resolve_regressor(k - 1)
             targets.append(self._targets(proba.argmax(axis=1), yb, k))
             feats.append(_features(xb, proba, unc, kind, int(self.n_bins)))
+            if use_atlas:
+                pmaps.append(atlas_maps(proba.argmax(axis=1), k))
+                ymaps.append(atlas_maps(yb, k))
+                ykeys += [hashlib.blake2b(np.ascontiguousarray(v, dtype=np.int64).tobytes(),
+                                          digest_size=16).hexdigest() + str(v.shape)
+                          for v in yb]
             if typ:
                 sigs.append(sig)
             if isinstance(reg, str):
@@ -560,6 +705,15 @@ class QualityRegressor(BaseEstimator):
                 self._reference_signatures(check_images(self.reference))
             F = np.hstack([F, self._typicality(S)])
             self.feature_names_ += list(TYPICALITY_NAMES)
+        if use_atlas and len(set(ykeys)) < 2:
+            if self.atlas is True:
+                raise ValueError("atlas=True needs at least 2 distinct label maps in y")
+            use_atlas = False
+        self.atlas_ = use_atlas
+        if use_atlas:
+            A, self.atlas_maps_ = _atlas_fit(np.concatenate(pmaps), np.concatenate(ymaps), ykeys)
+            F = np.hstack([F, A])
+            self.feature_names_ += atlas_names(k)
         if isinstance(reg, str):
             pred = np.concatenate(onnx_pred)
         elif self.input_kind_ == "maps":
@@ -643,7 +797,12 @@ class QualityRegressor(BaseEstimator):
 
     def _row_features(self, xb, proba, unc, sig):
         F = _features(xb, proba, unc, self.uncertainty_kind_, int(self.n_bins))
-        return F if sig is None else np.hstack([F, self._typicality(sig)])
+        if sig is not None:
+            F = np.hstack([F, self._typicality(sig)])
+        if getattr(self, "atlas_", False):
+            maps = atlas_maps(proba.argmax(axis=1), self.n_classes_)
+            F = np.hstack([F, atlas_agreement(maps, self.atlas_maps_)])
+        return F
 
     def predict(self, X) -> np.ndarray:
         """Predicted quality (Dice, or IoU for ``target="iou"``) per foreground class.
