@@ -46,12 +46,18 @@ from sklearn.preprocessing import StandardScaler
 
 from uqseg import OnnxSegmenter, datasets
 from uqseg.metrics import quality_report
+from uqseg.ood import adaptive_avg_pool
 from uqseg.quality import (
+    ATLAS_FOLDS,
+    ATLAS_GRID,
     TYPICALITY_NAMES,
     QualityRegressor,
+    _atlas_fit,
     _feature_member,
     _features,
     _typicality_layer,
+    atlas_agreement,
+    atlas_maps,
     default_regressor,
     make_quality_set,
     maps_input,
@@ -255,9 +261,59 @@ def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held,
         if name.startswith("reference=clean"):
             p_ref = p
     # the estimator's own code path gives the same predictions
-    qr_t = QualityRegressor(seg, typicality=True, reference=Xvw[clean]).fit(Xvw, yvw)
+    qr_t = QualityRegressor(seg, typicality=True, reference=Xvw[clean], atlas=False).fit(Xvw, yvw)
     np.testing.assert_allclose(qr_t.predict(Xtw[-16:]), p_ref[-16:], atol=2e-3)
     return out, qr_t
+
+
+def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F_v_typ, F_t_typ):
+    """Atlas agreement features (the library's pose-invariant ones, and the same without the
+    pose search: no centring, no rotation) on top of base + typicality features: LOKO CV on the
+    fitting set, then the test set once."""
+    k = qr.n_classes_
+    keys = [_digest(v) for v in yvw]
+    A_v, refs = _atlas_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys)
+    A_t = atlas_agreement(atlas_maps(pred_t, k), refs)
+
+    def fixed_pose(lab):  # pooled class maps as they lie
+        oh = np.stack([lab == c for c in range(1, k)], axis=1).astype(np.float32)
+        return adaptive_avg_pool(oh, ATLAS_GRID).reshape(len(lab), k - 1, -1)
+
+    def fixed_pose_dice(P, A, exclude=None):
+        inter = np.einsum("ncv,mcv->nmc", P, A)
+        den = P.sum(-1)[:, None, :] + A.sum(-1)[None]
+        d = np.divide(2 * inter, den, out=np.ones_like(inter), where=den > 0)
+        if exclude is not None:
+            d[exclude] = -np.inf
+        return np.column_stack([d.max(axis=1), d.mean(axis=2).max(axis=1)])
+
+    first = {}
+    ids = np.array([first.setdefault(key, len(first)) for key in keys])
+    keep = [int(np.flatnonzero(ids == j)[0]) for j in range(len(first))]
+    R = fixed_pose(yvw[keep])
+    block = np.arange(len(R)) * min(ATLAS_FOLDS, len(R)) // len(R)
+    N_v = fixed_pose_dice(fixed_pose(pred_v), R, block[ids][:, None] == block[None, :])
+    N_t = fixed_pose_dice(fixed_pose(pred_t), R)
+    arms = {"off": (F_v_typ, F_t_typ),
+            "pose-invariant atlas (library default)": (np.hstack([F_v_typ, A_v]),
+                                                       np.hstack([F_t_typ, A_t])),
+            "atlas without pose search": (np.hstack([F_v_typ, N_v]), np.hstack([F_t_typ, N_t]))}
+    out = {"grid": ATLAS_GRID, "folds": ATLAS_FOLDS, "references": int(len(refs)), "arms": {}}
+    for name, (Fv, Ft) in arms.items():
+        cv = loko_cv(Fv, T_v, info_v["corruption"])
+        p = fit_predict(candidates()["trees+ridge"], "logit", Fv, T_v, Ft)
+        out["arms"][name] = {
+            "loko_cv": cv,
+            "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
+            "test_held_out_kinds": quality_report(p[held], T_te[held]),
+            "test_held_out_by_class": [quality_report(p[held, c], T_te[held, c])
+                                       for c in range(p.shape[1])],
+            "test_per_kind": {c: quality_report(p[info_t["corruption"] == c],
+                                                T_te[info_t["corruption"] == c])
+                              for c in dict.fromkeys(info_t["corruption"])}}
+        print(f"  atlas {name}: loko {cv['pooled']}, held-out "
+              f"{out['arms'][name]['test_held_out_kinds']}", flush=True)
+    return out
 
 
 def routing(pred, true, min_dice=MIN_DICE):
@@ -391,12 +447,16 @@ def main(argv=None):
           flush=True)
     worst = worst_images(pred, T_te, info_t)
 
-    F_v, _, maps_v, pred_v = collect(qr, Xvw)
+    F_v, rows_v, maps_v, pred_v = collect(qr, Xvw)
     T_v = true_quality(pred_v, yvw, k)
     # --- regressor choice by grouped CV on the fitting set; the same models on the test set
     cv = cv_compare(F_v, T_v, groups=info_v["source"], kinds=info_v["corruption"])
     typ, _ = typicality_experiment(cseg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te,
                                         held, info_t)
+    # base + typicality columns as the default computes them (typicality: leave-one-out)
+    nt = F_v.shape[1] + (len(TYPICALITY_NAMES) if qr.typicality_ else 0)
+    atl = atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t,
+                           rows_v[:, :nt], rows_t[:, :nt])
     # --- overhead of quality prediction over plain inference (same images)
     sub = Xt[: min(32, len(Xt))]
     seg.predict_proba(sub[:2])
@@ -499,6 +559,8 @@ def main(argv=None):
         "worst_test_images": worst,
         "cv_on_fit_set": cv,
         "typicality": typ,
+        "atlas": atl,
+        "atlas_used_by_default": bool(qr.atlas_),
         "typicality_default": QualityRegressor(seg).typicality,
         "typicality_used_by_default": bool(qr.typicality_),
         "test_by_regressor": test_cmp,
@@ -617,6 +679,19 @@ def _write_tables(res):
                   for name, r in res["typicality"]["arms"].items()],
                  ["LOKO CV MAE by held-out fitted kind"]
                  + list(next(iter(res["typicality"]["arms"].values()))["loko_cv"]["per_kind"]))
+    at_rows = []
+    for name, r in res["atlas"]["arms"].items():
+        c = r["loko_cv"]["pooled"]
+        at_rows.append([name, f3(c["pearson_r"]), f3(c["mae"]),
+                        f3(r["test_fitted_kinds"]["mae"]),
+                        f3(r["test_held_out_kinds"]["pearson_r"]),
+                        f3(r["test_held_out_kinds"]["mae"]),
+                        " / ".join(f3(b["mae"]) for b in r["test_held_out_by_class"]),
+                        f3(r["test_per_kind"]["contrast"]["mae"]),
+                        f3(r["test_per_kind"]["rotate"]["mae"])])
+    att = table(at_rows, ["atlas features (on base + typicality)", "LOKO CV r", "LOKO CV MAE",
+                          "test fitted MAE", "held-out r", "held-out MAE",
+                          "held-out MAE by class", "contrast MAE", "rotate MAE"])
     tm = res["timings_s_per_image"]
     tt = table([["plain inference (predict_proba)", f"{1000 * tm['inference']:.1f}"],
                 ["QualityRegressor.predict (default, typicality on)",
@@ -631,6 +706,7 @@ def _write_tables(res):
     body = (f"Segmenter: {res['segmenter']}; uncertainty: `{res['uncertainty']}`; "
             f"default regressor `{res['default_regressor']}`.\n\n### Accuracy\n\n{acc}\n\n"
             f"### Regressor choice\n\n{cvt}\n\n### Typicality features\n\n{tyt}\n\n{loko}\n\n"
+            f"### Atlas agreement features\n\n{att}\n\n"
             f"### Uncertainty directly\n\n{direct}\n\n"
             f"### Review routing\n\n{rt}\n\n### Overhead\n\n{tt}\n")
     doc = ROOT / "docs/quality.md"
