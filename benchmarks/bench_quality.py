@@ -272,8 +272,9 @@ def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F
     fitting set, then the test set once."""
     k = qr.n_classes_
     keys = [_digest(v) for v in yvw]
-    A_v, refs = _atlas_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys)
-    A_t = atlas_agreement(atlas_maps(pred_t, k), refs)
+    src = info_v["source"]  # groups: copies of one source slice never serve each other
+    A_v, refs, ref_block = _atlas_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys, src)
+    A_t = atlas_agreement(atlas_maps(pred_t, k), refs, blocks=ref_block)
 
     def fixed_pose(lab):  # pooled class maps as they lie
         oh = np.stack([lab == c for c in range(1, k)], axis=1).astype(np.float32)
@@ -293,10 +294,12 @@ def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F
     R = fixed_pose(yvw[keep])
     block = np.arange(len(R)) * min(ATLAS_FOLDS, len(R)) // len(R)
     N_v = fixed_pose_dice(fixed_pose(pred_v), R, block[ids][:, None] == block[None, :])
-    N_t = fixed_pose_dice(fixed_pose(pred_t), R)
+    P_t = fixed_pose(pred_t)
+    N_t = np.mean([fixed_pose_dice(P_t, R, np.tile(block == b, (len(P_t), 1)))
+                   for b in np.unique(block)], axis=0)
     arms = {"off": (F_v_typ, F_t_typ),
-            "pose-invariant atlas (library default)": (np.hstack([F_v_typ, A_v]),
-                                                       np.hstack([F_t_typ, A_t])),
+            "pose-invariant atlas (atlas=True, groups=source)": (np.hstack([F_v_typ, A_v]),
+                                                                  np.hstack([F_t_typ, A_t])),
             "atlas without pose search": (np.hstack([F_v_typ, N_v]), np.hstack([F_t_typ, N_t]))}
     out = {"grid": ATLAS_GRID, "folds": ATLAS_FOLDS, "references": int(len(refs)), "arms": {}}
     for name, (Fv, Ft) in arms.items():

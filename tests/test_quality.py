@@ -573,7 +573,8 @@ def test_atlas_features_cross_fitted_at_fit_and_full_at_predict(tiny_2d):
     rng = np.random.default_rng(3)
     X = rng.random((10, 1, 32, 32)).astype(np.float32)
     y = np.stack([_square(box=(4 + i, 26, 6, 24 + i % 3)) for i in range(5)] * 2)  # 5 maps x2
-    qr = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False).fit(X, y)
+    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, y).atlas_  # off by default
+    qr = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False, atlas="auto").fit(X, y)
     assert qr.atlas_ and qr.feature_names_[-3:] == ["atlas_dice_c1", "atlas_dice_c2",
                                                     "atlas_dice_joint"]
     assert qr.atlas_maps_.shape == (5, 2, 32, 32)  # the distinct maps only
@@ -586,9 +587,23 @@ def test_atlas_features_cross_fitted_at_fit_and_full_at_predict(tiny_2d):
     np.testing.assert_allclose(qr.regressor_.X_seen_[:, -3:], want_fit, atol=1e-6)
     keys = [str(i % 5) for i in range(10)]
     np.testing.assert_allclose(_atlas_fit(P, atlas_maps(y, 3), keys)[0], want_fit, atol=1e-6)
-    # predict: every reference
-    np.testing.assert_allclose(qr.features(X)[:, -3:], atlas_agreement(P, qr.atlas_maps_),
-                               atol=1e-6)
+    # predict: the mean over blocks of the agreement without that block, as at fit time
+    np.testing.assert_array_equal(qr.atlas_blocks_, np.arange(5))
+    want = np.mean([atlas_agreement(P, qr.atlas_maps_, np.tile(np.arange(5) == b, (10, 1)))
+                    for b in range(5)], axis=0)
+    np.testing.assert_allclose(qr.features(X)[:, -3:], want, atol=1e-6)
+    # groups: images 0-4 and 5-9 are two sources whose labels differ (like rotated copies);
+    # with groups, an image never sees a map of its own group
+    y2 = np.concatenate([y[:5], np.rot90(y[:5], axes=(1, 2))])
+    g = np.r_[np.arange(5), np.arange(5)]
+    qg = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False, atlas=True)
+    qg.fit(X, y2, groups=g)
+    assert qg.atlas_maps_.shape[0] == 10 and list(qg.atlas_blocks_) == list(range(5)) * 2
+    excl = g[:, None] == qg.atlas_blocks_[None, :]
+    np.testing.assert_allclose(qg.regressor_.X_seen_[:, -3:],
+                               atlas_agreement(P, qg.atlas_maps_, excl), atol=1e-6)
+    with pytest.raises(ValueError, match="groups must have one entry per image"):
+        qg.fit(X, y2, groups=g[:4])
     np.testing.assert_allclose(pickle.loads(pickle.dumps(qr)).features(X), qr.features(X))
 
 
@@ -596,12 +611,12 @@ def test_atlas_auto_and_errors(tiny_2d, tiny_3d):
     rng = np.random.default_rng(4)
     X3 = rng.random((4, 1, 8, 8, 8)).astype(np.float32)
     y3 = rng.integers(0, 3, (4, 8, 8, 8))
-    assert not QualityRegressor(tiny_3d, regressor=Ridge()).fit(X3, y3).atlas_  # 2-D only
+    assert not QualityRegressor(tiny_3d, regressor=Ridge(), atlas="auto").fit(X3, y3).atlas_
     with pytest.raises(ValueError, match="atlas=True needs 2-D images"):
         QualityRegressor(tiny_3d, regressor=Ridge(), atlas=True).fit(X3, y3)
     X = rng.random((4, 1, 32, 32)).astype(np.float32)
     one = np.stack([_square()] * 4)  # a single distinct label map: nothing to cross-fit
-    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, one).atlas_
+    assert not QualityRegressor(tiny_2d, regressor=Ridge(), atlas="auto").fit(X, one).atlas_
     with pytest.raises(ValueError, match="at least 2 distinct label maps"):
         QualityRegressor(tiny_2d, regressor=Ridge(), atlas=True).fit(X, one)
     with pytest.raises(ValueError, match="atlas must be 'auto', True or False"):

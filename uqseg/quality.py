@@ -305,7 +305,8 @@ def atlas_bank(atlas: np.ndarray) -> np.ndarray:
 
 
 def atlas_agreement(maps: np.ndarray, atlas: np.ndarray, exclude: np.ndarray | None = None,
-                    bank: np.ndarray | None = None) -> np.ndarray:
+                    bank: np.ndarray | None = None,
+                    blocks: np.ndarray | None = None) -> np.ndarray:
     """How well predicted class maps match the reference label maps, in any in-plane pose.
 
     For each reference map turned by each angle of :data:`ATLAS_ANGLES` about the grid centre
@@ -326,6 +327,10 @@ def atlas_agreement(maps: np.ndarray, atlas: np.ndarray, exclude: np.ndarray | N
         Reference maps a query may not use (cross-fitting).
     bank : ndarray, optional
         ``atlas_bank(atlas)``, when already computed.
+    blocks : int ndarray (M,), optional
+        Block of each reference: the result is then the mean, over blocks, of the agreement
+        without that block's references — distributed as cross-fitted values, where each image
+        misses one block (what ``QualityRegressor`` uses at predict time).
 
     Returns
     -------
@@ -341,27 +346,41 @@ def atlas_agreement(maps: np.ndarray, atlas: np.ndarray, exclude: np.ndarray | N
         den = P[:, c].sum(axis=1, dtype=np.float64)[:, None] + B.sum(axis=1, dtype=np.float64)
         np.divide(2.0 * inter, den, out=dice[:, :, c], where=den > 0)
         dice[:, :, c][den <= 0] = 1.0
+    def best(d):
+        return np.column_stack([d.max(axis=1), d.mean(axis=2).max(axis=1)])
+
+    n_angles = bank.shape[0]
     if exclude is not None:
-        dice[np.tile(exclude, (1, bank.shape[0]))] = -np.inf  # columns: angle-major, then M
-    return np.column_stack([dice.max(axis=1), dice.mean(axis=2).max(axis=1)])
+        dice[np.tile(exclude, (1, n_angles))] = -np.inf  # columns: angle-major, then M
+    if blocks is None:
+        return best(dice)
+    cols = np.tile(np.asarray(blocks), n_angles)
+    return np.mean([best(dice[:, cols != b]) for b in np.unique(blocks)], axis=0)
 
 
-def _atlas_fit(pred_maps, label_maps, label_keys):
-    """Cross-fitted atlas features of the fitting images and the reference maps.
+def _atlas_fit(pred_maps, label_maps, label_keys, groups=None):
+    """Cross-fitted atlas features of the fitting images, the reference maps and their blocks.
 
-    The references are the distinct ground-truth maps (corrupted copies share theirs), in order
-    of first appearance, cut into ``ATLAS_FOLDS`` contiguous blocks (slices of one scan stay
-    together); a fitting image is compared only with the blocks that do not hold its own map.
+    The references are the distinct ground-truth maps (corrupted copies share theirs). The
+    groups (``groups``, else one per distinct map), in order of first appearance, are cut into
+    ``ATLAS_FOLDS`` contiguous blocks (slices of one scan stay together); a fitting image is
+    compared only with the references of the other blocks.
     """
-    first = {}
+    first: dict = {}
     ids = np.array([first.setdefault(key, len(first)) for key in label_keys])
-    order = sorted(first.values())
-    keep = [int(np.flatnonzero(ids == j)[0]) for j in order]
-    refs = label_maps[keep]
-    m = len(refs)
-    block = np.arange(m) * min(ATLAS_FOLDS, m) // m
-    exclude = block[ids][:, None] == block[None, :]
-    return atlas_agreement(pred_maps, refs, exclude), refs
+    keep = [int(np.flatnonzero(ids == j)[0]) for j in range(len(first))]
+    gkeys = label_keys if groups is None else list(groups)
+    seen: dict = {}
+    gid = np.array([seen.setdefault(g, len(seen)) for g in gkeys])
+    block = _atlas_blocks(len(seen))[gid]  # per fitting image
+    ref_block = block[keep]
+    exclude = block[:, None] == ref_block[None, :]
+    return atlas_agreement(pred_maps, label_maps[keep], exclude), label_maps[keep], ref_block
+
+
+def _atlas_blocks(m: int) -> np.ndarray:
+    """``ATLAS_FOLDS`` contiguous blocks over ``m`` reference maps."""
+    return np.arange(m) * min(ATLAS_FOLDS, m) // m
 
 
 # --------------------------------------------------------------------------- estimator
@@ -421,7 +440,7 @@ class QualityRegressor(BaseEstimator):
         feature layer through ``run(X, layers)``, off otherwise; ``True`` makes either missing
         an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``, where it lowers
         the error on unfitted degradation kinds.
-    atlas : {"auto", True, False}, default="auto"
+    atlas : {"auto", True, False}, default=False
         Add ``K`` *atlas agreement* features (feature regressor, 2-D images): how well the
         predicted label map matches the fitting set's ground-truth label maps in the best
         in-plane pose (:func:`atlas_agreement`: centroid-aligned, rotations every 15 degrees,
@@ -429,9 +448,12 @@ class QualityRegressor(BaseEstimator):
         confident, consistent failure that uncertainty does not show) scores low. At fit
         time each image is compared only with references outside its own block of 5
         contiguous blocks of distinct label maps, so its own (and its neighbouring slices')
-        truth is never used. ``"auto"``: on for 2-D images with the feature regressor when
-        the fitting labels hold at least 2 distinct maps; ``True`` makes any of these missing
-        an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``.
+        truth is never used (pass ``groups`` to :meth:`fit` when the fitting set holds
+        rotated copies, see there). ``"auto"``: on for 2-D images with the feature regressor
+        when the fitting labels hold at least 2 distinct maps; ``True`` makes any of these
+        missing an error. Off by default: it lowers the error on the embedded data's
+        benchmark (``docs/quality.md``), but without ``groups`` rotated copies of the fitting
+        images leak their truth across blocks and make it worse.
     reference : array of shape (M, C, *spatial), list of arrays or None, default=None
         Clean images whose signatures are the reference (no labels needed; pass them
         intensity-normalised like the images to score, e.g. the clean copies
@@ -458,6 +480,9 @@ class QualityRegressor(BaseEstimator):
         Whether the atlas agreement features are used (``atlas`` resolved).
     atlas_maps_ : ndarray of shape (M, K - 1, 32, 32)
         :func:`atlas_maps` of the distinct fitting label maps; only when ``atlas_`` is on.
+    atlas_blocks_ : ndarray of shape (M,)
+        Cross-fitting block of each reference map (predictions average over leaving each
+        block out, as every fitting image missed its own).
     fit_report_ : dict
         ``quality_report`` of predicted against true targets on the fitting set (in-sample).
 
@@ -472,7 +497,7 @@ class QualityRegressor(BaseEstimator):
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
                  target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto",
-                 typicality="auto", reference=None, atlas="auto"):
+                 typicality="auto", reference=None, atlas=False):
         self.estimator = estimator
         self.regressor = regressor
         self.target = target
@@ -645,7 +670,7 @@ class QualityRegressor(BaseEstimator):
         return np.nan_to_num(fn(proba_pred, y, n_classes=k), nan=float(self.empty_score))
 
     # ----------------------------------------------------------------- public API
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
         """Run the segmenter once on ``X``, compute the true quality and fit the regressor.
 
         Parameters
@@ -653,6 +678,12 @@ class QualityRegressor(BaseEstimator):
         X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
         y : array of int, shape (N, *spatial), or list of (*spatial) arrays
             True labels in ``[0, K)``.
+        groups : array-like of shape (N,), optional
+            Source (or subject) of each image, e.g. ``info["source"]`` of
+            :func:`make_quality_set`. Used by the atlas features only: images of one group
+            never serve as each other's references during fitting. Without it, identical
+            label maps form a group — which does not join a source with its *rotated* copies
+            (their labels differ), so pass it whenever the fitting set holds rotated copies.
 
         Returns
         -------
@@ -660,6 +691,11 @@ class QualityRegressor(BaseEstimator):
         """
         self._check_params()
         X = check_images(X)
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (len(X),):
+                raise ValueError(f"groups must have one entry per image, shape ({len(X)},); "
+                                 f"got shape {groups.shape}")
         est = self._resolve_estimator(X)
         ensemble = _is_ensemble(est)
         kind = ("mutual_information" if ensemble else "entropy") if self.uncertainty == "auto" \
@@ -678,7 +714,7 @@ class QualityRegressor(BaseEstimator):
         self.estimator_ = est
         self.uncertainty_kind_ = kind
         for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_",
-                     "_atlas_cache"):
+                     "atlas_blocks_", "_atlas_cache"):
             self.__dict__.pop(attr, None)
         typ = self.typicality_ = self._resolve_typicality(est)
         use_atlas = self._resolve_atlas(X)
@@ -732,7 +768,8 @@ class QualityRegressor(BaseEstimator):
             use_atlas = False
         self.atlas_ = use_atlas
         if use_atlas:
-            A, self.atlas_maps_ = _atlas_fit(np.concatenate(pmaps), np.concatenate(ymaps), ykeys)
+            A, self.atlas_maps_, self.atlas_blocks_ = _atlas_fit(
+                np.concatenate(pmaps), np.concatenate(ymaps), ykeys, groups)
             F = np.hstack([F, A])
             self.feature_names_ += atlas_names(k)
         if isinstance(reg, str):
@@ -822,7 +859,9 @@ class QualityRegressor(BaseEstimator):
             F = np.hstack([F, self._typicality(sig)])
         if getattr(self, "atlas_", False):
             maps = atlas_maps(proba.argmax(axis=1), self.n_classes_)
-            F = np.hstack([F, atlas_agreement(maps, self.atlas_maps_, bank=self._atlas_bank())])
+            # as at fit time, one block of references is always missing (averaged over blocks)
+            F = np.hstack([F, atlas_agreement(maps, self.atlas_maps_, bank=self._atlas_bank(),
+                                              blocks=self.atlas_blocks_)])
         return F
 
     def predict(self, X) -> np.ndarray:
