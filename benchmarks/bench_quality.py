@@ -432,7 +432,7 @@ def main(argv=None):
 
     # --- the default estimator, used as a new user would (inference served from the cache)
     t0 = time.perf_counter()
-    qr = QualityRegressor(cseg).fit(Xvw, yvw)
+    qr = QualityRegressor(cseg).fit(Xvw, yvw, groups=info_v["source"])  # as docs/quality.md
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     F_t, rows_t, maps_t, pred_t = collect(qr, Xtw)
@@ -463,7 +463,8 @@ def main(argv=None):
     # --- overhead of quality prediction over plain inference (same images)
     sub = Xt[: min(32, len(Xt))]
     seg.predict_proba(sub[:2])
-    qr_off_live = QualityRegressor(cseg, typicality=False).fit(Xvw, yvw)
+    qr_off_live = QualityRegressor(cseg, typicality=False).fit(Xvw, yvw,
+                                                                groups=info_v["source"])
     qr_off_live.estimator_ = seg
     timings = {}
     for name, fn in (("inference", lambda: seg.predict_proba(sub)),

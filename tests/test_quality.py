@@ -573,8 +573,9 @@ def test_atlas_features_cross_fitted_at_fit_and_full_at_predict(tiny_2d):
     rng = np.random.default_rng(3)
     X = rng.random((10, 1, 32, 32)).astype(np.float32)
     y = np.stack([_square(box=(4 + i, 26, 6, 24 + i % 3)) for i in range(5)] * 2)  # 5 maps x2
-    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, y).atlas_  # off by default
-    qr = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False, atlas="auto").fit(X, y)
+    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, y).atlas_  # auto: no groups
+    assert QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, y, groups=np.arange(10)).atlas_
+    qr = QualityRegressor(tiny_2d, regressor=Recorder(), typicality=False, atlas=True).fit(X, y)
     assert qr.atlas_ and qr.feature_names_[-3:] == ["atlas_dice_c1", "atlas_dice_c2",
                                                     "atlas_dice_joint"]
     assert qr.atlas_maps_.shape == (5, 2, 32, 32)  # the distinct maps only
@@ -611,13 +612,17 @@ def test_atlas_auto_and_errors(tiny_2d, tiny_3d):
     rng = np.random.default_rng(4)
     X3 = rng.random((4, 1, 8, 8, 8)).astype(np.float32)
     y3 = rng.integers(0, 3, (4, 8, 8, 8))
-    assert not QualityRegressor(tiny_3d, regressor=Ridge(), atlas="auto").fit(X3, y3).atlas_
+    assert not QualityRegressor(tiny_3d, regressor=Ridge()).fit(X3, y3, groups=np.arange(4)).atlas_
     with pytest.raises(ValueError, match="atlas=True needs 2-D images"):
         QualityRegressor(tiny_3d, regressor=Ridge(), atlas=True).fit(X3, y3)
     X = rng.random((4, 1, 32, 32)).astype(np.float32)
     one = np.stack([_square()] * 4)  # a single distinct label map: nothing to cross-fit
-    assert not QualityRegressor(tiny_2d, regressor=Ridge(), atlas="auto").fit(X, one).atlas_
+    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, one, groups=np.zeros(4)).atlas_
     with pytest.raises(ValueError, match="at least 2 distinct label maps"):
         QualityRegressor(tiny_2d, regressor=Ridge(), atlas=True).fit(X, one)
+    two = np.stack([_square(), _square(box=(4, 28, 6, 26))] * 2)
+    assert not QualityRegressor(tiny_2d, regressor=Ridge()).fit(X, two, groups=[7] * 4).atlas_
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        QualityRegressor(tiny_2d, regressor=Ridge(), atlas=True).fit(X, two, groups=[7] * 4)
     with pytest.raises(ValueError, match="atlas must be 'auto', True or False"):
         QualityRegressor(tiny_2d, atlas="yes").fit(X, one)

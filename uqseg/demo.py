@@ -236,10 +236,11 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
 
     # 5. quality ----------------------------------------------------------------------------
     Xq, yq = _every(X_val, cfg.n_quality_val, y_val)
-    Xq_fit, yq_fit, _ = make_quality_set(Xq, yq, severities=cfg.quality_fit_severities, seed=0)
+    Xq_fit, yq_fit, info_fit = make_quality_set(Xq, yq, severities=cfg.quality_fit_severities,
+                                                seed=0)
     t0 = time.perf_counter()
     with _bar(1, f"fit quality regressor ({len(Xq_fit)} images)", progress) as bar:
-        qr = QualityRegressor(ens).fit(Xq_fit, yq_fit)
+        qr = QualityRegressor(ens).fit(Xq_fit, yq_fit, groups=info_fit["source"])
         bar.update(1)
     Xt, yt = _every(X_te, cfg.n_quality_test, y_te)
     Xq_te, yq_te, info_te = make_quality_set(Xt, yt, severities=cfg.quality_test_severities,

@@ -440,7 +440,7 @@ class QualityRegressor(BaseEstimator):
         feature layer through ``run(X, layers)``, off otherwise; ``True`` makes either missing
         an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``, where it lowers
         the error on unfitted degradation kinds.
-    atlas : {"auto", True, False}, default=False
+    atlas : {"auto", True, False}, default="auto"
         Add ``K`` *atlas agreement* features (feature regressor, 2-D images): how well the
         predicted label map matches the fitting set's ground-truth label maps in the best
         in-plane pose (:func:`atlas_agreement`: centroid-aligned, rotations every 15 degrees,
@@ -448,12 +448,13 @@ class QualityRegressor(BaseEstimator):
         confident, consistent failure that uncertainty does not show) scores low. At fit
         time each image is compared only with references outside its own block of 5
         contiguous blocks of distinct label maps, so its own (and its neighbouring slices')
-        truth is never used (pass ``groups`` to :meth:`fit` when the fitting set holds
-        rotated copies, see there). ``"auto"``: on for 2-D images with the feature regressor
-        when the fitting labels hold at least 2 distinct maps; ``True`` makes any of these
-        missing an error. Off by default: it lowers the error on the embedded data's
-        benchmark (``docs/quality.md``), but without ``groups`` rotated copies of the fitting
-        images leak their truth across blocks and make it worse.
+        truth is never used. The blocks are built over ``groups`` of :meth:`fit` (the source
+        of each image); without them identical label maps form a group, which does not join
+        an image with its rotated copies, whose truth then leaks across blocks (measured: it
+        makes predictions worse). ``"auto"``: on when ``groups`` is given, the images are 2-D,
+        the regressor reads features and the labels hold at least 2 distinct maps; ``True``
+        also without ``groups`` (safe when no fitting image is a moved copy of another) and
+        makes the other conditions errors. Measured in ``docs/quality.md``.
     reference : array of shape (M, C, *spatial), list of arrays or None, default=None
         Clean images whose signatures are the reference (no labels needed; pass them
         intensity-normalised like the images to score, e.g. the clean copies
@@ -497,7 +498,7 @@ class QualityRegressor(BaseEstimator):
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",
                  target_transform="logit", n_bins=8, empty_score=1.0, regressor_input="auto",
-                 typicality="auto", reference=None, atlas=False):
+                 typicality="auto", reference=None, atlas="auto"):
         self.estimator = estimator
         self.regressor = regressor
         self.target = target
@@ -626,10 +627,10 @@ class QualityRegressor(BaseEstimator):
             cache["bank"] = atlas_bank(self.atlas_maps_)
         return cache["bank"]
 
-    def _resolve_atlas(self, X) -> bool:
+    def _resolve_atlas(self, X, groups) -> bool:
         """``atlas`` resolved before fitting (the distinct-map count is checked after)."""
         auto = isinstance(self.atlas, str)
-        if not auto and not self.atlas:
+        if (not auto and not self.atlas) or (auto and groups is None):
             return False
         why = None
         if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
@@ -680,10 +681,10 @@ class QualityRegressor(BaseEstimator):
             True labels in ``[0, K)``.
         groups : array-like of shape (N,), optional
             Source (or subject) of each image, e.g. ``info["source"]`` of
-            :func:`make_quality_set`. Used by the atlas features only: images of one group
-            never serve as each other's references during fitting. Without it, identical
-            label maps form a group — which does not join a source with its *rotated* copies
-            (their labels differ), so pass it whenever the fitting set holds rotated copies.
+            :func:`make_quality_set`. Turns on the atlas features (``atlas="auto"``), whose
+            cross-fitting keeps the images of one group from serving as each other's
+            references. Without it, identical label maps form a group, which does not join a
+            source with its *rotated* copies (their labels differ).
 
         Returns
         -------
@@ -717,7 +718,7 @@ class QualityRegressor(BaseEstimator):
                      "atlas_blocks_", "_atlas_cache"):
             self.__dict__.pop(attr, None)
         typ = self.typicality_ = self._resolve_typicality(est)
-        use_atlas = self._resolve_atlas(X)
+        use_atlas = self._resolve_atlas(X, groups)
         pmaps, ymaps, ykeys = [], [], []
         if typ:
             self.typicality_layer_ = _typicality_layer(_feature_member(est))
@@ -762,9 +763,11 @@ class QualityRegressor(BaseEstimator):
                 self._reference_signatures(check_images(self.reference))
             F = np.hstack([F, self._typicality(S)])
             self.feature_names_ += list(TYPICALITY_NAMES)
-        if use_atlas and len(set(ykeys)) < 2:
+        if use_atlas and min(len(set(ykeys)),
+                             len(set(ykeys if groups is None else groups.tolist()))) < 2:
             if self.atlas is True:
-                raise ValueError("atlas=True needs at least 2 distinct label maps in y")
+                raise ValueError("atlas=True needs at least 2 distinct label maps in y and at "
+                                 "least 2 groups to cross-fit over")
             use_atlas = False
         self.atlas_ = use_atlas
         if use_atlas:
