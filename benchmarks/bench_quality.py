@@ -226,6 +226,21 @@ def loko_cv(F, T, kinds, reg=None, space="logit"):
     return {"pooled": quality_report(pred[m], T[m]), "per_kind": per}
 
 
+def feature_arm(Fv, Ft, T_v, T_te, held, info_v, info_t):
+    """One feature set with the default regressor: leave-one-kind-out CV on the fitting set,
+    then the test set once (fitted vs held-out kinds, by class and by kind)."""
+    cv = loko_cv(Fv, T_v, info_v["corruption"])
+    p = fit_predict(candidates()["trees+ridge"], "logit", Fv, T_v, Ft)
+    kinds = info_t["corruption"]
+    return {"loko_cv": cv,
+            "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
+            "test_held_out_kinds": quality_report(p[held], T_te[held]),
+            "test_held_out_by_class": [quality_report(p[held, c], T_te[held, c])
+                                       for c in range(p.shape[1])],
+            "test_per_kind": {c: quality_report(p[kinds == c], T_te[kinds == c])
+                              for c in dict.fromkeys(kinds)}}, p
+
+
 def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held, info_t):
     """Typicality features (distance of the first member's spectral signature to clean
     reference images): leave-one-kind-out CV on the fitting set, then the test set once."""
@@ -247,16 +262,8 @@ def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held,
     out = {"layer": probe.typicality_layer_, "features": list(TYPICALITY_NAMES),
            "signature_seconds_per_image_first_member": t_sig, "arms": {}}
     for name, (Fv, Ft) in arms.items():
-        cv = loko_cv(Fv, T_v, info_v["corruption"])
-        p = fit_predict(candidates()["trees+ridge"], "logit", Fv, T_v, Ft)
-        out["arms"][name] = {
-            "loko_cv": cv,
-            "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
-            "test_held_out_kinds": quality_report(p[held], T_te[held]),
-            "test_per_kind": {c: quality_report(p[info_t["corruption"] == c],
-                                                T_te[info_t["corruption"] == c])
-                              for c in dict.fromkeys(info_t["corruption"])}}
-        print(f"  typicality {name}: loko {cv['pooled']}, held-out "
+        out["arms"][name], p = feature_arm(Fv, Ft, T_v, T_te, held, info_v, info_t)
+        print(f"  typicality {name}: loko {out['arms'][name]['loko_cv']['pooled']}, held-out "
               f"{out['arms'][name]['test_held_out_kinds']}", flush=True)
         if name.startswith("reference=clean"):
             p_ref = p
@@ -303,18 +310,8 @@ def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F
             "atlas without pose search": (np.hstack([F_v_typ, N_v]), np.hstack([F_t_typ, N_t]))}
     out = {"grid": ATLAS_GRID, "folds": ATLAS_FOLDS, "references": int(len(refs)), "arms": {}}
     for name, (Fv, Ft) in arms.items():
-        cv = loko_cv(Fv, T_v, info_v["corruption"])
-        p = fit_predict(candidates()["trees+ridge"], "logit", Fv, T_v, Ft)
-        out["arms"][name] = {
-            "loko_cv": cv,
-            "test_fitted_kinds": quality_report(p[~held], T_te[~held]),
-            "test_held_out_kinds": quality_report(p[held], T_te[held]),
-            "test_held_out_by_class": [quality_report(p[held, c], T_te[held, c])
-                                       for c in range(p.shape[1])],
-            "test_per_kind": {c: quality_report(p[info_t["corruption"] == c],
-                                                T_te[info_t["corruption"] == c])
-                              for c in dict.fromkeys(info_t["corruption"])}}
-        print(f"  atlas {name}: loko {cv['pooled']}, held-out "
+        out["arms"][name], _ = feature_arm(Fv, Ft, T_v, T_te, held, info_v, info_t)
+        print(f"  atlas {name}: loko {out['arms'][name]['loko_cv']['pooled']}, held-out "
               f"{out['arms'][name]['test_held_out_kinds']}", flush=True)
     return out
 
