@@ -428,8 +428,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ inference core
     def _batch(self, X: np.ndarray) -> int:
         """Images per chunk for ``X`` (``batch_size`` resolved on the members' device)."""
-        device = getattr(self.members_[0], "device_", "cpu")
-        return resolve_batch_size(self.batch_size, X.shape[2:], device)
+        return resolve_batch_size(self.batch_size, X.shape[2:], self.members_[0]._device())
 
     def _check_X(self, X):
         return check_images(X, spatial_dims=self.spatial_dims_, n_channels=self.n_input_channels_)
@@ -528,8 +527,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
         mode = self._fused_stats
         if mode is None:
-            s0 = self.members_[0]
-            mode = "numpy" if backends.resolve(s0.backend, s0.device)[1] == "cpu" else "graph"
+            mode = "numpy" if self.members_[0]._device() == "cpu" else "graph"
         if mode == "numpy":
             acc = self._fused_logits_stats(chunk, flips, need_h, need_sq, layers)
         else:

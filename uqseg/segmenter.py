@@ -224,6 +224,11 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             outputs=list(layers) or None, threads=self.threads,
             max_batch=resolve_batch_size(self.batch_size, (), "gpu")))
 
+    def _device(self) -> str:
+        """``device_``; resolved again for segmenters fitted before it was recorded."""
+        device = getattr(self, "device_", None)
+        return device if device is not None else backends.resolve(self.backend, self.device)[1]
+
     def _raw_run(self, batch: np.ndarray, outputs: list[str], mask: np.ndarray | None = None):
         layers = tuple(o for o in outputs if o != self.output_name_)
         runner = self._runner(layers)
@@ -353,7 +358,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         """Run in batches (and over flips), filling preallocated outputs without concatenation."""
         flips = self._flips()
         n = X.shape[0]
-        bs = resolve_batch_size(self.batch_size, X.shape[2:], getattr(self, "device_", "cpu"))
+        bs = resolve_batch_size(self.batch_size, X.shape[2:], self._device())
         result: dict[str, np.ndarray] = {}
         for start in range(0, n, bs):
             batch = X[start:start + bs]
@@ -397,7 +402,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         norm = np.zeros(spatial, dtype=np.float32)
         for st in starts:
             norm[tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))] += imp
-        bs = resolve_batch_size(self.batch_size, window, getattr(self, "device_", "cpu"))
+        bs = resolve_batch_size(self.batch_size, window, self._device())
         for i in range(X.shape[0]):
             # windows are cut, run and accumulated batch_size at a time: memory stays at one
             # output volume plus one batch of patches, whatever the number of windows
