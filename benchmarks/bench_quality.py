@@ -53,6 +53,7 @@ from uqseg.quality import (
     TYPICALITY_NAMES,
     QualityRegressor,
     _atlas_fit,
+    _atlas_split,
     _feature_member,
     _features,
     _typicality_layer,
@@ -283,27 +284,15 @@ def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F
     A_v, refs, ref_block = _atlas_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys, src)
     A_t = atlas_agreement(atlas_maps(pred_t, k), refs, blocks=ref_block)
 
-    def fixed_pose(lab):  # pooled class maps as they lie
+    def fixed_pose(lab):  # pooled class maps as they lie: no centring, one pose
         oh = np.stack([lab == c for c in range(1, k)], axis=1).astype(np.float32)
-        return adaptive_avg_pool(oh, ATLAS_GRID).reshape(len(lab), k - 1, -1)
+        return adaptive_avg_pool(oh, ATLAS_GRID).astype(np.float32)
 
-    def fixed_pose_dice(P, A, exclude=None):
-        inter = np.einsum("ncv,mcv->nmc", P, A)
-        den = P.sum(-1)[:, None, :] + A.sum(-1)[None]
-        d = np.divide(2 * inter, den, out=np.ones_like(inter), where=den > 0)
-        if exclude is not None:
-            d[exclude] = -np.inf
-        return np.column_stack([d.max(axis=1), d.mean(axis=2).max(axis=1)])
-
-    first = {}
-    ids = np.array([first.setdefault(key, len(first)) for key in keys])
-    keep = [int(np.flatnonzero(ids == j)[0]) for j in range(len(first))]
-    R = fixed_pose(yvw[keep])
-    block = np.arange(len(R)) * min(ATLAS_FOLDS, len(R)) // len(R)
-    N_v = fixed_pose_dice(fixed_pose(pred_v), R, block[ids][:, None] == block[None, :])
-    P_t = fixed_pose(pred_t)
-    N_t = np.mean([fixed_pose_dice(P_t, R, np.tile(block == b, (len(P_t), 1)))
-                   for b in np.unique(block)], axis=0)
+    keep, block = _atlas_split(keys, src)
+    one_pose = fixed_pose(yvw[keep]).reshape(1, len(keep), k - 1, -1)  # a bank of one angle
+    N_v = atlas_agreement(fixed_pose(pred_v), None, block[:, None] == block[keep][None, :],
+                          bank=one_pose)
+    N_t = atlas_agreement(fixed_pose(pred_t), None, bank=one_pose, blocks=block[keep])
     arms = {"off": (F_v_typ, F_t_typ),
             "pose-invariant atlas (atlas=True, groups=source)": (np.hstack([F_v_typ, A_v]),
                                                                   np.hstack([F_t_typ, A_t])),

@@ -366,21 +366,27 @@ def _atlas_fit(pred_maps, label_maps, label_keys, groups=None):
     ``ATLAS_FOLDS`` contiguous blocks (slices of one scan stay together); a fitting image is
     compared only with the references of the other blocks.
     """
-    first: dict = {}
-    ids = np.array([first.setdefault(key, len(first)) for key in label_keys])
-    keep = [int(np.flatnonzero(ids == j)[0]) for j in range(len(first))]
-    gkeys = label_keys if groups is None else list(groups)
-    seen: dict = {}
-    gid = np.array([seen.setdefault(g, len(seen)) for g in gkeys])
-    block = _atlas_blocks(len(seen))[gid]  # per fitting image
+    keep, block = _atlas_split(label_keys, groups)
     ref_block = block[keep]
     exclude = block[:, None] == ref_block[None, :]
     return atlas_agreement(pred_maps, label_maps[keep], exclude), label_maps[keep], ref_block
 
 
-def _atlas_blocks(m: int) -> np.ndarray:
-    """``ATLAS_FOLDS`` contiguous blocks over ``m`` reference maps."""
-    return np.arange(m) * min(ATLAS_FOLDS, m) // m
+def _first_index(keys) -> tuple[np.ndarray, np.ndarray]:
+    """(id of each key in order of first appearance, index of each id's first occurrence)."""
+    seen: dict = {}
+    ids = np.array([seen.setdefault(k, len(seen)) for k in keys])
+    return ids, np.unique(ids, return_index=True)[1]
+
+
+def _atlas_split(label_keys, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the distinct label maps (first occurrences) and each image's block: the
+    groups (``groups``, else one per distinct map) cut into ``ATLAS_FOLDS`` contiguous blocks
+    in order of first appearance."""
+    _, keep = _first_index(label_keys)
+    gid, first_of_group = _first_index(label_keys if groups is None else list(groups))
+    n = len(first_of_group)
+    return keep, (np.arange(n) * min(ATLAS_FOLDS, n) // n)[gid]
 
 
 # --------------------------------------------------------------------------- estimator
