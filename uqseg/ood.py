@@ -593,13 +593,10 @@ class SpectralOODDetector(_FeatureDetector):
                                np.count_nonzero(sv >= 1e-3 * sv[0]))))
             # whitened: training coordinates have unit variance along every kept axis
             self.layout_components_ = vt[:m] * (np.sqrt(n) / sv[:m])[:, None]
-        cache = self.__dict__.setdefault("_cache", {})
-        cache.pop("parts_nn", None)
-        parts = [self.signatures_]
-        if self.layout_layer_ is not None:
-            parts.append(self._layout_project(D[:, self.n_spectral_:]))
+        cache = self.__dict__["_cache"]  # emptied by _refit: parts and neighbours recomputed
         xfit = []
-        for P, metric, k in zip(parts, self._part_metrics(), self._part_k(), strict=True):
+        for P, metric, k in zip(self._train_parts(), self._part_metrics(), self._part_k(),
+                                strict=True):
             d = np.empty(n)
             for f in range(folds.max() + 1):
                 out = folds == f
@@ -620,16 +617,27 @@ class SpectralOODDetector(_FeatureDetector):
     def _part_metrics(self):
         return [self.metric] + (["euclidean"] if self.layout_layer_ is not None else [])
 
+    def _parts(self, D):
+        """Descriptors ``D`` split into the spectral part and the projected layout part."""
+        parts = [D[:, :self.n_spectral_]]
+        if self.layout_layer_ is not None:
+            parts.append(self._layout_project(D[:, self.n_spectral_:]))
+        return parts
+
+    def _train_parts(self):
+        """``_parts`` of the training descriptors, computed once per fit."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if "train_parts" not in cache:
+            cache["train_parts"] = self._parts(self.descriptors_)
+        return cache["train_parts"]
+
     def _parts_nn(self):
         cache = self.__dict__.setdefault("_cache", {})
         if "parts_nn" not in cache:
-            parts = [self.signatures_]
-            if self.layout_layer_ is not None:
-                parts.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
             cache["parts_nn"] = [NearestNeighbors(n_neighbors=k, algorithm="brute",
                                                   metric=mt).fit(P)
-                                 for P, mt, k in zip(parts, self._part_metrics(), self._part_k(),
-                                                     strict=True)]
+                                 for P, mt, k in zip(self._train_parts(), self._part_metrics(),
+                                                     self._part_k(), strict=True)]
         return cache["parts_nn"]
 
     def _combine(self, dists):
@@ -639,15 +647,10 @@ class SpectralOODDetector(_FeatureDetector):
         return -(np.mean(z, axis=0) if self.combine == "mean" else np.max(z, axis=0))
 
     def _score(self, D):
-        parts = [D[:, :self.n_spectral_]]
-        if self.layout_layer_ is not None:
-            parts.append(self._layout_project(D[:, self.n_spectral_:]))
+        parts = self._parts(D)
         if self.metric == "euclidean":  # numpy: no per-call overhead of the neighbour search
-            train = [self.signatures_]
-            if self.layout_layer_ is not None:
-                train.append(self._layout_project(self.descriptors_[:, self.n_spectral_:]))
             dists = [_kth_euclidean(T, P, k) for T, P, k in
-                     zip(train, parts, self._part_k(), strict=True)]
+                     zip(self._train_parts(), parts, self._part_k(), strict=True)]
         else:
             dists = [nn.kneighbors(P, n_neighbors=k)[0][:, -1]
                      for P, nn, k in zip(parts, self._parts_nn(), self._part_k(), strict=True)]
