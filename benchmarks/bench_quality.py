@@ -654,34 +654,27 @@ def _write_tables(res):
              "failures missed"])
         rt += (f"\n\nThe OOD detector (library defaults, fitted on the train split) flags "
                f"{w['ood_flagged_clean_test']:.1%} of the clean test images.")
-    ty_rows = []
-    for name, r in res["typicality"]["arms"].items():
+    def arm_cells(name, r):  # one feature_arm result: LOKO, then the test set
         c = r["loko_cv"]["pooled"]
-        ty_rows.append([name, f3(c["pearson_r"]), f3(c["mae"]),
-                        f3(r["test_fitted_kinds"]["mae"]),
-                        f3(r["test_held_out_kinds"]["pearson_r"]),
-                        f3(r["test_held_out_kinds"]["mae"]),
-                        f3(r["test_per_kind"]["contrast"]["mae"])])
-    tyt = table(ty_rows, ["typicality features", "LOKO CV r", "LOKO CV MAE", "test fitted MAE",
-                          "held-out r", "held-out MAE", "contrast MAE"])
+        return [name, f3(c["pearson_r"]), f3(c["mae"]), f3(r["test_fitted_kinds"]["mae"]),
+                f3(r["test_held_out_kinds"]["pearson_r"]), f3(r["test_held_out_kinds"]["mae"])]
+
+    arm_head = ["LOKO CV r", "LOKO CV MAE", "test fitted MAE", "held-out r", "held-out MAE"]
+    tyt = table([arm_cells(name, r) + [f3(r["test_per_kind"]["contrast"]["mae"])]
+                 for name, r in res["typicality"]["arms"].items()],
+                ["typicality features", *arm_head, "contrast MAE"])
     loko = table([[name] + [f3(r["loko_cv"]["per_kind"][kd]["mae"]) for kd in
                             r["loko_cv"]["per_kind"]]
                   for name, r in res["typicality"]["arms"].items()],
                  ["LOKO CV MAE by held-out fitted kind"]
                  + list(next(iter(res["typicality"]["arms"].values()))["loko_cv"]["per_kind"]))
-    at_rows = []
-    for name, r in res["atlas"]["arms"].items():
-        c = r["loko_cv"]["pooled"]
-        at_rows.append([name, f3(c["pearson_r"]), f3(c["mae"]),
-                        f3(r["test_fitted_kinds"]["mae"]),
-                        f3(r["test_held_out_kinds"]["pearson_r"]),
-                        f3(r["test_held_out_kinds"]["mae"]),
-                        " / ".join(f3(b["mae"]) for b in r["test_held_out_by_class"]),
-                        f3(r["test_per_kind"]["contrast"]["mae"]),
-                        f3(r["test_per_kind"]["rotate"]["mae"])])
-    att = table(at_rows, ["atlas features (on base + typicality)", "LOKO CV r", "LOKO CV MAE",
-                          "test fitted MAE", "held-out r", "held-out MAE",
-                          "held-out MAE by class", "contrast MAE", "rotate MAE"])
+    att = table([arm_cells(name, r)
+                 + [" / ".join(f3(b["mae"]) for b in r["test_held_out_by_class"]),
+                    f3(r["test_per_kind"]["contrast"]["mae"]),
+                    f3(r["test_per_kind"]["rotate"]["mae"])]
+                 for name, r in res["atlas"]["arms"].items()],
+                ["atlas features (on base + typicality)", *arm_head, "held-out MAE by class",
+                 "contrast MAE", "rotate MAE"])
     tm = res["timings_s_per_image"]
     tt = table([["plain inference (predict_proba)", f"{1000 * tm['inference']:.1f}"],
                 ["QualityRegressor.predict (default, typicality on)",
