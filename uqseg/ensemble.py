@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
 from uqseg._validation import check_images, n_images
+from uqseg.backends._checks import ModelOutputError, check_logits
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
 from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size
 from uqseg.uncertainty import KINDS
@@ -456,7 +457,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 bmask = None if mask is None else mask[idx]
                 for flip in flips:
                     inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-                    z = seg.run(inp, layers=[], mc_mask=bmask)["logits"]
+                    try:
+                        z = seg.run(inp, layers=[], mc_mask=bmask)["logits"]
+                    except ModelOutputError as exc:
+                        raise ModelOutputError(f"member {m}: {exc}") from exc
                     yield m, w, (np.flip(z, flip) if flip else z)
 
     def _chunk_members(self, chunk, idx, masks, need_h, need_sq) -> dict:
@@ -482,7 +486,16 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         acc: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = runner.run({runner.input_names[0]: inp}, names + _feature_outputs(flip, layers))
+            res = self._run_fused(runner, inp, names + _feature_outputs(flip, layers))
+            try:
+                for name in names:
+                    k = self.n_classes_ if name in ("proba", "mean_sq") else None
+                    val = res[name] if k else res[name][:, None]
+                    check_logits(val, n=inp.shape[0], n_classes=k or 1, spatial=inp.shape[2:],
+                                 where="the fused ensemble graph", name=name)
+            except ModelOutputError:
+                self._blame(inp)  # the member at fault, when one fails on its own
+                raise
             _take_features(res, acc)
             for name, val in res.items():
                 if flip:
@@ -504,9 +517,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         feats: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = runner.run({runner.input_names[0]: inp}, names + _feature_outputs(flip, layers))
+            res = self._run_fused(runner, inp, names + _feature_outputs(flip, layers))
             _take_features(res, feats)
             for i, name in enumerate(names):
+                check_logits(res[name], n=inp.shape[0], n_classes=self.n_classes_,
+                             spatial=inp.shape[2:], name="logits",
+                             where=f"member {i}: model {str(self.members_[i].model)!r} (fused)")
                 z = np.flip(res[name], flip) if flip else res[name]
                 p, h = _softmax_entropy(z, need_h)
                 sums.add(p, h, self.weights_[i] / len(flips))
@@ -516,6 +532,24 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if need_sq:
             acc["mean_sq"] = sums.sq
         return acc
+
+    def _run_fused(self, runner, inp: np.ndarray, names: list[str]) -> dict:
+        try:
+            return runner.run({runner.input_names[0]: inp}, names)
+        except (MemoryError, ModelOutputError):
+            raise
+        except Exception:  # e.g. members whose outputs cannot be summed: name the culprit
+            self._blame(inp)
+            raise
+
+    def _blame(self, inp: np.ndarray) -> None:
+        """Run the members one by one on a chunk the fused graph failed on; raise the first
+        member's output error (naming it), return when each member alone is fine."""
+        for m, seg in enumerate(self.members_):
+            try:
+                seg.run(inp, layers=[])
+            except ValueError as exc:  # ModelOutputError or an engine failure
+                raise type(exc)(f"member {m}: {exc}") from exc
 
     def _chunk_fused(self, chunk, need_h, need_sq, layers=()) -> dict:
         flips = self._flip_list(self.spatial_dims_)

@@ -161,9 +161,7 @@ class _Encoder:
         return {_TAG: "skops", "id": ident, "class": name, "file": rel}
 
     def _model(self, value: str | os.PathLike, where: str) -> dict:
-        import onnx
-
-        from uqseg.backends._model import read_model
+        from uqseg.backends._model import external_locations, read_model
 
         src = Path(value).resolve()
         kind = "path" if isinstance(value, PurePath) else "str"
@@ -176,10 +174,8 @@ class _Encoder:
             else:
                 rel_dir = f"models/{len(self._models)}"
                 (self.folder / rel_dir).mkdir(parents=True)
-                names = [src.name] + sorted({
-                    e.value for t in proto.graph.initializer
-                    if t.data_location == onnx.TensorProto.EXTERNAL
-                    for e in t.external_data if e.key == "location"})
+                # every external file, wherever the model refers to it (attributes, subgraphs)
+                names = [src.name] + external_locations(proto)
                 for rel in names:
                     dst = self.folder / rel_dir / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)

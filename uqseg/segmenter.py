@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Sequence
@@ -17,7 +16,8 @@ from uqseg import backends
 from uqseg._numeric import softmax
 from uqseg._validation import ImageBatch, check_images, n_images
 from uqseg.backends import graph
-from uqseg.backends._model import image_input_names, metadata, read_model
+from uqseg.backends._checks import check_logits, check_metadata, check_output_type
+from uqseg.backends._model import image_input_names, read_model
 
 MC_MASK = "mc_mask"
 # batch_size="auto": on a CPU, calls of at most this many input voxels (smaller calls keep the
@@ -148,12 +148,13 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise ValueError(f"unknown precision {self.precision!r}; choose one of "
                              f"{backends.PRECISIONS}")
         proto, _ = read_model(self.model)
-        meta = metadata(proto)
+        where = self._where()
+        meta = check_metadata(proto, where)
         inputs = image_input_names(proto)
         image_inputs = [n for n in inputs if n != MC_MASK]
         if len(image_inputs) != 1:
-            raise ValueError(f"the model must take exactly one image input (plus an optional "
-                             f"{MC_MASK!r}); it takes {inputs}")
+            raise ValueError(f"{where}: the model must take exactly one image input (plus an "
+                             f"optional {MC_MASK!r}); it takes {inputs}")
         self.input_name_ = image_inputs[0]
         in_vi = next(i for i in proto.graph.input if i.name == self.input_name_)
         dims = [d.dim_value if d.HasField("dim_value") else None
@@ -169,22 +170,25 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self.output_name_ = "logits" if any(o.name == "logits" for o in proto.graph.output) \
             else proto.graph.output[0].name
         out_vi = next(o for o in proto.graph.output if o.name == self.output_name_)
+        check_output_type(out_vi, where)
         out_dims = [d.dim_value if d.HasField("dim_value") else None
                     for d in out_vi.type.tensor_type.shape.dim]
         if out_vi.type.tensor_type.HasField("shape") and len(out_dims) != len(dims):
             raise ValueError(
-                f"the model output {self.output_name_!r} has rank {len(out_dims)} but a "
-                f"segmentation network must output (N, K, *spatial) of rank {len(dims)}"
+                f"{where}: the model output {self.output_name_!r} has rank {len(out_dims)} but "
+                f"a segmentation network must output (N, K, *spatial) of rank {len(dims)}"
             )
-        self.mc_dropout_ = json.loads(meta["uqseg.mc_dropout"]) if "uqseg.mc_dropout" in meta \
-            else ({"input": MC_MASK, "p": None, "size": None} if MC_MASK in inputs else None)
-        if self.mc_dropout_ is not None and self.mc_dropout_.get("size") is None:
-            mask_vi = next(i for i in proto.graph.input if i.name == MC_MASK)
-            self.mc_dropout_["size"] = mask_vi.type.tensor_type.shape.dim[1].dim_value or None
-        self.spatial_divisor_ = int(meta.get("uqseg.spatial_divisor", 1))
+        if len(out_dims) == len(dims) and any(
+                a is not None and b is not None and a != b
+                for a, b in zip(out_dims[2:], dims[2:], strict=True)):
+            raise ValueError(f"{where}: the model output {self.output_name_!r} has spatial shape "
+                             f"{out_dims[2:]} but its input has {dims[2:]}; segmentation logits "
+                             "must have the input's spatial size")
+        self.mc_dropout_ = self._mc_spec(proto, meta["mc_dropout"], inputs, where)
+        self.spatial_divisor_ = meta["spatial_divisor"]
         self.feature_layers_ = [info.name for info in graph.candidate_layers(proto)]
         self._reset()
-        n_classes = meta.get("uqseg.n_classes")
+        n_classes = meta["n_classes"]
         if n_classes is None and out_dims and out_dims[1]:
             n_classes = out_dims[1]
         if n_classes is None:  # symbolic class axis: one probe run tells
@@ -192,10 +196,29 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             n_classes = self._raw_run(probe, [self.output_name_])[self.output_name_].shape[1]
         self.n_classes_ = int(n_classes)
         if self.n_classes_ < 2:
-            raise ValueError(f"the model outputs {self.n_classes_} class(es); need at least 2")
+            raise ValueError(f"{where}: the model outputs {self.n_classes_} class(es); need at "
+                             "least 2")
         if X is not None:
             self._check_X(X)
         return self
+
+    @staticmethod
+    def _mc_spec(proto, spec, inputs, where):
+        """``mc_dropout_``: the validated metadata, or the width of an ``mc_mask`` input."""
+        if spec is None and MC_MASK not in inputs:
+            return None
+        spec = dict(spec) if spec is not None else {"input": MC_MASK, "p": None, "size": None}
+        if spec["size"] is None:
+            mask_vi = next(i for i in proto.graph.input if i.name == spec["input"])
+            dims = mask_vi.type.tensor_type.shape.dim
+            spec["size"] = dims[1].dim_value if len(dims) == 2 and dims[1].dim_value else None
+        if spec["size"] is None:
+            raise ValueError(f"{where}: the MC-dropout mask input {spec['input']!r} has no fixed "
+                             "width (N, D) and the metadata 'uqseg.mc_dropout' gives no size")
+        return spec
+
+    def _where(self) -> str:
+        return f"model {str(self.model)!r}"
 
     def _probe_shape(self):
         d = max(self.spatial_divisor_, 8)
@@ -243,9 +266,12 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise
         except Exception as exc:  # engine errors on sizes the network cannot take
             raise ValueError(
-                f"the model failed on an input of shape {batch.shape}: {exc}. Check that the "
+                f"{self._where()} failed on an input of shape {batch.shape}: {exc}. Check that the "
                 "spatial size is one the network accepts"
             ) from exc
+        check_logits(out[self.output_name_], n=batch.shape[0],
+                     n_classes=getattr(self, "n_classes_", None), spatial=batch.shape[2:],
+                     where=self._where(), name=self.output_name_)
         return {k: (v if v.dtype == np.float32 else v.astype(np.float32)) for k, v in out.items()}
 
     # ------------------------------------------------------------------ checks

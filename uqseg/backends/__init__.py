@@ -11,7 +11,7 @@ import os
 
 from uqseg._optional import is_available
 from uqseg.backends import graph
-from uqseg.backends._model import ModelLike, read_model, with_external_data
+from uqseg.backends._model import ModelLike, describe, read_model, with_external_data
 from uqseg.backends.base import Runner
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -143,7 +143,8 @@ def load(
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     proto, folder = read_model(model)
-    proto = with_external_data(proto, folder)
+    # every external tensor embedded: engines get self-contained bytes, never a path
+    proto = with_external_data(proto, folder, describe(model))
     if outputs:
         proto = graph.expose(proto, list(outputs))
     name, dev = resolve(backend, device)

@@ -19,7 +19,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from uqseg.backends._model import ModelLike, image_input_names, metadata, read_model
+from uqseg.backends._checks import check_metadata, check_output_type
+from uqseg.backends._model import (
+    ModelLike,
+    describe,
+    image_input_names,
+    read_model,
+    with_external_data,
+)
 
 __all__ = ["STATS", "fuse_members"]
 
@@ -34,13 +41,9 @@ def _load(model: ModelLike, index: int) -> onnx.ModelProto:
     proto, folder = read_model(model)
     proto_copy = onnx.ModelProto()
     proto_copy.CopyFrom(proto)
-    proto = proto_copy
-    if folder is not None and any(
-        t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer
-    ):
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(proto, str(folder))
+    # every external tensor (initializers, attributes, subgraphs, functions) embedded from the
+    # member's own folder: the fused graph is self-contained, whatever the working directory
+    proto = with_external_data(proto_copy, folder, f"member {index} ({describe(model)})")
     if proto.functions:  # dynamo exports may hold local functions: inline them
         from onnx import inliner
 
@@ -175,14 +178,16 @@ def fuse_members(
                 return name  # an omitted optional input stays omitted
             return IMAGE if name == image else prefix + name
 
+        where = f"member {i}"
+        meta = check_metadata(proto, where)
+        out_name = "logits" if any(o.name == "logits" for o in g.output) else g.output[0].name
+        check_output_type(next(o for o in g.output if o.name == out_name), where)
         if MC_MASK in inputs:  # ones of shape (N, D): deterministic eval mode
             mask_vi = next(v for v in g.input if v.name == MC_MASK)
-            size = mask_vi.type.tensor_type.shape.dim[1].dim_value
-            meta = metadata(proto)
-            if not size and "uqseg.mc_dropout" in meta:
-                import json
-
-                size = int(json.loads(meta["uqseg.mc_dropout"]).get("size") or 0)
+            mdims = mask_vi.type.tensor_type.shape.dim
+            size = mdims[1].dim_value if len(mdims) == 2 else 0
+            if not size and meta["mc_dropout"] is not None:
+                size = meta["mc_dropout"]["size"] or 0
             if not size:
                 raise ValueError(f"member {i} takes an {MC_MASK!r} of unknown width")
             inits += [
@@ -224,13 +229,11 @@ def fuse_members(
             v2.CopyFrom(v)
             v2.name = rename(v.name)
             value_info.append(v2)
-        out_name = "logits" if any(o.name == "logits" for o in g.output) else g.output[0].name
         logits.append(rename(out_name))
-        meta = metadata(proto)
-        d = int(meta.get("uqseg.spatial_divisor", 1))
+        d = meta["spatial_divisor"]
         divisor = divisor * d // math.gcd(divisor, d)
-        if n_classes is None and "uqseg.n_classes" in meta:
-            n_classes = meta["uqseg.n_classes"]
+        if n_classes is None and meta["n_classes"] is not None:
+            n_classes = str(meta["n_classes"])
 
     graph_outputs: list[onnx.ValueInfoProto] = []
 

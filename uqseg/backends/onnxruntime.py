@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from uqseg.backends._model import content_hash, model_bytes
+from uqseg.backends._model import assert_self_contained, content_hash, model_bytes
 from uqseg.backends.base import Runner
 
 _ONNX_TO_NUMPY = {
@@ -81,6 +81,9 @@ class OnnxRuntimeRunner(Runner):
                 f"onnxruntime has no {needed} here (available: {sorted(available)}); install "
                 "'uqseg[gpu]' (onnxruntime-gpu) on a machine with an NVIDIA GPU"
             )
+        # bytes with no external reference left: ONNX Runtime would resolve one against the
+        # working directory (it has no model path); see uqseg.backends._model
+        assert_self_contained(proto)
         try:
             self._session = ort.InferenceSession(model_bytes(proto), opts, providers=providers)
         except Exception as exc:

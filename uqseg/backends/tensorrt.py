@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from uqseg._optional import import_optional
-from uqseg.backends._model import model_bytes
+from uqseg.backends._model import assert_self_contained, model_bytes
 from uqseg.backends.base import Runner
 from uqseg.backends.onnxruntime import _default_cache
 
@@ -66,6 +66,10 @@ class TensorRTRunner(Runner):
         if fp16:
             proto = to_fp16(proto)
         self._logger = trt.Logger(trt.Logger.WARNING)
+        # the parser gets these self-contained bytes and no path: external weights would be
+        # resolved against the working directory (parse(data, path) or parse_from_file would
+        # let the model name files); uqseg.backends._model embedded them already
+        assert_self_contained(proto)
         data = model_bytes(proto)
         shapes = self._profile(proto, max_batch)
         key = self._cache_key(data, fp16, shapes, device_id)
