@@ -244,7 +244,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 )
             try:
                 seg.fit()
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise type(exc)(f"member {i} ({seg.model}): {exc}") from exc
             fitted.append(seg)
         return fitted

@@ -251,8 +251,8 @@ def _source(tensor: onnx.TensorProto, folder: Path, where: str,
             f"{where}: {here} points to external data outside the model's folder "
             f"({location!r} resolves to a path outside it); refusing to read it")
     if not target.exists():
-        raise FileNotFoundError(f"external data file {location!r} of {where} ({here}) "
-                                "is missing")
+        raise FileNotFoundError(f"{where}: {here}: external data file {location!r} is "
+                                "missing from the model's folder")
     if not stat.S_ISREG(target.stat().st_mode):
         raise ValueError(f"{where}: external data {location!r} of {here} is not a regular file")
     entries = {e.key: e.value for e in tensor.external_data}

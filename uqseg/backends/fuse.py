@@ -38,7 +38,10 @@ _MIN_OPSET = 13  # Softmax/LogSoftmax act on one axis and ReduceSum takes axes a
 
 
 def _load(model: ModelLike, index: int) -> onnx.ModelProto:
-    proto, folder = read_model(model)
+    try:
+        proto, folder = read_model(model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"member {index}: {exc}") from exc
     proto_copy = onnx.ModelProto()
     proto_copy.CopyFrom(proto)
     # every external tensor (initializers, attributes, subgraphs, functions) embedded from the
