@@ -482,7 +482,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         )
         if need_h and len(flips) == 1:
             names += ["entropy", "mutual_information"]  # in-graph: no numpy pass afterwards
-        runner = self._fused_runner(tuple(names), layers)
+        runner = self._checked_fused_runner(tuple(names), layers, chunk)
         acc: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
@@ -511,7 +511,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
 
     def _fused_logits_stats(self, chunk, flips, need_h, need_sq, layers=()) -> dict:
         """Members' logits from the fused graph; statistics in numpy as in the unfused path."""
-        runner = self._fused_runner(("logits",), layers)
+        runner = self._checked_fused_runner(("logits",), layers, chunk)
         names = [f"logits_{i}" for i in range(self.n_members_)]
         sums = _Sums(need_h, need_sq)
         feats: dict[str, np.ndarray] = {}
@@ -532,6 +532,13 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if need_sq:
             acc["mean_sq"] = sums.sq
         return acc
+
+    def _checked_fused_runner(self, outputs, layers, chunk: np.ndarray):
+        try:
+            return self._fused_runner(outputs, layers)
+        except ValueError:  # e.g. members whose class counts differ: name the culprit
+            self._blame(chunk)
+            raise
 
     def _run_fused(self, runner, inp: np.ndarray, names: list[str]) -> dict:
         try:
