@@ -223,3 +223,13 @@ def test_large_divisor_within_bound_still_works(write):
     assert seg.spatial_divisor_ == 16
     padded = np.pad(X, [(0, 0), (0, 0), (0, 8), (0, 8)], mode="reflect")
     np.testing.assert_allclose(seg.transform(X), ref.transform(padded)[..., :8, :8], atol=1e-6)
+
+
+def test_coprime_divisors_cannot_blow_up_the_ensemble_padding(write):
+    """Each divisor is within bounds, their least common multiple (4093 * 4091) is not."""
+    paths = [write("ok", f"d{d}", **{"uqseg.spatial_divisor": str(d)}) for d in (4093, 4091)]
+    with pytest.raises(ValueError, match=r"spatial divisors \[4093, 4091\] have a least common "
+                                         r"multiple of 16744463, above 4096"):
+        EnsembleSegmenter(paths).fit()
+    with pytest.raises(ValueError, match="member 1: .*least common multiple of 16744463"):
+        fuse_members(paths)

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
 from uqseg._validation import check_images, n_images
-from uqseg.backends._checks import ModelOutputError, check_logits
+from uqseg.backends._checks import MAX_SPATIAL_DIVISOR, ModelOutputError, check_logits
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
 from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size
 from uqseg.uncertainty import KINDS
@@ -352,6 +352,11 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.spatial_dims_ = int(first.spatial_dims_)
         self.input_shape_ = tuple(first.input_shape_)
         self.spatial_divisor_ = int(math.lcm(*(int(s.spatial_divisor_) for s in members)))
+        if self.spatial_divisor_ > MAX_SPATIAL_DIVISOR:  # e.g. two large coprime divisors
+            raise ValueError(
+                f"the members' spatial divisors {[s.spatial_divisor_ for s in members]} have a "
+                f"least common multiple of {self.spatial_divisor_}, above "
+                f"{MAX_SPATIAL_DIVISOR}: every image would be padded to a multiple of it")
         flips = self._flip_list(self.spatial_dims_)
         mc = [s.mc_dropout_ is not None for s in members]
         if self.mc_samples > 0:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from uqseg.backends._checks import check_metadata, check_output_type
+from uqseg.backends._checks import MAX_SPATIAL_DIVISOR, check_metadata, check_output_type
 from uqseg.backends._model import (
     ModelLike,
     describe,
@@ -235,6 +235,9 @@ def fuse_members(
         logits.append(rename(out_name))
         d = meta["spatial_divisor"]
         divisor = divisor * d // math.gcd(divisor, d)
+        if divisor > MAX_SPATIAL_DIVISOR:
+            raise ValueError(f"member {i}: the members' spatial divisors have a least common "
+                             f"multiple of {divisor}, above {MAX_SPATIAL_DIVISOR}")
         if n_classes is None and meta["n_classes"] is not None:
             n_classes = str(meta["n_classes"])
 
