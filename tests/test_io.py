@@ -59,7 +59,7 @@ def write_dicom_series(folder, volume, *, orientation, spacing, origin, step, sh
         ds.PixelRepresentation = 0
         ds.PixelData = plane.tobytes()
         ds.save_as(folder / f"IM{file_i:04d}.dcm", enforce_file_format=True)
-    (folder / "README.txt").write_text("not a DICOM file")
+    (folder / ".hidden_notes").write_text("hidden files are ignored")
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
