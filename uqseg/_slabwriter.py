@@ -40,13 +40,14 @@ class SlabWriter:
     """
 
     def __init__(self, path, shape, dtype, affine, *, axis, n_classes=None, scratch,
-                 chunk_bytes=CHUNK_BYTES):
+                 chunk_bytes=None):
         if len(shape) != 3 or axis not in (0, 1, 2):
             raise ValueError(f"SlabWriter needs a 3-D shape and an axis in 0..2, got {shape}, "
                              f"{axis}")
         self.path, self.shape, self.axis = Path(path), tuple(int(s) for s in shape), axis
         self.dtype, self.affine = np.dtype(dtype), np.asarray(affine, dtype=np.float64)
-        self.n_classes, self.chunk_bytes = n_classes, chunk_bytes
+        self.n_classes = n_classes
+        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
         self.scratch = Path(scratch)
         self._file = open(self.scratch, "wb")  # noqa: SIM115 - closed in finish/close
         self._slabs: list[tuple[int, int, int]] = []  # (s0, s1, byte offset)

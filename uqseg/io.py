@@ -372,8 +372,13 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             headers[f] = ds
         except Exception as exc:  # untrusted bytes: any parser failure names the file
             bad[f] = _why(exc)
-    if bad:
-        raise _bad_files_error(folder, bad, len(files))
+    if bad:  # name every bad file at once: decode the others too
+        for f, ds in headers.items():
+            try:
+                _decode(f, (int(ds.Rows), int(ds.Columns)))
+            except Exception as exc:
+                bad[f] = _why(exc)
+        raise _bad_files_error(folder, dict(sorted(bad.items())), len(files))
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in headers.values()})
     if len(series) > 1:
         raise ValueError(
@@ -418,13 +423,7 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     data = np.empty((size[1], size[0], len(files)), dtype=np.float32)
     for k, f in enumerate(files):
         try:
-            ds = pydicom.dcmread(f)
-            if "PixelData" not in ds:
-                raise ValueError("no pixel data")
-            arr = ds.pixel_array
-            if arr.shape != size:
-                raise ValueError(f"pixel array of shape {arr.shape}; only single-frame "
-                                 f"grey-level slices of {size} are supported")
+            ds, arr = _decode(f, size)
         except Exception as exc:  # untrusted bytes: any decoder failure names the file
             bad[f] = _why(exc)
             continue
@@ -444,6 +443,19 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         kind="dicom",
         meta={"series_uid": series[0], "n_slices": len(files), "sorted_by": sorted_by},
     )
+
+
+def _decode(f: Path, size: tuple[int, int]):
+    import pydicom
+
+    ds = pydicom.dcmread(f)
+    if "PixelData" not in ds:
+        raise ValueError("no pixel data")
+    arr = ds.pixel_array
+    if arr.shape != size:
+        raise ValueError(f"pixel array of shape {arr.shape}; only single-frame grey-level "
+                         f"slices of {size} are supported")
+    return ds, arr
 
 
 def _check_spacing(folder: Path, files: list, pos: np.ndarray, normal: np.ndarray) -> None:
