@@ -124,9 +124,12 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     Raises
     ------
     ValueError
-        When the header or the voxel data cannot be read (truncated or corrupt file).
+        When the header or the voxel data cannot be read, or a ``.nii.gz`` is truncated or
+        corrupt (its whole gzip stream is checked, CRC included: :func:`verify_gzip`).
     """
     img = _load_nifti_header(path)
+    if str(path).lower().endswith(".gz"):
+        verify_gzip(path)  # nibabel reads only the bytes it needs: the CRC would go unchecked
     try:
         proxy = img.dataobj
         data = np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
