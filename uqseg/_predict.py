@@ -21,7 +21,7 @@ import numpy as np
 OUTPUT_SUFFIXES = {"seg": "_seg.nii.gz", "proba": "_proba.nii.gz", "entropy": "_entropy.nii.gz",
                    "mi": "_mi.nii.gz", "scores": "_scores.json"}
 MAP_NAMES = {"entropy": "entropy", "mutual_information": "mi"}
-SLAB_VOXELS = 1 << 22  # voxels per slab fed to the ensemble (16 slices of 512 x 512)
+SLAB_VOXELS = 1 << 20  # voxels per slab fed to the ensemble (4 slices of 512 x 512)
 
 
 class UsageError(Exception):
