@@ -142,8 +142,8 @@ def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=2, normalize=True,
         published = _publish(plan, staged)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(plan.out, ignore_errors=True) if not any(plan.out.iterdir()) else None
+        if created and not any(plan.out.iterdir()):
+            plan.out.rmdir()  # a folder this run made goes too (only while it is empty)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return published

@@ -37,7 +37,7 @@ _EXPECTED_MODULES = ("onnxruntime", "onnx", "google", "nibabel", "pydicom", "zli
 
 def _expected(exc: BaseException) -> bool:
     if isinstance(exc, (ValueError, TypeError, OSError, EOFError, RuntimeError, ImportError,
-                        KeyError)):
+                        KeyError, MemoryError)):
         return True
     return type(exc).__module__.split(".")[0] in _EXPECTED_MODULES
 

@@ -128,8 +128,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         corrupt (its whole gzip stream is checked, CRC included: :func:`verify_gzip`).
     """
     img = _load_nifti_header(path)
-    if str(path).lower().endswith(".gz"):
-        verify_gzip(path)  # nibabel reads only the bytes it needs: the CRC would go unchecked
+    _check_nifti_length(img, path)
     try:
         proxy = img.dataobj
         data = np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
@@ -170,18 +169,36 @@ def _load_nifti_header(path):
     return img
 
 
-def verify_gzip(path: str | os.PathLike, chunk: int = 1 << 22) -> None:
+def verify_gzip(path: str | os.PathLike, chunk: int = 1 << 22) -> int:
     """Decompress a gzip file to its end in ``chunk``-byte steps (constant memory).
 
-    Raises ValueError when it is truncated or corrupt (bad CRC, bad deflate data), so a broken
-    ``.nii.gz`` is found before anything is computed or written.
+    Returns the decompressed length. Raises ValueError when it is truncated or corrupt (bad
+    CRC, bad deflate data), so a broken ``.nii.gz`` is found before anything is computed or
+    written.
     """
+    total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(chunk):
-                pass
+            while block := f.read(chunk):
+                total += len(block)
     except (EOFError, OSError, zlib.error) as exc:
         raise ValueError(f"{str(path)!r} is a truncated or corrupt gzip file: {exc}") from exc
+    return total
+
+
+def _check_nifti_length(img, path) -> None:
+    """The file must hold the voxels its header promises, checked before they are allocated
+    (a forged header would otherwise make nibabel allocate whatever it claims)."""
+    gz = str(path).lower().endswith(".gz")
+    # nibabel reads only the bytes it needs: without this pass a .nii.gz CRC goes unchecked
+    available = verify_gzip(path) if gz else os.path.getsize(path)
+    header = img.header
+    need = int(header.get_data_offset()) + int(np.prod(img.shape, dtype=np.float64)) * int(
+        header.get_data_dtype().itemsize)
+    if available < need:
+        raise ValueError(f"NIfTI file {str(path)!r} is truncated: its header ({img.shape} "
+                         f"{header.get_data_dtype()}) needs {need} bytes of data, the file "
+                         f"holds {available}")
 
 
 def check_image(path: str | os.PathLike) -> tuple[int, ...] | None:
@@ -201,8 +218,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, ...] | None:
     name = p.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         img = _load_nifti_header(p)
-        if name.endswith(".gz"):
-            verify_gzip(p)
+        _check_nifti_length(img, p)
         return tuple(int(s) for s in img.shape)
     if name.endswith(".npy"):
         try:
