@@ -65,8 +65,9 @@ def test_usage_errors_found_after_parsing_exit_2(tmp_path, tiny_2d, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = run(["demo", "--models", tmp_path / "nope.onnx", "--out", tmp_path], capsys)
     assert code == 2 and "does not exist" in err
-    code, _, err = run(["predict", tiny_2d, tiny_2d, "--out", tmp_path, "--estimators",
-                        tmp_path], capsys)
+    np.save(tmp_path / "x.npy", np.zeros((8, 8), np.float32))
+    code, _, err = run(["predict", tiny_2d, tmp_path / "x.npy", "--out", tmp_path,
+                        "--estimators", tmp_path], capsys)
     assert code == 2 and "uqseg.save" in err
     code, _, err = run(["export", tmp_path / "nope.pt"], capsys)
     assert code == 2 and "does not exist" in err

@@ -129,6 +129,14 @@ def test_errors(tiny_2d, X, tmp_path):
         score_dataset(seg, X, num_gpus_per_actor=-1)
     with pytest.raises(ValueError, match="map_format must be one of"):
         score_dataset(seg, X, map_format="png")
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        score_dataset(seg, X, on_error="ignore")
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    np.save(tmp_path / "a" / "x.npy", X[0])
+    np.save(tmp_path / "x.npy", X[0])
+    with pytest.raises(ValueError, match="same names"):
+        score_dataset(seg, [tmp_path / "x.npy", tmp_path / "a/../x.npy"])
     with pytest.raises(TypeError, match="estimator must be a segmenter"):
         score_dataset(object(), X)
     with pytest.raises(ValueError, match="estimator dict keys must be among"):
@@ -143,3 +151,79 @@ def test_errors(tiny_2d, X, tmp_path):
         score_dataset(seg, np.where(X == X.max(), np.nan, X))
     with pytest.raises(ValueError, match="not a uqseg.save folder"):
         score_dataset(str(Path(tmp_path)), X)
+
+
+def test_on_error_record_keeps_partial_results(cluster, tiny_2d, X, tmp_path):
+    """Bad records (junk bytes, wrong channel count, truncated gzip) share batches with good
+    ones: each gets its path in ``error``; the good ones are scored and their maps written."""
+    nib = pytest.importorskip("nibabel")
+    seg = OnnxSegmenter(tiny_2d).fit()
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"good{i}.npy")
+        np.save(paths[-1], X[i])
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage" * 5)
+    np.save(tmp_path / "two_channels.npy", np.concatenate([X[3], X[3]]))
+    noise = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), tmp_path / "full.nii.gz")
+    data = (tmp_path / "full.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) * 2 // 3])  # header intact
+    order = [paths[0], tmp_path / "junk.npy", paths[1], tmp_path / "two_channels.npy",
+             tmp_path / "cut.nii.gz", paths[2]]
+    res = score_dataset(seg, order, batch_size=2, on_error="record",
+                        write_maps_to=tmp_path / "maps")
+    assert [r["path"] for r in res] == [str(p) for p in order]
+    for r in res:
+        assert set(r) == {"id", "path", "labels_path", "uncertainty", "error"}
+    good = [r for r in res if r["error"] is None]
+    assert [r["path"] for r in good] == [str(p) for p in paths]
+    for i, r in enumerate(good):
+        assert r["labels_path"] == str(tmp_path / "maps" / f"good{i}_labels.npy")
+        np.testing.assert_array_equal(np.load(r["labels_path"]), seg.predict(X[i:i + 1])[0])
+        assert r["uncertainty"] > 0
+    bad = {Path(r["path"]).name: r for r in res if r["error"] is not None}
+    assert set(bad) == {"junk.npy", "two_channels.npy", "cut.nii.gz"}
+    for name, r in bad.items():
+        assert name in r["error"] and r["labels_path"] is None and r["uncertainty"] is None
+    assert "truncated" in bad["cut.nii.gz"]["error"]
+    assert "channel" in bad["two_channels.npy"]["error"]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        f"good{i}_labels.npy" for i in range(3)]
+
+
+def test_on_error_raise_names_the_record(cluster, tiny_2d, X, tmp_path):
+    seg = OnnxSegmenter(tiny_2d).fit()
+    np.save(tmp_path / "ok.npy", X[0])
+    (tmp_path / "junk.npy").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="junk.npy"):
+        score_dataset(seg, [tmp_path / "ok.npy", tmp_path / "junk.npy"], batch_size=2)
+
+
+def test_same_name_in_different_folders_keeps_both_maps(cluster, tiny_2d, X, tmp_path):
+    seg = OnnxSegmenter(tiny_2d).fit()
+    for i, sub in enumerate(("a", "b/c")):
+        (tmp_path / sub).mkdir(parents=True)
+        np.save(tmp_path / sub / "img.npy", X[i])
+    res = score_dataset(seg, [tmp_path / "a/img.npy", tmp_path / "b/c/img.npy"],
+                        outputs=("labels",), write_maps_to=tmp_path / "maps")
+    assert [r["labels_path"] for r in res] == [str(tmp_path / "maps/a/img_labels.npy"),
+                                               str(tmp_path / "maps/b/c/img_labels.npy")]
+    for i, r in enumerate(res):
+        np.testing.assert_array_equal(np.load(r["labels_path"]), seg.predict(X[i:i + 1])[0])
+
+
+def test_map_names_and_read_image(tmp_path, X):
+    from uqseg.distributed import map_stems, read_image
+
+    assert map_stems(["/d/a/x.nii.gz", "/d/b/x.npy", "/d/y.npy"]) == ["a/x", "b/x", "y"]
+    with pytest.raises(ValueError, match="same names"):
+        map_stems(["/d/x.nii", "/d/x.npy"])
+    nib = pytest.importorskip("nibabel")
+    img = nib.Nifti1Image(np.stack([X[0, 0], X[1, 0]], axis=-1), np.diag([2.0, 1, 1, 1]))
+    img.header.set_slope_inter(2.0, 1.0)
+    nib.save(img, tmp_path / "c.nii.gz")
+    data, affine = read_image(tmp_path / "c.nii.gz")
+    assert data.shape == (1, 16, 16, 2) and data.dtype == np.float32  # 3-D: one channel
+    np.testing.assert_allclose(data[0], np.stack([X[0, 0], X[1, 0]], axis=-1) * 2.0 + 1.0,
+                               rtol=1e-6, atol=1e-6)  # scl_slope/inter applied
+    np.testing.assert_array_equal(affine, np.diag([2.0, 1, 1, 1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -59,7 +61,7 @@ def write_dicom_series(folder, volume, *, orientation, spacing, origin, step, sh
         ds.PixelRepresentation = 0
         ds.PixelData = plane.tobytes()
         ds.save_as(folder / f"IM{file_i:04d}.dcm", enforce_file_format=True)
-    (folder / "README.txt").write_text("not a DICOM file")
+    (folder / ".hidden_notes").write_text("hidden files are ignored")
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -153,3 +155,19 @@ def test_dicom_two_series_is_an_error(tmp_path):
     write_dicom_series(tmp_path / "s" / "b", vol, series_uid="1.2", **kw)
     with pytest.raises(ValueError, match="2 DICOM series"):
         read_dicom_series(tmp_path / "s")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_forged_nifti_header_is_refused_before_allocation(tmp_path, suffix):
+    """A header claiming far more voxels than the file holds (a valid gzip stream: no
+    truncation error) is refused from the file length, not by allocating what it claims."""
+    from uqseg.io import check_image
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_data_shape((4000, 4000, 4000))  # 238 GiB of float32
+    raw = img.header.binaryblock + b"\0" * 4 + np.zeros(64, np.float32).tobytes()
+    path = tmp_path / f"forged{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    for reader in (read_image, check_image):
+        with pytest.raises(ValueError, match=r"truncated: its header \(\(4000, 4000, 4000\)"):
+            reader(path)

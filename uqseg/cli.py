@@ -18,18 +18,28 @@ import sys
 from pathlib import Path
 
 from uqseg import __version__
+from uqseg._predict import UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
-class UsageError(Exception):
-    """A problem with the arguments: exit code 2."""
-
-
 def _fail(command: str, message: str, code: int) -> int:
+    message = " ".join(str(message).split())  # one line, whatever the library said
     print(f"uqseg {command}: error: {message}", file=sys.stderr)
     return code
+
+
+# libraries whose exceptions mean "this file/model is bad", not "uqseg has a bug"
+_EXPECTED_MODULES = ("onnxruntime", "onnx", "google", "nibabel", "pydicom", "zlib", "gzip",
+                     "zipfile")
+
+
+def _expected(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, TypeError, OSError, EOFError, RuntimeError, ImportError,
+                        KeyError, MemoryError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _EXPECTED_MODULES
 
 
 def _checked(convert, ok, expected: str):
@@ -82,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Run `uqseg COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"uqseg {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full Python traceback of a failure (before COMMAND)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser(
@@ -101,20 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict", help="segment NIfTI / NumPy / DICOM images with uncertainty maps",
-        usage="uqseg predict MODEL.onnx [MODEL.onnx ...] INPUT --out DIR [options]",
-        description="Segment an image with one or more ONNX models (an ensemble). Writes "
-                    "<name>_seg.nii.gz (uint8 labels), <name>_proba.nii.gz (float32, classes "
-                    "on the 4th axis), <name>_entropy.nii.gz and, with several samples, "
+        usage="uqseg predict MODEL.onnx [MODEL.onnx ...] INPUT [INPUT ...] --out DIR [options]",
+        description="Segment images with one or more ONNX models (an ensemble). Writes, per "
+                    "input, <name>_seg.nii.gz (uint8 labels), <name>_proba.nii.gz (float32, "
+                    "classes on the 4th axis), <name>_entropy.nii.gz and, with several samples, "
                     "<name>_mi.nii.gz (mutual information), all with the input's affine, "
                     "plus <name>_scores.json (with OOD and quality scores when --estimators "
-                    "are given).")
+                    "are given). Everything is checked before anything is written; existing "
+                    "outputs are kept unless --overwrite; a failure leaves --out unchanged.")
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="one or more ONNX models, then the input: .nii/.nii.gz, .npy/.npz "
-                        "(key 'image', optional 'affine') or a folder with one DICOM series")
+                   help="one or more ONNX models (*.onnx), then one or more inputs: "
+                        ".nii/.nii.gz, .npy/.npz (key 'image', optional 'affine') or a folder "
+                        "with one DICOM series")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--estimators", nargs="+", type=Path, default=[], metavar="SAVED_DIR",
                    help="folders written by uqseg.save: OOD detectors and quality regressors "
                         "scored on the same (normalised) images")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse and write nothing)")
     p.add_argument("--tta", action="store_true", help="test-time flips (every spatial axis)")
     p.add_argument("--mc-samples", type=_non_negative_int, default=0, metavar="N",
                    help="MC-dropout passes for members exported with an mc_mask input")
@@ -178,156 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------- predict
-def to_model_batch(data, *, dims: int, channels: int, axis: int):
-    """Arrange a volume ``data`` (spatial axes, channels last if any) as a model batch.
-
-    Returns ``(X, layout)``: ``X`` is ``(N, C, *spatial)`` float32 and ``layout`` tells
-    :func:`_to_volume` how to put maps back: ``"whole"`` (one image), ``"slices"`` (a 3-D
-    volume cut along ``axis`` for a 2-D model) or ``"whole2d"`` (a 2-D image as a one-slice
-    volume for a 3-D model).
-    """
-    import numpy as np
-
-    arr = np.asarray(data, dtype=np.float32)
-    if channels > 1:
-        if arr.ndim < 3 or arr.shape[-1] != channels:
-            raise ValueError(f"the model takes {channels} channels: the input needs them on its "
-                             f"last axis, got shape {arr.shape}")
-        arr = np.moveaxis(arr, -1, 0)  # (C, *spatial)
-    else:
-        if arr.ndim == 4 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim == 4:
-            raise ValueError(f"the model takes 1 channel, got a 4-D input of shape {arr.shape}")
-        arr = arr[None]
-    spatial = arr.ndim - 1
-    if spatial == dims:
-        return arr[None], "whole"
-    if spatial == 3 and dims == 2:
-        return np.ascontiguousarray(np.moveaxis(arr, axis + 1, 1).swapaxes(0, 1)), "slices"
-    if spatial == 2 and dims == 3:
-        return arr[:, None][None], "whole2d"
-    raise ValueError(f"a {spatial}-D input cannot go through a {dims}-D model")
-
-
-def _batched(fn, X, batch, desc: str, progress: bool):
-    """``fn`` over chunks of ``X`` with a tqdm bar on stderr; concatenated results."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    parts = []
-    batch = PROGRESS_CHUNK if batch == "auto" else batch
-    starts = range(0, len(X), batch)
-    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2,
-                  file=sys.stderr, leave=False):
-        parts.append(fn(X[i:i + batch]))
-    if isinstance(parts[0], tuple):
-        return tuple(
-            {k: np.concatenate([p[j][k] for p in parts]) for k in parts[0][j]}
-            if isinstance(parts[0][j], dict) else np.concatenate([p[j] for p in parts])
-            for j in range(len(parts[0])))
-    return np.concatenate(parts)
-
-
-def _score_estimators(paths, X, batch_size, progress: bool) -> dict:
-    import numpy as np
-
-    import uqseg
-
-    scores = {}
-    for d in paths:
-        est = uqseg.load(d)
-        name = Path(d).name
-        kind = type(est).__name__
-        if hasattr(est, "score_samples") and hasattr(est, "offset_"):
-            s = _batched(est.score_samples, X, batch_size, f"OOD {name}", progress)
-            scores[name] = {
-                "type": kind, "score_samples": s.tolist(),
-                "inlier": (s - est.offset_ >= 0).tolist(),
-                "fraction_outlier": float(np.mean(s - est.offset_ < 0)),
-                "min_score": float(s.min()), "offset": float(est.offset_),
-            }
-        elif hasattr(est, "flag") and hasattr(est, "predict"):
-            q = _batched(est.predict, X, batch_size, f"quality {name}", progress)
-            scores[name] = {"type": kind, "target": getattr(est, "target", "dice"),
-                            "predicted_quality": q.tolist(),
-                            "mean_predicted_quality": np.nanmean(q, axis=0).tolist()}
-        else:
-            raise TypeError(f"--estimators {str(d)!r} holds a {kind}; predict scores OOD "
-                            "detectors and quality regressors only")
-    return scores
-
-
-def predict_file(models, source, out, *, estimators=(), tta=False, mc_samples=0, axis=2,
-                 normalize=True, backend="auto", device="auto", batch_size="auto",
-                 progress=True) -> list[Path]:
-    """Segment one input file/folder with an ensemble of ``models`` and write the maps.
-
-    Returns the written paths (segmentation, probabilities, entropy, [mutual information],
-    scores JSON).
-    """
-    import numpy as np
-
-    from uqseg.datasets import normalize_intensity
-    from uqseg.ensemble import EnsembleSegmenter
-    from uqseg.io import image_stem, read_image, write_nifti
-
-    vol = read_image(source)
-    ens = EnsembleSegmenter(list(models), tta="flips" if tta else None,
-                            mc_samples=mc_samples, backend=backend, device=device,
-                            batch_size=batch_size).fit()
-    X, layout = to_model_batch(vol.data, dims=ens.spatial_dims_,
-                               channels=ens.n_input_channels_, axis=axis)
-    if normalize:
-        X = normalize_intensity(X)
-    kinds = ("entropy", "mutual_information") if ens.n_samples_ > 1 else ("entropy",)
-    proba, maps = _batched(lambda x: ens.predict_with_uncertainty(x, kinds=kinds), X,
-                           batch_size, "segment", progress)
-    seg = proba.argmax(axis=1).astype(np.uint8)
-    out = Path(out)
-    stem = image_stem(source)
-    written = [
-        write_nifti(out / f"{stem}_seg.nii.gz", _to_volume(seg, layout, axis), vol.affine),
-        write_nifti(out / f"{stem}_proba.nii.gz",
-                    _to_volume(proba.astype(np.float32), layout, axis, classes=True),
-                    vol.affine),
-    ]
-    names = {"entropy": "entropy", "mutual_information": "mi"}
-    for kind in kinds:
-        written.append(write_nifti(out / f"{stem}_{names[kind]}.nii.gz",
-                                   _to_volume(maps[kind].astype(np.float32), layout, axis),
-                                   vol.affine))
-    report = {
-        "input": str(source), "input_kind": vol.kind, "models": [str(m) for m in models],
-        "n_samples": int(ens.n_samples_), "layout": layout, "axis": axis,
-        "normalized": bool(normalize), "shape": list(vol.data.shape),
-        "class_voxels": np.bincount(seg.ravel(), minlength=ens.n_classes_).tolist(),
-        "mean_entropy": float(maps["entropy"].mean()),
-        "outputs": [str(p) for p in written],
-    }
-    if estimators:
-        report["estimators"] = _score_estimators(estimators, X, batch_size, progress)
-    json_path = out / f"{stem}_scores.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    written.append(json_path)
-    return written
-
-
-def _to_volume(arr, layout: str, axis: int, classes: bool = False):
-    """``(N, [K,] *spatial)`` model-batch maps -> the input's voxel grid (classes last)."""
-    import numpy as np
-
-    if classes:
-        arr = np.moveaxis(arr, 1, -1)  # (N, *spatial, K)
-    if layout == "slices":
-        return np.ascontiguousarray(np.moveaxis(arr, 0, axis))
-    vol = arr[0]
-    if layout == "whole2d":
-        vol = vol[0]
-    return np.ascontiguousarray(vol)
-
-
 # ---------------------------------------------------------------------- commands
 def _cmd_demo(args) -> int:
     from uqseg import demo
@@ -342,22 +208,23 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    if len(args.paths) < 2:
-        raise UsageError("give at least one MODEL.onnx and one INPUT")
-    *models, source = args.paths
-    for m in models:
-        if not Path(m).is_file() or not m.lower().endswith(".onnx"):
-            raise UsageError(f"model {m!r} is not an existing .onnx file")
-    if not Path(source).exists():
-        raise UsageError(f"input {source!r} does not exist")
-    for d in args.estimators:
-        if not (d / "manifest.json").is_file():
-            raise UsageError(f"--estimators {str(d)!r} is not a folder written by uqseg.save")
-    written = predict_file(
-        models, source, args.out, estimators=args.estimators, tta=args.tta,
-        mc_samples=args.mc_samples, axis=args.axis, normalize=not args.no_normalize,
-        backend=args.backend, device=args.device, batch_size=args.batch_size,
-        progress=not args.no_progress)
+    from uqseg._predict import plan_predict, run_predict
+
+    n_models = next((i for i, p in enumerate(args.paths) if not p.lower().endswith(".onnx")),
+                    len(args.paths))
+    models, inputs = args.paths[:n_models], args.paths[n_models:]
+    if not models or not inputs:
+        raise UsageError("give at least one MODEL.onnx and one INPUT (models first)")
+    late = [p for p in inputs if p.lower().endswith(".onnx")]
+    if late:
+        raise UsageError(f"models must come before the inputs, got {late} after "
+                         f"{inputs[0]!r}")
+    plan = plan_predict(models, inputs, args.out, estimators=args.estimators,
+                        overwrite=args.overwrite)
+    written = run_predict(
+        plan, tta=args.tta, mc_samples=args.mc_samples, axis=args.axis,
+        normalize=not args.no_normalize, backend=args.backend, device=args.device,
+        batch_size=args.batch_size, progress=not args.no_progress)
     for path in written:
         print(path)
     return EXIT_OK
@@ -538,12 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
+        if args.debug:
+            raise
         return _fail(args.command, str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", EXIT_FAILURE)
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
-        return _fail(args.command, str(exc), EXIT_FAILURE)
-
+    except Exception as exc:
+        if args.debug or not _expected(exc):
+            raise
+        return _fail(args.command, str(exc) or type(exc).__name__, EXIT_FAILURE)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ _NEEDS = {"labels": "segmenter", "volumes": "segmenter", "uncertainty": "segment
           "uncertainty_map": "segmenter", "ood": "ood", "quality": "quality"}
 _SUFFIXES = (".npy", ".nii", ".nii.gz")
 MAP_FORMATS = ("auto", "npy", "nifti")
+ON_ERROR = ("raise", "record")
 
 __all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "ImageScorer", "score_dataset", "score_images"]
 
@@ -123,21 +125,58 @@ def _suffix(path: str) -> str:
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Read one image as float32 ``(C, *spatial)`` plus its affine (NIfTI) or None (.npy).
 
-    ``.npy`` files hold ``(C, *spatial)`` like one item of ``X``; NIfTI files hold the spatial
-    axes, with channels (if any) on the last axis.
+    ``.npy`` files hold ``(C, *spatial)`` like one item of ``X``; NIfTI files (read with
+    :func:`uqseg.io.read_nifti`: truncated or corrupt files are a ValueError naming them) hold
+    the spatial axes, with channels (if any) on the last axis.
     """
     path = str(path)
     if _suffix(path) == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32, copy=False), None
-    import nibabel as nib
+        try:
+            data = np.load(path, allow_pickle=False)
+        except Exception as exc:  # untrusted file: any numpy failure is "cannot read"
+            raise ValueError(f"cannot read NumPy file {path!r}: {exc}") from exc
+        return data.astype(np.float32, copy=False), None
+    from uqseg.io import read_nifti
 
-    img = nib.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    vol = read_nifti(path)
+    data = vol.data.astype(np.float32, copy=False)
     data = data[None] if data.ndim <= 3 else np.moveaxis(data, -1, 0)
-    return data, np.asarray(img.affine)
+    return data, vol.affine
+
+
+def map_stems(paths: list[str]) -> list[str]:
+    """Output stems that keep each file's folder relative to the inputs' common folder.
+
+    ``a/scan.nii.gz`` and ``b/scan.nii.gz`` give ``a/scan`` and ``b/scan`` (not ``scan``
+    twice). Raises ValueError when two inputs still map to the same stem (``x.nii`` and
+    ``x.npy`` in one folder).
+    """
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    root = os.path.commonpath(dirs) if dirs else ""
+    stems = [os.path.normpath(os.path.join(os.path.relpath(d, root), _stem(p)))
+             for d, p in zip(dirs, paths, strict=True)]
+    seen: dict[str, str] = {}
+    for stem, p in zip(stems, paths, strict=True):
+        if stem in seen:
+            raise ValueError(f"inputs {seen[stem]!r} and {p!r} would write their maps to the "
+                             f"same names ({stem}_*); rename one of them")
+        seen[stem] = p
+    return stems
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-len(_suffix(name))] if _suffix(name) else name
+
+
+def _absolute_stem(path: str) -> str:
+    """A Ray Dataset's paths are not known up front: keep the whole absolute folder."""
+    folder = os.path.splitdrive(os.path.dirname(os.path.abspath(path)))[1].lstrip(os.sep)
+    return os.path.join(folder, _stem(path))
 
 
 def _write_map(arr: np.ndarray, stem: Path, fmt: str, affine: np.ndarray | None) -> str:
+    stem.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "nifti":
         import nibabel as nib
 
@@ -150,55 +189,118 @@ def _write_map(arr: np.ndarray, stem: Path, fmt: str, affine: np.ndarray | None)
     return out
 
 
+def _describe(ident, path, exc: BaseException) -> str:
+    where = f"{path!r}" if path is not None else f"id {ident!r}"
+    return " ".join(f"{where}: {type(exc).__name__}: {exc}".split())
+
+
 # ---------------------------------------------------------------------------- the actor
 class ImageScorer:
     """Ray Data callable class: loads the saved estimator once, scores numpy batches.
 
     Batches hold ``id`` and either ``image`` (``(C, *spatial)`` arrays) or ``path`` (``.npy`` /
-    NIfTI files read on the worker).
+    NIfTI files read on the worker), optionally ``stem`` (where the maps go, relative to
+    ``write_maps_to``). With ``on_error="record"`` a record that cannot be read or scored gets
+    an ``error`` string (its path and the exception) and None outputs; the others are scored.
+    With ``"raise"`` the first such record raises a ValueError naming it.
     """
 
     def __init__(self, saved: str, outputs: tuple[str, ...], write_maps_to: str | None = None,
-                 map_format: str = "auto"):
+                 map_format: str = "auto", on_error: str = "raise"):
         from uqseg.persistence import load
 
         self.roles = roles_of(load(saved))
         self.outputs = tuple(outputs)
         self.write_maps_to = None if write_maps_to is None else Path(write_maps_to)
         self.map_format = map_format
+        self.on_error = on_error
+
+    def _keys(self) -> list[str]:
+        maps = ("labels", "uncertainty_map") if self.write_maps_to is not None else ()
+        return [f"{o}_path" if o in maps else o for o in self.outputs]
+
+    def _fail(self, errors, i, ident, path, exc) -> None:
+        errors[i] = _describe(ident, path, exc)
+        if self.on_error == "raise":
+            raise ValueError(f"record {errors[i]}") from exc
+
+    def _score(self, images, errors, ids, paths):
+        """Score the readable images together; on failure one by one to find the bad ones."""
+        good = [i for i, e in enumerate(errors) if e is None]
+        rows: list[dict | None] = [None] * len(images)
+        if not good:
+            return rows
+        try:
+            for i, row in zip(good, score_images(self.roles, [images[i] for i in good],
+                                                 self.outputs), strict=True):
+                rows[i] = row
+            return rows
+        except Exception:
+            if len(good) == 1 and self.on_error == "raise":
+                i = good[0]
+                self._fail(errors, i, ids[i], paths[i], sys.exc_info()[1])
+        for i in good:
+            try:
+                rows[i] = score_images(self.roles, [images[i]], self.outputs)[0]
+            except Exception as exc:
+                self._fail(errors, i, ids[i], paths[i], exc)
+        return rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = list(batch["id"])
-        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * len(ids)
-        if "image" in batch:
-            images = [np.asarray(im, dtype=np.float32) for im in batch["image"]]
-            affines = [None] * len(ids)
-        else:
-            read = [read_image(p) for p in paths]
-            images, affines = [r[0] for r in read], [r[1] for r in read]
-        rows = score_images(self.roles, images, self.outputs)
+        n = len(ids)
+        paths = [str(p) for p in batch["path"]] if "path" in batch else [None] * n
+        stems = [str(s) for s in batch["stem"]] if "stem" in batch else [
+            _absolute_stem(p) if p is not None else str(i) for p, i in zip(paths, ids,
+                                                                             strict=True)]
+        images, affines, errors = [None] * n, [None] * n, [None] * n
+        for i in range(n):
+            try:
+                if "image" in batch:
+                    images[i] = np.asarray(batch["image"][i], dtype=np.float32)
+                else:
+                    images[i], affines[i] = read_image(paths[i])
+            except Exception as exc:
+                self._fail(errors, i, ids[i], paths[i], exc)
+        rows = self._score(images, errors, ids, paths)
         if self.write_maps_to is not None:
-            for row, ident, path, affine in zip(rows, ids, paths, affines, strict=True):
+            for i, row in enumerate(rows):
+                if row is None:
+                    continue
                 fmt = self.map_format
                 if fmt == "auto":
-                    fmt = "nifti" if path is not None and _suffix(path) != ".npy" else "npy"
-                stem = Path(path).name[:-len(_suffix(path))] if path is not None else str(ident)
-                for key in ("labels", "uncertainty_map"):
-                    if key in row:
-                        row[f"{key}_path"] = _write_map(
-                            row.pop(key), self.write_maps_to / f"{stem}_{key}", fmt, affine)
+                    fmt = "nifti" if paths[i] is not None and _suffix(paths[i]) != ".npy" else "npy"
+                try:
+                    for key in ("labels", "uncertainty_map"):
+                        if key in row:
+                            row[f"{key}_path"] = _write_map(
+                                row.pop(key), self.write_maps_to / f"{stems[i]}_{key}", fmt,
+                                affines[i])
+                except Exception as exc:
+                    self._fail(errors, i, ids[i], paths[i], exc)
+                    rows[i] = None
         out: dict[str, Any] = {"id": np.asarray(ids)}
         if "path" in batch:
             out["path"] = np.asarray(paths)
-        for key in rows[0]:
-            values = [row[key] for row in rows]
-            if isinstance(values[0], np.ndarray) and len({v.shape for v in values}) > 1:
-                column = np.empty(len(values), dtype=object)  # ragged: Ray keeps each shape
-                column[:] = values
-                out[key] = column
-            else:
-                out[key] = np.asarray(values)
+        for key in self._keys():
+            values = [None if row is None else row[key] for row in rows]
+            out[key] = _column(values, ragged_ok=self.on_error == "raise")
+        if self.on_error == "record":
+            out["error"] = _column(errors, ragged_ok=False)
         return out
+
+
+def _column(values: list, ragged_ok: bool) -> np.ndarray:
+    """A batch column: typed when every value has one shape, else an object array (Ray keeps
+    each value). ``ragged_ok=False`` always gives an object column (a schema that does not
+    change between batches with and without failed records)."""
+    if ragged_ok and not any(v is None for v in values):
+        if not isinstance(values[0], np.ndarray) or len({v.shape for v in values}) == 1:
+            return np.asarray(values)
+    column = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):  # one by one: equal-shape arrays must not be stacked
+        column[i] = v
+    return column
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -221,7 +323,9 @@ def _dataset_from(data: Any, ray_data: Any):
                 raise ValueError(f"image files must be {_SUFFIXES}, got {p!r}")
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"image file not found: {p!r}")
-        return ray_data.from_items([{"id": i, "path": p} for i, p in enumerate(paths)]), len(paths)
+        stems = map_stems(paths)
+        return ray_data.from_items([{"id": i, "path": p, "stem": s} for i, (p, s) in
+                                    enumerate(zip(paths, stems, strict=True))]), len(paths)
     if isinstance(data, (np.ndarray, list, tuple)):
         X = check_images(data, name="data")
         return ray_data.from_items([{"id": i, "image": x} for i, x in enumerate(X)]), len(X)
@@ -237,7 +341,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_actor=0,
                   outputs=DEFAULT_OUTPUTS, write_maps_to=None, map_format="auto",
-                  staging_dir=None, return_dataset=False):
+                  staging_dir=None, return_dataset=False, on_error="raise"):
     """Score a dataset of images with Ray Data, one estimator load per actor.
 
     Parameters
@@ -263,15 +367,24 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         ``quality``. The default keeps those the estimator provides; names asked for
         explicitly must be available.
     write_maps_to : path, optional
-        Folder the workers write ``labels`` / ``uncertainty_map`` to (``<id>_labels.npy``,
-        NIfTI for NIfTI inputs with their affine); results then hold ``labels_path`` /
-        ``uncertainty_map_path`` instead of arrays.
+        Folder the workers write ``labels`` / ``uncertainty_map`` to, NIfTI for NIfTI inputs
+        (with their affine), else ``.npy``; results then hold ``labels_path`` /
+        ``uncertainty_map_path`` instead of arrays. Names keep each input's folder relative to
+        the inputs' common folder (``a/scan.nii.gz`` -> ``a/scan_labels.nii.gz``), so inputs
+        with the same name in different folders never share a map; two inputs that would
+        (``x.nii`` and ``x.npy`` side by side) are a ValueError before any work. Arrays are
+        named by ``id``; a Ray Dataset's paths keep their whole absolute folder.
     map_format : {"auto", "npy", "nifti"}, default="auto"
     staging_dir : path, optional
         Where a fitted estimator is saved for the workers (default: a temporary folder, removed
         afterwards, which only works when all workers share this machine's disk).
     return_dataset : bool, default=False
         Return the materialised Ray Dataset instead of a list.
+    on_error : {"raise", "record"}, default="raise"
+        What a record that cannot be read or scored does. ``"raise"``: the job fails with a
+        ValueError naming the record's path (or id) and the cause. ``"record"``: the job goes
+        on; every result gets an ``error`` key (None, or the path and the cause) and a failed
+        record's outputs are None, so the other results (and maps already written) are kept.
 
     Returns
     -------
@@ -295,6 +408,8 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         raise ValueError(f"num_gpus_per_actor must be a number >= 0, got {num_gpus_per_actor!r}")
     if map_format not in MAP_FORMATS:
         raise ValueError(f"map_format must be one of {MAP_FORMATS}, got {map_format!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
     created = None
     if isinstance(estimator, (str, os.PathLike)):
@@ -321,7 +436,8 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         scored = ds.map_batches(
             ImageScorer,
             fn_constructor_kwargs={"saved": saved, "outputs": outputs,
-                                   "write_maps_to": write_maps_to, "map_format": map_format},
+                                   "write_maps_to": write_maps_to, "map_format": map_format,
+                                   "on_error": on_error},
             batch_size=int(batch_size), batch_format="numpy", concurrency=concurrency,
             num_gpus=float(num_gpus_per_actor) or None,
         )
@@ -332,5 +448,5 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
     rows.sort(key=lambda r: r["id"])
-    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()}
-            for r in rows]
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()
+             if k != "stem"} for r in rows]

@@ -18,7 +18,9 @@ Only :mod:`nibabel` (core dependency) and :mod:`pydicom` (core dependency) are u
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 __all__ = [
     "LPS_TO_RAS",
     "Volume",
+    "check_image",
     "dicom_affine",
     "image_stem",
     "read_dicom_series",
@@ -103,40 +106,144 @@ def read_image(path: str | os.PathLike) -> Volume:
         return read_nifti(p)
     if name.endswith(NUMPY_SUFFIXES):
         return read_numpy(p)
-    raise ValueError(
-        f"input {str(p)!r}: unknown format; expected .nii, .nii.gz, .npy, .npz or a folder "
-        "holding a DICOM series"
-    )
+    raise _unknown_format(p)
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI-1/2 file with nibabel (data as float32 unless integer, affine as stored).
+    """Read a NIfTI-1/2 file with nibabel (data in the stored dtype, or float32 when scaled).
+
+    ``scl_slope`` / ``scl_inter`` are applied in float32 (nibabel would give float64: twice
+    the memory of a float32 volume).
 
     Returns
     -------
     Volume
         ``data`` of 2 to 4 dimensions (a 4-D image: channels last); ``affine`` is nibabel's
         best affine (sform, else qform, else the zooms).
+
+    Raises
+    ------
+    ValueError
+        When the header or the voxel data cannot be read, or a ``.nii.gz`` is truncated or
+        corrupt (its whole gzip stream is checked, CRC included: :func:`verify_gzip`).
     """
+    img = _load_nifti_header(path)
+    _check_nifti_length(img, path)
+    try:
+        proxy = img.dataobj
+        data = np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+        slope = float(getattr(proxy, "slope", 1.0))
+        inter = float(getattr(proxy, "inter", 0.0))
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise ValueError(f"cannot read the voxel data of NIfTI file {str(path)!r} (truncated "
+                         f"or corrupt?): {exc}") from exc
+    if (slope, inter) != (1.0, 0.0) and np.isfinite([slope, inter]).all():
+        data = data.astype(np.float32)
+        data *= np.float32(slope)
+        data += np.float32(inter)
+    if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, 1, c): NIfTI's vector layout
+        data = data[:, :, :, 0]
+    return Volume(
+        data=data,
+        affine=np.asarray(img.affine, dtype=np.float64),
+        kind="nifti",
+        meta={"zooms": [float(z) for z in img.header.get_zooms()]},
+    )
+
+
+def _load_nifti_header(path):
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise ValueError(f"cannot read NIfTI file {str(path)!r}: {exc}") from exc
-    data = np.asanyarray(img.dataobj)
-    if data.ndim == 5 and data.shape[3] == 1:  # (x, y, z, 1, c): NIfTI's vector layout
-        data = data[:, :, :, 0]
-    if data.ndim not in (2, 3, 4):
+    shape = img.shape
+    if len(shape) == 5 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]
+    if len(shape) not in (2, 3, 4):
         raise ValueError(
             f"NIfTI file {str(path)!r} must hold a 2-D or 3-D image (4-D: channels last), got "
-            f"shape {data.shape}"
+            f"shape {tuple(img.shape)}"
         )
-    return Volume(
-        data=np.asarray(data),
-        affine=np.asarray(img.affine, dtype=np.float64),
-        kind="nifti",
-        meta={"zooms": [float(z) for z in img.header.get_zooms()]},
+    return img
+
+
+def verify_gzip(path: str | os.PathLike, chunk: int = 1 << 22) -> int:
+    """Decompress a gzip file to its end in ``chunk``-byte steps (constant memory).
+
+    Returns the decompressed length. Raises ValueError when it is truncated or corrupt (bad
+    CRC, bad deflate data), so a broken ``.nii.gz`` is found before anything is computed or
+    written.
+    """
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while block := f.read(chunk):
+                total += len(block)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(f"{str(path)!r} is a truncated or corrupt gzip file: {exc}") from exc
+    return total
+
+
+def _check_nifti_length(img, path) -> None:
+    """The file must hold the voxels its header promises, checked before they are allocated
+    (a forged header would otherwise make nibabel allocate whatever it claims)."""
+    gz = str(path).lower().endswith(".gz")
+    # nibabel reads only the bytes it needs: without this pass a .nii.gz CRC goes unchecked
+    available = verify_gzip(path) if gz else os.path.getsize(path)
+    header = img.header
+    need = int(header.get_data_offset()) + int(np.prod(img.shape, dtype=np.float64)) * int(
+        header.get_data_dtype().itemsize)
+    if available < need:
+        raise ValueError(f"NIfTI file {str(path)!r} is truncated: its header ({img.shape} "
+                         f"{header.get_data_dtype()}) needs {need} bytes of data, the file "
+                         f"holds {available}")
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """Cheap checks that ``path`` can be read, before any work: returns its shape if known.
+
+    NIfTI: the header, and for ``.nii.gz`` the whole compressed stream (:func:`verify_gzip`);
+    ``.npy``: the header and the file length; ``.npz``: the archive's CRCs; a folder: that it
+    holds files (the DICOM series itself is checked when read).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input {str(p)!r} does not exist")
+    if p.is_dir():
+        if not any(_series_files(p)):
+            raise ValueError(f"no DICOM image found in {str(p)!r}")
+        return None
+    name = p.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        img = _load_nifti_header(p)
+        _check_nifti_length(img, p)
+        return tuple(int(s) for s in img.shape)
+    if name.endswith(".npy"):
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise ValueError(f"cannot read NumPy file {str(p)!r}: {exc}") from exc
+        return tuple(arr.shape)
+    if name.endswith(".npz"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+        except Exception as exc:
+            raise ValueError(f"cannot read NumPy file {str(p)!r}: {exc}") from exc
+        if bad is not None:
+            raise ValueError(f"NumPy file {str(p)!r}: member {bad!r} is corrupt")
+        return None
+    raise _unknown_format(p)
+
+
+def _unknown_format(p: Path) -> ValueError:
+    return ValueError(
+        f"input {str(p)!r}: unknown format; expected .nii, .nii.gz, .npy, .npz or a folder "
+        "holding a DICOM series"
     )
 
 
@@ -227,91 +334,169 @@ def dicom_affine(orientation, spacing, positions, slice_thickness: float = 1.0) 
     return LPS_TO_RAS @ aff
 
 
+def _series_files(folder: Path):
+    """Every regular file under ``folder`` except hidden ones and a ``DICOMDIR`` index."""
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if p.is_file() and not any(part.startswith(".") for part in rel) and p.name != "DICOMDIR":
+            yield p
+
+
+def _bad_files_error(folder: Path, bad: dict, n_files: int) -> ValueError:
+    shown = "; ".join(f"{p.relative_to(folder)} ({why})" for p, why in list(bad.items())[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return ValueError(
+        f"{str(folder)!r}: {len(bad)} of {n_files} files are not readable slices of a DICOM "
+        f"series: {shown}{more}. A series folder must hold only the series' files (hidden "
+        "files and DICOMDIR are ignored)"
+    )
+
+
+def _why(exc: Exception) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
     """Read one DICOM series from a folder into a ``(columns, rows, slices)`` volume.
 
-    Files that are not DICOM are skipped. Slices are sorted by the projection of
-    ``ImagePositionPatient`` on the slice normal (the cross product of the two
-    ``ImageOrientationPatient`` directions), or by ``InstanceNumber`` when positions are
-    missing. ``RescaleSlope`` / ``RescaleIntercept`` are applied. The affine is built in the
-    DICOM LPS+ frame and converted to RAS+ (see the module docstring).
+    Every file under the folder (except hidden files and ``DICOMDIR``) must be a slice of the
+    series: a file that does not parse as DICOM, has no pixel data, lacks
+    ``ImagePositionPatient`` while others have it, or whose pixels cannot be decoded is an
+    error naming the files -- never a volume with a slice missing. Slices are sorted by the
+    projection of ``ImagePositionPatient`` on the slice normal (the cross product of the two
+    ``ImageOrientationPatient`` directions), or by ``InstanceNumber`` when no file has a
+    position; the positions must be evenly spaced along that line. ``RescaleSlope`` /
+    ``RescaleIntercept`` are applied. The affine is built in the DICOM LPS+ frame and
+    converted to RAS+ (see the module docstring). Headers are read first and pixel data one
+    slice at a time into the volume, so memory holds one float32 volume.
 
     Raises
     ------
     ValueError
-        When the folder holds no DICOM image, more than one series, slices of different
-        sizes or orientations, or unevenly spaced slices.
+        When the folder holds no DICOM image, unreadable files, more than one series, slices
+        of different sizes, orientations or pixel spacings, or unevenly spaced slices.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     folder = Path(folder)
-    slices = []
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(f)
-        except (InvalidDicomError, OSError):
-            continue
-        if "PixelData" in ds:
-            slices.append(ds)
-    if not slices:
+    files = list(_series_files(folder))
+    if not files:
         raise ValueError(f"no DICOM image found in {str(folder)!r}")
-    series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in slices})
+    headers, bad = {}, {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            if not int(ds.get("Rows", 0) or 0) or not int(ds.get("Columns", 0) or 0):
+                raise ValueError("no Rows/Columns: not an image")
+            headers[f] = ds
+        except Exception as exc:  # untrusted bytes: any parser failure names the file
+            bad[f] = _why(exc)
+    if bad:  # name every bad file at once: decode the others too
+        for f, ds in headers.items():
+            try:
+                _decode(f, (int(ds.Rows), int(ds.Columns)))
+            except Exception as exc:
+                bad[f] = _why(exc)
+        raise _bad_files_error(folder, dict(sorted(bad.items())), len(files))
+    series = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in headers.values()})
     if len(series) > 1:
         raise ValueError(
             f"{str(folder)!r} holds {len(series)} DICOM series ({', '.join(series)}); put one "
             "series per folder"
         )
-    orient = _float_list(slices[0], "ImageOrientationPatient", 6)
-    spacing = _float_list(slices[0], "PixelSpacing", 2)
-    if orient is None:
-        orient = np.array([1.0, 0, 0, 0, 1, 0])
-    if spacing is None:
-        spacing = np.array([1.0, 1.0])
-    for ds in slices[1:]:
+    files = list(headers)
+    first = headers[files[0]]
+    orient = _float_list(first, "ImageOrientationPatient", 6)
+    spacing = _float_list(first, "PixelSpacing", 2)
+    orient = np.array([1.0, 0, 0, 0, 1, 0]) if orient is None else orient
+    spacing = np.array([1.0, 1.0]) if spacing is None else spacing
+    size = (int(first.Rows), int(first.Columns))
+    for f, ds in headers.items():
         o = _float_list(ds, "ImageOrientationPatient", 6)
         if o is not None and not np.allclose(o, orient, atol=1e-4):
-            raise ValueError(f"{str(folder)!r}: slices have different orientations")
+            raise ValueError(f"{str(folder)!r}: slices have different orientations "
+                             f"({files[0].name}: {orient.tolist()}, {f.name}: {o.tolist()})")
+        sp = _float_list(ds, "PixelSpacing", 2)
+        if sp is not None and not np.allclose(sp, spacing, rtol=1e-3):
+            raise ValueError(f"{str(folder)!r}: slices have different pixel spacings "
+                             f"({files[0].name}: {spacing.tolist()}, {f.name}: {sp.tolist()})")
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            raise ValueError(f"{str(folder)!r}: slices have different sizes ({files[0].name}: "
+                             f"{size}, {f.name}: {(int(ds.Rows), int(ds.Columns))})")
     normal = np.cross(orient[:3], orient[3:])
-    positions = [_float_list(ds, "ImagePositionPatient", 3) for ds in slices]
-    if all(p is not None for p in positions):
-        order = np.argsort([float(p @ normal) for p in positions], kind="stable")
+    positions = {f: _float_list(ds, "ImagePositionPatient", 3) for f, ds in headers.items()}
+    missing = [f for f, p in positions.items() if p is None]
+    if missing and len(missing) < len(files):
+        raise _bad_files_error(folder, {f: "no ImagePositionPatient" for f in missing},
+                               len(files))
+    if not missing:
+        files.sort(key=lambda f: float(positions[f] @ normal))
         sorted_by = "ImagePositionPatient"
+        pos = np.array([positions[f] for f in files])
+        _check_spacing(folder, files, pos, normal)
     else:
-        order = np.argsort([int(ds.get("InstanceNumber", i)) for i, ds in enumerate(slices)],
-                           kind="stable")
+        files.sort(key=lambda f: int(headers[f].get("InstanceNumber", 0) or 0))
         sorted_by = "InstanceNumber"
-        positions = [np.zeros(3) + normal * i for i in range(len(slices))]
-    slices = [slices[i] for i in order]
-    pos = np.array([positions[i] for i in order])
-    if len(pos) > 2:
-        gaps = np.linalg.norm(np.diff(pos, axis=0), axis=1)
-        if gaps.min() <= 0 or not np.allclose(gaps, gaps.mean(), rtol=1e-2, atol=1e-3):
-            raise ValueError(
-                f"{str(folder)!r}: slices are not evenly spaced (gaps {np.round(gaps, 3)} mm); "
-                "duplicate or missing slices?"
-            )
-    planes = []
-    for ds in slices:
-        arr = ds.pixel_array.astype(np.float32)
-        if arr.ndim != 2:
-            raise ValueError(f"{str(folder)!r}: only single-frame grey-level slices are "
-                             f"supported, got pixel array shape {arr.shape}")
+        pos = np.array([normal * i for i in range(len(files))])
+    # pixel_array is (rows, columns); the volume is (columns, rows, slices) like NIfTI/dcm2niix
+    data = np.empty((size[1], size[0], len(files)), dtype=np.float32)
+    for k, f in enumerate(files):
+        try:
+            ds, arr = _decode(f, size)
+        except Exception as exc:  # untrusted bytes: any decoder failure names the file
+            bad[f] = _why(exc)
+            continue
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        planes.append(arr * slope + intercept)
-    if len({p.shape for p in planes}) > 1:
-        raise ValueError(f"{str(folder)!r}: slices have different sizes")
-    # pixel_array is (rows, columns); the volume is (columns, rows, slices) like NIfTI/dcm2niix
-    data = np.stack(planes, axis=-1).transpose(1, 0, 2)
-    thickness = float(slices[0].get("SliceThickness", 1.0) or 1.0)
+        data[:, :, k] = arr.T
+        if (slope, intercept) != (1.0, 0.0):
+            data[:, :, k] *= np.float32(slope)
+            data[:, :, k] += np.float32(intercept)
+    if bad:
+        raise _bad_files_error(folder, bad, len(files))
+    thickness = float(first.get("SliceThickness", 1.0) or 1.0)
     affine = dicom_affine(orient, spacing, pos, thickness)
     return Volume(
         data=data,
         affine=affine,
         kind="dicom",
-        meta={"series_uid": series[0], "n_slices": len(slices), "sorted_by": sorted_by},
+        meta={"series_uid": series[0], "n_slices": len(files), "sorted_by": sorted_by},
     )
+
+
+def _decode(f: Path, size: tuple[int, int]):
+    import pydicom
+
+    ds = pydicom.dcmread(f)
+    if "PixelData" not in ds:
+        raise ValueError("no pixel data")
+    arr = ds.pixel_array
+    if arr.shape != size:
+        raise ValueError(f"pixel array of shape {arr.shape}; only single-frame grey-level "
+                         f"slices of {size} are supported")
+    return ds, arr
+
+
+def _check_spacing(folder: Path, files: list, pos: np.ndarray, normal: np.ndarray) -> None:
+    """Slices must be distinct and evenly spaced along one line (no gap, no duplicate)."""
+    if len(pos) < 2:
+        return
+    along = pos @ normal
+    gaps = np.diff(along)
+    dup = [(files[i].name, files[i + 1].name) for i in np.flatnonzero(gaps < 1e-3)]
+    if dup:
+        raise ValueError(f"{str(folder)!r}: slices at the same position along the slice "
+                         f"normal: {dup[:5]}; duplicate slices or two acquisitions?")
+    step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    off_line = np.abs(pos - (pos[0] + np.arange(len(pos))[:, None] * step)).max()
+    tol = max(1e-3, 1e-2 * float(np.median(gaps)))
+    if np.ptp(gaps) > tol or off_line > tol:
+        seen = sorted({round(float(g), 3) for g in gaps})
+        raise ValueError(
+            f"{str(folder)!r}: slices are not evenly spaced along the slice normal: spacings "
+            f"seen {seen[:10]} mm (largest deviation from a straight, even line "
+            f"{off_line:.3g} mm); missing or extra slices?"
+        )
 
 
 # ---------------------------------------------------------------------- writing
