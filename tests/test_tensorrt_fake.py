@@ -26,6 +26,7 @@ from uqseg import backends
 from uqseg.backends import tensorrt as trt_backend
 from uqseg.backends.tensorrt import TensorRTRunner, _trt_dtype_to_numpy
 
+
 @pytest.fixture(params=["10.13.0", "11.0.0"], ids=["trt10", "trt11"])
 def fake_trt(request, monkeypatch):
     fake_cupy.MEMORY.clear()
