@@ -195,8 +195,9 @@ def test_hierarchical_onnx_matches_torch(tmp_path):
 
     mi_ref = h(ref_s.mean(0)) - h(ref_s).mean(0)
     assert agg["mutual_information"].shape == mi_ref.shape == (3, 24, 32)
-    np.testing.assert_allclose(agg["mutual_information"], mi_ref, atol=1e-3)
-    assert float(mi_ref.max()) > 1e-3  # the noise really makes the samples disagree
+    # the untrained network's samples disagree only a little (MI ~1e-5): compare tightly
+    assert float(mi_ref.max()) > 5e-6
+    np.testing.assert_allclose(agg["mutual_information"], mi_ref, atol=1e-6)
 
 
 def test_hierarchical_mean_model_runs_in_onnx_segmenter(tmp_path):
