@@ -125,7 +125,6 @@ def test_sliding_window_output_dtype_small_steps_and_mc_mask(make_model):
     assert out.dtype == np.float32
     # overlap 0.95: step round(16 * 0.05) = 1, every start 0..4 and 0..2 is a window
     import onnxruntime as ort
-
     from test_reference_tiling import ref_gaussian
 
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
