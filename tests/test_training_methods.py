@@ -114,7 +114,10 @@ def test_vls_two_epoch_runs_decrease_loss():
     net = UNet(1, 3, width=4, depth=2)
     h2 = fit_soft_targets(net, X, soft, X, y, epochs=2, batch_size=4, lr=1e-2, augment=False)
     assert h2["loss"][1] < h2["loss"][0]
-    assert h2["best_epoch"] in (0, 1)
+    # the best epoch is the first one with the highest validation Dice, whatever it is
+    assert len(h2["val_dice"]) == 2
+    assert h2["best_epoch"] == int(np.argmax(h2["val_dice"]))
+    assert h2["best_val_dice"] == max(h2["val_dice"])
 
 
 # ---------------------------------------------------------------------- hierarchical
@@ -186,8 +189,15 @@ def test_hierarchical_onnx_matches_torch(tmp_path):
     agg = sample_onnx(rep["path"], x.numpy(), n_samples=4, seed=3, batch_size=2, device="cpu")
     ref_s = sample_torch(net, x.numpy(), n_samples=4, seed=3)
     np.testing.assert_allclose(agg["proba"], ref_s.mean(0), atol=1e-4)
-    assert agg["mutual_information"].shape == (3, 24, 32)
-    assert float(agg["mutual_information"].max()) > 0
+    # MI against a numpy reference from the torch samples: H(mean) - mean of H(sample)
+    def h(p):
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=-3)
+
+    mi_ref = h(ref_s.mean(0)) - h(ref_s).mean(0)
+    assert agg["mutual_information"].shape == mi_ref.shape == (3, 24, 32)
+    # the untrained network's samples disagree only a little (MI ~1e-5): compare tightly
+    assert float(mi_ref.max()) > 5e-6
+    np.testing.assert_allclose(agg["mutual_information"], mi_ref, atol=1e-6)
 
 
 def test_hierarchical_mean_model_runs_in_onnx_segmenter(tmp_path):
@@ -257,4 +267,7 @@ def test_multitask_run_decreases_loss_and_samples_all_tasks():
     )
     assert len(h["loss"]) == 2 and h["loss"][1] < h["loss"][0]
     assert sum(h["draws"]) == 32 and min(h["draws"]) > 0
-    assert h["best_step"] in (4, 8)
+    # evaluations at steps 4 and 8; the best step is the first with the highest Dice
+    assert len(h["val_dice"]) == 2
+    assert h["best_step"] == 4 * (int(np.argmax(h["val_dice"])) + 1)
+    assert h["best_val_dice"] == max(h["val_dice"])

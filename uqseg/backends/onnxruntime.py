@@ -171,9 +171,12 @@ def _trt_profile_shapes(proto: onnx.ModelProto, max_batch: int) -> dict | None:
         if any(d is None for d in dims[1:]):
             return None  # dynamic spatial axes: let the provider profile what it sees
         tail = "x".join(str(d) for d in dims[1:])
-        mins.append(f"{inp.name}:1x{tail}")
-        opts.append(f"{inp.name}:{max(1, max_batch // 2)}x{tail}")
-        maxs.append(f"{inp.name}:{max_batch}x{tail}")
+        # a static batch is its own min, opt and max (TensorRT refuses any other profile)
+        lo, mid, hi = (dims[0],) * 3 if dims and dims[0] else (1, max(1, max_batch // 2),
+                                                               max_batch)
+        mins.append(f"{inp.name}:{lo}x{tail}")
+        opts.append(f"{inp.name}:{mid}x{tail}")
+        maxs.append(f"{inp.name}:{hi}x{tail}")
     return {
         "trt_profile_min_shapes": ",".join(mins),
         "trt_profile_opt_shapes": ",".join(opts),

@@ -39,6 +39,9 @@ def _trt_dtype_to_numpy(trt, dtype):
     }
     if hasattr(trt, "int64"):
         table[trt.int64] = np.int64
+    if dtype not in table:
+        raise TypeError(f"TensorRT tensor type {getattr(dtype, 'name', dtype)} has no numpy "
+                        f"equivalent here (supported: {[t.name for t in table]})")
     return table[dtype]
 
 
@@ -71,7 +74,7 @@ class TensorRTRunner(Runner):
         # let the model name files); uqseg.backends._model embedded them already
         assert_self_contained(proto)
         data = model_bytes(proto)
-        shapes = self._profile(proto, max_batch)
+        shapes = self._profile_shapes = self._profile(proto, max_batch)
         key = self._cache_key(data, fp16, shapes, device_id)
         cache = Path(cache_dir or _default_cache()) / "trt"
         cache.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,9 @@ class TensorRTRunner(Runner):
                     "or use backend='onnxruntime'"
                 )
             tail = tuple(dims[1:])
+            if dims and dims[0] > 0:  # static batch: TensorRT wants min = opt = max = it
+                shapes[inp.name] = (tuple(dims),) * 3
+                continue
             shapes[inp.name] = ((1, *tail), (max(1, max_batch // 2), *tail), (max_batch, *tail))
         return shapes
 
@@ -173,7 +179,12 @@ class TensorRTRunner(Runner):
             for name, arr in feeds.items():
                 dev = cp.asarray(arr)
                 keep[name] = dev
-                ctx.set_input_shape(name, arr.shape)
+                if not ctx.set_input_shape(name, arr.shape):
+                    lo, _, hi = self._profile_shapes.get(name, ((), (), ()))
+                    raise ValueError(
+                        f"input {name!r} of shape {arr.shape} is outside the engine's "
+                        f"optimisation profile (min {lo}, max {hi}); use a smaller batch_size "
+                        "or a larger max_batch")
                 ctx.set_tensor_address(name, dev.data.ptr)
             results = {}
             for name in self.output_names:

@@ -1,0 +1,1 @@
+"""Fakes of GPU libraries (TensorRT, CuPy) that speak their documented Python API."""
