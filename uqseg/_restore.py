@@ -405,7 +405,10 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
     if not isinstance(smp, dict) or set(smp) != {"scores", "labels", "strata", "keys", "counts"}:
         raise ValueError(f"{w}.sample_: expected a dict of scores, labels, strata, keys, counts")
     nb = len(CONFIDENCE_EDGES) + 1
-    scores = check_array(smp["scores"], f"{w}.sample_['scores']", shape=(k, None))
+    scores = check_array(smp["scores"], f"{w}.sample_['scores']", ndim=2)
+    if scores.shape[0] != k:
+        raise ValueError(f"{w}.n_classes_: {k} but sample_['scores'] holds {scores.shape[0]} "
+                         "classes")
     n = scores.shape[1]
     labels = check_array(smp["labels"], f"{w}.sample_['labels']", kinds="i", shape=(n,),
                          lo=0, hi=k - 1)
@@ -578,12 +581,16 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
 
 def _pipe_fitted(est: Any, s: dict, w: str) -> None:
     check_keys(s, w, ())
-    prev = None
-    for i, (_, step) in enumerate(est.steps):  # fitted steps must agree on the classes
+    for i, (_, step) in enumerate(est.steps[1:], start=1):
+        # a fitted step that reads scores (estimator=None) needs a step before it giving them,
+        # with its number of classes
         k = getattr(step, "n_classes_", None)
-        if k is not None and prev is not None and k != prev:
-            raise ValueError(f"{w}.steps[{i}][1].n_classes_: {k}, the step before gives {prev}")
-        prev = k if k is not None else prev
+        if k is None or getattr(step, "estimator", 0) is not None:
+            continue
+        prev = est.steps[i - 1][1]
+        if getattr(prev, "n_classes_", None) != k:
+            raise ValueError(f"{w}.steps[{i}][1].n_classes_: {k}, the step before gives "
+                             f"{getattr(prev, 'n_classes_', 'no scores')}")
 
 
 _SEG_NODE = (MODEL, ESTIMATOR)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -490,6 +491,9 @@ class _Decoder:
         if ident in self.objects:
             raise ValueError(f"{where}: estimator #{ident} is defined twice")
         names = set(cls._get_param_names())
+        for name, par in inspect.signature(cls.__init__).parameters.items():
+            if name in names and par.default is par.empty and name not in raw_params:
+                raise ValueError(f"{where}.{name}: required parameter missing from the manifest")
         for key in raw_params:
             if key not in names:
                 raise ValueError(f"{where}.{key}: not a parameter of {_class_path(cls)}")
