@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import LinearRegression, Ridge
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -611,6 +611,7 @@ def _property(originals, kind, tmp_path, outside, draw_edit, X, check):
         except (ValueError, TypeError) as exc:
             assert str(exc).startswith(("estimator", "manifest.json")), str(exc)
             loaded = None
+    event("refused" if loaded is None else "loaded")
     assert not [p for p in seen if _inside(p, outside)], seen
     if loaded is not None:  # a legitimate estimator: works now, not later
         check(loaded, est, X)
