@@ -375,7 +375,7 @@ class _Decoder:
                 if not (isinstance(item, list) and len(item) == 2):
                     raise ValueError(f"{where}: malformed dict entry {str(item)[:80]!r}")
                 key = _hashable(self.decode(item[0], f"{where} key"))
-                if not isinstance(key, (str, int, float, bool, tuple, type(None))):
+                if not _plain_key(key):
                     raise ValueError(f"{where}: dict key of type {type(key).__name__}")
                 out[key] = self.decode(item[1], f"{where}[{key!r}]")
             return out
@@ -553,6 +553,11 @@ class _Decoder:
         self.objects[ident] = est
         self.done.add(ident)
         return est
+
+
+def _plain_key(key: Any) -> bool:
+    return isinstance(key, (str, int, float, bool, type(None))) or (
+        isinstance(key, tuple) and all(_plain_key(k) for k in key))
 
 
 def _hashable(key: Any) -> Any:
