@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import uqseg
-from uqseg import EnsembleSegmenter, OnnxSegmenter, persistence
+from uqseg import EnsembleSegmenter, OnnxSegmenter, _restore, persistence
 
 
 class StandIn(BaseEstimator):
@@ -50,8 +50,9 @@ class StandIn(BaseEstimator):
 
 @pytest.fixture
 def allow_standin(monkeypatch):
-    monkeypatch.setattr(persistence, "_NATIVE_PACKAGES",
-                        ("uqseg", StandIn.__module__.split(".")[0]))
+    """Put StandIn on the exact allowlist; its restore checks accept any value (test only)."""
+    spec = _restore.Spec(lambda est, where: None, lambda est, state, where: None)
+    monkeypatch.setitem(_restore.CHECKS, f"{StandIn.__module__}.{StandIn.__qualname__}", spec)
 
 
 @pytest.fixture
@@ -166,15 +167,17 @@ def test_copy_models_false_checks_sha(tiny_2d, tmp_path, X2):
     seg = OnnxSegmenter(str(model)).fit()
     folder = uqseg.save(seg, tmp_path / "ref", copy_models=False)
     assert not (folder / "models").exists()
-    loaded = uqseg.load(folder)
+    with pytest.raises(ValueError, match="estimator.model: refers to a model outside.*opt in"):
+        uqseg.load(folder)  # outside references are an explicit opt-in
+    loaded = uqseg.load(folder, trusted_paths=[tmp_path])
     assert loaded.model == str(model.resolve())
     np.testing.assert_array_equal(loaded.predict(X2), seg.predict(X2))
     onnx.save(make_unet_like(dims=2, seed=99), str(model))
     with pytest.raises(ValueError, match=r"m\.onnx.*changed since it was saved"):
-        uqseg.load(folder)
+        uqseg.load(folder, trusted_paths=[tmp_path])
     model.unlink()
     with pytest.raises(FileNotFoundError, match=r"m\.onnx.*is missing"):
-        uqseg.load(folder)
+        uqseg.load(folder, trusted_paths=[tmp_path])
 
 
 def _external_model(tmp_path) -> Path:

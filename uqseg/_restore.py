@@ -1,0 +1,439 @@
+"""What ``uqseg.load`` checks on every estimator it rebuilds from an untrusted folder.
+
+One entry of :data:`CHECKS` per class that may be stored field by field (the exact class
+allowlist of :mod:`uqseg.persistence`): which parameters must be model references or
+estimators in the manifest (so that no plain string is ever used as a file path), a check of
+the parameters and a check of the restored fitted state. Fitted state is checked in one of
+three ways, the strongest that applies:
+
+- derived from the model files alone (``OnnxSegmenter``, ``EnsembleSegmenter``): ``fit`` is run
+  again on a clone and every restored attribute must equal what it gives;
+- derived from saved training data (the OOD detectors): the data are checked (shape, dtype,
+  finite, consistent with the network's layers), the statistics are recomputed from them and
+  every restored one must match;
+- learned (``TemperatureCalibrator``, ``QualityRegressor``): a declared type, shape, dtype
+  and range per attribute, plus the relations between attributes.
+
+Every failure is a ValueError or TypeError whose message starts with the key path in the
+manifest (``estimator.steps[1][1].temperature_``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from uqseg._checks import (
+    SEGMENTER_CLASSES,
+    _short,
+    check_array,
+    check_choice,
+    check_instance,
+    check_int,
+    check_keys,
+    check_real,
+    check_side_effects,
+    check_str,
+    check_str_list,
+    close,
+    fitted_state,
+    refit_compare,
+    run_own,
+    same,
+)
+
+__all__ = ["CHECKS", "Spec", "check_side_effects", "fitted_state", "same"]
+
+# node kinds a parameter may hold in the manifest ("model": a model node, "estimator": an
+# estimator, ref or skops node, "none": null)
+MODEL, ESTIMATOR, NONE = "model", "estimator", "none"
+
+
+@dataclass(frozen=True)
+class Spec:
+    params: Callable[[Any, str], None]
+    fitted: Callable[[Any, dict, str], None]
+    # parameter -> node kinds allowed in the manifest; "members" style lists use ("list", kinds)
+    node_kinds: dict[str, tuple] = field(default_factory=dict)
+    fitted_node_kinds: dict[str, tuple] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- parameters
+def _device(v: Any, where: str) -> None:
+    from uqseg import backends
+
+    check_str(v, where)
+    dev = v.split(":", 1)[0] if v.startswith("cuda:") and v[5:].isdigit() else v
+    check_choice(dev, where, backends.DEVICES)
+
+
+def _batch_size(v: Any, where: str) -> None:
+    if not (isinstance(v, str) and v == "auto"):
+        check_int(v, where, 1)
+
+
+def _tta(v: Any, where: str) -> None:
+    if v is None or (isinstance(v, str) and v == "flips"):
+        return
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{where}: expected None, 'flips' or a list of axis tuples, got "
+                        f"{_short(v)}")
+    for i, item in enumerate(v):
+        for a in item if isinstance(item, (list, tuple)) else (item,):
+            check_int(a, f"{where}[{i}]", 0, 2)
+
+
+def _engine(est: Any, where: str) -> None:
+    from uqseg import backends
+
+    check_choice(est.backend, f"{where}.backend", backends.BACKENDS)
+    _device(est.device, f"{where}.device")
+    _batch_size(est.batch_size, f"{where}.batch_size")
+    _tta(est.tta, f"{where}.tta")
+
+
+def _model_path(v: Any, where: str) -> None:
+    if not isinstance(v, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected a model stored in the folder, got {_short(v)}")
+
+
+def _seg_params(est: Any, w: str) -> None:
+    from uqseg import backends
+
+    _model_path(est.model, f"{w}.model")
+    _engine(est, w)
+    check_choice(est.precision, f"{w}.precision", backends.PRECISIONS)
+    if check_real(est.overlap, f"{w}.overlap", 0, 1) >= 1:
+        raise ValueError(f"{w}.overlap: expected a number in [0, 1), got {est.overlap!r}")
+
+
+def _ens_params(est: Any, w: str) -> None:
+    run_own(est._check_params, w)
+    _engine(est, w)
+    if not isinstance(est.members, (list, tuple)) or not est.members:
+        raise TypeError(f"{w}.members: expected a non-empty list, got {_short(est.members)}")
+    for i, m in enumerate(est.members):
+        if not isinstance(m, (str, os.PathLike)):
+            check_instance(m, f"{w}.members[{i}]", SEGMENTER_CLASSES[:1])
+    if est.weights is not None:
+        wt = np.asarray(est.weights) if isinstance(est.weights, (list, tuple)) else est.weights
+        check_array(wt, f"{w}.weights", ndim=1, kinds="fiu", shape=(len(est.members),))
+        if (wt <= 0).any():
+            raise ValueError(f"{w}.weights: must be positive, got {_short(est.weights)}")
+
+
+_SCORERS = SEGMENTER_CLASSES + ("uqseg.calibration.TemperatureCalibrator",
+                                "sklearn.pipeline.Pipeline")
+
+
+def _estimator_param(v: Any, where: str, *, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if not isinstance(v, (str, os.PathLike)):
+        check_instance(v, where, _SCORERS)
+
+
+def _cal_params(est: Any, w: str) -> None:
+    run_own(est._check_params, w)
+    _estimator_param(est.estimator, f"{w}.estimator", none=True)
+
+
+def _layer(v: Any, where: str) -> None:
+    if not isinstance(v, str):
+        check_str_list(v, where)
+
+
+def _ood_params(est: Any, w: str) -> None:
+    from sklearn.neighbors import VALID_METRICS
+
+    run_own(est._check_common, w)
+    _estimator_param(est.estimator, f"{w}.estimator")
+    if hasattr(est, "_setup_params"):
+        run_own(est._setup_params, w)
+        _layer(est.layer, f"{w}.layer")
+    if hasattr(est, "metric"):
+        check_choice(est.metric, f"{w}.metric", VALID_METRICS["brute"])
+        check_str(est.layout_layer, f"{w}.layout_layer")
+    if hasattr(est, "SCORES"):
+        check_choice(est.score, f"{w}.score", est.SCORES)
+        check_choice(est.region, f"{w}.region", est.REGIONS)
+
+
+def _qr_params(est: Any, w: str) -> None:
+    run_own(est._check_params, w)
+    _estimator_param(est.estimator, f"{w}.estimator")
+    reg = est.regressor
+    if reg is not None and not isinstance(reg, (str, os.PathLike)) and not callable(
+            getattr(reg, "predict", None)):
+        raise TypeError(f"{w}.regressor: expected None, a model or a regressor, got {_short(reg)}")
+    ref = est.reference
+    for i, r in enumerate(ref if isinstance(ref, list) else [] if ref is None else [ref]):
+        check_array(r, f"{w}.reference" + (f"[{i}]" if isinstance(ref, list) else ""),
+                    kinds="fiu")
+
+
+def _pipe_params(est: Any, w: str) -> None:
+    steps = est.steps
+    if not isinstance(steps, list) or not steps:
+        raise TypeError(f"{w}.steps: expected a non-empty list of (name, estimator) tuples")
+    names = set()
+    for i, step in enumerate(steps):
+        if not (isinstance(step, tuple) and len(step) == 2 and isinstance(step[0], str)):
+            raise TypeError(f"{w}.steps[{i}]: expected a (name, estimator) tuple, got "
+                            f"{_short(step)}")
+        if step[0] in names or "__" in step[0]:
+            raise ValueError(f"{w}.steps[{i}][0]: step names must be unique and free of '__', "
+                             f"got {step[0]!r}")
+        names.add(step[0])
+        if not (step[1] is None or step[1] == "passthrough" or hasattr(step[1], "get_params")):
+            raise TypeError(f"{w}.steps[{i}][1]: expected an estimator, got {_short(step[1])}")
+    if not isinstance(est.verbose, bool):
+        raise TypeError(f"{w}.verbose: expected True or False, got {_short(est.verbose)}")
+    if getattr(est, "transform_input", None) is not None:
+        raise ValueError(f"{w}.transform_input: must be None in a loaded folder")
+
+
+# ---------------------------------------------------------------------------- fitted state
+def _cal_fitted(est: Any, s: dict, w: str) -> None:
+    from uqseg.calibration import CONFIDENCE_EDGES, LOG_T_BOUNDS
+
+    if not s:
+        return
+    check_keys(s, w, ("temperature_", "n_classes_", "n_voxels_fit_", "n_voxels_sampled_",
+                      "nll_before_", "nll_after_", "ece_before_", "ece_after_", "n_iter_",
+                      "estimator_", "sample_"))
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2, 1 << 16)
+    lo, hi = (math.exp(b) for b in LOG_T_BOUNDS)
+    lo, hi = lo * (1 - 1e-9), hi * (1 + 1e-9)
+    if est.mode == "classwise":
+        check_array(s["temperature_"], f"{w}.temperature_", shape=(k,), lo=lo, hi=hi)
+    else:
+        check_real(s["temperature_"], f"{w}.temperature_", lo, hi)
+    for key in ("nll_before_", "nll_after_"):
+        check_real(s[key], f"{w}.{key}", 0)
+    for key in ("ece_before_", "ece_after_"):
+        check_real(s[key], f"{w}.{key}", 0, 1, nan=est.mode == "classwise")
+    check_int(s["n_iter_"], f"{w}.n_iter_", 0)
+    sub = s["estimator_"]
+    if sub is not None:
+        check_instance(sub, f"{w}.estimator_", _SCORERS)
+        if sub is est or getattr(sub, "n_classes_", k) != k:
+            raise ValueError(f"{w}.estimator_: gives {getattr(sub, 'n_classes_', '?')} classes, "
+                             f"n_classes_ is {k}")
+    smp = s["sample_"]
+    if not isinstance(smp, dict) or set(smp) != {"scores", "labels", "strata", "keys", "counts"}:
+        raise ValueError(f"{w}.sample_: expected a dict of scores, labels, strata, keys, counts")
+    nb = len(CONFIDENCE_EDGES) + 1
+    scores = check_array(smp["scores"], f"{w}.sample_['scores']", ndim=2)
+    if scores.shape[0] != k:
+        raise ValueError(f"{w}.n_classes_: {k} but sample_['scores'] holds {scores.shape[0]} "
+                         "classes")
+    n = scores.shape[1]
+    labels = check_array(smp["labels"], f"{w}.sample_['labels']", kinds="i", shape=(n,),
+                         lo=0, hi=k - 1)
+    strata = check_array(smp["strata"], f"{w}.sample_['strata']", kinds="i", shape=(n,),
+                         lo=0, hi=k * nb - 1)
+    check_array(smp["keys"], f"{w}.sample_['keys']", shape=(n,), lo=0, hi=1)
+    counts = check_array(smp["counts"], f"{w}.sample_['counts']", kinds="i", shape=(k * nb,),
+                         lo=0)
+    if (strata // nb != labels).any():
+        raise ValueError(f"{w}.sample_['strata']: does not match sample_['labels']")
+    if (np.bincount(strata, minlength=k * nb) > counts).any():
+        raise ValueError(f"{w}.sample_['counts']: fewer voxels than the sample holds")
+    if check_int(s["n_voxels_sampled_"], f"{w}.n_voxels_sampled_", 0) != n:
+        raise ValueError(f"{w}.n_voxels_sampled_: {s['n_voxels_sampled_']} but the sample "
+                         f"holds {n}")
+    if check_int(s["n_voxels_fit_"], f"{w}.n_voxels_fit_", 0) != int(counts.sum()):
+        raise ValueError(f"{w}.n_voxels_fit_: does not match sample_['counts']")
+
+
+def _layer_channels(seg: Any) -> dict:
+    from uqseg.backends import graph
+    from uqseg.backends._model import read_model
+
+    proto, _ = read_model(seg.model)
+    return {info.name: info.channels for info in graph.candidate_layers(proto)}
+
+
+_DERIVED = {
+    "SpectralOODDetector": ("dist_stats_", "layout_mean_", "layout_scale_",
+                            "layout_components_"),
+    "MahalanobisOODDetector": ("pca_mean_", "components_", "mean_", "precision_"),
+}
+
+
+def _ood_fitted(est: Any, s: dict, w: str) -> None:
+    if not s:
+        return
+    name, train = type(est).__name__, est._train_attr
+    derived = [k for k in _DERIVED.get(name, ())
+               if not (k.startswith("layout_") and est.descriptor == "spectrum")]
+    derived += ["train_scores_", "offset_", "threshold_", "n_train_"]
+    extra = ["layers_"] if hasattr(est, "_setup_params") else []
+    extra += ["layout_layer_", "n_spectral_"] if name == "SpectralOODDetector" else []
+    check_keys(s, w, ("estimator_", train, *extra, *derived))
+    check_instance(s["estimator_"], f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
+    D = check_array(s[train], f"{w}.{train}", ndim=2)
+    if D.shape[0] < 1 or D.shape[1] < 1:
+        raise ValueError(f"{w}.{train}: expected at least one training image, got {D.shape}")
+    width = None
+    if extra:
+        probe = object.__new__(type(est))  # _setup resolves the layers without touching est
+        probe.__dict__.update(est.__dict__)
+        run_own(probe._setup, w)
+        for key in extra[:2]:
+            if key in s and not same(s[key], getattr(probe, key)):
+                raise ValueError(f"{w}.{key}: restored {_short(s[key])}, the parameters and "
+                                 f"network give {_short(getattr(probe, key))}")
+        seg = s["estimator_"].members_[0] if hasattr(s["estimator_"], "members_") \
+            else s["estimator_"]
+        ch = _layer_channels(seg)
+        width = sum(ch.get(n) or 0 for n in s["layers_"]) \
+            if all(ch.get(n) for n in s["layers_"]) else None
+    elif D.shape[1] != 1:
+        raise ValueError(f"{w}.{train}: expected one column, got shape {D.shape}")
+    if name == "SpectralOODDetector":
+        nsp = check_int(s["n_spectral_"], f"{w}.n_spectral_", 1, D.shape[1])
+        lay = s["layout_layer_"]
+        if (lay is None) != (nsp == D.shape[1]) or (width is not None and nsp != width):
+            raise ValueError(f"{w}.n_spectral_: {nsp} does not fit descriptors_ of width "
+                             f"{D.shape[1]} and the layers' channels")
+        if lay is not None and ch.get(lay):
+            g = est.layout_grid
+            cells = np.prod(g) if isinstance(g, (list, tuple)) else g ** seg.spatial_dims_
+            width = nsp + ch[lay] * int(cells)
+        else:
+            width = D.shape[1] if width is None else width + (D.shape[1] - nsp)
+    if width is not None and D.shape[1] != width:
+        raise ValueError(f"{w}.{train}: width {D.shape[1]} does not match the network's feature "
+                         f"layers ({width})")
+    saved = {k: s[k] for k in derived}
+    for k in derived:
+        v = saved[k]
+        if k == "n_train_":
+            if check_int(v, f"{w}.{k}", 1) != D.shape[0]:
+                raise ValueError(f"{w}.{k}: {v} but {train} holds {D.shape[0]} images")
+        elif k in ("offset_", "threshold_"):
+            check_real(v, f"{w}.{k}")
+        elif not (v is None and k in ("pca_mean_", "components_")):
+            check_array(v, f"{w}.{k}")
+    try:  # the statistics again, from the training descriptors
+        est._refit()
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{w}.{train}: the saved training data do not fit: {exc}") from exc
+    except Exception as exc:  # numerical failures (e.g. singular matrices) on hostile data
+        raise ValueError(f"{w}.{train}: the saved training data do not fit: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    for k in derived:
+        got, want = saved[k], getattr(est, k)
+        ok = (got is None and want is None) if got is None or want is None else close(
+            got, want, signs=k in ("layout_components_", "components_"))
+        if not ok:
+            raise ValueError(f"{w}.{k}: does not match the statistics of the saved training data")
+    est.__dict__.update(saved)  # keep the saved values bit for bit
+    est._cache = {}
+
+
+def _qr_fitted(est: Any, s: dict, w: str) -> None:
+    from uqseg import quality as q
+    from uqseg.uncertainty import KINDS
+
+    if not s:
+        return
+    typ, atl = s.get("typicality_"), s.get("atlas_")
+    for key, v in (("typicality_", typ), ("atlas_", atl)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{w}.{key}: expected True or False, got {_short(v)}")
+    opt = (["typicality_layer_", "reference_signatures_"] if typ else []) + \
+        (["atlas_maps_", "atlas_blocks_"] if atl else [])
+    check_keys(s, w, ("estimator_", "uncertainty_kind_", "typicality_", "atlas_", "n_classes_",
+                      "input_kind_", "regressor_", "feature_names_", "fit_report_", *opt))
+    seg = s["estimator_"]
+    check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    if k != seg.n_classes_:
+        raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
+    kind = s["uncertainty_kind_"]
+    ens = q._is_ensemble(seg)
+    want = ("mutual_information" if ens else "entropy") if est.uncertainty == "auto" \
+        else est.uncertainty
+    check_choice(kind, f"{w}.uncertainty_kind_", (want,) if want in KINDS else KINDS)
+    check_choice(s["input_kind_"], f"{w}.input_kind_", ("features", "maps"))
+    names = q.feature_names(k, kind, int(est.n_bins)) + \
+        (list(q.TYPICALITY_NAMES) if typ else []) + (q.atlas_names(k) if atl else [])
+    if not same(s["feature_names_"], names):
+        raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
+    reg = s["regressor_"]
+    if isinstance(reg, (str, os.PathLike)):
+        if s["input_kind_"] != "maps":
+            raise ValueError(f"{w}.regressor_: an ONNX regressor reads maps, input_kind_ is "
+                             f"{s['input_kind_']!r}")
+    elif not callable(getattr(reg, "predict", None)):
+        raise TypeError(f"{w}.regressor_: expected a fitted regressor, got {_short(reg)}")
+    elif s["input_kind_"] == "features" and getattr(reg, "n_features_in_", len(names)) \
+            != len(names):
+        raise ValueError(f"{w}.regressor_: takes {reg.n_features_in_} features, "
+                         f"feature_names_ has {len(names)}")
+    if typ:
+        member = q._feature_member(seg)
+        if s["typicality_layer_"] != q._typicality_layer(member):
+            raise ValueError(f"{w}.typicality_layer_: restored "
+                             f"{_short(s['typicality_layer_'])}, the network gives "
+                             f"{q._typicality_layer(member)!r}")
+        c = _layer_channels(member).get(s["typicality_layer_"])
+        check_array(s["reference_signatures_"], f"{w}.reference_signatures_", ndim=2,
+                    shape=(None, c))
+    if atl:
+        if seg.spatial_dims_ != 2:
+            raise ValueError(f"{w}.atlas_: atlas features need 2-D images")
+        maps = check_array(s["atlas_maps_"], f"{w}.atlas_maps_",
+                           shape=(None, k - 1, q.ATLAS_GRID, q.ATLAS_GRID), lo=0, hi=1)
+        check_array(s["atlas_blocks_"], f"{w}.atlas_blocks_", kinds="i",
+                    shape=(maps.shape[0],), lo=0, hi=q.ATLAS_FOLDS - 1)
+    rep = s["fit_report_"]
+    if not isinstance(rep, dict) or set(rep) != {"mae", "pearson_r", "spearman_rho", "n"}:
+        raise ValueError(f"{w}.fit_report_: expected a dict of mae, pearson_r, spearman_rho, n")
+    for key in ("mae", "pearson_r", "spearman_rho"):
+        check_real(rep[key], f"{w}.fit_report_[{key!r}]", nan=True)
+    check_int(rep["n"], f"{w}.fit_report_['n']", 0)
+
+
+def _pipe_fitted(est: Any, s: dict, w: str) -> None:
+    check_keys(s, w, ())
+    for i, (_, step) in enumerate(est.steps[1:], start=1):
+        # a fitted step that reads scores (estimator=None) needs a step before it giving them,
+        # with its number of classes
+        k = getattr(step, "n_classes_", None)
+        if k is None or getattr(step, "estimator", 0) is not None:
+            continue
+        prev = est.steps[i - 1][1]
+        if getattr(prev, "n_classes_", None) != k:
+            raise ValueError(f"{w}.steps[{i}][1].n_classes_: {k}, the step before gives "
+                             f"{getattr(prev, 'n_classes_', 'no scores')}")
+
+
+_SEG_NODE = (MODEL, ESTIMATOR)
+CHECKS: dict[str, Spec] = {
+    "uqseg.segmenter.OnnxSegmenter": Spec(_seg_params, refit_compare, {"model": (MODEL,)}),
+    "uqseg.ensemble.EnsembleSegmenter": Spec(_ens_params, refit_compare,
+                                             {"members": ("list", _SEG_NODE)},
+                                             {"members_": ("list", (ESTIMATOR,))}),
+    "uqseg.calibration.TemperatureCalibrator": Spec(_cal_params, _cal_fitted,
+                                                    {"estimator": (NONE, *_SEG_NODE)},
+                                                    {"estimator_": (NONE, ESTIMATOR)}),
+    **{f"uqseg.ood.{n}": Spec(_ood_params, _ood_fitted, {"estimator": _SEG_NODE},
+                              {"estimator_": (ESTIMATOR,)})
+       for n in ("SpectralOODDetector", "UncertaintyOODDetector", "MahalanobisOODDetector",
+                 "KNNOODDetector")},
+    "uqseg.quality.QualityRegressor": Spec(_qr_params, _qr_fitted,
+                                           {"estimator": _SEG_NODE,
+                                            "regressor": (NONE, *_SEG_NODE)},
+                                           {"estimator_": (ESTIMATOR,),
+                                            "regressor_": _SEG_NODE}),
+    "sklearn.pipeline.Pipeline": Spec(_pipe_params, _pipe_fitted),
+}
