@@ -292,6 +292,8 @@ class ConformalRiskController(BaseEstimator):
         if not isinstance(items, list) and items.ndim < 3:
             raise ValueError(f"y must have shape (N, *spatial) or (N, K, *spatial), got shape "
                              f"{items.shape}")
+        if hasattr(X, "__len__") and len(X) != len(items):
+            raise ValueError(f"X has {len(X)} images but y has {len(items)} targets")
         kind = None
         stats = []
         pos = 0
