@@ -211,7 +211,7 @@ def test_prediction_sets_cover_exchangeable_images():
         u = rng.random((n, 1, 6, 6))
         return p, (p.cumsum(1) < u).sum(1).clip(0, 2)  # y ~ Categorical(p)
 
-    p_test, y_test = draw(3000)
+    p_test, y_test = draw(1500)
     for score, mondrian in [("lac", False), ("aps", False), ("lac", True)]:
         covs, sizes = [], []
         for _ in range(20):

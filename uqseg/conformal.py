@@ -449,11 +449,10 @@ class ConformalRiskController(BaseEstimator):
         q = self.set_threshold_index_
 
         def sets(proba):
-            n, k = proba.shape[:2]
-            flat = proba.reshape(n, k, -1)
-            out = np.stack([_risk.bin_index(_risk.set_scores(f, self.set_score),
-                                            int(self.n_bins)) <= q[:, None] for f in flat])
-            return out.reshape(proba.shape)
+            scores = _risk.set_scores(np.moveaxis(proba, 1, 0), self.set_score)  # class-major
+            inside = _risk.bin_index(scores, int(self.n_bins)) <= q.reshape(
+                (-1,) + (1,) * (proba.ndim - 1))
+            return np.moveaxis(inside, 0, 1)
 
         return self._map(X, sets)
 
