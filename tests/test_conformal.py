@@ -425,3 +425,12 @@ def test_save_load_clone_and_pickle(tiny_2d, tmp_path):
     np.testing.assert_array_equal(back.predict_set(X), crc.predict_set(X))
     again = pickle.loads(pickle.dumps(crc))
     np.testing.assert_array_equal(again.predict(X), crc.predict(X))
+
+
+def test_predict_set_says_why_it_has_no_quantile():
+    proba, y = noisy_binary(1, n=2)
+    y[:, 0, 0] = 1
+    crc = ConformalRiskController(alpha=0.3, delta=0.5, n_bins=NB).fit(proba, y)  # LTT: n >= 2
+    assert crc.lambda_.shape == (1,)
+    with pytest.raises(ValueError, match="prediction sets: .*at least 3 calibration images"):
+        crc.predict_set(proba)

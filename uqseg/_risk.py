@@ -213,3 +213,40 @@ def solve(losses: np.ndarray, alpha: float, delta: float | None, safe: str | Non
         j, r = ltt_index(arr, alpha, delta, "low" if flip else safe,
                          m - 1 - start if flip else start)
     return (m - 1 - j if flip else j), r
+
+
+def set_thresholds(set_true: np.ndarray, set_all: np.ndarray, n_voxels: np.ndarray,
+                   alpha: float, mondrian: bool) -> tuple[np.ndarray, float]:
+    """Score bounds of the voxel prediction sets by image-level conformal risk control.
+
+    Class ``k`` is in a voxel's set where its score's grid index is ``<= Q``. The loss of an
+    image is the fraction of its voxels (``mondrian``: of its voxels of class ``k``, over the
+    images that contain ``k``) whose true class is outside the set: non-increasing in ``Q``
+    and 0 at ``Q = n_bins``, so CRC applies with images, not voxels, as the exchangeable units.
+
+    Parameters
+    ----------
+    set_true, set_all : ``(n, K, n_bins + 1)`` score histograms (true-class voxels / all)
+    n_voxels : ``(n,)``
+
+    Returns
+    -------
+    q : int ``(K,)``; mean_set_size : float (classes per voxel over these images at ``q``)
+    """
+    n_bins = set_true.shape[2] - 1
+    k = set_true.shape[1]
+    miss = _tail(set_true)  # [..., Q + 1]: voxels of the class whose score index is > Q
+    groups = [list(range(k))] if not mondrian else [[c] for c in range(k)]
+    q = np.zeros(k, np.int64)
+    for g in groups:
+        counts = miss[:, g, :].sum(axis=1)
+        denom = counts[:, 0].astype(np.float64)
+        keep = denom > 0
+        if not keep.any():
+            raise NoValidThreshold(f"no calibration image contains class {g[0]}")
+        # index i = 0 is the full set (Q = n_bins): loss(i) = miss(Q + 1) / |voxels|
+        i, _ = crc_index(counts[keep, ::-1] / denom[keep, None], alpha)
+        q[g] = n_bins - i
+    inside = n_voxels[:, None] - np.take_along_axis(_tail(set_all), (q + 1)[None, :, None],
+                                                    axis=2)[..., 0]
+    return q, float(inside.sum() / np.sum(n_voxels))

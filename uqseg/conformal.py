@@ -337,33 +337,19 @@ class ConformalRiskController(BaseEstimator):
         return j, r, n_eligible
 
     def _solve_sets(self):
-        """Image-level conformal risk control of the voxel miscoverage (see ``predict_set``)."""
+        """The quantile of ``predict_set``, or why there is none."""
         if self.target_kind_ != "labels":
-            return "prediction sets need label targets (one class per voxel); these were " \
-                   "indicator (multi-label) targets"
-        nb, k = int(self.n_bins), self.n_classes_
-        miss = _risk._tail(self.stats_["set_true"])  # (n, K, nb + 2): true class outside at Q
-        groups = [list(range(k))] if not self.mondrian else [[c] for c in range(k)]
-        q = np.zeros(k, np.int64)
-        for g in groups:
-            counts = miss[:, g, :].sum(axis=1)
-            denom = counts[:, 0].astype(np.float64)
-            keep = denom > 0
-            if not keep.any():
-                return f"no calibration image contains class {g[0]}"
-            # index i = 0 is the full set (Q = nb): loss(i) = miss(Q + 1) / |voxels|
-            losses = counts[keep, ::-1] / denom[keep, None]
-            try:
-                i, _ = _risk.solve(losses, float(self.alpha), None, "low", 0)
-            except _risk.NoValidThreshold as exc:
-                return f"prediction sets{'' if len(g) > 1 else f' of class {g[0]}'}: {exc}"
-            q[g] = nb - i
+            return ("prediction sets need label targets (one class per voxel); these were "
+                    "indicator (multi-label) targets")
+        try:
+            q, size = _risk.set_thresholds(self.stats_["set_true"], self.stats_["set_all"],
+                                           self.stats_["n_voxels"], float(self.alpha),
+                                           bool(self.mondrian))
+        except _risk.NoValidThreshold as exc:
+            return f"prediction sets: {exc}"
         self.set_threshold_index_ = q
-        self.set_quantile_ = (q + 1) / nb
-        tail_all = _risk._tail(self.stats_["set_all"])  # (n, K, nb + 2)
-        inside = self.stats_["n_voxels"][:, None] - np.take_along_axis(
-            tail_all, (q + 1)[None, :, None], axis=2)[..., 0]
-        self.mean_set_size_ = float(inside.sum() / self.stats_["n_voxels"].sum())
+        self.set_quantile_ = (q + 1) / int(self.n_bins)
+        self.mean_set_size_ = size
         return None
 
     def fit(self, X, y):
