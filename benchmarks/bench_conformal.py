@@ -46,11 +46,22 @@ def controller_stats(est, X, y):
     return crc.stats_, time.perf_counter() - t0
 
 
+_CURVES: dict = {}
+
+
+def _curves(stats, c, risk):
+    key = (id(stats), c, risk)  # each loss curve once per set, class and risk
+    if key not in _CURVES:
+        losses, elig = _risk.loss_curves(stats["true"][:, c], stats["all"][:, c], risk)
+        _CURVES[key] = (losses, elig, _risk._tail(stats["all"][:, c]),
+                        _risk._tail(stats["true"][:, c])[:, 0])
+    return _CURVES[key]
+
+
 def one_config(stats, perms, n_cal, risk, alpha, delta, c):
     """Realised test risk, threshold and mask/truth volume of every split (NaN: no threshold)."""
-    losses, elig = _risk.loss_curves(stats["true"][:, c], stats["all"][:, c], risk)
+    losses, elig, pos, truth = _curves(stats, c, risk)
     row = np.cumsum(elig) - 1
-    pos, truth = _risk._tail(stats["all"][:, c]), _risk._tail(stats["true"][:, c])[:, 0]
     out = {"realised": [], "lambda": [], "size_ratio": [], "index": []}
     for perm in perms:
         cal, test = perm[:n_cal], perm[n_cal:]
@@ -188,17 +199,22 @@ def mapie_compare(P, y, perms, n_cal, n_splits):
                     "mc_se": float(fin.std(ddof=1) / np.sqrt(fin.size)) if fin.size > 1 else None,
                     "frac_above_alpha": float((fin > 0.1).mean()) if fin.size else None,
                     "no_threshold": int(real.size - fin.size),
-                    "mean_lambda": float(np.nanmean(r["lambda"])),
-                    "size_ratio": float(np.nanmean(r["size_ratio"])),
+                    "mean_lambda": _nanmean(r["lambda"]),
+                    "size_ratio": _nanmean(r["size_ratio"]),
                     "median_fit_s": float(np.median(r["seconds"])), "splits": int(real.size)}
     return out
+
+
+def _nanmean(values):
+    v = np.asarray(values, float)
+    return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else None
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few images and splits; no output")
     ap.add_argument("--splits", type=int, default=200)
-    ap.add_argument("--mapie-splits", type=int, default=25)
+    ap.add_argument("--mapie-splits", type=int, default=20)
     args = ap.parse_args(argv)
     n_splits = 6 if args.quick else args.splits
     t_start = time.perf_counter()

@@ -52,13 +52,17 @@ def class_histograms(bins: np.ndarray, truth: np.ndarray, n_bins: int):
 
 
 def set_scores(proba: np.ndarray, score: str) -> np.ndarray:
-    """Non-conformity of every class, ``(K, V)``: LAC ``1 - p_k``; APS (not randomised)
-    ``sum of p_m over the classes with p_m >= p_k``."""
+    """Non-conformity of every class, ``(K, V)``: LAC ``1 - p_k``; APS with ``u = 0`` (not
+    randomised): ``sum of p_m over the classes strictly more likely than k``.
+
+    Counting ``p_k`` itself (``u = 1``) would give the confident correct voxels a score of
+    about 1, so the quantile, and every set, would take all classes; with ``u = 0`` the most
+    likely class scores 0 and sets are never empty. Any fixed score keeps the guarantee."""
     if score == "lac":
         return np.subtract(np.float32(1), proba, dtype=np.float32)
     out = np.zeros_like(proba, dtype=np.float32)
     for m in range(proba.shape[0]):  # K is small: K vector passes, no sort
-        out += np.where(proba[m] >= proba, proba[m], np.float32(0))
+        out += np.where(proba[m] > proba, proba[m], np.float32(0))
     return out
 
 

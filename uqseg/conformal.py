@@ -71,8 +71,8 @@ class ConformalRiskController(BaseEstimator):
         Classes (channels of the probabilities) to control; ``None``: the foreground classes
         ``1 .. K-1`` for label targets, every channel for indicator (sigmoid) targets.
     set_score : {"lac", "aps"}, default="lac"
-        Non-conformity score of :meth:`predict_set`: LAC ``1 - p_k`` or APS (the probability
-        mass of the classes at least as likely as ``k``).
+        Non-conformity score of :meth:`predict_set`: LAC ``1 - p_k`` or APS with ``u = 0``
+        (the probability mass of the classes strictly more likely than ``k``).
     mondrian : bool, default=False
         :meth:`predict_set` with one quantile per true class (class-conditional coverage).
     n_bins : int, default=1000
@@ -97,6 +97,9 @@ class ConformalRiskController(BaseEstimator):
     n_calibration_ : ndarray of int
         Calibration images each class's threshold was chosen on.
     method_ : {"crc", "ltt"}
+    n_images_, n_classes_ : int
+    target_kind_ : {"labels", "indicator"}
+    estimator_ : segmenter or None
     set_threshold_index_ : ndarray of int, shape (K,)
         Class ``k`` is in the prediction set where ``floor(score_k * n_bins) <=`` this.
     set_quantile_ : ndarray of float, shape (K,)
