@@ -439,7 +439,7 @@ def test_predict_set_says_why_it_has_no_quantile():
 def test_aps_scores_by_hand():
     p = np.array([[[[0.5]], [[0.3]], [[0.2]]], [[[0.4]], [[0.4]], [[0.2]]]], np.float32)
     y = np.array([[[0]], [[2]]])
-    crc = ConformalRiskController(alpha=0.5, set_score="aps", n_bins=10).fit(
+    crc = ConformalRiskController(alpha=0.5, set_score="aps", n_bins=10, classes=[0]).fit(
         np.repeat(p, 3, axis=0), np.repeat(y, 3, axis=0))
     # scores (mass strictly more likely): image 1 -> (0, 0.5, 0.8); image 2 -> (0, 0, 0.8)
     sets = crc.predict_set(p)[:, :, 0, 0]
