@@ -423,6 +423,13 @@ def test_save_load_clone_and_pickle(tiny_2d, tmp_path):
     np.testing.assert_array_equal(back.lambda_, crc.lambda_)
     np.testing.assert_array_equal(back.predict(X), crc.predict(X))
     np.testing.assert_array_equal(back.predict_set(X), crc.predict_set(X))
+    # every learned attribute is recomputable from the saved statistics (a load-time check)
+    redo = clone(back)
+    redo.stats_, redo.n_classes_, redo.target_kind_ = back.stats_, back.n_classes_, "labels"
+    redo._solve_all()
+    for attr in ("threshold_index_", "lambda_", "empirical_risk_", "n_calibration_",
+                 "set_threshold_index_", "mean_set_size_"):
+        np.testing.assert_array_equal(getattr(redo, attr), getattr(crc, attr))
     again = pickle.loads(pickle.dumps(crc))
     np.testing.assert_array_equal(again.predict(X), crc.predict(X))
 

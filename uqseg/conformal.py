@@ -374,6 +374,13 @@ class ConformalRiskController(BaseEstimator):
             delattr(self, attr)
         self.estimator_ = self._make_estimator(X)
         self._collect(X, y)
+        self._solve_all()
+        return self
+
+    def _solve_all(self):
+        """Every fitted attribute after ``stats_``, ``n_classes_`` and ``target_kind_``: a
+        pure function of those and the parameters (what a check of a loaded folder can
+        recompute and compare)."""
         self.classes_ = self._check_classes(self.n_classes_,
                                             self.target_kind_ == "indicator")
         solved = [self._solve_class(int(c)) for c in self.classes_]
@@ -384,8 +391,9 @@ class ConformalRiskController(BaseEstimator):
         self.n_calibration_ = np.array([s[2] for s in solved], dtype=np.int64)
         self.n_images_ = int(self.stats_["n_voxels"].shape[0])
         self.method_ = "crc" if self.delta is None else "ltt"
+        for attr in ("set_threshold_index_", "set_quantile_", "mean_set_size_"):
+            self.__dict__.pop(attr, None)
         self.set_error_ = self._solve_sets()
-        return self
 
     # ------------------------------------------------------------------ prediction
     def _map(self, X, fn):
