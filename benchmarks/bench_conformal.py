@@ -285,7 +285,7 @@ def _figures(res):
     fig_dir = ROOT / "docs" / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     panels = [("fnr|crc", "FNR, CRC (alpha 0.1)"), ("fnr|ltt", "FNR, LTT (alpha 0.1, delta 0.1)"),
-              ("fdr|crc", "FDR, CRC (alpha 0.1)"), ("dice|ltt", "1 - Dice, LTT (0.15, 0.1)")]
+              ("fdr|crc", "FDR, CRC (alpha 0.1)"), ("fdr|ltt", "FDR, LTT (alpha 0.1, delta 0.1)")]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     for row, name in enumerate(("clean", "corrupted")):
         for ax, (key, title) in zip(axes[row], panels, strict=True):
