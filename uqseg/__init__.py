@@ -20,6 +20,7 @@ _LAZY = {
     "MahalanobisOODDetector": "uqseg.ood",
     "KNNOODDetector": "uqseg.ood",
     "QualityRegressor": "uqseg.quality",
+    "ConformalRiskController": "uqseg.conformal",
     "save": "uqseg.persistence",
     "load": "uqseg.persistence",
 }
