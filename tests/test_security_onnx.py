@@ -257,6 +257,20 @@ def test_external_data_inside_the_folder_loads(placement, folder, secret, cwd):
             np.testing.assert_allclose(ens.predict_proba(X), ref.predict_proba(X), atol=1e-6)
 
 
+@pytest.mark.parametrize("placement", ["if", "loop", "scan", "sparse"])
+def test_auto_fuse_falls_back_for_unfusable_members(placement, folder, secret, cwd):
+    """fuse="auto" runs members with control flow or sparse initializers separately (same
+    probabilities); fuse=True names the member that cannot be fused."""
+    values = np.frombuffer(secret[1], np.float32)
+    path = _write(folder, embedded(placement, values), "cf.onnx")
+    ref = OnnxSegmenter(path).fit()
+    ens = EnsembleSegmenter([path, path], fuse="auto").fit()
+    assert ens.fused_ is False
+    np.testing.assert_allclose(ens.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be fused: member 0 has"):
+        EnsembleSegmenter([path, path], fuse=True).fit()
+
+
 @pytest.fixture
 def onnx_external(folder, secret) -> tuple[str, np.ndarray]:
     """onnx's own writer: every initializer and the Constant attribute in weights.bin."""

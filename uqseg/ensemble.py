@@ -325,6 +325,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         spec = {(s.backend, s.device, s.precision) for s in self.members_}
         if len(spec) > 1:
             return f"members use different backend/device/precision: {sorted(spec)}"
+        from uqseg.backends.fuse import fuse_problem
+
+        for i, seg in enumerate(self.members_):
+            problem = fuse_problem(seg.model)
+            if problem is not None:
+                return f"member {i} {problem}"
         return None
 
     def fit(self, X=None, y=None):

@@ -437,15 +437,14 @@ class _Decoder:
 
     def _external_data(self, path: Path, rel: str, where: str) -> None:
         """Weights stored next to a model must be in the file list too (so hashed)."""
-        from uqseg.backends._model import _external_tensors, read_model
+        from uqseg.backends._model import external_locations, read_model
 
         try:
             proto, _ = read_model(path)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: {rel!r} is not a valid ONNX model: {exc}") from exc
         base = PurePosixPath(rel).parent
-        for tensor in _external_tensors(proto):
-            loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        for loc in external_locations(proto):
             if str(base / PurePosixPath(Path(loc).as_posix())) not in self.files:
                 raise ValueError(f"{where}: {rel!r} reads external data {loc[:80]!r}, which is "
                                  "not in the manifest's file list")

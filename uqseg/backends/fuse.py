@@ -51,20 +51,36 @@ def _load(model: ModelLike, index: int) -> onnx.ModelProto:
         from onnx import inliner
 
         proto = inliner.inline_local_functions(proto)
-    if proto.graph.sparse_initializer:
-        raise ValueError(
-            f"member {index} has sparse initializers, which fuse_members does not support"
-        )
-    for node in proto.graph.node:
-        if any(
-            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            for a in node.attribute
-        ):
-            raise ValueError(
-                f"member {index} has a control-flow node {node.op_type!r} "
-                f"({node.name!r}) with a subgraph; fuse_members cannot rename it"
-            )
+    problem = _unfusable(proto)
+    if problem is not None:
+        raise ValueError(f"member {index} {problem}")
     return proto
+
+
+def _unfusable(proto: onnx.ModelProto) -> str | None:
+    """Why this (function-inlined) graph cannot be renamed into a fused one, or None."""
+    if proto.graph.sparse_initializer:
+        return "has sparse initializers, which fuse_members does not support"
+    for node in proto.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            return (f"has a control-flow node {node.op_type!r} ({node.name!r}) with a "
+                    "subgraph; fuse_members cannot rename it")
+    return None
+
+
+def fuse_problem(model: ModelLike) -> str | None:
+    """Why ``model`` cannot take part in :func:`fuse_members` (None when it can).
+
+    Checked when an ensemble decides whether to fuse, so that ``fuse="auto"`` falls back to
+    running members separately instead of failing at inference.
+    """
+    proto, _ = read_model(model)
+    if proto.functions:
+        from onnx import inliner
+
+        proto = inliner.inline_local_functions(proto)
+    return _unfusable(proto)
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
