@@ -30,6 +30,7 @@ from sklearn.utils import check_array
 
 import uqseg
 from uqseg import (
+    ConformalRiskController,
     EnsembleSegmenter,
     OnnxSegmenter,
     QualityRegressor,
@@ -98,6 +99,8 @@ def originals(tmp_path_factory, tiny_2d, tiny_members, data, logits):
         "seg": OnnxSegmenter(tiny_2d).fit(),
         "ood": SpectralOODDetector(OnnxSegmenter(tiny_2d).fit()).fit(X),
         "qr": QualityRegressor(ens, regressor=Ridge()).fit(X, yq),
+        "crc": ConformalRiskController(OnnxSegmenter(tiny_2d).fit(), alpha=0.3,
+                                       n_bins=50).fit(X, y),
     }
     root = tmp_path_factory.mktemp("originals")
     return {k: (v, uqseg.save(v, root / k)) for k, v in ests.items()}
@@ -454,6 +457,55 @@ def test_calibrator_arrays_are_checked(folder, name, make):
 def test_pipeline_state_is_checked(folder, key, value):
     _set(folder, key, value)
     _refused(folder, f"estimator.{key}")
+
+
+@pytest.mark.parametrize("folder", ["crc"], indirect=True)
+@pytest.mark.parametrize(("key", "value"), [
+    ("alpha", 0.5), ("alpha", 1.5), ("risk", "dice"), ("n_bins", 40), ("classes", [7]),
+    ("n_classes_", 4), ("target_kind_", "indicator"), ("method_", "ltt"), ("n_images_", 9),
+    ("set_error_", "no sets"), ("estimator_", None), ("estimator", "/etc/passwd"),
+])
+def test_conformal_state_is_checked(folder, key, value):
+    """Every learned attribute is recomputed from the saved statistics (a changed alpha or
+    risk no longer matches the thresholds); bad parameters and state are refused."""
+    _set(folder, key, value)
+    _refused(folder, f"estimator.{key}" if key.endswith("_") or key == "estimator"
+             else "estimator")
+
+
+@pytest.mark.parametrize("folder", ["crc"], indirect=True)
+@pytest.mark.parametrize(("path", "make"), [
+    ("threshold_index_", lambda a: a + 1), ("lambda_", lambda a: a * 0),
+    ("empirical_risk_", lambda a: a + 0.01),
+])
+def test_conformal_thresholds_must_follow_from_the_statistics(folder, path, make):
+    _set_array(folder, path, make(_get_array(folder, path)))
+    _refused(folder, f"estimator.{path}")
+
+
+@pytest.mark.parametrize("folder", ["crc"], indirect=True)
+@pytest.mark.parametrize(("entry", "make"), [
+    ("true", lambda a: a * 2 + 1), ("all", lambda a: -a), ("n_voxels", lambda a: a[:-1]),
+    ("set_all", lambda a: a[:, :, :-1]), ("true", lambda a: a.astype(np.float64)),
+])
+def test_conformal_statistics_are_checked(folder, entry, make):
+    m = _manifest(folder)
+    node = next(v for k, v in m["root"]["fitted"]["stats_"]["items"] if k == entry)
+    with np.load(folder / "arrays.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays[node["key"]] = make(arrays[node["key"]])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (folder / "arrays.npz").write_bytes(buf.getvalue())
+    _edit(folder, lambda m: m["files"].update(
+        {"arrays.npz": hashlib.sha256(buf.getvalue()).hexdigest()}))
+    _refused(folder, "estimator.stats_")
+
+
+@pytest.mark.parametrize("folder", ["crc"], indirect=True)
+def test_conformal_round_trip(folder, originals, data):
+    back = uqseg.load(folder)
+    np.testing.assert_array_equal(back.predict(data[0]), originals["crc"][0].predict(data[0]))
 
 
 @pytest.mark.parametrize("folder", ["pipe"], indirect=True)

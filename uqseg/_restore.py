@@ -417,6 +417,69 @@ def _pipe_fitted(est: Any, s: dict, w: str) -> None:
                              f"{getattr(prev, 'n_classes_', 'no scores')}")
 
 
+
+def _crc_params(est: Any, w: str) -> None:
+    run_own(est._check_params, w)
+    _estimator_param(est.estimator, f"{w}.estimator", none=True)
+    if est.classes is not None:
+        check_array(np.asarray(est.classes), f"{w}.classes", ndim=1, kinds="iu", lo=0)
+
+
+def _crc_fitted(est: Any, s: dict, w: str) -> None:
+    """Checked statistics; every learned attribute recomputed from them must match."""
+    from sklearn.base import clone
+
+    if not s:
+        return
+    derived = ("classes_", "threshold_index_", "lambda_", "empirical_risk_", "n_calibration_",
+               "n_images_", "method_", "set_error_")
+    sets = ("set_threshold_index_", "set_quantile_", "mean_set_size_")
+    check_keys(s, w, ("stats_", "n_classes_", "target_kind_", "estimator_", *derived), sets)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1, 1 << 16)
+    check_choice(s["target_kind_"], f"{w}.target_kind_", ("labels", "indicator"))
+    stats, nb = s["stats_"], int(est.n_bins)
+    hist = ("true", "all", "set_true", "set_all") if s["target_kind_"] == "labels" else (
+        "true", "all")
+    if not isinstance(stats, dict) or not {"true", "all", "n_voxels"} <= set(stats):
+        raise ValueError(f"{w}.stats_: expected a dict of {', '.join(hist)}, n_voxels")
+    if set(stats) != {*hist, "n_voxels"}:
+        raise ValueError(f"{w}.target_kind_: {s['target_kind_']!r} does not match the saved "
+                         f"statistics ({', '.join(sorted(stats))})")
+    width = getattr(stats["true"], "shape", (0, 0))[1:2]
+    if width != (k,):
+        raise ValueError(f"{w}.n_classes_: {k} but stats_ holds {width} classes")
+    nvox = check_array(stats["n_voxels"], f"{w}.stats_['n_voxels']", ndim=1, kinds="iu", lo=0)
+    n = nvox.shape[0]
+    if n < 1:
+        raise ValueError(f"{w}.stats_['n_voxels']: no calibration image")
+    for key in hist:
+        h = check_array(stats[key], f"{w}.stats_[{key!r}]", kinds="iu", lo=0,
+                        shape=(n, k, nb + 1))
+        if (h.sum(axis=2) > nvox[:, None]).any():
+            raise ValueError(f"{w}.stats_[{key!r}]: more voxels than n_voxels")
+    if (stats["true"] > stats["all"]).any():
+        raise ValueError(f"{w}.stats_['true']: more truth voxels than voxels in a bin")
+    sub = s["estimator_"]
+    if (sub is None) != (est.estimator is None):
+        raise ValueError(f"{w}.estimator_: must be None exactly when estimator is None")
+    if sub is not None:
+        check_instance(sub, f"{w}.estimator_", _SCORERS)
+        if getattr(sub, "n_classes_", k) != k:
+            raise ValueError(f"{w}.estimator_: gives {getattr(sub, 'n_classes_', '?')} classes, "
+                             f"n_classes_ is {k}")
+    fresh = clone(est)
+    fresh.stats_, fresh.n_classes_, fresh.target_kind_ = stats, k, s["target_kind_"]
+    try:
+        fresh._solve_all()
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{w}.stats_: the saved statistics do not calibrate: {exc}") from exc
+    want = {key: getattr(fresh, key) for key in (*derived, *sets) if hasattr(fresh, key)}
+    check_keys(s, w, ("stats_", "n_classes_", "target_kind_", "estimator_", *want))
+    for key, value in want.items():
+        if not same(s[key], value):
+            raise ValueError(f"{w}.{key}: restored {_short(s[key])} but the saved statistics "
+                             f"give {_short(value)}")
+
 _SEG_NODE = (MODEL, ESTIMATOR)
 CHECKS: dict[str, Spec] = {
     "uqseg.segmenter.OnnxSegmenter": Spec(_seg_params, refit_compare, {"model": (MODEL,)}),
@@ -435,5 +498,8 @@ CHECKS: dict[str, Spec] = {
                                             "regressor": (NONE, *_SEG_NODE)},
                                            {"estimator_": (ESTIMATOR,),
                                             "regressor_": _SEG_NODE}),
+    "uqseg.conformal.ConformalRiskController": Spec(_crc_params, _crc_fitted,
+                                                    {"estimator": (NONE, *_SEG_NODE)},
+                                                    {"estimator_": (NONE, ESTIMATOR)}),
     "sklearn.pipeline.Pipeline": Spec(_pipe_params, _pipe_fitted),
 }
