@@ -720,7 +720,8 @@ def test_unedited_folders_load_identically(originals, data, logits):
             loaded = uqseg.load(folder)
         assert all(not p.endswith(".onnx") or _inside(p, folder) for p in seen), kind
         inp = logits[0] if kind.startswith("cal") else X
-        method = {"ood": "score_samples", "qr": "predict", "seg": "transform"}.get(
+        method = {"ood": "score_samples", "qr": "predict", "seg": "transform",
+                  "crc": "predict"}.get(
             kind, "predict_proba")
         np.testing.assert_array_equal(getattr(loaded, method)(inp), getattr(est, method)(inp))
     assert persistence.MAX_DEPTH >= 50
