@@ -218,6 +218,68 @@ def test_predict_with_saved_estimators(tmp_path, tiny_2d, capsys):
     np.testing.assert_allclose(scores["score_samples"], det.score_samples(slices), rtol=1e-6)
 
 
+@pytest.mark.parametrize("with_estimator", [True, False])
+def test_predict_writes_risk_controlled_masks(tmp_path, tiny_2d, with_estimator, capsys):
+    import uqseg
+    from uqseg import ConformalRiskController, OnnxSegmenter
+    from uqseg.datasets import normalize_intensity
+
+    rng = np.random.default_rng(7)
+    Xc = rng.random((30, 1, 16, 16)).astype(np.float32)
+    seg = OnnxSegmenter(tiny_2d).fit()
+    yc = seg.predict(Xc)
+    yc[:, :4] = rng.integers(0, 3, size=yc[:, :4].shape)  # the network is not always right
+    crc = ConformalRiskController(seg if with_estimator else None, alpha=0.2)
+    crc.fit(Xc if with_estimator else seg.predict_proba(Xc), yc)
+    uqseg.save(crc, tmp_path / "crc")
+    x = rng.random((16, 16, 5)).astype(np.float32) * 300
+    nib.save(nib.Nifti1Image(x, AFFINE), tmp_path / "vol.nii.gz")
+    out = tmp_path / "o"
+    code, stdout, _ = run(["predict", tiny_2d, tmp_path / "vol.nii.gz", "--out", out,
+                           "--estimators", tmp_path / "crc", "--alpha", "0.4",
+                           "--no-progress"], capsys)
+    assert code == 0
+    img = nib.load(out / "vol_crc_mask.nii.gz")
+    np.testing.assert_allclose(img.affine, AFFINE)
+    masks = np.asarray(img.dataobj)
+    assert masks.shape == (16, 16, 5, 2) and masks.dtype == np.uint8
+    assert str(out / "vol_crc_mask.nii.gz") in stdout
+    # the thresholds are chosen again at alpha=0.4 from the saved statistics
+    ref = ConformalRiskController(seg if with_estimator else None, alpha=0.4)
+    ref.fit(Xc if with_estimator else seg.predict_proba(Xc), yc)
+    slices = normalize_intensity(np.moveaxis(x, 2, 0)[:, None])
+    expected = ref.predict(slices if with_estimator else seg.predict_proba(slices))
+    np.testing.assert_array_equal(masks, np.moveaxis(expected, (0, 1), (2, 3)))
+    summary = json.loads((out / "vol_scores.json").read_text())["estimators"]["crc"]
+    assert summary["alpha"] == 0.4 and summary["risk"] == "fnr" and summary["method"] == "crc"
+    assert summary["classes"] == [1, 2]
+    np.testing.assert_allclose([v if v is not None else np.inf for v in summary["lambda"]],
+                               ref.lambda_)
+    assert summary["mask_voxels"] == expected.sum(axis=(0, 2, 3)).tolist()
+    assert uqseg.load(tmp_path / "crc").alpha == 0.2  # the saved folder is untouched
+
+
+def test_predict_risk_arguments_are_checked(tmp_path, tiny_2d, capsys):
+    import uqseg
+    from uqseg import ConformalRiskController, OnnxSegmenter
+
+    rng = np.random.default_rng(8)
+    Xc = rng.random((10, 1, 16, 16)).astype(np.float32)
+    seg = OnnxSegmenter(tiny_2d).fit()
+    uqseg.save(ConformalRiskController(seg, alpha=0.3).fit(Xc, seg.predict(Xc)),
+               tmp_path / "crc")
+    np.save(tmp_path / "img.npy", rng.random((16, 16)).astype(np.float32))
+    base = ["predict", tiny_2d, tmp_path / "img.npy", "--out", tmp_path / "o", "--no-progress"]
+    code, _, err = run([*base, "--alpha", "0.1"], capsys)
+    assert code == 2 and "--alpha set the level of a ConformalRiskController" in err
+    code, _, err = run([*base, "--estimators", tmp_path / "crc", "--risk", "dice"], capsys)
+    assert code == 2 and "not monotone" in err and "pass delta" in err
+    with pytest.raises(SystemExit) as exc:
+        run([*base, "--estimators", tmp_path / "crc", "--alpha", "1.5"], capsys)
+    assert exc.value.code == 2 and "expected a number in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_predict_channel_mismatch_is_a_runtime_error(tmp_path, tiny_2d, capsys):
     np.save(tmp_path / "x.npy", np.zeros((4, 6, 6, 2), np.float32))
     code, _, err = run(["predict", tiny_2d, tmp_path / "x.npy", "--out", tmp_path], capsys)

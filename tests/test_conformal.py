@@ -454,3 +454,33 @@ def test_aps_scores_by_hand():
     ref = np.array([[0, 5, 8], [0, 0, 8]]) <= q
     np.testing.assert_array_equal(sets, ref)
     assert sets[:, 0].all()  # the most likely class is always in the set
+
+
+@pytest.mark.parametrize(("params"), [
+    {"alpha": 0.05}, {"risk": "fdr", "alpha": 0.3}, {"risk": "dice", "delta": 0.1, "alpha": 0.4},
+    {"risk": "volume", "delta": 0.2, "alpha": 0.5}, {"set_score": "aps", "mondrian": True}])
+def test_recalibrate_equals_a_refit(params):
+    proba, y = noisy_binary(4, n=60)
+    crc = ConformalRiskController(n_bins=NB).fit(proba, y)
+    crc.recalibrate(**params)
+    fresh = ConformalRiskController(n_bins=NB, **params).fit(proba, y)
+    assert crc.get_params() == fresh.get_params()
+    for attr in ("lambda_", "threshold_index_", "empirical_risk_", "n_calibration_",
+                 "set_threshold_index_"):
+        np.testing.assert_array_equal(getattr(crc, attr), getattr(fresh, attr))
+    assert crc.method_ == fresh.method_
+    np.testing.assert_array_equal(crc.predict(proba[:4]), fresh.predict(proba[:4]))
+
+
+def test_recalibrate_refuses_statistics_parameters_and_keeps_state_on_error():
+    proba, y = noisy_binary(4, n=30)
+    with pytest.raises(NotFittedError):
+        ConformalRiskController().recalibrate(alpha=0.2)
+    crc = ConformalRiskController(n_bins=NB, alpha=0.2).fit(proba, y)
+    before = crc.lambda_.copy()
+    with pytest.raises(ValueError, match=r"refit for them\), got \['n_bins'\]"):
+        crc.recalibrate(n_bins=50)
+    with pytest.raises(ValueError, match="not monotone.*pass delta"):
+        crc.recalibrate(risk="dice")
+    assert crc.risk == "fnr" and crc.alpha == 0.2
+    np.testing.assert_array_equal(crc.lambda_, before)

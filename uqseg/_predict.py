@@ -42,11 +42,23 @@ class Plan:
         from uqseg.io import image_stem
 
         stem = image_stem(source)
-        return {k: self.out / f"{stem}{s}" for k, s in OUTPUT_SUFFIXES.items()}
+        outs = {k: self.out / f"{stem}{s}" for k, s in OUTPUT_SUFFIXES.items()}
+        for d, _, kind in self.estimators:
+            if kind == "risk":
+                outs[mask_key(d)] = self.out / f"{stem}_{d.name}_mask.nii.gz"
+        return outs
+
+
+def mask_key(folder: Path) -> str:
+    return f"mask:{folder.name}"
 
 
 def estimator_kind(est) -> str | None:
-    """``"ood"``, ``"quality"`` or None: what ``predict`` can score with ``est``."""
+    """``"ood"``, ``"quality"``, ``"risk"`` or None: what ``predict`` can do with ``est``."""
+    from uqseg.conformal import ConformalRiskController
+
+    if isinstance(est, ConformalRiskController):
+        return "risk"
     if hasattr(est, "score_samples") and hasattr(est, "offset_"):
         return "ood"
     if hasattr(est, "flag") and hasattr(est, "predict"):
@@ -54,8 +66,14 @@ def estimator_kind(est) -> str | None:
     return None
 
 
-def plan_predict(models, inputs, out, *, estimators=(), overwrite=False) -> Plan:
-    """Check every argument and input; raise before anything is written."""
+def plan_predict(models, inputs, out, *, estimators=(), overwrite=False, risk=None,
+                 alpha=None, delta=None) -> Plan:
+    """Check every argument and input; raise before anything is written.
+
+    ``risk``, ``alpha`` and ``delta`` (each None: as saved) choose the thresholds of every
+    risk controller again from its stored calibration statistics
+    (:meth:`ConformalRiskController.recalibrate`).
+    """
     import uqseg
     from uqseg.backends._model import read_model
     from uqseg.io import check_image, image_stem
@@ -90,8 +108,20 @@ def plan_predict(models, inputs, out, *, estimators=(), overwrite=False) -> Plan
         if kind is None:
             raise TypeError(f"--estimators {str(d)!r} holds a {type(est).__name__}; predict "
                             "scores OOD detectors (score_samples, offset_) and quality "
-                            "regressors (predict, flag) only")
+                            "regressors (predict, flag) and applies ConformalRiskControllers "
+                            "only")
         checked.append((d, est, kind))
+    new = {k: v for k, v in (("risk", risk), ("alpha", alpha), ("delta", delta))
+           if v is not None}
+    if new and not any(kind == "risk" for _, _, kind in checked):
+        raise UsageError(f"--{'/--'.join(new)} set the level of a ConformalRiskController: "
+                         "give its saved folder with --estimators")
+    for d, est, kind in checked:
+        if kind == "risk" and new:
+            try:
+                est.recalibrate(**new)
+            except ValueError as exc:
+                raise UsageError(f"--estimators {str(d)!r}: {exc}") from exc
     names = [d.name for d, _, _ in checked]
     if len(set(names)) < len(names):
         raise UsageError(f"--estimators folders must have distinct names (they key "
@@ -250,16 +280,23 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
     kinds = ("entropy", "mutual_information") if ens.n_samples_ > 1 else ("entropy",)
     keys = ["seg", "proba", *(MAP_NAMES[k] for k in kinds)]
     dtypes = {"seg": np.uint8, "proba": np.float32, "entropy": np.float32, "mi": np.float32}
+    risks = [(d, est) for d, est, kind in plan.estimators if kind == "risk"]
+    for d, _ in risks:
+        keys.append(mask_key(d))
+        dtypes[mask_key(d)] = np.uint8
+    channels_of = {"proba": ens.n_classes_, **{mask_key(d): len(est.classes_)
+                                               for d, est in risks}}
     spatial = vol.data.shape[:3] if layout == "slices" else None
     n = spatial[axis] if layout == "slices" else 1
     if layout == "slices":
         per = max(1, SLAB_VOXELS // max(1, int(np.prod(spatial)) // n))
         writers = {k: SlabWriter(work / f"{k}.nii.gz", spatial, dtypes[k], vol.affine,
-                                 axis=axis, n_classes=ens.n_classes_ if k == "proba" else None,
+                                 axis=axis, n_classes=channels_of.get(k),
                                  scratch=work / f"{k}.raw") for k in keys}
     else:
         per, writers = 1, {}
     class_voxels = np.zeros(ens.n_classes_, dtype=np.int64)
+    mask_voxels = {d.name: np.zeros(len(est.classes_), dtype=np.int64) for d, est in risks}
     entropy_sum, scores = 0.0, {d.name: [] for d, _, _ in plan.estimators}
     whole = {}
     try:
@@ -273,13 +310,19 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
             seg = proba.argmax(axis=1).astype(np.uint8)
             class_voxels += np.bincount(seg.ravel(), minlength=ens.n_classes_)
             entropy_sum += float(maps["entropy"].sum(dtype=np.float64))
+            arrays = {"seg": seg, "proba": proba, **{MAP_NAMES[k]: maps[k] for k in kinds}}
             for d, est, kind in plan.estimators:
+                if kind == "risk":
+                    mask = _risk_masks(est, X, proba)
+                    mask_voxels[d.name] += mask.sum(axis=tuple(
+                        i for i in range(mask.ndim) if i != 1))
+                    arrays[mask_key(d)] = mask
+                    continue
                 fn = est.score_samples if kind == "ood" else est.predict
                 scores[d.name].append(np.asarray(fn(X)))
-            arrays = {"seg": seg, "proba": proba, **{MAP_NAMES[k]: maps[k] for k in kinds}}
             for k in keys:
                 block = to_volume(arrays[k].astype(dtypes[k], copy=False), layout,
-                                             axis, classes=k == "proba")
+                                  axis, classes=k in channels_of)
                 if writers:
                     writers[k].write(s0, s1, block)
                 else:
@@ -302,8 +345,10 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
         "outputs": [str(final) for _, final in staged],
     }
     if plan.estimators:
-        report["estimators"] = {d.name: _summary(est, kind, np.concatenate(scores[d.name]))
-                                for d, est, kind in plan.estimators}
+        report["estimators"] = {
+            d.name: _risk_summary(est, mask_voxels[d.name], finals[mask_key(d)])
+            if kind == "risk" else _summary(est, kind, np.concatenate(scores[d.name]))
+            for d, est, kind in plan.estimators}
     (work / "scores.json").write_text(json.dumps(report, indent=2))
     staged.append((work / "scores.json", finals["scores"]))
     return staged
@@ -318,3 +363,24 @@ def _summary(est, kind, values) -> dict:
     return {"type": type(est).__name__, "target": getattr(est, "target", "dice"),
             "predicted_quality": values.tolist(),
             "mean_predicted_quality": np.nanmean(values, axis=0).tolist()}
+
+
+def _risk_masks(est, X, proba):
+    """A controller's masks for a model batch: through its own estimator when it has one
+    (the guarantee is about that estimator's probabilities), else on the ensemble's."""
+    if est.estimator_ is not None:
+        return np.asarray(est.predict(X))
+    from uqseg.conformal import controlled_masks
+
+    return controlled_masks(est, proba)
+
+
+def _risk_summary(est, mask_voxels, output) -> dict:
+    lam = [None if not np.isfinite(v) else float(v) for v in est.lambda_]
+    return {"type": type(est).__name__, "risk": est.risk, "alpha": float(est.alpha),
+            "delta": None if est.delta is None else float(est.delta), "method": est.method_,
+            "classes": est.classes_.tolist(), "lambda": lam,
+            "probabilities": "the controller's estimator" if est.estimator_ is not None
+            else "the ensemble of the given models",
+            "n_calibration": est.n_calibration_.tolist(),
+            "mask_voxels": mask_voxels.tolist(), "output": str(output)}

@@ -68,6 +68,7 @@ def _batch_size(text: str):
 PROGRESS_CHUNK = 16  # images per progress-bar step when the batch size is "auto"
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_open_unit = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", nargs="+", type=Path, default=[], metavar="SAVED_DIR",
                    help="folders written by uqseg.save: OOD detectors and quality regressors "
                         "scored on the same (normalised) images")
+    p.add_argument("--risk", choices=("fnr", "fdr", "dice", "volume"),
+                   help="with a saved ConformalRiskController in --estimators: the risk to "
+                        "control (default: as saved); its thresholds are chosen again from "
+                        "the stored calibration statistics and its masks written to "
+                        "<name>_<folder>_mask.nii.gz")
+    p.add_argument("--alpha", type=_open_unit, metavar="A",
+                   help="risk level in (0, 1) for --risk (default: as saved)")
+    p.add_argument("--delta", type=_open_unit, metavar="D",
+                   help="Learn-then-Test: the risk is <= alpha with probability >= 1 - D "
+                        "(needed for --risk dice/volume; default: as saved)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: refuse and write nothing)")
     p.add_argument("--tta", action="store_true", help="test-time flips (every spatial axis)")
@@ -220,7 +231,8 @@ def _cmd_predict(args) -> int:
         raise UsageError(f"models must come before the inputs, got {late} after "
                          f"{inputs[0]!r}")
     plan = plan_predict(models, inputs, args.out, estimators=args.estimators,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, risk=args.risk, alpha=args.alpha,
+                        delta=args.delta)
     written = run_predict(
         plan, tta=args.tta, mc_samples=args.mc_samples, axis=args.axis,
         normalize=not args.no_normalize, backend=args.backend, device=args.device,

@@ -395,6 +395,40 @@ class ConformalRiskController(BaseEstimator):
             self.__dict__.pop(attr, None)
         self.set_error_ = self._solve_sets()
 
+    def recalibrate(self, **params):
+        """Choose the thresholds again from the stored statistics, with new parameters.
+
+        No image is read and no network runs: ``stats_`` holds everything any risk, level
+        or class selection needs, so e.g. ``crc.recalibrate(alpha=0.05)`` gives the same
+        thresholds as refitting with ``alpha=0.05`` on the same calibration data.
+
+        Parameters
+        ----------
+        **params : ``risk``, ``alpha``, ``delta``, ``classes``, ``set_score`` or
+            ``mondrian`` (``n_bins``, ``ignore_index`` and the estimator shaped the
+            statistics, so they need a new :meth:`fit`).
+
+        Returns
+        -------
+        self
+        """
+        check_is_fitted(self, "stats_")
+        allowed = ("risk", "alpha", "delta", "classes", "set_score", "mondrian")
+        other = sorted(set(params) - set(allowed))
+        if other:
+            raise ValueError(f"recalibrate changes {allowed} only (the others shaped the "
+                             f"stored statistics: refit for them), got {other}")
+        old = {k: getattr(self, k) for k in params}
+        self.set_params(**params)
+        try:
+            self._check_params()
+            self._solve_all()
+        except Exception:
+            self.set_params(**old)
+            self._solve_all()
+            raise
+        return self
+
     # ------------------------------------------------------------------ prediction
     def _map(self, X, fn):
         check_is_fitted(self, "lambda_")
