@@ -323,7 +323,11 @@ def test_demo_quick_end_to_end(tmp_path, tiny_members, capsys):
     assert summary["n_members"] == 2 and len(summary["members"]) == 2
     assert summary["throughput_images_per_s"]["ensemble"] > 0
     assert "OOD AUROC" in out and "quality" in out and "--quick" in out
+    crc = summary["conformal"]  # --quick has too few val slices for alpha = 0.1
+    assert crc["alpha"] == 0.1 and "calibration images" in crc["error"]
+    assert "FNR-controlled masks (alpha 0.10)" in out and "not calibrated" in out
     html = (tmp_path / "report.html").read_text()
+    assert "Conformal risk control" in html
     assert html.count("data:image/png;base64,") >= 3
 
 

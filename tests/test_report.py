@@ -81,3 +81,28 @@ def test_demo_without_matplotlib_still_prints_the_table(tmp_path, tiny_members, 
     assert "OOD AUROC" in out
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "report.html").exists()
     assert summary["n_members"] == 1
+
+
+def test_demo_conformal_step_against_a_hand_count():
+    from uqseg import ConformalRiskController
+    from uqseg.demo import _conformal
+
+    rng = np.random.default_rng(3)
+    y_val = rng.integers(0, 3, (40, 8, 8))
+    y_te = rng.integers(0, 3, (10, 8, 8))
+    y_te[0][y_te[0] == 2] = 0  # an image without class 2 does not count for its FNR
+
+    def proba(y):
+        p = rng.random((len(y), 3, 8, 8)) + 2.0 * np.moveaxis(np.eye(3)[y], -1, 1)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+    p_val, p_te = proba(y_val), proba(y_te)
+    out = _conformal(ConformalRiskController, p_val, y_val, p_te, p_te.argmax(1), y_te)
+    lam = ConformalRiskController(alpha=0.1).fit(p_val, y_val).lambda_
+    np.testing.assert_allclose(out["lambda"], lam)
+    for i, c in enumerate((1, 2)):
+        fnrs = [1 - ((p_te[j, c] >= lam[i] - 1e-9) & (y_te[j] == c)).sum() / (y_te[j] == c).sum()
+                for j in range(10) if (y_te[j] == c).any()]
+        assert out["test_images"][i] == len(fnrs)
+        assert out["test_fnr"][i] == pytest.approx(np.mean(fnrs), abs=0.02)
+    assert out["test_images"] == [10, 9]

@@ -38,6 +38,7 @@ __all__ = ["FULL", "QUICK", "DemoConfig", "format_table", "run_demo"]
 
 CLASS_NAMES = ("grey matter", "white matter")
 ROI_MARGIN = 10
+CRC_ALPHA = 0.1  # false-negative rate the demo's conformal masks are calibrated to
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     """
     from uqseg import datasets, metrics
     from uqseg.calibration import TemperatureCalibrator
+    from uqseg.conformal import ConformalRiskController
     from uqseg.ensemble import EnsembleSegmenter
     from uqseg.ood import SpectralOODDetector, UncertaintyOODDetector
     from uqseg.quality import QualityRegressor, make_quality_set
@@ -209,6 +211,9 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     del parts
     p_ens_cal = cal_ens.predict_proba(p_ens)
     pred_ens = p_ens.argmax(1)
+
+    # 3b. conformal risk control: thresholds on val, realised false-negative rate on test --
+    conformal = _conformal(ConformalRiskController, val_ens, y_val, p_ens, pred_ens, y_te)
 
     # 4. OOD ------------------------------------------------------------------------------------
     X_fit = _every(X_tr, cfg.n_train_ood)
@@ -280,6 +285,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
         "ensemble": {"single_mean": single, "ensemble": _calibration(p_ens, y_te, roi_te),
                      "ensemble_calibrated": _calibration(p_ens_cal, y_te, roi_te),
                      "ensemble_temperature": np.atleast_1d(cal_ens.temperature_).tolist()},
+        "conformal": conformal,
         "ood_auroc": ood_auroc,
         "quality": {**quality, "target": "dice", "fit_images": len(Xq_fit),
                     "test_images": len(Xq_te)},
@@ -317,6 +323,29 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     written = [out / "summary.json"] + ([report_path] if report_path else [])
     print("wrote " + ", ".join(str(p) for p in written), file=stream)
     return summary
+
+
+def _conformal(cls, p_val, y_val, p_te, pred_te, y_te) -> dict:
+    """FNR-controlled masks fitted on val, their realised FNR on test (argmax's beside)."""
+    out = {"risk": "fnr", "alpha": CRC_ALPHA}
+    try:
+        crc = cls(risk="fnr", alpha=CRC_ALPHA).fit(p_val, y_val)
+    except ValueError as exc:  # e.g. too few val images with --quick
+        return {**out, "error": str(exc)}
+    masks = crc.predict(p_te)
+    out.update({"classes": crc.classes_.tolist(), "lambda": crc.lambda_.tolist(),
+                "test_fnr": [], "argmax_fnr": [], "test_images": [],
+                "mask_to_truth_volume": []})
+    n = len(y_te)
+    for i, c in enumerate(crc.classes_):
+        truth = (y_te == c).reshape(n, -1)
+        has, size = truth.sum(1) > 0, truth.sum(1)
+        for key, m in (("test_fnr", masks[:, i]), ("argmax_fnr", pred_te == c)):
+            tp = (m.reshape(n, -1) & truth).sum(1)
+            out[key].append(float(np.mean(1 - tp[has] / size[has])) if has.any() else None)
+        out["test_images"].append(int(has.sum()))
+        out["mask_to_truth_volume"].append(float(masks[:, i].sum() / max(size.sum(), 1)))
+    return out
 
 
 def _examples(X, y, pred, unc, unc_kind, n) -> dict:
@@ -379,6 +408,13 @@ def format_table(s: dict) -> str:
     lines.append(f"  {'mean':<14}{'':>4}  {_fmt(mean['spectral']):>9}  "
                  f"{_fmt(mean['uncertainty']):>11}")
     q, tp = s["quality"], s["throughput_images_per_s"]
+    if "conformal" in s:
+        c = s["conformal"]
+        head = f"{'FNR-controlled masks (alpha ' + _fmt(c['alpha'], 2) + ')':<44}"
+        lines += ["", head + f"not calibrated: {c['error']}" if "error" in c else head +
+                  f"test FNR {' / '.join(_fmt(v) for v in c['test_fnr'])} "
+                  f"(argmax {' / '.join(_fmt(v) for v in c['argmax_fnr'])}), mask/truth "
+                  f"volume {' / '.join(_fmt(v, 2) for v in c['mask_to_truth_volume'])}"]
     lines += [
         "",
         f"{'quality: predicted vs true Dice':<44}r = {_fmt(q['pearson_r'])}, "

@@ -282,6 +282,19 @@ def _summary_html(s: dict) -> str:
               f"{_f(ts['before']['ece'], 4)} → {_f(ts['after']['ece'], 4)}",
               f"{_f(ts['before']['nll'], 4)} → {_f(ts['after']['nll'], 4)}"]],
             ["member", "T", "ECE", "NLL"]))
+    if "conformal" in s and "error" in s["conformal"]:
+        parts.append("<h2>Conformal risk control</h2><p>Not calibrated: "
+                     + html.escape(s["conformal"]["error"]) + "</p>")
+    elif "conformal" in s:
+        c = s["conformal"]
+        names = s.get("test_dice", {}).get("classes") or [str(k) for k in c["classes"]]
+        rows = [[name, _f(lam), _f(fnr), _f(arg), _f(vol, 2), n] for name, lam, fnr, arg, vol, n
+                in zip(names, c["lambda"], c["test_fnr"], c["argmax_fnr"],
+                       c["mask_to_truth_volume"], c["test_images"], strict=False)]
+        parts.append(f"<h2>Conformal risk control (false-negative rate ≤ {_f(c['alpha'], 2)})"
+                     "</h2>" + _table(rows, ["class", "threshold λ", "test FNR",
+                                             "argmax FNR", "mask / truth volume",
+                                             "test images"]))
     if "ood_auroc" in s:
         dets = list(s["ood_auroc"])
         kinds = list(s["ood_auroc"][dets[0]])
