@@ -21,6 +21,7 @@ _LAZY = {
     "KNNOODDetector": "uqseg.ood",
     "QualityRegressor": "uqseg.quality",
     "ConformalRiskController": "uqseg.conformal",
+    "assess": "uqseg._assess",  # a private module: the name uqseg.assess is the function
     "save": "uqseg.persistence",
     "load": "uqseg.persistence",
 }

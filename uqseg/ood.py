@@ -335,10 +335,16 @@ class _FeatureDetector(_BaseOODDetector):
         seg = _feature_segmenter(self.estimator_)
         self.layers_ = _resolve_layers(seg, self.layer, self._preferred_layers)
 
+    def _feature_names(self) -> list[str]:
+        return list(self.layers_)
+
     def _features(self, X) -> dict:
         seg = _feature_segmenter(self.estimator_)
         out = seg.run(X, layers=self.layers_)
         return {name: out[name] for name in self.layers_}
+
+    def _descriptors(self, X) -> np.ndarray:
+        return self._describe(self._features(X))
 
 
 # ---------------------------------------------------------------------- spectral
@@ -532,14 +538,18 @@ class SpectralOODDetector(_FeatureDetector):
 
     def _features(self, X) -> dict:
         seg = _feature_segmenter(self.estimator_)
-        names = list(self.layers_)
-        if self.layout_layer_ is not None and self.layout_layer_ not in names:
-            names.append(self.layout_layer_)
+        names = self._feature_names()
         out = seg.run(X, layers=names)
         return {name: out[name] for name in names}
 
-    def _descriptors(self, X) -> np.ndarray:
-        feats = self._features(X)
+    def _feature_names(self) -> list[str]:
+        names = list(self.layers_)
+        if self.layout_layer_ is not None and self.layout_layer_ not in names:
+            names.append(self.layout_layer_)
+        return names
+
+    def _describe(self, feats: dict) -> np.ndarray:
+        """Descriptors from the feature maps of one pass (also used by :func:`uqseg.assess`)."""
         nsp = feats[self.layers_[0]][0].ndim - 1
         for name, g in (("grid", self.grid), ("layout_grid", self.layout_grid)):
             if g is not None and not isinstance(g, Integral) and len(g) != nsp and (
@@ -747,6 +757,10 @@ class UncertaintyOODDetector(_BaseOODDetector):
             else:
                 u = np.maximum(entropy(proba) - np.mean([entropy(m) for m in members], axis=0),
                                0)
+        return self._reduce(u, proba)
+
+    def _reduce(self, u: np.ndarray, proba: np.ndarray | None) -> np.ndarray:
+        """Mean of the map ``u`` over the region (the foreground of ``proba``'s argmax)."""
         axes = tuple(range(1, u.ndim))
         if self.region == "image":
             return u.mean(axis=axes)
@@ -826,8 +840,7 @@ class MahalanobisOODDetector(_FeatureDetector):
         if self.n_components is not None:
             self._check_k(self.n_components, "n_components")
 
-    def _descriptors(self, X) -> np.ndarray:
-        feats = self._features(X)
+    def _describe(self, feats: dict) -> np.ndarray:
         return np.concatenate([_per_image(feats[n], _global_pool) for n in self.layers_], axis=1)
 
     @staticmethod
@@ -921,8 +934,7 @@ class KNNOODDetector(_FeatureDetector):
     def _setup_params(self):
         self._check_k(self.k, "k")
 
-    def _descriptors(self, X) -> np.ndarray:
-        feats = self._features(X)
+    def _describe(self, feats: dict) -> np.ndarray:
         F = np.concatenate([_per_image(feats[n], _global_pool) for n in self.layers_], axis=1)
         return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), np.finfo(float).tiny)
 

@@ -886,13 +886,15 @@ class QualityRegressor(BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        out = []
-        for _, xb, p, u, s in self._maps(X, signatures=True):
-            if self.input_kind_ == "maps":
-                out.append(self._predict_maps(maps_input(xb, p, u, self.uncertainty_kind_)))
-            else:
-                out.append(self._predict_features(self._row_features(xb, p, u, s)))
-        return np.concatenate(out)
+        return np.concatenate([self._predict_outputs(xb, p, u, s)
+                               for _, xb, p, u, s in self._maps(X, signatures=True)])
+
+    def _predict_outputs(self, xb, proba, unc, sig) -> np.ndarray:
+        """Predicted quality from one pass's probabilities, uncertainty map and typicality
+        signatures (also used by :func:`uqseg.assess`)."""
+        if self.input_kind_ == "maps":
+            return self._predict_maps(maps_input(xb, proba, unc, self.uncertainty_kind_))
+        return self._predict_features(self._row_features(xb, proba, unc, sig))
 
     def flag(self, X, min_dice=0.8, reduce="any") -> np.ndarray:
         """Images to route to human review: predicted Dice below ``min_dice``.
