@@ -26,7 +26,8 @@ OUT = Path(__file__).resolve().parent / "api.md"
 SECTIONS = [
     ("uqseg", ["OnnxSegmenter", "EnsembleSegmenter", "TemperatureCalibrator",
                "SpectralOODDetector", "UncertaintyOODDetector", "MahalanobisOODDetector",
-               "KNNOODDetector", "QualityRegressor", "save", "load"], "Estimators and persistence"),
+               "KNNOODDetector", "QualityRegressor", "ConformalRiskController", "assess",
+               "save", "load"], "Estimators and persistence"),
     ("uqseg.quality", ["make_quality_set"], "Quality data"),
     ("uqseg.datasets", None, "Data sets and reference models (uqseg.datasets)"),
     ("uqseg.metrics", None, "Metrics (uqseg.metrics)"),

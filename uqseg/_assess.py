@@ -57,6 +57,7 @@ def assess(X, segmenter, *, ood=None, quality=None, maps=DEFAULT_MAPS) -> dict:
 
     Examples
     --------
+    >>> import numpy as np
     >>> import uqseg
     >>> from uqseg import EnsembleSegmenter, SpectralOODDetector, datasets
     >>> X, _ = datasets.load_brain_tissue("val")
