@@ -113,6 +113,35 @@ def test_score_images_is_the_actor_kernel(tiny_2d, X):
     np.testing.assert_array_equal(np.stack([r["labels"] for r in rows]), seg.predict(X[:2]))
 
 
+def test_score_images_runs_the_ensemble_once_for_every_output(tiny_members, X, monkeypatch):
+    import onnxruntime as ort
+
+    from uqseg import QualityRegressor, SpectralOODDetector
+
+    rng = np.random.default_rng(1)
+    Xf = rng.standard_normal((12, 1, 16, 16)).astype(np.float32)
+    ens = EnsembleSegmenter(tiny_members[:2], cache_size=0).fit()
+    det = SpectralOODDetector(ens).fit(Xf)
+    qr = QualityRegressor(ens, typicality=False).fit(Xf, ens.predict(Xf))
+    calls = []
+    real = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run",
+                        lambda sess, *a, **k: calls.append(1) or real(sess, *a, **k))
+    ens.predict_proba(X)
+    one_pass, calls[:] = len(calls), []
+    rows = score_images({"segmenter": ens, "ood": det, "quality": qr}, list(X),
+                        ("labels", "uncertainty_map", "ood", "quality"))
+    assert len(calls) == one_pass
+    monkeypatch.undo()
+    proba = ens.predict_proba(X)
+    np.testing.assert_array_equal(np.stack([r["labels"] for r in rows]), proba.argmax(1))
+    np.testing.assert_allclose(np.stack([r["uncertainty_map"] for r in rows]).astype(float),
+                               np.stack([_entropy(p) for p in proba]), atol=2e-3)
+    np.testing.assert_allclose([r["ood"] for r in rows], det.score_samples(X), atol=1e-5)
+    np.testing.assert_allclose(np.stack([r["quality"] for r in rows]), qr.predict(X),
+                               atol=1e-5)
+
+
 def test_errors(tiny_2d, X, tmp_path):
     seg = OnnxSegmenter(tiny_2d).fit()
     with pytest.raises(ValueError, match=r"unknown outputs \['dice'\]"):

@@ -75,6 +75,13 @@ def _check_outputs(outputs: Any, roles: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(outputs))
 
 
+def _assessable(seg) -> bool:
+    from uqseg.ensemble import EnsembleSegmenter
+    from uqseg.segmenter import OnnxSegmenter
+
+    return isinstance(seg, (OnnxSegmenter, EnsembleSegmenter))
+
+
 def _as_batch(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     return np.stack(images) if len({im.shape for im in images}) == 1 else images
 
@@ -92,9 +99,20 @@ def score_images(roles: dict[str, Any], images: list[np.ndarray],
 
     X = _as_batch(images)
     rows: list[dict[str, Any]] = [{} for _ in images]
+    done: dict[str, Any] = {}
+    seg = roles.get("segmenter")
+    if any(_NEEDS[o] == "segmenter" for o in outputs) and _assessable(seg):
+        # one inference pass for everything (uqseg.assess); estimators around other networks
+        # run their own
+        from uqseg._assess import assess
+
+        done = assess(X, seg, ood=roles.get("ood") if "ood" in outputs else None,
+                      quality=roles.get("quality") if "quality" in outputs else None,
+                      maps=("entropy",))
     if any(_NEEDS[o] == "segmenter" for o in outputs):
-        proba = roles["segmenter"].predict_proba(X)
-        for row, p in zip(rows, proba, strict=True):
+        proba = done["proba"] if done else roles["segmenter"].predict_proba(X)
+        ents = done.get("entropy")
+        for i, (row, p) in enumerate(zip(rows, proba, strict=True)):
             n_classes = p.shape[0]
             labels = p.argmax(axis=0).astype(np.uint8 if n_classes <= 256 else np.uint16)
             if "labels" in outputs:
@@ -102,16 +120,18 @@ def score_images(roles: dict[str, Any], images: list[np.ndarray],
             if "volumes" in outputs:
                 row["volumes"] = np.bincount(labels.ravel(), minlength=n_classes).astype(np.int64)
             if "uncertainty" in outputs or "uncertainty_map" in outputs:
-                h = entropy(p[None])[0]
+                h = ents[i] if ents is not None else entropy(p[None])[0]
                 if "uncertainty" in outputs:
                     row["uncertainty"] = float(h.mean(dtype=np.float64))
                 if "uncertainty_map" in outputs:
                     row["uncertainty_map"] = h.astype(np.float16)
     if "ood" in outputs:
-        for row, s in zip(rows, np.asarray(roles["ood"].score_samples(X)), strict=True):
+        scores = done["ood_score"] if "ood_score" in done else roles["ood"].score_samples(X)
+        for row, s in zip(rows, np.asarray(scores), strict=True):
             row["ood"] = float(s)
     if "quality" in outputs:
-        for row, q in zip(rows, np.asarray(roles["quality"].predict(X)), strict=True):
+        qual = done["quality"] if "quality" in done else roles["quality"].predict(X)
+        for row, q in zip(rows, np.asarray(qual), strict=True):
             row["quality"] = np.asarray(q, dtype=np.float32)
     return rows
 
