@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._validation import check_images
-from uqseg.uncertainty import KINDS, entropy, softmax
+from uqseg.uncertainty import KINDS, entropy
 
 __all__ = ["assess"]
 
@@ -144,10 +144,17 @@ def _one_pass(segmenter, X, layers, kinds, ensemble) -> dict:
     if ensemble:
         return segmenter.run(X, layers=layers, kinds=kinds)
     out = segmenter.run(X, layers=list(layers))
-    proba = softmax(out.pop("logits"), copy=False)
+    proba = segmenter._proba(out.pop("logits"))
     out["proba"] = proba
     if "entropy" in kinds:
-        out["entropy"] = entropy(proba)
+        binary = segmenter.activation_ == "sigmoid" or (segmenter.activation_ == "none"
+                                                        and proba.shape[1] == 1)
+        if binary:
+            from uqseg.ensemble import _binary_entropy_of
+
+            out["entropy"] = _binary_entropy_of(proba)  # per channel
+        else:
+            out["entropy"] = entropy(proba)
     return out
 
 

@@ -104,10 +104,12 @@ def _model_path(v: Any, where: str) -> None:
 
 def _seg_params(est: Any, w: str) -> None:
     from uqseg import backends
+    from uqseg.backends._checks import ACTIVATIONS
 
     _model_path(est.model, f"{w}.model")
     _engine(est, w)
     check_choice(est.precision, f"{w}.precision", backends.PRECISIONS)
+    check_choice(est.activation, f"{w}.activation", ("auto", *ACTIVATIONS))
     if check_real(est.overlap, f"{w}.overlap", 0, 1) >= 1:
         raise ValueError(f"{w}.overlap: expected a number in [0, 1), got {est.overlap!r}")
 

@@ -58,6 +58,33 @@ def _softmax_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarra
     return p, h
 
 
+def _sigmoid_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sigmoid of logits ``z`` and each channel's binary entropy, from the logits:
+    ``H = softplus(-|z|) + |z| sigmoid(-|z|)`` (exact 0 at saturation, no log of a probability)."""
+    from scipy.special import expit
+
+    if not need_h:
+        return expit(z, out=z) if z.flags.writeable else expit(z), None
+    a = np.abs(z)
+    h = np.logaddexp(np.float32(0), -a)  # softplus(-|z|) = -log sigmoid(|z|)
+    h += a * expit(-a)
+    np.maximum(h, 0, out=h)
+    return expit(z), h
+
+
+def _probability_entropy(p: np.ndarray, need_h: bool, binary: bool):
+    """Members that output probabilities (``activation="none"``)."""
+    p = np.array(p, dtype=np.float32)
+    return p, (_binary_entropy_of(p) if binary else _entropy_of(p)) if need_h else None
+
+
+def _binary_entropy_of(proba: np.ndarray) -> np.ndarray:
+    """Per-channel binary entropy ``(N, C, *spatial)``, 0 log 0 = 0."""
+    q = 1 - proba
+    h = -(proba * np.log(np.maximum(proba, _TINY)) + q * np.log(np.maximum(q, _TINY)))
+    return np.maximum(h, 0, out=h).astype(np.float32, copy=False)
+
+
 def _entropy_of(proba: np.ndarray) -> np.ndarray:
     tmp = np.maximum(proba, _TINY)
     np.log(tmp, out=tmp)
@@ -261,6 +288,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             ("n_classes_", lambda s: s.n_classes_, "{} classes"),
             ("spatial_dims_", lambda s: s.spatial_dims_, "{} spatial axes"),
             ("input_shape_", fixed, "spatial input size {} (None = dynamic)"),
+            ("activation_", lambda s: s.activation_, "activation {!r}"),
         ]
         for i, seg in enumerate(members[1:], start=1):
             for _, get, text in checks:
@@ -320,6 +348,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         for i, seg in enumerate(self.members_):
             if seg.tta is not None:
                 return f"member {i} has its own tta={seg.tta!r}"
+            if getattr(seg, "_hidden_output", False) or seg.activation_ == "none":
+                return (f"member {i}'s logits are not its graph output (its graph ends in "
+                        "its own activation)")
             if any(s is not None for s in seg.input_shape_[1:]):
                 return f"member {i} takes a fixed spatial size {seg.input_shape_[1:]}"
         spec = {(s.backend, s.device, s.precision) for s in self.members_}
@@ -354,6 +385,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.n_members_ = len(members)
         self.weights_ = self._check_weights(len(members))
         self.n_classes_ = int(first.n_classes_)
+        self.activation_ = first.activation_
         self.n_input_channels_ = int(first.n_input_channels_)
         self.spatial_dims_ = int(first.spatial_dims_)
         self.input_shape_ = tuple(first.input_shape_)
@@ -474,10 +506,26 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                         raise ModelOutputError(f"member {m}: {exc}") from exc
                     yield m, w, (np.flip(z, flip) if flip else z)
 
+    @property
+    def _binary(self) -> bool:
+        """Channels are independent binary probabilities (sigmoid, or one probability)."""
+        return self.activation_ == "sigmoid" or (self.activation_ == "none"
+                                                 and self.n_classes_ == 1)
+
+    def _p_h(self, z: np.ndarray, need_h: bool):
+        """Probabilities of one sample's logits (overwritten) and their entropy: ``(N, K, ...)``
+        and ``(N, ...)`` for softmax, per channel ``(N, C, ...)`` for binary outputs."""
+        act = getattr(self, "activation_", "softmax")
+        if act == "softmax":
+            return _softmax_entropy(z, need_h)
+        if act == "sigmoid":
+            return _sigmoid_entropy(z, need_h)
+        return _probability_entropy(z, need_h, self._binary)
+
     def _chunk_members(self, chunk, idx, masks, need_h, need_sq) -> dict:
         sums = _Sums(need_h, need_sq)
         for _, w, z in self._member_samples(chunk, idx, masks):
-            p, h = _softmax_entropy(z, need_h)
+            p, h = self._p_h(z, need_h)
             sums.add(p, h, w)
         out = {"proba": sums.p}
         if need_h:
@@ -535,7 +583,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                              spatial=inp.shape[2:], name="logits",
                              where=f"member {i}: model {str(self.members_[i].model)!r} (fused)")
                 z = np.flip(res[name], flip) if flip else res[name]
-                p, h = _softmax_entropy(z, need_h)
+                p, h = self._p_h(z, need_h)
                 sums.add(p, h, self.weights_[i] / len(flips))
         acc = {"proba": sums.p, **feats}
         if need_h:
@@ -578,8 +626,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
             chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
         mode = self._fused_stats
-        if mode is None:
-            mode = "numpy" if self.members_[0]._device() == "cpu" else "graph"
+        if mode is None or self.activation_ != "softmax":  # in-graph statistics are softmax's
+            mode = "numpy" if (self.members_[0]._device() == "cpu"
+                               or self.activation_ != "softmax") else "graph"
         if mode == "numpy":
             acc = self._fused_logits_stats(chunk, flips, need_h, need_sq, layers)
         else:
@@ -620,7 +669,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             if missing:  # the first member once more, deterministic, for its features
                 out = self.members_[0].run(chunk, layers=missing)
                 res.update({_FEATURE + ly: out[ly] for ly in missing})
-            maps = self._finish(res, kinds)
+            maps = self._finish(res, kinds, self._binary)
             for name, val in maps.items():
                 if name not in result:
                     result[name] = np.empty((n, *val.shape[1:]), dtype=np.float32)
@@ -628,13 +677,15 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         return result
 
     @staticmethod
-    def _finish(res: dict, kinds: frozenset) -> dict:
-        """Uncertainty maps of one chunk from its running sums."""
+    def _finish(res: dict, kinds: frozenset, binary: bool = False) -> dict:
+        """Uncertainty maps of one chunk from its running sums (per channel when binary)."""
         proba = res["proba"]
         out = {"proba": proba}
         if "entropy" in kinds or "mutual_information" in kinds:
             h = res.get("entropy")
-            out["entropy"] = _entropy_of(proba) if h is None else h
+            if h is None:
+                h = _binary_entropy_of(proba) if binary else _entropy_of(proba)
+            out["entropy"] = h
         if "expected_entropy" in kinds:
             out["expected_entropy"] = res["expected_entropy"]
         if "mutual_information" in kinds:
@@ -647,7 +698,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             v = proba * proba
             np.subtract(res["mean_sq"], v, out=v)
             np.maximum(v, 0, out=v)
-            out["variance"] = v.mean(axis=1)
+            out["variance"] = v if binary else v.mean(axis=1)
         out.update({k: v for k, v in res.items() if k.startswith(_FEATURE)})
         return out
 
@@ -783,24 +834,33 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         return out
 
     def predict_proba(self, X):
-        """Weighted mean of the samples' softmax ``(N, K, *spatial)`` float32."""
+        """Weighted mean of the samples' probabilities ``(N, K, *spatial)`` float32 (softmax,
+        or per-channel sigmoid for sigmoid members)."""
         return self._copy(self._results(X, ())["proba"])
 
     def predict(self, X):
-        """Labels ``(N, *spatial)``: argmax of :meth:`predict_proba`."""
+        """Labels ``(N, *spatial)``: argmax of :meth:`predict_proba`; for sigmoid (binary)
+        outputs boolean masks ``(N, C, *spatial)``, mean probability >= 0.5."""
         proba = self._results(X, ())["proba"]
+        if self._binary:
+            return [p >= 0.5 for p in proba] if isinstance(proba, list) else proba >= 0.5
         if isinstance(proba, list):
             return [p.argmax(axis=0) for p in proba]
         return proba.argmax(axis=1)
 
     def transform(self, X):
-        """Log of the mean probability ``(N, K, *spatial)`` float32, clipped at the smallest
-        normal float32 so it stays finite; chains into a temperature calibrator as logits."""
+        """Log of the mean probability ``(N, K, *spatial)`` float32 (for binary outputs its
+        logit ``log p - log(1 - p)``), clipped at the smallest normal float32 so it stays
+        finite; chains into a temperature calibrator as logits."""
         proba = self._results(X, ())["proba"]
+        binary = self._binary
 
         def log(p):
             out = np.maximum(p, _TINY)
-            return np.log(out, out=out)
+            np.log(out, out=out)
+            if binary:
+                out -= np.log(np.maximum(1 - p, _TINY))
+            return out
 
         return [log(p) for p in proba] if isinstance(proba, list) else log(proba)
 
@@ -872,7 +932,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             counter = 0
             chunk = X[start : start + bs]
             for m, _w, z in self._member_samples(chunk, idx[start : start + bs], masks):
-                p, _ = _softmax_entropy(z, False)
+                p, _ = self._p_h(z, False)
                 if per_sample:
                     out[counter, start : start + bs] = p
                 else:

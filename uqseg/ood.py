@@ -729,6 +729,11 @@ class UncertaintyOODDetector(_BaseOODDetector):
         if self.region not in self.REGIONS:
             raise ValueError(f"region must be one of {self.REGIONS}, got {self.region!r}")
         est = self.estimator_
+        if getattr(est, "activation_", "softmax") != "softmax":
+            raise ValueError(
+                "UncertaintyOODDetector scores the categorical entropy of a softmax segmenter; "
+                f"this one's outputs are activation_={est.activation_!r}. Use "
+                "SpectralOODDetector (it reads feature maps, whatever the output)")
         if self.score == "mutual_information" and not (
                 hasattr(est, "uncertainty") or hasattr(est, "predict_members")):
             raise ValueError(

@@ -704,6 +704,12 @@ class QualityRegressor(BaseEstimator):
                 raise ValueError(f"groups must have one entry per image, shape ({len(X)},); "
                                  f"got shape {groups.shape}")
         est = self._resolve_estimator(X)
+        if getattr(est, "activation_", "softmax") != "softmax":
+            raise ValueError(
+                f"QualityRegressor needs a softmax (multi-class) segmenter; this one's outputs "
+                f"are activation_={est.activation_!r} (independent per-channel probabilities "
+                "or given probabilities), which its Dice targets and features do not model "
+                "yet. SpectralOODDetector and ConformalRiskController take such networks")
         ensemble = _is_ensemble(est)
         kind = ("mutual_information" if ensemble else "entropy") if self.uncertainty == "auto" \
             else self.uncertainty

@@ -16,7 +16,13 @@ from uqseg import backends
 from uqseg._numeric import softmax
 from uqseg._validation import ImageBatch, check_images, n_images
 from uqseg.backends import graph
-from uqseg.backends._checks import check_logits, check_metadata, check_output_type
+from uqseg.backends._checks import (
+    ACTIVATIONS,
+    ModelOutputError,
+    check_logits,
+    check_metadata,
+    check_output_type,
+)
 from uqseg.backends._model import image_input_names, read_model
 
 MC_MASK = "mc_mask"
@@ -95,10 +101,22 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         Overlap of sliding windows, used when images are larger than a fixed-size model input.
     threads : int, optional
         CPU threads of the backend (default: all cores this process may use).
+    activation : {"auto", "softmax", "sigmoid", "none"}, default="auto"
+        What turns the network's output into probabilities. ``"softmax"``: classes are
+        exclusive (labels ``(N, *spatial)``). ``"sigmoid"``: each channel is an independent
+        binary probability (multi-label; boolean masks ``(N, C, *spatial)``). ``"none"``: the
+        network already outputs probabilities (labels by argmax, or ``p >= 0.5`` for one
+        channel). ``"auto"``: a graph ending in a ``Softmax`` over the channel axis or a
+        ``Sigmoid`` node says which (and the tensor before it is used as the logits), else
+        the ``uqseg.activation`` metadata, else one output channel means sigmoid and several
+        mean softmax.
 
     Attributes
     ----------
+    activation_ : {"softmax", "sigmoid", "none"}
+        The resolved activation.
     n_classes_ : int
+        Output channels (classes for softmax, labels for sigmoid).
     input_shape_ : tuple
         ``(C, *spatial)`` the model takes; ``None`` for dynamic spatial axes.
     n_input_channels_ : int
@@ -121,7 +139,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model, backend="auto", device="auto", precision="fp32", batch_size="auto",
-                 tta=None, overlap=0.5, threads=None):
+                 tta=None, overlap=0.5, threads=None, activation="auto"):
         self.model = model
         self.backend = backend
         self.device = device
@@ -130,6 +148,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self.tta = tta
         self.overlap = overlap
         self.threads = threads
+        self.activation = activation
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X=None, y=None):
@@ -140,6 +159,9 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise TypeError(
                 f"model must be a path to an ONNX file, got {type(self.model).__name__}")
         check_batch_size(self.batch_size)
+        if self.activation not in ("auto", *ACTIVATIONS):
+            raise ValueError(f"activation must be one of {('auto', *ACTIVATIONS)}, got "
+                             f"{self.activation!r}")
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}")
         # unknown names fail here, before any work
@@ -184,6 +206,11 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise ValueError(f"{where}: the model output {self.output_name_!r} has spatial shape "
                              f"{out_dims[2:]} but its input has {dims[2:]}; segmentation logits "
                              "must have the input's spatial size")
+        self.activation_, pre = _resolve_activation(proto, self.output_name_, self.activation,
+                                                    meta["activation"], out_dims)
+        if pre is not None:  # the logits before the graph's own Softmax/Sigmoid
+            self.output_name_ = pre
+        self._hidden_output = pre is not None
         self.mc_dropout_ = self._mc_spec(proto, meta["mc_dropout"], inputs, where)
         self.spatial_divisor_ = meta["spatial_divisor"]
         self.feature_layers_ = [info.name for info in graph.candidate_layers(proto)]
@@ -195,9 +222,13 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             probe = np.zeros((1, *self._probe_shape()), dtype=np.float32)
             n_classes = self._raw_run(probe, [self.output_name_])[self.output_name_].shape[1]
         self.n_classes_ = int(n_classes)
-        if self.n_classes_ < 2:
-            raise ValueError(f"{where}: the model outputs {self.n_classes_} class(es); need at "
-                             "least 2")
+        if self.activation == "auto" and self.activation_ == "softmax" and pre is None \
+                and meta["activation"] is None and self.n_classes_ == 1:
+            self.activation_ = "sigmoid"  # one channel, known only after the probe run
+        if self.n_classes_ < 2 and self.activation_ == "softmax":
+            raise ValueError(f"{where}: the model outputs {self.n_classes_} channel(s); a "
+                             "softmax needs at least 2 classes (one channel is a binary "
+                             "sigmoid output: activation='sigmoid')")
         if X is not None:
             self._check_X(X)
         return self
@@ -253,7 +284,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         return device if device is not None else backends.resolve(self.backend, self.device)[1]
 
     def _raw_run(self, batch: np.ndarray, outputs: list[str], mask: np.ndarray | None = None):
-        layers = tuple(o for o in outputs if o != self.output_name_)
+        hidden = getattr(self, "_hidden_output", False)  # an inner tensor: exposed like a layer
+        layers = tuple(o for o in outputs if hidden or o != self.output_name_)
         runner = self._runner(layers)
         feeds = {self.input_name_: batch}
         if self.mc_dropout_ is not None:
@@ -452,19 +484,43 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         return self.run(X, layers=[])["logits"]
 
     def predict_proba(self, X):
-        """Softmax probabilities ``(N, K, *spatial)``."""
+        """Probabilities ``(N, K, *spatial)``: softmax over classes, or independent sigmoid
+        probabilities per channel (``activation_``)."""
         logits = self.transform(X)
         if isinstance(logits, list):
-            return [softmax(lg[None], copy=False)[0] for lg in logits]
+            return [self._proba(lg[None])[0] for lg in logits]
         # transform's result is ours alone (the engine's fresh output or our buffer)
-        return softmax(logits, copy=False)
+        return self._proba(logits)
+
+    def _proba(self, z: np.ndarray) -> np.ndarray:
+        act = getattr(self, "activation_", "softmax")
+        if act == "softmax":
+            return softmax(z, copy=False)
+        if act == "sigmoid":
+            return sigmoid(z)
+        if np.any(z < 0) or np.any(z > 1):
+            raise ModelOutputError(
+                f"{self._where()}: activation='none' but the network output has values in "
+                f"[{float(z.min()):.3g}, {float(z.max()):.3g}], outside [0, 1]: it outputs "
+                "logits, not probabilities (use activation='softmax' or 'sigmoid')")
+        return z
 
     def predict(self, X):
-        """Labels ``(N, *spatial)`` (argmax over classes)."""
+        """Labels ``(N, *spatial)`` (argmax over classes), or for sigmoid outputs boolean
+        masks ``(N, C, *spatial)`` (probability >= 0.5)."""
         logits = self.transform(X)
         if isinstance(logits, list):
-            return [lg.argmax(axis=0) for lg in logits]
-        return logits.argmax(axis=1)
+            return [self._labels(lg[None])[0] for lg in logits]
+        return self._labels(logits)
+
+    def _labels(self, z: np.ndarray) -> np.ndarray:
+        act = getattr(self, "activation_", "softmax")
+        if act == "sigmoid":
+            return z >= 0  # sigmoid(z) >= 0.5
+        if act == "none":
+            p = self._proba(z)
+            return p >= 0.5 if p.shape[1] == 1 else p.argmax(axis=1)
+        return z.argmax(axis=1)
 
     def features(self, X, layers: Sequence[str] = ("auto",)) -> dict:
         """Feature maps only (``run`` without the logits)."""
@@ -477,6 +533,42 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         tags.requires_fit = True
         tags.input_tags.two_d_array = False
         return tags
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Logistic function in place on float32 logits (exact at saturation, no overflow)."""
+    from scipy.special import expit
+
+    return expit(z, out=z) if z.dtype == np.float32 and z.flags.writeable else expit(
+        z).astype(np.float32)
+
+
+def _resolve_activation(proto, output: str, asked: str, meta: str | None, out_dims):
+    """``(activation, pre-activation tensor or None)`` for the model output ``output``."""
+    node = next((n for n in proto.graph.node if output in n.output), None)
+    op = None
+    if node is not None and node.op_type == "Sigmoid":
+        op = "sigmoid"
+    elif node is not None and node.op_type == "Softmax":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if axis is None:
+            axis = -1 if opset >= 13 else 1
+        rank = len(out_dims) if out_dims else None
+        if axis == 1 or (rank is not None and axis == 1 - rank):
+            op = "softmax"
+    pre = node.input[0] if op is not None and node.input and node.input[0] else None
+    if asked == "none" or (asked == "auto" and meta == "none"):  # said to be probabilities
+        return "none", None
+    if asked in ("softmax", "sigmoid"):
+        return asked, pre if op == asked else None
+    if op is not None:
+        return op, pre
+    if meta is not None:
+        return meta, None
+    if out_dims and len(out_dims) > 1 and out_dims[1] == 1:
+        return "sigmoid", None
+    return "softmax", None
 
 
 def is_fitted(est) -> bool:

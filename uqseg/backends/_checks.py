@@ -18,6 +18,8 @@ N_CLASSES_KEY = "uqseg.n_classes"
 DIVISOR_KEY = "uqseg.spatial_divisor"
 MC_DROPOUT_KEY = "uqseg.mc_dropout"
 FEATURE_LAYERS_KEY = "uqseg.feature_layers"
+ACTIVATION_KEY = "uqseg.activation"
+ACTIVATIONS = ("softmax", "sigmoid", "none")
 #: upper bounds of metadata values: far above any real network, low enough that sizes derived
 #: from them (padding to the divisor, one output channel per class) stay allocatable
 MAX_SPATIAL_DIVISOR = 4096
@@ -97,10 +99,11 @@ def _feature_layers(raw: str, proto: onnx.ModelProto, where: str) -> list[str]:
 
 def check_metadata(proto: onnx.ModelProto, where: str = "the model") -> dict:
     """The validated ``uqseg.*`` metadata: ``n_classes`` (int or None), ``spatial_divisor``
-    (int, default 1), ``mc_dropout`` (dict or None) and ``feature_layers`` (list)."""
+    (int, default 1), ``mc_dropout`` (dict or None), ``feature_layers`` (list) and
+    ``activation`` (one of ``ACTIVATIONS`` or None)."""
     meta = {p.key: p.value for p in proto.metadata_props}
     out: dict = {"n_classes": None, "spatial_divisor": 1, "mc_dropout": None,
-                 "feature_layers": []}
+                 "feature_layers": [], "activation": None}
     if DIVISOR_KEY in meta:
         out["spatial_divisor"] = _positive_int(meta[DIVISOR_KEY], DIVISOR_KEY,
                                                MAX_SPATIAL_DIVISOR, where)
@@ -115,6 +118,12 @@ def check_metadata(proto: onnx.ModelProto, where: str = "the model") -> dict:
         out["n_classes"] = k
     if MC_DROPOUT_KEY in meta:
         out["mc_dropout"] = _mc_dropout(meta[MC_DROPOUT_KEY], proto, where)
+    if ACTIVATION_KEY in meta:
+        act = meta[ACTIVATION_KEY]
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{where}: metadata {ACTIVATION_KEY!r} must be one of "
+                             f"{ACTIVATIONS}, got {act[:40]!r}")
+        out["activation"] = act
     if meta.get(FEATURE_LAYERS_KEY):
         out["feature_layers"] = _feature_layers(meta[FEATURE_LAYERS_KEY], proto, where)
     return out
