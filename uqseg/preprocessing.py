@@ -486,14 +486,24 @@ class Inverse:
         ndarray
             ``shape`` (with ``stop - start`` on ``axis``); classes last for "proba".
         """
+        return self.invert_volume(self.to_volume(arr), kind, start=start, stop=stop, axis=axis)
+
+    def invert_volume(self, vol, kind: str = "map", *, start: int = 0, stop: int | None = None,
+                      axis: int = 2) -> np.ndarray:
+        """:meth:`invert` for outputs already in model-volume form: ``model_shape``, or
+        ``(K, *model_shape)`` for "proba" (e.g. a disk-backed array filled chunk by chunk)."""
         if kind not in ("labels", "proba", "map"):
             raise ValueError(f"kind must be 'labels', 'proba' or 'map', got {kind!r}")
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
         stop = self.shape[axis] if stop is None else stop
-        vol = self.to_volume(arr)
-        classes = vol.ndim == 4
-        if classes != (kind == "proba"):
-            want = "(N, K, ...)" if kind == "proba" else "class-free"
-            raise ValueError(f"kind {kind!r} needs {want} outputs, got shape {np.shape(arr)}")
+        if not 0 <= start < stop <= self.shape[axis]:
+            raise ValueError(f"need 0 <= start < stop <= {self.shape[axis]}, got {start}, {stop}")
+        classes = kind == "proba"
+        want = (*(["K"] if classes else []), *self.model_shape)
+        if np.ndim(vol) != len(want) or tuple(np.shape(vol)[-3:]) != tuple(self.model_shape):
+            raise ValueError(f"kind {kind!r} needs outputs of shape {want}, got "
+                             f"{np.shape(vol)}")
         out_shape = list(self.shape)
         out_shape[axis] = stop - start
         inv = np.linalg.inv(self.matrix)
@@ -512,7 +522,7 @@ class Inverse:
             return res
 
         if not classes:
-            return one(vol, 0)
+            return one(np.asarray(vol), 0)
         out = np.empty((*out_shape, vol.shape[0]), dtype=np.float32)
         for k in range(vol.shape[0]):
             v = np.ascontiguousarray(vol[k], dtype=np.float32)
