@@ -1,0 +1,128 @@
+"""``uqseg predict`` with a preprocessing description: whole scans in, maps in the scan's grid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from uqseg import EnsembleSegmenter, cli
+from uqseg.preprocessing import Preprocessing, preprocess, set_preprocessing
+
+# voxel axis 0 -> +A (1.5 mm), 1 -> +S (1.2 mm), 2 -> -R (2 mm)
+PERMUTED = np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -3], [0, 1.2, 0, 5], [0, 0, 0, 1]])
+TINY_PREP = Preprocessing(orientation="RAS", plane="axial", size=(16, 16),
+                          crop={"method": "otsu", "margin": 2.0, "min_area": 0.3},
+                          intensity={"method": "percentile"})
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _blob(shape=(20, 24, 18), seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (g[0] / 0.6) ** 2 + (g[1] / 0.5) ** 2 + (g[2] / 0.7) ** 2 < 1
+    return (inside * 100.0 + rng.normal(0, 3, shape)).astype(np.float32)
+
+
+@pytest.fixture()
+def prep_members(tiny_members, tmp_path):
+    """Two tiny 2-D members carrying TINY_PREP."""
+    out = []
+    for i, m in enumerate(tiny_members[:2]):
+        dst = tmp_path / f"m{i}.onnx"
+        shutil.copyfile(m, dst)
+        set_preprocessing(dst, TINY_PREP)
+        out.append(str(dst))
+    return out
+
+
+def test_outputs_are_the_inverted_model_outputs(prep_members, tmp_path, capsys):
+    import uqseg
+    from uqseg import SpectralOODDetector
+
+    data = _blob()
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    X, inv = preprocess(data, PERMUTED, TINY_PREP)
+    uqseg.save(SpectralOODDetector(prep_members[0]).fit(X), tmp_path / "ood")
+    code, _, err = run(["predict", *prep_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--estimators", tmp_path / "ood", "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    ens = EnsembleSegmenter(prep_members).fit()
+    proba, maps = ens.predict_with_uncertainty(X)
+    want = inv.invert(proba, "proba")
+    for name, ref in [("proba", want), ("seg", want.argmax(-1)),
+                      ("entropy", inv.invert(maps["entropy"], "map")),
+                      ("mi", inv.invert(maps["mutual_information"], "map"))]:
+        img = nib.load(tmp_path / "o" / f"scan_{name}.nii.gz")
+        assert img.shape == ref.shape and img.shape[:3] == data.shape
+        np.testing.assert_allclose(img.affine, PERMUTED)
+        np.testing.assert_allclose(np.asarray(img.dataobj), ref, atol=1e-5)
+    report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
+    assert report["layout"] == "preprocessed"
+    assert Preprocessing.from_dict(report["preprocessing"]) == TINY_PREP
+    sl = report["slices"]
+    assert sl["n"] == len(X) and sl["scored"] == np.flatnonzero(inv.scored).tolist()
+    assert 0 < sl["n_scored"] < sl["n"]  # min_area leaves the thin end slices out
+    ood = report["estimators"]["ood"]
+    det = uqseg.load(tmp_path / "ood")
+    ref_scores = det.score_samples(X[inv.scored])
+    np.testing.assert_allclose(ood["score_samples"], ref_scores, rtol=1e-5)
+    assert ood["fraction_outlier"] == pytest.approx(np.mean(ref_scores < det.offset_))
+    assert ood["volume_score"] == pytest.approx(ref_scores.mean(), rel=1e-5)
+    assert ood["n_scored"] == sl["n_scored"]
+
+
+def test_numpy_without_affine_needs_spacing(prep_members, tmp_path, capsys):
+    np.save(tmp_path / "raw.npy", _blob())
+    code, _, err = run(["predict", *prep_members, tmp_path / "raw.npy", "--out", tmp_path / "o",
+                        "--no-progress"], capsys)
+    assert code == 2 and "--spacing" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    code, _, err = run(["predict", *prep_members, tmp_path / "raw.npy", "--out", tmp_path / "o",
+                        "--spacing", "1.2", "1.2", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    img = nib.load(tmp_path / "o" / "raw_seg.nii.gz")
+    assert img.shape == (20, 24, 18)
+    np.testing.assert_allclose(img.affine, np.diag([1.2, 1.2, 2.0, 1.0]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("series", "4-D series"),
+    ("zero", "spacing is zero"),
+    ("blank", "crop is empty"),
+])
+def test_bad_scans_are_one_line_errors(prep_members, tmp_path, capsys, case, message):
+    data = _blob()
+    if case == "series":
+        np.savez(tmp_path / "x.npz", image=np.stack([data, data], -1), affine=np.eye(4))
+    elif case == "zero":
+        np.savez(tmp_path / "x.npz", image=data, affine=np.diag([1.0, 0.0, 1.0, 1.0]))
+    else:
+        np.savez(tmp_path / "x.npz", image=np.zeros_like(data), affine=np.eye(4))
+    code, _, err = run(["predict", *prep_members, tmp_path / "x.npz", "--out", tmp_path / "o",
+                        "--no-progress"], capsys)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_axis_conflicts_and_no_preprocess(prep_members, tmp_path, capsys):
+    data = _blob()
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    code, _, err = run(["predict", *prep_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--axis", "1"], capsys)
+    assert code == 2 and "--axis" in err
+    code, _, err = run(["predict", *prep_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--axis", "1", "--no-preprocess", "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
+    assert report["layout"] == "slices" and report["axis"] == 1
