@@ -126,3 +126,52 @@ def test_axis_conflicts_and_no_preprocess(prep_members, tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
     assert report["layout"] == "slices" and report["axis"] == 1
+
+
+# ---------------------------------------------------------------------- the MNI head, whole
+@pytest.fixture(scope="module")
+def mni_estimators(tmp_path_factory):
+    """Two zoo members, an OOD detector fitted on `train` and a quality regressor fitted on
+    a quarter of `val` widened with corruptions (the recipe of docs/cli.md, smaller)."""
+    import uqseg
+    from uqseg import QualityRegressor, SpectralOODDetector, datasets
+    from uqseg.quality import make_quality_set
+
+    folder = tmp_path_factory.mktemp("mni_est")
+    members = datasets.reference_models()[:2]
+    X_tr, _ = datasets.load_brain_tissue("train")
+    X_val, y_val = datasets.load_brain_tissue("val")
+    uqseg.save(SpectralOODDetector(members[0]).fit(X_tr), folder / "ood")
+    X_q, y_q, info = make_quality_set(X_val[::4], y_val[::4], severities=(0.5, 1.0))
+    qr = QualityRegressor(EnsembleSegmenter(members).fit()).fit(X_q, y_q,
+                                                                 groups=info["source"])
+    uqseg.save(qr, folder / "quality")
+    return members, folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codes, spacing", [("RAS", (1.0, 1.0, 1.0)),   # as nilearn ships it
+                                            ("PSL", (1.2, 2.0, 1.2))])  # permuted, flipped
+def test_whole_mni_head_in_its_own_grid(mni_estimators, tmp_path, capsys, codes, spacing):
+    from uqseg.datasets._scan import mni_scan
+
+    members, est = mni_estimators
+    t1, labels, affine = mni_scan(codes, spacing)
+    nib.save(nib.Nifti1Image(t1, affine), tmp_path / "head.nii.gz")
+    code, _, err = run(["predict", *members, tmp_path / "head.nii.gz", "--out", tmp_path / "o",
+                        "--estimators", est / "ood", est / "quality", "--no-progress"], capsys)
+    assert code == 0, err
+    for name in ("seg", "proba", "entropy", "mi"):
+        img = nib.load(tmp_path / "o" / f"head_{name}.nii.gz")
+        assert img.shape[:3] == t1.shape
+        np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+    seg = np.asarray(nib.load(tmp_path / "o" / "head_seg.nii.gz").dataobj)
+    true = [2 * ((seg == k) & (labels == k)).sum() / ((seg == k).sum() + (labels == k).sum())
+            for k in (1, 2)]
+    assert min(true) >= 0.85, true
+    report = json.loads((tmp_path / "o" / "head_scores.json").read_text())
+    ood, quality = report["estimators"]["ood"], report["estimators"]["quality"]
+    assert report["slices"]["n_scored"] >= 0.5 * report["slices"]["n"]
+    assert len(ood["score_samples"]) == report["slices"]["n_scored"]
+    assert ood["fraction_outlier"] <= 0.10 and ood["volume_inlier"]
+    np.testing.assert_allclose(quality["volume_predicted_quality"], true, atol=0.05)
