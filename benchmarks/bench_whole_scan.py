@@ -6,9 +6,10 @@ Cases: ``template`` (197 x 233 x 189 at 1 mm, RAS, uint8 as shipped) and ``psl``
 head resampled to axes P, S, L at 1.2 x 2 x 1.2 mm, float32; its reference labels come from
 the tissue maps resampled the same way, ``uqseg.datasets._scan.mni_scan``). Each case runs
 ``python -m uqseg.cli predict MEMBERS... SCAN --estimators OOD QUALITY`` in a fresh process
-under ``/usr/bin/time -v`` (peak RSS, wall time); ``template`` also runs with
-``--no-preprocess`` (voxels as stored, slices along axis 2), the path without preprocessing,
-for the memory comparison. Estimators: a ``SpectralOODDetector`` on member 0 fitted on the
+under ``/usr/bin/time -v`` (peak RSS, wall time). ``template`` also runs with
+``--no-preprocess`` (voxels as stored, slices along axis 2: what predict did before), and
+both ways without estimators, the pair that shows what preprocessing adds to predict's peak
+memory. Estimators: a ``SpectralOODDetector`` on member 0 fitted on the
 ``train`` split and a ``QualityRegressor`` on the ensemble fitted on ``make_quality_set``
 of the ``val`` split (severities 0.5, 1), saved once under ``--estimators DIR``.
 
@@ -74,7 +75,7 @@ def run_case(name: str, members: list[str], est: Path | None, tmp: Path,
            str(scan), "--out", str(out), "--no-progress"]
     if not preprocess:
         cmd.append("--no-preprocess")
-    if est is not None and preprocess:
+    if est is not None:
         cmd += ["--estimators", str(est / "ood"), str(est / "quality")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
     t0 = time.perf_counter()
@@ -88,44 +89,47 @@ def run_case(name: str, members: list[str], est: Path | None, tmp: Path,
     scores = json.loads((out / f"{name}_scores.json").read_text())
     rec = {"case": name, "codes": codes, "spacing_mm": list(spacing), "shape": list(t1.shape),
            "dtype": str(t1.dtype), "preprocess": preprocess, "members": len(members),
+           "estimators": est is not None,
            "wall_s": round(wall, 1), "peak_rss_mib": round(peak / 1024),
            "input_mib": round(t1.nbytes / 2**20, 1),
            "same_grid": seg.shape == t1.shape and np.allclose(seg_img.affine, affine),
            "dice_gm": round(dice(seg, labels, 1), 4), "dice_wm": round(dice(seg, labels, 2), 4)}
     if preprocess:
         rec["slices"] = {"n": scores["slices"]["n"], "scored": scores["slices"]["n_scored"]}
+    else:
+        n = t1.shape[2]
+        rec["slices"] = {"n": n, "scored": n}
     for key, s in scores.get("estimators", {}).items():
         if "fraction_outlier" in s:
             rec["fraction_outlier"] = round(s["fraction_outlier"], 4)
             rec["volume_ood_inlier"] = s["volume_inlier"]
         elif "volume_predicted_quality" in s:
             rec["predicted_volume_dice"] = [round(v, 4) for v in s["volume_predicted_quality"]]
-            rec["mean_predicted_slice_dice"] = [round(v, 4)
-                                                for v in s["mean_predicted_quality"]]
             rec["volume_dice_gap"] = [round(p - t, 4) for p, t in zip(
                 s["volume_predicted_quality"], (rec["dice_gm"], rec["dice_wm"]), strict=True)]
+        if "mean_predicted_quality" in s:
+            rec["mean_predicted_slice_dice"] = [round(v, 4)
+                                                for v in s["mean_predicted_quality"]]
         del key
     return rec
 
 
 def table(record: dict) -> str:
-    rows = ["| scan | voxels (mm) | Dice GM / WM | scored slices | OOD-flagged | "
-            "predicted / true volume Dice (GM, WM) | wall (s) | peak RSS (MiB) |",
-            "|---|---|---|---:|---:|---|---:|---:|"]
+    rows = ["| scan | voxels (mm) | preprocessing | estimators | Dice GM / WM | scored slices | "
+            "OOD-flagged | predicted (volume) / true Dice, GM; WM | wall (s) | peak RSS (MiB) |",
+            "|---|---|---|---|---|---:|---:|---|---:|---:|"]
     for c in record["cases"]:
-        sp = "x".join(f"{s:g}" for s in c["spacing_mm"])
-        if not c["preprocess"]:
-            rows.append(f"| {c['case']} {c['codes']}, --no-preprocess | {sp} | "
-                        f"{c['dice_gm']:.3f} / {c['dice_wm']:.3f} | – | – | – | "
-                        f"{c['wall_s']:.0f} | {c['peak_rss_mib']} |")
-            continue
-        q = c.get("predicted_volume_dice")
-        qtxt = (f"{q[0]:.3f} / {c['dice_gm']:.3f}, {q[1]:.3f} / {c['dice_wm']:.3f}"
+        sp = " x ".join(f"{s:g}" for s in c["spacing_mm"])
+        q = c.get("predicted_volume_dice") or c.get("mean_predicted_slice_dice")
+        kind = "volume" if "predicted_volume_dice" in c else "mean of slices"
+        qtxt = (f"{q[0]:.3f} / {c['dice_gm']:.3f}; {q[1]:.3f} / {c['dice_wm']:.3f} ({kind})"
                 if q else "–")
-        rows.append(f"| {c['case']} {c['codes']} {'x'.join(map(str, c['shape']))} | {sp} | "
+        flagged = (f"{100 * c['fraction_outlier']:.1f} %" if "fraction_outlier" in c else "–")
+        rows.append(f"| {c['case']} ({c['codes']}, {'x'.join(map(str, c['shape']))}) | {sp} | "
+                    f"{'yes' if c['preprocess'] else 'no (--no-preprocess)'} | "
+                    f"{'OOD + quality' if c['estimators'] else 'none'} | "
                     f"{c['dice_gm']:.3f} / {c['dice_wm']:.3f} | "
-                    f"{c['slices']['scored']} of {c['slices']['n']} | "
-                    f"{100 * c.get('fraction_outlier', float('nan')):.1f} % | {qtxt} | "
+                    f"{c['slices']['scored']} of {c['slices']['n']} | {flagged} | {qtxt} | "
                     f"{c['wall_s']:.0f} | {c['peak_rss_mib']} |")
     return "\n".join(rows)
 
@@ -151,9 +155,10 @@ def main(argv=None) -> int:
         for name in args.cases:
             cases.append(run_case(name, members, est, tmp))
             print(json.dumps(cases[-1]), flush=True)
-        if "template" in args.cases:
-            cases.append(run_case("template", members, None, tmp, preprocess=False))
-            print(json.dumps(cases[-1]), flush=True)
+        if "template" in args.cases:  # as before preprocessing; then the memory pair
+            for e, pre in ((est, False), (None, True), (None, False)):
+                cases.append(run_case("template", members, e, tmp, preprocess=pre))
+                print(json.dumps(cases[-1]), flush=True)
     record = {"machine": machine_record(["numpy", "scipy", "onnxruntime", "nibabel"]),
               "cases": cases}
     write_json(OUT, record)
