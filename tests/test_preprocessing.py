@@ -52,8 +52,10 @@ def test_json_round_trip_and_metadata_form():
     ({"spacing": [1, 0, 1]}, "must be > 0"),
     ({"spacing": [1, 1]}, "3 values"),
     ({"plane": "oblique"}, "plane"),
-    ({"plane": "axial", "orientation": "RAS", "size": [128, 128, 3]}, "2 positive integers"),
-    ({"size": [64, 64, 0]}, "3 positive integers"),
+    ({"plane": "axial", "orientation": "RAS", "size": [128, 128, 3]}, "2 integers"),
+    ({"size": [64, 64, 0]}, "3 integers"),
+    ({"size": [64, 64, 10**6]}, "3 integers in 1..8192"),
+    ({"plane": "axial"}, "needs an 'orientation'"),
     ({"intensity": {"method": "percentile", "low": 99, "high": 1}}, "low < high"),
     ({"intensity": {"method": "window", "low": -1000}}, "needs 'low' and 'high'"),
     ({"intensity": {"method": "percentile", "window": 3}}, "unknown key"),
@@ -192,6 +194,7 @@ def test_intensity_methods():
 def test_bad_scans_are_one_line_errors():
     data = _blob()
     cases = [
+        ((data, np.eye(4), Preprocessing(spacing=(0.01, 0.01, 0.01))), "over 27 times"),
         ((np.stack([data, data], -1), np.eye(4), Preprocessing()), "4-D series"),
         ((data, np.diag([1.0, 0.0, 1.0, 1.0]), Preprocessing()),
          "spacing is zero along voxel axis 1"),

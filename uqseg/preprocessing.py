@@ -51,6 +51,9 @@ _KEYS = ("orientation", "spacing", "plane", "intensity", "crop", "size")
 _MAX_JSON = 1 << 14  # a description is a few hundred bytes; refuse anything huge
 _CHUNK = 1 << 22  # voxels per pass of the chunked statistics (bounded extra memory)
 _OTSU_BINS = 256
+MAX_SIZE = 8192  # per axis of a model input: far above any network, refuses allocation bombs
+#: a description may upsample a scan, but not beyond this many times its voxels (or 2**24)
+MAX_UPSAMPLING = 27
 
 
 def _where(key: str) -> str:
@@ -202,6 +205,9 @@ class Preprocessing:
         if self.plane is not None and self.plane not in PLANES:
             raise ValueError(f"{_where('plane')} must be one of {tuple(PLANES)} or null, got "
                              f"{self.plane!r}")
+        if self.plane is not None and self.orientation is None:
+            raise ValueError(f"{_where('plane')} needs an 'orientation': the axis a plane cuts "
+                             "is found from its codes")
         if self.spacing is not None:
             sp = self.spacing
             if isinstance(sp, (str, bytes)) or not hasattr(sp, "__len__") or len(sp) != 3:
@@ -216,10 +222,10 @@ class Preprocessing:
         if self.size is not None:
             sz = self.size
             if isinstance(sz, (str, bytes)) or not hasattr(sz, "__len__") or len(sz) != n_size \
-                    or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
-                           for s in sz):
+                    or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
+                           or not 1 <= s <= MAX_SIZE for s in sz):
                 what = "rows, columns for a 2-D model" if n_size == 2 else "a 3-D model"
-                raise ValueError(f"{_where('size')} must be {n_size} positive integers "
+                raise ValueError(f"{_where('size')} must be {n_size} integers in 1..{MAX_SIZE} "
                                  f"({what}), got {sz!r}")
             set_(self, "size", tuple(int(s) for s in sz))
         set_(self, "intensity", _check_intensity(self.intensity))
@@ -613,6 +619,11 @@ def preprocess(data, affine, preprocessing: Preprocessing | dict | str):
         first, st, n = _sampling(box[0, a], box[1, a], sizes[a], step)
         mr[a, k], mr[a, 3] = st, first
         model_shape.append(n)
+    n_model = float(np.prod(model_shape, dtype=np.float64))
+    if n_model > max(MAX_UPSAMPLING * float(arr.size), 2.0**24):
+        raise ValueError(f"the preprocessing would resample the scan ({arr.shape}) to "
+                         f"{tuple(model_shape)} voxels, over {MAX_UPSAMPLING} times as many: "
+                         "check its spacing against the scan's")
     matrix = r @ mr
     raw = ndimage.affine_transform(arr, matrix[:3, :3], offset=matrix[:3, 3],
                                    output_shape=tuple(model_shape), order=1, mode="nearest",
