@@ -144,6 +144,10 @@ def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=None, normalize=Tru
         if not normalize:
             raise UsageError("--no-normalize conflicts with the models' preprocessing (it sets "
                              "the intensity normalisation); pass --no-preprocess instead")
+        if ens.n_input_channels_ != 1:
+            raise ValueError(f"the models take {ens.n_input_channels_} input channels; "
+                             "preprocessing descriptions cover single-channel scans only (pass "
+                             "--no-preprocess and prepare the channels yourself)")
         if (prep.plane is not None) != (ens.spatial_dims_ == 2):
             raise ValueError(f"the models are {ens.spatial_dims_}-D but their preprocessing "
                              f"has plane={prep.plane!r}")
