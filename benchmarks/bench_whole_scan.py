@@ -70,7 +70,7 @@ def run_case(name: str, members: list[str], est: Path | None, tmp: Path,
     t1, labels, affine = mni_scan(codes, spacing)
     scan = tmp / f"{name}.nii.gz"
     nib.save(nib.Nifti1Image(t1, affine), scan)
-    out = tmp / f"out-{name}-{int(preprocess)}"
+    out = tmp / f"out-{name}-{int(preprocess)}-{int(est is not None)}"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "uqseg.cli", "predict", *members,
            str(scan), "--out", str(out), "--no-progress"]
     if not preprocess:
@@ -102,7 +102,8 @@ def run_case(name: str, members: list[str], est: Path | None, tmp: Path,
     for key, s in scores.get("estimators", {}).items():
         if "fraction_outlier" in s:
             rec["fraction_outlier"] = round(s["fraction_outlier"], 4)
-            rec["volume_ood_inlier"] = s["volume_inlier"]
+            if "volume_inlier" in s:
+                rec["volume_ood_inlier"] = s["volume_inlier"]
         elif "volume_predicted_quality" in s:
             rec["predicted_volume_dice"] = [round(v, 4) for v in s["volume_predicted_quality"]]
             rec["volume_dice_gap"] = [round(p - t, 4) for p, t in zip(
