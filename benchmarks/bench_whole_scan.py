@@ -15,6 +15,7 @@ of the ``val`` split (severities 0.5, 1), saved once under ``--estimators DIR``.
 
     python benchmarks/bench_whole_scan.py                  # fits estimators first (minutes)
     python benchmarks/bench_whole_scan.py --estimators /tmp/est --render   # + docs/cli.md
+    python benchmarks/bench_whole_scan.py --quick          # smoke run (uqseg bench --quick)
 
 Results: ``benchmarks/results/whole_scan.json``; ``--render`` writes the table into
 docs/cli.md (section ``whole-scan``).
@@ -41,7 +42,7 @@ OUT = RESULTS / "whole_scan.json"
 CASES = {"template": ("RAS", (1.0, 1.0, 1.0)), "psl": ("PSL", (1.2, 2.0, 1.2))}
 
 
-def fit_estimators(folder: Path, members: list[str]) -> None:
+def fit_estimators(folder: Path, members: list[str], quick: bool = False) -> None:
     import uqseg
     from uqseg import EnsembleSegmenter, QualityRegressor, SpectralOODDetector, datasets
     from uqseg.quality import make_quality_set
@@ -50,7 +51,8 @@ def fit_estimators(folder: Path, members: list[str]) -> None:
     X_val, y_val = datasets.load_brain_tissue("val")
     print("fitting the OOD detector and the quality regressor (minutes)", file=sys.stderr)
     uqseg.save(SpectralOODDetector(members[0]).fit(X_tr), folder / "ood", overwrite=True)
-    X_q, y_q, info = make_quality_set(X_val, y_val, severities=(0.5, 1.0))
+    step = 4 if quick else 1  # --quick: a quarter of val (the slow test's recipe)
+    X_q, y_q, info = make_quality_set(X_val[::step], y_val[::step], severities=(0.5, 1.0))
     qr = QualityRegressor(EnsembleSegmenter(members).fit()).fit(X_q, y_q, groups=info["source"])
     uqseg.save(qr, folder / "quality", overwrite=True)
 
@@ -142,7 +144,11 @@ def main(argv=None) -> int:
                     help="folder with ood/ and quality/ (uqseg.save); fitted there if absent")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--render", action="store_true", help="write the table into docs/cli.md")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 members, a small quality set, the template only (smoke run)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.members, args.cases = 2, ["template"]
     sys.path.insert(0, str(ROOT))
     from uqseg import datasets
 
@@ -151,18 +157,18 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         est = args.estimators or tmp / "est"
         if not (est / "quality" / "manifest.json").exists():
-            fit_estimators(est, members)
+            fit_estimators(est, members, quick=args.quick)
         cases = []
         for name in args.cases:
             cases.append(run_case(name, members, est, tmp))
             print(json.dumps(cases[-1]), flush=True)
-        if "template" in args.cases:  # as before preprocessing; then the memory pair
+        if "template" in args.cases and not args.quick:  # as before; then the memory pair
             for e, pre in ((est, False), (None, True), (None, False)):
                 cases.append(run_case("template", members, e, tmp, preprocess=pre))
                 print(json.dumps(cases[-1]), flush=True)
     record = {"machine": machine_record(["numpy", "scipy", "onnxruntime", "nibabel"]),
               "cases": cases}
-    write_json(OUT, record)
+    write_json(OUT.with_name("whole_scan_quick.json") if args.quick else OUT, record)
     print(table(record))
     if args.render:
         write_doc_section(ROOT / "docs" / "cli.md", "whole-scan", table(record))
