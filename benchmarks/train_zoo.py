@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uqseg.datasets._zoo import ZOO_PREPROCESSING
 from uqseg.training import DiceLoss, UNet, export_onnx, fit_segmenter, predict_logits
 from uqseg.training.loop import foreground_dice
 
@@ -241,6 +242,7 @@ def main(argv=None) -> dict:
             feature_layers=feature_layers(model),
             mc_dropout=mc,
             info=info,
+            preprocessing=ZOO_PREPROCESSING,
         )
         written.append(out / name)
         rec = {

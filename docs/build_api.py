@@ -34,6 +34,7 @@ SECTIONS = [
     ("uqseg.uncertainty", None, "Uncertainty maps (uqseg.uncertainty)"),
     ("uqseg.backends", ["load"], "Backends (uqseg.backends)"),
     ("uqseg.io", None, "Image input/output (uqseg.io)"),
+    ("uqseg.preprocessing", None, "Preprocessing that travels with a model (uqseg.preprocessing)"),
     ("uqseg.report", None, "Report (uqseg.report, extra `plot`)"),
     ("uqseg.demo", ["run_demo", "DemoConfig"], "Demo (uqseg.demo)"),
     ("uqseg.distributed", None, "Distributed scoring (uqseg.distributed, extra `ray`)"),

@@ -358,3 +358,20 @@ def test_export_rejects_bad_arguments(tmp_path):
         export_onnx(net, tmp_path / "a.onnx", torch.zeros(8, 8))
     with pytest.raises(TypeError, match="Module"):
         export_onnx("net", tmp_path / "a.onnx", torch.zeros(1, 1, 8, 8))
+
+
+def test_export_writes_the_preprocessing_description(tmp_path):
+    from uqseg.preprocessing import Preprocessing, read_preprocessing
+
+    net = _net(dims=2, dropout=0.0)
+    prep = {"orientation": "RAS", "plane": "axial", "size": [8, 8],
+            "intensity": {"method": "percentile"}}
+    export_onnx(net, tmp_path / "p.onnx", torch.zeros(1, 1, 8, 8), preprocessing=prep)
+    assert read_preprocessing(tmp_path / "p.onnx") == Preprocessing.from_dict(prep)
+    with pytest.raises(ValueError, match="2-D network"):  # a 2-D network needs a plane
+        export_onnx(net, tmp_path / "q.onnx", torch.zeros(1, 1, 8, 8),
+                    preprocessing={"orientation": "RAS"})
+    with pytest.raises(ValueError, match="unknown preprocessing key"):
+        export_onnx(net, tmp_path / "q.onnx", torch.zeros(1, 1, 8, 8),
+                    preprocessing={"orient": "RAS"})
+    assert not (tmp_path / "q.onnx").exists()

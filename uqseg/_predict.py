@@ -151,14 +151,37 @@ def _check_writable(out: Path) -> None:
         raise UsageError(f"--out {str(out)!r}: {str(probe)!r} is not a writable folder")
 
 
-def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=2, normalize=True,
-                backend="auto", device="auto", batch_size="auto", progress=True) -> list[Path]:
-    """Segment every input of ``plan``; returns the published paths."""
+def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=None, normalize=True,
+                backend="auto", device="auto", batch_size="auto", progress=True,
+                preprocess=True, spacing=None) -> list[Path]:
+    """Segment every input of ``plan``; returns the published paths.
+
+    With ``preprocess`` (default) and models that carry a ``uqseg.preprocessing``
+    description, every 3-D input goes through it and the maps come back in its grid;
+    ``spacing`` (mm, 3 floats) gives the voxel size of NumPy inputs stored without an affine.
+    """
     from uqseg.ensemble import EnsembleSegmenter
 
     ens = EnsembleSegmenter(list(plan.models), tta="flips" if tta else None,
                             mc_samples=mc_samples, backend=backend, device=device,
                             batch_size=batch_size).fit()
+    prep = ens.preprocessing_ if preprocess else None
+    if prep is not None:
+        if axis is not None:
+            raise UsageError("--axis conflicts with the models' preprocessing (it sets the "
+                             f"slicing plane: {prep.plane}); drop --axis or pass "
+                             "--no-preprocess")
+        if not normalize:
+            raise UsageError("--no-normalize conflicts with the models' preprocessing (it sets "
+                             "the intensity normalisation); pass --no-preprocess instead")
+        if ens.n_input_channels_ != 1:
+            raise ValueError(f"the models take {ens.n_input_channels_} input channels; "
+                             "preprocessing descriptions cover single-channel scans only (pass "
+                             "--no-preprocess and prepare the channels yourself)")
+        if (prep.plane is not None) != (ens.spatial_dims_ == 2):
+            raise ValueError(f"the models are {ens.spatial_dims_}-D but their preprocessing "
+                             f"has plane={prep.plane!r}")
+    axis = 2 if axis is None else axis
     created = not plan.out.exists()
     plan.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".uqseg-predict-", dir=plan.out))
@@ -167,8 +190,14 @@ def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=2, normalize=True,
         for i, src in enumerate(plan.inputs):
             work = tmp / str(i)
             work.mkdir()
-            staged += _predict_one(plan, ens, src, work, axis=axis, normalize=normalize,
-                                   batch_size=batch_size, progress=progress)
+            if prep is not None:
+                from uqseg._predict_volume import predict_preprocessed
+
+                staged += predict_preprocessed(plan, ens, prep, src, work, spacing=spacing,
+                                               progress=progress)
+            else:
+                staged += _predict_one(plan, ens, src, work, axis=axis, normalize=normalize,
+                                       batch_size=batch_size, progress=progress)
         published = _publish(plan, staged)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,6 +69,7 @@ PROGRESS_CHUNK = 16  # images per progress-bar step when the batch size is "auto
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _open_unit = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number (mm)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -145,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="test-time flips (every spatial axis)")
     p.add_argument("--mc-samples", type=_non_negative_int, default=0, metavar="N",
                    help="MC-dropout passes for members exported with an mc_mask input")
-    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
-                   help="slice axis when a 3-D volume goes through a 2-D model (default 2)")
+    p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
+                   help="slice axis when a 3-D volume goes through a 2-D model without a "
+                        "preprocessing description (default 2)")
     p.add_argument("--no-normalize", action="store_true",
                    help="skip uqseg.datasets.normalize_intensity (1st-99th percentile to [0, 1] "
-                        "per model input image)")
+                        "per model input image; models without a preprocessing description)")
+    p.add_argument("--no-preprocess", action="store_true",
+                   help="ignore the models' preprocessing description (uqseg.preprocessing "
+                        "metadata) and feed the voxels as stored, slice by slice along --axis")
+    p.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("SX", "SY", "SZ"),
+                   help="voxel size in mm of NumPy inputs stored without an affine (needed "
+                        "by a preprocessing description; axes taken as R, A, S)")
     _add_runtime_args(p)
 
     b = sub.add_parser(
@@ -236,7 +244,8 @@ def _cmd_predict(args) -> int:
     written = run_predict(
         plan, tta=args.tta, mc_samples=args.mc_samples, axis=args.axis,
         normalize=not args.no_normalize, backend=args.backend, device=args.device,
-        batch_size=args.batch_size, progress=not args.no_progress)
+        batch_size=args.batch_size, progress=not args.no_progress,
+        preprocess=not args.no_preprocess, spacing=args.spacing)
     for path in written:
         print(path)
     return EXIT_OK

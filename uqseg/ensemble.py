@@ -427,6 +427,21 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             self._check_X(X)
         return self
 
+    @property
+    def preprocessing_(self):
+        """The members' common preprocessing description (None when none carries one).
+
+        Raises ValueError when members carry different descriptions (or only some do).
+        """
+        check_is_fitted(self, "members_")
+        found = [m.preprocessing_ for m in self.members_]
+        if any(f != found[0] for f in found[1:]):
+            which = ", ".join(f"{m.model}: {'none' if f is None else f.to_json()}"
+                              for m, f in zip(self.members_, found, strict=True))
+            raise ValueError(f"the ensemble's members carry different preprocessing ({which}); "
+                             "their inputs would differ")
+        return found[0]
+
     # ------------------------------------------------------------------ runtime state
     def _reset(self):
         self._fused_runners = {}

@@ -252,10 +252,11 @@ def read_numpy(path: str | os.PathLike) -> Volume:
 
     An ``.npz`` file is searched for the keys ``image``, ``data`` or ``arr_0`` (else its only
     array); an ``affine`` key (4x4) is used as the affine. Without one the affine is the
-    identity (1 mm voxels at the origin). ``allow_pickle`` stays off.
+    identity (1 mm voxels at the origin) and ``meta["affine_given"]`` is False (a model's
+    preprocessing then needs the spacing given). ``allow_pickle`` stays off.
     """
     p = Path(path)
-    affine = np.eye(4)
+    affine, affine_given = np.eye(4), False
     try:
         loaded = np.load(p, allow_pickle=False)
     except Exception as exc:
@@ -274,6 +275,7 @@ def read_numpy(path: str | os.PathLike) -> Volume:
                 )
             data = loaded[key]
             if "affine" in keys:
+                affine_given = True
                 affine = np.asarray(loaded["affine"], dtype=np.float64)
                 if affine.shape != (4, 4) or not np.isfinite(affine).all():
                     raise ValueError(f"{str(p)!r}: 'affine' must be a finite 4x4 array, got "
@@ -285,7 +287,8 @@ def read_numpy(path: str | os.PathLike) -> Volume:
             f"NumPy input {str(p)!r} must hold a 2-D or 3-D image (or one with a channel axis), "
             f"got shape {data.shape}"
         )
-    return Volume(data=np.asarray(data), affine=affine, kind="numpy")
+    return Volume(data=np.asarray(data), affine=affine, kind="numpy",
+                  meta={"affine_given": affine_given})
 
 
 # ---------------------------------------------------------------------- DICOM

@@ -129,6 +129,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         The device ``device`` resolved to (``"cpu"``, ``"cuda"`` or ``"tensorrt"``).
     mc_dropout_ : dict or None
         ``{"input", "p", "size"}`` when the model takes an MC-dropout mask.
+    preprocessing_ : uqseg.preprocessing.Preprocessing or None
+        The model's ``uqseg.preprocessing`` metadata (read from the file, not saved state).
 
     Examples
     --------
@@ -213,6 +215,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self._hidden_output = pre is not None
         self.mc_dropout_ = self._mc_spec(proto, meta["mc_dropout"], inputs, where)
         self.spatial_divisor_ = meta["spatial_divisor"]
+        self._preprocessing = meta["preprocessing"]
         self.feature_layers_ = [info.name for info in graph.candidate_layers(proto)]
         self._reset()
         n_classes = meta["n_classes"]
@@ -232,6 +235,19 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         if X is not None:
             self._check_X(X)
         return self
+
+    @property
+    def preprocessing_(self):
+        """The model's preprocessing description (metadata ``uqseg.preprocessing``) or None."""
+        if not hasattr(self, "n_classes_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("this OnnxSegmenter is not fitted yet: call fit() first")
+        if not hasattr(self, "_preprocessing"):  # restored by uqseg.load: read the file once
+            from uqseg.preprocessing import read_preprocessing
+
+            self._preprocessing = read_preprocessing(self.model)
+        return self._preprocessing
 
     @staticmethod
     def _mc_spec(proto, spec, inputs, where):

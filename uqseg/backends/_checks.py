@@ -20,6 +20,7 @@ MC_DROPOUT_KEY = "uqseg.mc_dropout"
 FEATURE_LAYERS_KEY = "uqseg.feature_layers"
 ACTIVATION_KEY = "uqseg.activation"
 ACTIVATIONS = ("softmax", "sigmoid", "none")
+PREPROCESSING_KEY = "uqseg.preprocessing"
 #: upper bounds of metadata values: far above any real network, low enough that sizes derived
 #: from them (padding to the divisor, one output channel per class) stay allocatable
 MAX_SPATIAL_DIVISOR = 4096
@@ -99,11 +100,12 @@ def _feature_layers(raw: str, proto: onnx.ModelProto, where: str) -> list[str]:
 
 def check_metadata(proto: onnx.ModelProto, where: str = "the model") -> dict:
     """The validated ``uqseg.*`` metadata: ``n_classes`` (int or None), ``spatial_divisor``
-    (int, default 1), ``mc_dropout`` (dict or None), ``feature_layers`` (list) and
-    ``activation`` (one of ``ACTIVATIONS`` or None)."""
+    (int, default 1), ``mc_dropout`` (dict or None), ``feature_layers`` (list),
+    ``activation`` (one of ``ACTIVATIONS`` or None), ``preprocessing`` (a
+    :class:`uqseg.preprocessing.Preprocessing` or None)."""
     meta = {p.key: p.value for p in proto.metadata_props}
     out: dict = {"n_classes": None, "spatial_divisor": 1, "mc_dropout": None,
-                 "feature_layers": [], "activation": None}
+                 "feature_layers": [], "activation": None, "preprocessing": None}
     if DIVISOR_KEY in meta:
         out["spatial_divisor"] = _positive_int(meta[DIVISOR_KEY], DIVISOR_KEY,
                                                MAX_SPATIAL_DIVISOR, where)
@@ -126,6 +128,13 @@ def check_metadata(proto: onnx.ModelProto, where: str = "the model") -> dict:
         out["activation"] = act
     if meta.get(FEATURE_LAYERS_KEY):
         out["feature_layers"] = _feature_layers(meta[FEATURE_LAYERS_KEY], proto, where)
+    if PREPROCESSING_KEY in meta:
+        from uqseg.preprocessing import Preprocessing
+
+        try:
+            out["preprocessing"] = Preprocessing.from_json(meta[PREPROCESSING_KEY])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{where}: metadata {PREPROCESSING_KEY!r}: {exc}") from exc
     return out
 
 

@@ -7,6 +7,22 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
+#: What the zoo's training slices had (see ``_brain.py``), as a ``uqseg.preprocessing``
+#: description: axial slices of the 1 mm template (native slice spacing), rows anterior ->
+#: posterior and columns left -> right ("PRS" cut across S), the brain's bounding box grown
+#: by 6 mm resized to 128 x 128 (aspect not kept), 1st/99th percentile to [0, 1] per slice.
+#: Training slices covered the slices with at least 30 % of the largest slice's brain area;
+#: scans are scored on those only. The brain box came from the tissue maps; a scan has only
+#: its intensities, and Otsu's threshold on the template finds the same box within a voxel.
+ZOO_PREPROCESSING = {
+    "orientation": "PRS",
+    "plane": "axial",
+    "spacing": None,
+    "crop": {"method": "otsu", "margin": 6.0, "min_area": 0.3},
+    "size": [128, 128],
+    "intensity": {"method": "percentile", "low": 1.0, "high": 99.0, "scope": "image"},
+}
+
 
 def reference_models() -> list[str]:
     """Paths of the shipped reference ONNX networks, sorted by file name.

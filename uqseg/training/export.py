@@ -98,6 +98,7 @@ def export_onnx(
     opset: int = 18,
     dynamic_spatial: bool = True,
     info: dict | None = None,
+    preprocessing=None,
 ) -> dict:
     """Export a segmentation network to a single ONNX file with uqseg metadata.
 
@@ -124,6 +125,9 @@ def export_onnx(
         the report says so (``"dynamic_spatial": False``).
     info : dict, optional
         JSON-serialisable free information stored in ``uqseg.info``.
+    preprocessing : uqseg.preprocessing.Preprocessing, dict or JSON str, optional
+        How scans become this network's inputs; stored (validated) in
+        ``uqseg.preprocessing`` so ``uqseg predict`` applies and inverts it.
 
     Returns
     -------
@@ -170,6 +174,15 @@ def export_onnx(
     if mc_dropout and mc_size == 0:
         raise ValueError("mc_dropout=True needs a model with dropout > 0 (mc_size > 0)")
     info_json = json.dumps(info if info is not None else {})
+    prep_json = None
+    if preprocessing is not None:
+        from uqseg.preprocessing import _as_preprocessing
+
+        prep = _as_preprocessing(preprocessing)
+        if (prep.plane is not None) != (dims == 2):
+            raise ValueError(f"preprocessing plane={prep.plane!r} does not fit a {dims}-D "
+                             "network (2-D networks need a plane, 3-D ones none)")
+        prep_json = prep.to_json()
 
     was_training = model.training
     was_mc = getattr(model, "mc_dropout", None)
@@ -240,6 +253,8 @@ def export_onnx(
                 "uqseg.spatial_divisor": str(divisor),
                 "uqseg.info": info_json,
             }
+            if prep_json is not None:
+                meta["uqseg.preprocessing"] = prep_json
             if mc_dropout:
                 meta["uqseg.mc_dropout"] = json.dumps(
                     {"input": "mc_mask", "p": float(model.dropout), "size": mc_size}
