@@ -115,8 +115,11 @@ def _seg_params(est: Any, w: str) -> None:
 
 
 def _ens_params(est: Any, w: str) -> None:
+    from uqseg import backends
+
     run_own(est._check_params, w)
     _engine(est, w)
+    check_choice(getattr(est, "precision", "fp32"), f"{w}.precision", backends.PRECISIONS)
     if not isinstance(est.members, (list, tuple)) or not est.members:
         raise TypeError(f"{w}.members: expected a non-empty list, got {_short(est.members)}")
     for i, m in enumerate(est.members):
