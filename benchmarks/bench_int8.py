@@ -56,7 +56,7 @@ def _quality(seg, data):
     cal = TemperatureCalibrator().fit(seg.transform(X_val), y_val)
     z_te = seg.transform(X_te)
     p = cal.predict_proba(z_te)
-    dice = np.nanmean(metrics.dice_score(z_te.argmax(1), y_te, n_classes=3), axis=0)[1:]
+    dice = np.nanmean(metrics.dice_score(z_te.argmax(1), y_te, n_classes=3), axis=0)
     det = SpectralOODDetector(seg).fit(X_tr)
     s_in = det.score_samples(X_te)
     auroc = {k: metrics.ood_auroc(s_in, det.score_samples(v)) for k, v in ood.items()}

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     corr = {}
     for name, p in [*zip(names, pq, strict=True), ("ensemble (5)", np.mean(pq, axis=0))]:
         unc = metrics.segment_uncertainty(p)
-        dice = metrics.dice_score(p.argmax(1), yq, n_classes=3)[:, 1:]
+        dice = metrics.dice_score(p.argmax(1), yq, n_classes=3)  # foreground classes
         corr[name] = _r(unc, dice)
 
     # 2. Dice vs CE members, before/after temperature scaling ----------------------------------
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
             "nll": float(metrics.negative_log_likelihood(p_te[i], y_te, mask=roi_te)),
             "temperature": float(np.atleast_1d(cal.temperature_)[0]),
             "dice": np.nanmean(metrics.dice_score(p_te[i].argmax(1), y_te, n_classes=3),
-                               axis=0)[1:].tolist()}
+                               axis=0).tolist()}
     for g, idx in groups.items():
         p = np.mean([p_te[i] for i in idx], axis=0)
         pv = np.mean([softmax(z_val[i]) for i in idx], axis=0)
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
             "nll": float(metrics.negative_log_likelihood(p, y_te, mask=roi_te)),
             "temperature": float(np.atleast_1d(cal.temperature_)[0]),
             "dice": np.nanmean(metrics.dice_score(p.argmax(1), y_te, n_classes=3),
-                               axis=0)[1:].tolist()}
+                               axis=0).tolist()}
 
     # 3. NLL cut of 3-member ensembles over 3 draws --------------------------------------------
     rng = np.random.default_rng(0)

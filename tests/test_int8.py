@@ -11,6 +11,9 @@ import uqseg
 from uqseg import EnsembleSegmenter, OnnxSegmenter, SpectralOODDetector
 from uqseg import segmenter as segmod
 
+# the tiny test networks are too small for int8 to pay; fit says so (tested below)
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not pay for this network:UserWarning")
+
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
@@ -46,6 +49,7 @@ def test_quantised_graph_is_int8_and_close_to_float32(tiny_2d, X, cache):
     assert d["label_agreement"] == pytest.approx(np.mean(labels8 == labels32))
     assert d["mean_abs_proba_diff"] == pytest.approx(np.abs(p8 - p32.astype(np.float64)).mean(),
                                                      rel=1e-4)
+    assert d["speedup_on_fit_images"] > 0
     # features still come out (for the OOD detector), from the quantised graph
     det = SpectralOODDetector(seg8).fit(X)
     assert det.score_samples(X[:3]).shape == (3,)
@@ -92,3 +96,9 @@ def test_int8_ensemble_runs_members_separately(tiny_members, X):
     p32, m32 = ens32.predict_with_uncertainty(X)
     assert np.abs(p8 - p32).mean() < 0.02
     assert np.abs(m8["mutual_information"] - m32["mutual_information"]).mean() < 0.02
+
+
+def test_warns_when_int8_does_not_pay(tiny_2d, X, monkeypatch):
+    monkeypatch.setattr(segmod, "INT8_MIN_SPEEDUP", 1e9)  # no network is that much faster
+    with pytest.warns(UserWarning, match="it does not pay for this network"):
+        OnnxSegmenter(tiny_2d, precision="int8").fit(X)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import warnings
 from collections.abc import Sequence
 from itertools import product
 
@@ -31,6 +33,7 @@ PRECISIONS = (*backends.PRECISIONS, "int8")
 # the fit images (measured on a zoo member: 99.8% agreement, mean |dp| 0.0013)
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_MEAN_DIFF = 0.01
+INT8_MIN_SPEEDUP = 0.95  # below this, fit warns that int8 does not pay
 # batch_size="auto": on a CPU, calls of at most this many input voxels (smaller calls keep the
 # activations in cache: docs/benchmarks.md); on a GPU, and as the CPU upper bound, 16 images
 AUTO_BATCH_VOXELS = 1 << 17
@@ -294,13 +297,30 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
                             "mean_abs_proba_diff": float(diff.mean()),
                             "max_abs_proba_diff": float(diff.max())}
         if agree < INT8_MIN_AGREEMENT or diff.mean() > INT8_MAX_MEAN_DIFF:
-            d = self.int8_drift_
-            raise ValueError(
-                f"{self._where()}: the int8 model drifts from float32 on {n} of the fit images "
-                f"(labels agree on {d['label_agreement']:.2%} of voxels, need "
-                f"{INT8_MIN_AGREEMENT:.0%}; mean |p32 - p8| {d['mean_abs_proba_diff']:.4f}, "
-                f"allowed {INT8_MAX_MEAN_DIFF}; max {d['max_abs_proba_diff']:.3f}): keep "
-                "precision='fp32' for this network")
+            self._refuse_int8(n)
+        # whether it pays: small networks spend their time outside the convolutions
+        t32, t8 = [], []
+        for _ in range(3):
+            for fn, ts in ((ref.predict_proba, t32), (self.predict_proba, t8)):
+                t0 = time.perf_counter()
+                fn(calib)
+                ts.append(time.perf_counter() - t0)
+        speedup = float(np.median(t32) / max(np.median(t8), 1e-12))
+        self.int8_drift_["speedup_on_fit_images"] = speedup
+        if speedup < INT8_MIN_SPEEDUP:
+            warnings.warn(
+                f"{self._where()}: int8 ran {speedup:.2f}x as fast as float32 on the fit images "
+                "(measured at fit): it does not pay for this network; keep precision='fp32'",
+                UserWarning, stacklevel=3)
+
+    def _refuse_int8(self, n) -> None:
+        d = self.int8_drift_
+        raise ValueError(
+            f"{self._where()}: the int8 model drifts from float32 on {n} of the fit images "
+            f"(labels agree on {d['label_agreement']:.2%} of voxels, need "
+            f"{INT8_MIN_AGREEMENT:.0%}; mean |p32 - p8| {d['mean_abs_proba_diff']:.4f}, "
+            f"allowed {INT8_MAX_MEAN_DIFF}; max {d['max_abs_proba_diff']:.3f}): keep "
+            "precision='fp32' for this network")
 
     @property
     def preprocessing_(self):
