@@ -1,0 +1,323 @@
+"""Local temperature scaling (torch-free): the features a voxel's log-temperature is linear in,
+and the NLL of the temperature map with its analytic gradient.
+
+Features of one image, from its logits ``z`` (and the image, where the calibrator sees it):
+
+- ``log_margin``: log of the gap between the two largest logits;
+- ``log_entropy``: log of the entropy of ``softmax(z)``;
+- both Gaussian-smoothed at each scale ``s`` (voxels): ``log_margin@s``, ``log_entropy@s``;
+- ``log_boundary_distance``: ``log(1 + d)``, ``d`` the Euclidean distance to the predicted
+  boundary (voxels where the argmax differs from an axis neighbour), capped at ``DIST_CAP``;
+- ``intensity[c]``: channel ``c`` of the image, z-scored per image;
+- ``class[k]``: 1 where class ``k >= 1`` is predicted.
+
+Cost is what decides the layout (prediction must stay within 10% of the network's inference):
+everything is float32, the smoothed maps and the distance live on a grid coarser by
+``COARSE`` per axis (they are smooth by construction), images of a batch are smoothed in one
+call and their distances in one ``distance_transform_edt`` over a canvas of padded images,
+and at predict time the coarse terms are combined before the one upsampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+#: logit margin added before the log, so a tie (margin 0) gives a finite feature
+MARGIN_EPS = 1e-3
+#: entropy (nats) added before the log
+ENTROPY_EPS = 1e-6
+#: boundary distances are capped here (voxels): beyond it the distance says nothing new
+DIST_CAP = 32.0
+#: the distance is computed on a grid this much coarser per axis (a power of 2)
+DIST_COARSE = 4
+_BLOCK = 1 << 16  # voxels per block of the pointwise features
+_TRUNCATE = 3.0
+_CHUNK = 1 << 18  # sample rows per objective step
+
+
+def feature_names(n_classes: int, scales, n_image_channels: int = 0) -> list[str]:
+    """Names of the local features, in the order of :func:`local_features`'s rows."""
+    names = ["log_margin", *[f"log_margin@{float(s):g}" for s in scales],
+             "log_entropy", *[f"log_entropy@{float(s):g}" for s in scales],
+             "log_boundary_distance"]
+    names += [f"intensity[{c}]" for c in range(n_image_channels)]
+    names += [f"class[{k}]" for k in range(1, n_classes)]
+    return names
+
+
+# ---------------------------------------------------------------------- building blocks
+def _pointwise(z):
+    """log margin, log entropy (float32) and argmax (int16) of logits ``(n, K, *spatial)``.
+
+    Walked in blocks of about ``2**16`` voxels (whole images when they are small) so the
+    temporaries stay in cache, one pass per class (numpy reduces a short class axis slowly).
+    The entropy of ``softmax(z)`` is ``log sum e^u - sum p u`` with ``u = z - max``.
+    """
+    n, k = z.shape[:2]
+    zf = z.reshape(n, k, -1)
+    v = zf.shape[2]
+    log_margin = np.empty((n, v), np.float32)
+    log_ent = np.empty((n, v), np.float32)
+    labels = np.empty((n, v), np.int16)
+    step = max(1, _BLOCK // max(v, 1))
+    blocks = [(slice(i, i + step), slice(None)) for i in range(0, n, step)] if v < _BLOCK \
+        else [(slice(i, i + 1), slice(s, s + _BLOCK)) for i in range(n)
+              for s in range(0, v, _BLOCK)]
+    eps_m, eps_h = np.float32(MARGIN_EPS), np.float32(ENTROPY_EPS)
+    for bi, bv in blocks:
+        zb = zf[bi, :, bv]
+        t1 = zb[:, 0].copy()
+        t2 = np.full_like(t1, -np.inf)
+        lab = np.zeros(t1.shape, np.int16)
+        for c in range(1, k):
+            zc = zb[:, c]
+            np.maximum(t2, np.minimum(t1, zc), out=t2)
+            lab[zc > t1] = c  # strict: ties go to the lower class, as argmax does
+            np.maximum(t1, zc, out=t1)
+        tot = np.zeros_like(t1)
+        acc = np.zeros_like(t1)
+        for c in range(k):
+            u = zb[:, c] - t1
+            e = np.exp(u)
+            tot += e
+            e *= u
+            acc += e
+        t2 -= t1
+        np.negative(t2, out=t2)
+        t2 += eps_m
+        log_margin[bi, bv] = np.log(t2)
+        acc /= tot
+        np.log(tot, out=tot)
+        tot -= acc
+        np.maximum(tot, 0, out=tot)
+        tot += eps_h
+        log_ent[bi, bv] = np.log(tot)
+        labels[bi, bv] = lab
+    shape = (n, *z.shape[2:])
+    return log_margin.reshape(shape), log_ent.reshape(shape), labels.reshape(shape)
+
+
+def scale_factor(scale: float) -> int:
+    """Grid coarsening (power of 2, 2 to 8) on which a smoothing at ``scale`` voxels is done:
+    the smoothed map varies on that scale, so a coarser grid loses nothing and costs less."""
+    return int(min(8, max(2, 2 ** int(np.floor(np.log2(max(float(scale), 1.0)))))))
+
+
+def _halve(a, how):
+    """Block mean (``how="mean"``) or any (``"any"``) over 2-voxel blocks of every spatial
+    axis of ``a`` ``(n, *spatial)`` (odd sizes: the last voxel is repeated). Strided slices,
+    not a reshape: numpy reduces interleaved axes slowly."""
+    pad = [(0, 0)] + [(0, s % 2) for s in a.shape[1:]]
+    if any(p[1] for p in pad):
+        a = np.pad(a, pad, mode="edge")
+    out = None
+    for offs in np.ndindex(*(2,) * (a.ndim - 1)):
+        part = a[(slice(None),) + tuple(slice(o, None, 2) for o in offs)]
+        if out is None:
+            out = part.copy()
+        elif how == "any":
+            out |= part
+        else:
+            out += part
+    if how != "any":
+        out *= np.float32(0.5 ** (a.ndim - 1))
+    return out
+
+
+def _coarse(a, how, f):
+    """``a`` on the grid ``f`` (a power of 2) times coarser per spatial axis."""
+    while f > 1:
+        a, f = _halve(a, how), f // 2
+    return a
+
+
+def _upsample(c, spatial, f):
+    """Nearest upsampling of coarse maps ``(..., *coarse)`` by ``f`` back to ``spatial``."""
+    lead = c.ndim - len(spatial)
+    for ax, s in enumerate(spatial):
+        c = np.repeat(c, f, axis=lead + ax)
+        if c.shape[lead + ax] != s:
+            c = np.take(c, np.arange(s), axis=lead + ax)
+    return c
+
+
+def _edges(labels):
+    """Voxels whose label differs from one of their axis neighbours (both sides marked)."""
+    edge = np.zeros(labels.shape, bool)
+    for ax in range(1, labels.ndim):
+        n = labels.shape[ax]
+        if n < 2:
+            continue
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        d = labels[tuple(hi)] != labels[tuple(lo)]
+        edge[tuple(lo)] |= d
+        edge[tuple(hi)] |= d
+    return edge
+
+
+def _coarse_distance(labels):
+    """log(1 + distance to the predicted boundary), distance capped at ``DIST_CAP`` full-grid
+    voxels, on the coarse grid ``(n, *coarse)``.
+
+    One ``distance_transform_edt`` for the whole batch: the coarse edge maps are laid side by
+    side along the last axis with ``DIST_CAP`` of empty padding in between, so no voxel finds
+    a neighbouring image's boundary closer than the cap.
+    """
+    edge = _coarse(_edges(labels), "any", DIST_COARSE)
+    n = edge.shape[0]
+    cap = DIST_CAP / DIST_COARSE
+    if not edge.any():
+        return np.full(edge.shape, np.log1p(DIST_CAP), np.float32)
+    gap = int(np.ceil(cap)) + 1
+    width = edge.shape[-1]
+    pad = [(0, 0)] * (edge.ndim - 1) + [(0, gap)]
+    canvas = np.pad(edge, pad)  # (n, ..., width + gap)
+    canvas = np.moveaxis(canvas, 0, -2)  # (..., n, width + gap): images side by side
+    canvas = canvas.reshape(*canvas.shape[:-2], n * (width + gap))
+    d = ndimage.distance_transform_edt(~canvas).astype(np.float32)
+    d = d.reshape(*d.shape[:-1], n, width + gap)[..., :width]
+    d = np.moveaxis(d, -2, 0)
+    np.minimum(d, np.float32(cap), out=d)
+    d *= np.float32(DIST_COARSE)
+    return np.log1p(d)
+
+
+def _intensity(image):
+    axes = tuple(range(2, image.ndim))
+    img = image.astype(np.float32, copy=False)
+    mu = img.mean(axis=axes, keepdims=True)
+    sd = img.std(axis=axes, keepdims=True)
+    return (img - mu) / np.where(sd > 0, sd, np.float32(1))
+
+
+def _parts(z, scales, image):
+    """(fine, coarse, labels): the features on the full grid ``{name: map}``, on coarser
+    grids ``{name: (map, factor)}``, and the predicted labels."""
+    n = z.shape[0]
+    log_margin, log_ent, labels = _pointwise(z)
+    dims = z.ndim - 2
+    fine = {"log_margin": log_margin, "log_entropy": log_ent}
+    crs = {}
+    grids = {1: np.concatenate([log_margin, log_ent])}  # (2 n, *spatial)
+    for s in scales:
+        f = scale_factor(s)
+        if f not in grids:
+            prev = max(g for g in grids if g < f)
+            grids[f] = _coarse(grids[prev], "mean", f // prev)
+        g = grids[f]
+        sm = ndimage.gaussian_filter(g, (0,) + (float(s) / f,) * dims, truncate=_TRUNCATE)
+        sm = sm.reshape(2, n, *sm.shape[1:])
+        crs[f"log_margin@{float(s):g}"] = (sm[0], f)
+        crs[f"log_entropy@{float(s):g}"] = (sm[1], f)
+    crs["log_boundary_distance"] = (_coarse_distance(labels), DIST_COARSE)
+    if image is not None:
+        zi = _intensity(image)
+        for c in range(image.shape[1]):
+            fine[f"intensity[{c}]"] = zi[:, c]
+    for k in range(1, z.shape[1]):
+        fine[f"class[{k}]"] = (labels == k).astype(np.float32)
+    return fine, crs, labels
+
+
+def local_features(z, scales, image=None) -> np.ndarray:
+    """Local features of logits ``z`` ``(n, K, *spatial)``: float32 ``(F, n, *spatial)`` in
+    the order of :func:`feature_names` (``image`` ``(n, C, *spatial)`` adds ``C`` rows)."""
+    fine, crs, labels = _parts(z, scales, image)
+    names = feature_names(z.shape[1], scales, 0 if image is None else image.shape[1])
+    spatial = z.shape[2:]
+    rows = [fine[n] if n in fine else _upsample(*crs[n][:1], spatial, crs[n][1])
+            for n in names]
+    return np.stack(rows).astype(np.float32, copy=False)
+
+
+def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
+    """``intercept + coef . features`` ``(n, *spatial)`` float32, without building the feature
+    stack: the coarse terms are summed per grid and each sum is upsampled once."""
+    fine, crs, labels = _parts(z, scales, image)
+    names = feature_names(z.shape[1], scales, 0 if image is None else image.shape[1])
+    coef = dict(zip(names, np.asarray(coef, np.float32), strict=True))
+    sums = {}
+    for name, (row, f) in crs.items():
+        sums[f] = row * coef[name] if f not in sums else sums[f] + row * coef[name]
+    out = None
+    for f, c in sums.items():
+        up = _upsample(c, z.shape[2:], f)
+        out = up if out is None else out + up
+    out += np.float32(intercept)
+    for name, row in fine.items():
+        if not name.startswith("class["):
+            out += row * coef[name]
+    # the predicted-class terms in one table look-up
+    table = np.array([0.0] + [coef[f"class[{k}]"] for k in range(1, z.shape[1])], np.float32)
+    out += table[labels]
+    return out
+
+
+# ---------------------------------------------------------------------- objective
+def local_objective(z, feats, y, w, alpha, bounds):
+    """``fun(theta) -> (penalised mean NLL, gradient)`` of the local temperature map.
+
+    ``theta = (b, v)``: ``log T_i = clip(b + v . f_i, bounds)`` with ``f_i`` the (already
+    standardised) features ``feats`` ``(F, n)`` of voxel ``i``; ``z`` is ``(K, n)``. With
+    ``a_i = exp(-log T_i)`` and ``p = softmax(a_i z_i)`` the voxel loss is
+    ``L_i = logsumexp(a_i z_i) - a_i z_iy``, so ``dL_i/d log T_i = -a_i (sum_k p_ik z_ik -
+    z_iy)`` (zero where the clip is active). The penalty ``alpha * |v|^2`` pulls the map
+    towards a constant, i.e. towards the global temperature (``b`` is not penalised).
+    """
+    w = np.asarray(w, np.float64)
+    wsum = float(w.sum())
+    zy = np.take_along_axis(z, y[None].astype(np.intp), axis=0)[0]
+    lo, hi = bounds
+    dt = feats.dtype
+
+    def fun(theta):
+        theta = np.asarray(theta, np.float64)
+        b, v = theta[0], theta[1:]
+        f = 0.0
+        gb = 0.0
+        gv = np.zeros(v.size)
+        vv = v.astype(dt)
+        for s in range(0, z.shape[1], _CHUNK):
+            sl = slice(s, s + _CHUNK)
+            zc, fc, wc = z[:, sl], feats[:, sl], w[sl]
+            lt = (vv @ fc).astype(np.float64) + b
+            free = (lt > lo) & (lt < hi)
+            np.clip(lt, lo, hi, out=lt)
+            a = np.exp(-lt)
+            u = zc * a
+            m = u.max(axis=0)
+            u -= m
+            np.exp(u, out=u)
+            tot = u.sum(axis=0)
+            f += float(wc @ (m + np.log(tot) - a * zy[sl]))
+            ez = np.einsum("ki,ki->i", u, zc) / tot  # sum_k p_k z_k
+            g = np.where(free, -a * (ez - zy[sl]), 0.0) * wc
+            gb += float(g.sum())
+            gv += fc @ g.astype(dt)
+        obj = f / wsum + alpha * float(v @ v)
+        grad = np.concatenate([[gb / wsum], gv / wsum + 2 * alpha * v])
+        return obj, grad
+
+    return fun
+
+
+def local_ece(z, feats, y, w, theta, bounds, n_bins):
+    """Top-label ECE (``n_bins`` equal-width bins) of the local map ``theta`` over the
+    weighted sample (labels are the raw argmax: the map never changes them)."""
+    w = np.asarray(w, np.float64)
+    b, v = float(theta[0]), np.asarray(theta[1:], feats.dtype)
+    lt = np.clip((v @ feats).astype(np.float64) + b, *bounds)
+    a = np.exp(-lt)
+    zmax = z.max(axis=0)
+    conf = np.zeros(z.shape[1])
+    for row in z:
+        conf += np.exp((row - zmax) * a)
+    conf = 1.0 / conf
+    correct = (z.argmax(axis=0) == y).astype(np.float64)
+    bins = np.minimum((conf * n_bins).astype(np.intp), n_bins - 1)
+    gap = np.bincount(bins, weights=w * conf, minlength=n_bins)
+    gap -= np.bincount(bins, weights=w * correct, minlength=n_bins)
+    return float(np.abs(gap).sum() / w.sum())
