@@ -271,7 +271,9 @@ def local_objective(z, feats, y, w, alpha, bounds):
     wsum = float(w.sum())
     zy = np.take_along_axis(z, y[None].astype(np.intp), axis=0)[0]
     lo, hi = bounds
-    dt = feats.dtype
+    # the voxel arrays stay in the inputs' precision (float32 in the calibrator: half the
+    # memory traffic); the sums over voxels are float64
+    dt = np.result_type(z.dtype, feats.dtype)
 
     def fun(theta):
         theta = np.asarray(theta, np.float64)
@@ -282,8 +284,8 @@ def local_objective(z, feats, y, w, alpha, bounds):
         vv = v.astype(dt)
         for s in range(0, z.shape[1], _CHUNK):
             sl = slice(s, s + _CHUNK)
-            zc, fc, wc = z[:, sl], feats[:, sl], w[sl]
-            lt = (vv @ fc).astype(np.float64) + b
+            zc, fc, wc, zyc = z[:, sl], feats[:, sl], w[sl], zy[sl]
+            lt = vv @ fc + dt.type(b)
             free = (lt > lo) & (lt < hi)
             np.clip(lt, lo, hi, out=lt)
             a = np.exp(-lt)
@@ -292,11 +294,12 @@ def local_objective(z, feats, y, w, alpha, bounds):
             u -= m
             np.exp(u, out=u)
             tot = u.sum(axis=0)
-            f += float(wc @ (m + np.log(tot) - a * zy[sl]))
+            loss = m + np.log(tot) - a * zyc
+            f += float(np.dot(wc, loss.astype(np.float64)))
             ez = np.einsum("ki,ki->i", u, zc) / tot  # sum_k p_k z_k
-            g = np.where(free, -a * (ez - zy[sl]), 0.0) * wc
+            g = np.where(free, -a * (ez - zyc), 0).astype(np.float64) * wc
             gb += float(g.sum())
-            gv += fc @ g.astype(dt)
+            gv += (fc @ g.astype(dt)).astype(np.float64)
         obj = f / wsum + alpha * float(v @ v)
         grad = np.concatenate([[gb / wsum], gv / wsum + 2 * alpha * v])
         return obj, grad
