@@ -1,0 +1,225 @@
+"""Local temperature scaling on the reference zoo and its ensemble (issue 19).
+
+Every calibrator is fitted on the val split and scored on the test split (ECE with 15
+equal-width bins, top-label; NLL; Brier): raw network, global temperature fitted by NLL,
+global temperature fitted by ECE (``objective="ece"``), class-wise temperatures and the local
+map (``mode="local"``, fitted as a user would: ``TemperatureCalibrator(seg, mode="local")``
+on the images, so the image intensity is one of its features). Also counted: labels changed by
+the local map (argmax of its probabilities vs the network's), and the prediction cost,
+``cal.predict_proba(X)`` against the network's own ``seg.predict_proba(X)`` on the test split,
+timed round-robin in the same run.
+
+Targets (issue 19, worst member by test ECE and the ensemble): local ECE <= 0.3x raw and
+<= 0.5x the global NLL fit's, NLL below the global fit's, no label changed, prediction
+<= 1.10x plain inference.
+
+Run: ``python benchmarks/bench_local_calibration.py`` (about 10 minutes on 2 busy cores) ->
+``benchmarks/results/local_calibration.json``, ``docs/figures/local_temperature.png`` and the
+table in ``docs/calibration.md`` (the ``local-results`` block).
+``--models a.onnx b.onnx`` runs other networks; ``--no-write`` only prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import machine_record, time_round_robin, write_doc_section, write_json  # noqa: E402
+
+from uqseg import EnsembleSegmenter, OnnxSegmenter, TemperatureCalibrator, datasets, metrics  # noqa: E402
+from uqseg.uncertainty import softmax  # noqa: E402
+
+DOC = ROOT / "docs" / "calibration.md"
+FIG = ROOT / "docs" / "figures" / "local_temperature.png"
+OUT = ROOT / "benchmarks" / "results" / "local_calibration.json"
+METHODS = ("raw", "global_nll", "global_ece", "classwise", "local")
+
+
+def scores(proba, y):
+    return {"ece": metrics.expected_calibration_error(proba, y),
+            "nll": metrics.negative_log_likelihood(proba, y),
+            "brier": metrics.brier_score(proba, y)}
+
+
+def evaluate(name, seg, data, repeats):
+    """All calibrators for one segmenter; returns the record and what the figure needs."""
+    X_val, y_val, X_te, y_te = data
+    z_val, z_te = seg.transform(X_val), seg.transform(X_te)
+    raw_labels = z_te.argmax(axis=1)
+    rec = {"member": name, "scores": {}, "fit_seconds": {}}
+    rec["scores"]["raw"] = scores(softmax(z_te), y_te)
+    cals = {"global_nll": TemperatureCalibrator(),
+            "global_ece": TemperatureCalibrator(objective="ece"),
+            "classwise": TemperatureCalibrator(mode="classwise")}
+    for key, cal in cals.items():
+        t = time.perf_counter()
+        cal.fit(z_val, y_val)
+        rec["fit_seconds"][key] = time.perf_counter() - t
+        proba = cal.predict_proba(z_te)
+        rec["scores"][key] = scores(proba, y_te)
+        rec[f"{key}_labels_changed"] = int((proba.argmax(axis=1) != raw_labels).sum())
+    rec["global_temperature"] = cals["global_nll"].temperature_
+    rec["global_ece_temperature"] = cals["global_ece"].temperature_
+    local = TemperatureCalibrator(seg, mode="local")
+    t = time.perf_counter()
+    local.fit(X_val, y_val)
+    rec["fit_seconds"]["local"] = time.perf_counter() - t
+    out = {}
+
+    def run_local():
+        out["proba"] = local.predict_proba(X_te)
+
+    timing = time_round_robin({"plain": lambda: seg.predict_proba(X_te), "local": run_local},
+                              repeats=repeats, warmup=0)
+    proba = out["proba"]
+    rec["scores"]["local"] = scores(proba, y_te)
+    rec["local_labels_changed"] = int((proba.argmax(axis=1) != raw_labels).sum())
+    rec["local_predict_labels_changed"] = int((local.predict(z_te) != raw_labels).sum()) \
+        if local.estimator_ is None else None
+    t = time.perf_counter()
+    tmap = local.temperature_map(X_te)
+    rec["temperature_map_seconds"] = time.perf_counter() - t
+    rec["local"] = {"feature_names": local.feature_names_, "coef": local.coef_.tolist(),
+                    "intercept": local.intercept_, "n_iter": local.n_iter_,
+                    "temperature_quantiles": np.quantile(tmap, [0.01, 0.25, 0.5, 0.75, 0.99]
+                                                         ).tolist()}
+    rec["timing"] = timing
+    rec["cost_ratio"] = timing["local"]["median_s"] / timing["plain"]["median_s"]
+    rec["n_voxels_test"] = int(y_te.size)
+    return rec, (softmax(z_te), proba, tmap)
+
+
+def targets(rec):
+    s = rec["scores"]
+    loc, raw, glob = s["local"], s["raw"], s["global_nll"]
+    return {"ece_vs_raw": loc["ece"] / raw["ece"], "ece_vs_global": loc["ece"] / glob["ece"],
+            "nll_local": loc["nll"], "nll_global": glob["nll"],
+            "labels_changed": rec["local_labels_changed"], "cost_ratio": rec["cost_ratio"],
+            "met": bool(loc["ece"] <= 0.3 * raw["ece"] and loc["ece"] <= 0.5 * glob["ece"]
+                        and loc["nll"] < glob["nll"] and rec["local_labels_changed"] == 0),
+            "cost_met": bool(rec["cost_ratio"] <= 1.10)}
+
+
+def figure(X, y, before, after, tmap, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    i = int(np.argmax((y > 0).reshape(len(y), -1).sum(axis=1)))  # the slice with most tissue
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4.2))
+    ax[0].imshow(X[i, 0], cmap="gray")
+    ax[0].set_title("test image")
+    im = ax[1].imshow(tmap[i], cmap="magma", vmin=0, vmax=np.quantile(tmap, 0.99))
+    ax[1].set_title("local temperature T(x)")
+    fig.colorbar(im, ax=ax[1], fraction=0.046)
+    for a in ax[:2]:
+        a.axis("off")
+    metrics.plot_reliability_diagram(before, y, ax=ax[2], label="raw")
+    metrics.plot_reliability_diagram(after, y, ax=ax[2], label="local")
+    handles, labels = ax[2].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    ax[2].legend(uniq.values(), uniq.keys(), loc="upper left", fontsize=8)
+    ax[2].set_title("reliability, test split")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    FIG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIG, dpi=110)
+    plt.close(fig)
+
+
+def table(recs, worst):
+    lines = ["| network | raw | global (NLL fit) | global (ECE fit) | class-wise | local "
+             "| local / raw | local / global | labels changed (local) | predict cost |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        s = r["scores"]
+        cells = [f"{s[m]['ece']:.4f} / {s[m]['nll']:.4f}" for m in METHODS]
+        mark = " (worst)" if r["member"] == worst else ""
+        lines.append(
+            f"| {r['member']}{mark} | " + " | ".join(cells)
+            + f" | {s['local']['ece'] / s['raw']['ece']:.2f} "
+            f"| {s['local']['ece'] / s['global_nll']['ece']:.2f} "
+            f"| {r['local_labels_changed']} | {r['cost_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", help="ONNX files (default: the reference zoo)")
+    ap.add_argument("--repeats", type=int, default=2, help="timing rounds per network")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    paths = args.models or datasets.reference_models()
+    X_val, y_val = datasets.load_brain_tissue("val")
+    X_te, y_te = datasets.load_brain_tissue("test")
+    data = (X_val, y_val, X_te, y_te)
+    t0 = time.perf_counter()
+    recs, figs = [], {}
+    segs = [(Path(p).stem, OnnxSegmenter(p).fit()) for p in paths]
+    if len(paths) > 1:  # cache_size=0: every call pays for its inference, as in a stream
+        segs.append(("ensemble", EnsembleSegmenter(paths, cache_size=0).fit()))
+    for name, seg in segs:
+        rec, fig_data = evaluate(name, seg, data, args.repeats)
+        recs.append(rec)
+        figs[name] = fig_data
+        s = rec["scores"]
+        print(f"{name}: " + "  ".join(f"{m} {s[m]['ece']:.4f}/{s[m]['nll']:.4f}"
+                                       for m in METHODS)
+              + f"  labels changed {rec['local_labels_changed']}"
+              f"  cost {rec['cost_ratio']:.2f}x  fit {rec['fit_seconds']['local']:.0f} s",
+              flush=True)
+    members = [r for r in recs if r["member"] != "ensemble"]
+    worst = max(members, key=lambda r: r["scores"]["raw"]["ece"])
+    verdict = {"worst_member": worst["member"], "chosen_by": "highest test ECE of the raw network",
+               "worst": targets(worst)}
+    ens = [r for r in recs if r["member"] == "ensemble"]
+    if ens:
+        verdict["ensemble"] = targets(ens[0])
+    verdict["all_labels_unchanged"] = all(r["local_labels_changed"] == 0 for r in recs)
+    verdict["max_cost_ratio"] = max(r["cost_ratio"] for r in recs)
+    wall = time.perf_counter() - t0
+    print(json.dumps(verdict, indent=1))
+    print(table(recs, worst["member"]))
+    if args.no_write:
+        return
+    before, after, tmap = figs[worst["member"]]
+    figure(X_te, y_te, before, after, tmap, f"{worst['member']} (test split), local temperature "
+           "fitted on val")
+    result = {"name": "local_calibration",
+              "machine": machine_record(["numpy", "scipy", "onnxruntime"]),
+              "data": {"val": list(X_val.shape), "test": list(X_te.shape)},
+              "models": [Path(p).name for p in paths], "wall_seconds": wall,
+              "defaults": {k: v for k, v in TemperatureCalibrator().get_params().items()
+                           if k in ("alpha", "scales", "use_image", "max_voxels")},
+              "networks": recs, "verdict": verdict}
+    write_json(OUT, result)
+    text = ("Test split, fitted on val; each cell is ECE / NLL. Predict cost: "
+            "`cal.predict_proba(X_te)` over `seg.predict_proba(X_te)`, median of "
+            f"{args.repeats} round-robin runs.\n\n" + table(recs, worst["member"]))
+    w = verdict["worst"]
+    text += (f"\n\nRun {result['machine'].get('date', '')[:10]} ({wall / 60:.1f} min). Worst "
+             f"member by raw test ECE: {worst['member']}: local ECE {w['ece_vs_raw']:.2f}x raw, "
+             f"{w['ece_vs_global']:.2f}x global, NLL {w['nll_local']:.4f} vs global "
+             f"{w['nll_global']:.4f}, labels changed {w['labels_changed']} — accuracy targets "
+             f"{'met' if w['met'] else 'NOT met'}; predict cost {w['cost_ratio']:.2f}x "
+             f"({'met' if w['cost_met'] else 'NOT met'}).")
+    if ens:
+        e = verdict["ensemble"]
+        text += (f" Ensemble: local ECE {e['ece_vs_raw']:.2f}x raw, {e['ece_vs_global']:.2f}x "
+                 f"global, NLL {e['nll_local']:.4f} vs {e['nll_global']:.4f} — "
+                 f"{'met' if e['met'] else 'NOT met'}; cost {e['cost_ratio']:.2f}x.")
+    write_doc_section(DOC, "local-results", text)
+    print(f"wrote {OUT}, {FIG}")
+
+
+if __name__ == "__main__":
+    main()
