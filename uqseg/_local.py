@@ -324,3 +324,27 @@ def local_ece(z, feats, y, w, theta, bounds, n_bins):
     gap = np.bincount(bins, weights=w * conf, minlength=n_bins)
     gap -= np.bincount(bins, weights=w * correct, minlength=n_bins)
     return float(np.abs(gap).sum() / w.sum())
+
+
+def scaled_softmax(z, a, log=False):
+    """``softmax(z * a)`` (or its log) over axis 1 for a positive per-voxel factor ``a``
+    ``(n, *spatial)``, one pass per class (numpy reduces a short class axis slowly)."""
+    out = np.empty_like(z)
+    m = z[:, 0].copy()
+    for k in range(1, z.shape[1]):
+        np.maximum(m, z[:, k], out=m)
+    tot = np.zeros_like(m)
+    tmp = np.empty_like(m)
+    for k in range(z.shape[1]):
+        uk = out[:, k]
+        np.subtract(z[:, k], m, out=uk)
+        uk *= a
+        np.exp(uk, out=tmp if log else uk)
+        tot += tmp if log else uk
+    if log:
+        np.log(tot, out=tot)
+        out -= tot[:, None]
+    else:
+        np.reciprocal(tot, out=tot)
+        out *= tot[:, None]
+    return out

@@ -1,4 +1,5 @@
-"""Temperature scaling for segmentation networks (Guo et al. 2017), global or class-wise.
+"""Temperature scaling for segmentation networks (Guo et al. 2017): global, class-wise, or
+local (a temperature map, Ding et al. 2021, see :mod:`uqseg._local`).
 
 The calibrator streams the segmenter's output batch by batch and keeps a *stratified,
 weighted voxel sample* of bounded size instead of all logits (a 3-D validation set of 100
@@ -145,8 +146,10 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     """Temperature scaling of a segmenter's logits, fitted by voxel-wise NLL (or ECE).
 
     ``softmax(z / T)`` with one temperature (``mode="global"``; never changes the predicted
-    labels) or one per class (``mode="classwise"``: vector scaling ``z_k / T_k``, which *can*
-    change labels). The log-temperature minimises the mean negative log-likelihood over the
+    labels), one per class (``mode="classwise"``: vector scaling ``z_k / T_k``, which *can*
+    change labels) or one per voxel (``mode="local"``: ``log T(x)`` linear in local features
+    of the logits and the image, pulled towards the global temperature; never changes the
+    labels). The log-temperature minimises the mean negative log-likelihood over the
     voxels with L-BFGS-B and the exact analytic gradient; ``objective="ece"`` instead picks the
     global temperature with the lowest expected calibration error on the fit data.
 
@@ -158,7 +161,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         ``EnsembleSegmenter``); a path is wrapped in ``OnnxSegmenter(path)``; None means that
         ``X`` itself holds the scores (e.g. as the step after a segmenter in a ``Pipeline``).
         A fitted estimator is used as is; an unfitted one is cloned and fitted on ``X``.
-    mode : {"global", "classwise"}, default="global"
+    mode : {"global", "classwise", "local"}, default="global"
     objective : {"nll", "ece"}, default="nll"
         What the temperature minimises on the fit data. ``"nll"`` is the proper scoring rule
         of Guo et al. ``"ece"`` (global mode only) minimises the top-label ECE with
@@ -189,11 +192,26 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         Seed of the sample's random keys.
     eps : float, default=1e-7
         Clipping of probabilities before the log (``input_kind="proba"``).
+    alpha : float, default=1e-4
+        Local mode: L2 penalty on the weights of the standardised features, in units of the
+        mean voxel NLL; it pulls the map towards a constant (the global temperature).
+    scales : sequence of float, default=(2.0, 6.0)
+        Local mode: Gaussian smoothing widths (voxels) of the margin and entropy features.
+    use_image : bool, default=True
+        Local mode: with an ``estimator``, the image intensity (z-scored per image, one
+        feature per channel) is a feature; it needs the network's output on the input grid.
 
     Attributes
     ----------
     temperature_ : float or ndarray of shape (n_classes_,)
-        Global temperature, or one per class.
+        Global temperature, or one per class (local mode: the global NLL fit the map is
+        pulled towards).
+    coef_ : ndarray of shape (n_features,)
+        Local mode: ``log T(x) = intercept_ + coef_ . f(x)`` (clipped to T in [0.01, 100]).
+    intercept_ : float
+        Local mode.
+    feature_names_ : list of str
+        Local mode: the features ``f(x)``, see :func:`uqseg._local.feature_names`.
     n_classes_ : int
     n_voxels_fit_ : int
         Voxels the fit represents (all valid voxels seen, inside the ROI).
@@ -203,11 +221,12 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         Estimated mean NLL over the fit voxels at ``T = 1`` and at the fitted temperature.
     ece_before_, ece_after_ : float
         Estimated top-label ECE (``n_bins`` bins) over the fit voxels at ``T = 1`` and at the
-        fitted temperature (global mode; NaN in class-wise mode).
+        fitted temperature(s) (global and local modes; NaN in class-wise mode).
     estimator_ : segmenter or None
     sample_ : dict of ndarray
-        The weighted voxel sample (``scores``, ``labels``, ``strata``, ``keys``) and the
-        per-stratum voxel ``counts``; what ``partial_fit`` continues from.
+        The weighted voxel sample (``scores``, ``labels``, ``strata``, ``keys``; local mode
+        also ``features``) and the per-stratum voxel ``counts``; what ``partial_fit``
+        continues from.
 
     Examples
     --------
