@@ -56,17 +56,25 @@ def ref_features(z, scales, image=None):
     rows = {}
     zs = np.sort(z.astype(np.float64), axis=1)
     lm = np.log(zs[:, -1] - zs[:, -2] + _local.MARGIN_EPS)
-    p = softmax(z.astype(np.float64), axis=1)
-    ent = -(p * log_softmax(z.astype(np.float64), axis=1)).sum(axis=1)
-    le = np.log(np.maximum(ent, 0) + _local.ENTROPY_EPS)
+    # entropy of the softmax of the logits averaged over 2 x 2 blocks
+    zc = np.stack([[ref_block(z[i, c].astype(np.float64), 2, "mean") for c in range(k)]
+                   for i in range(n)])
+    p = softmax(zc, axis=1)
+    le = np.log(np.maximum(-(p * log_softmax(zc, axis=1)).sum(axis=1), 0)
+                + _local.ENTROPY_EPS)  # (n, H/2, W/2)
     lab = z.argmax(axis=1)
-    rows["log_margin"], rows["log_entropy"] = lm, le
+    rows["log_margin"] = lm
+    rows["log_entropy"] = np.stack([np.kron(e, np.ones((2, 2)))[:h, :w] for e in le])
     for s in scales:
         f = _local.scale_factor(s)
-        for name, m in (("log_margin", lm), ("log_entropy", le)):
+        for name in ("log_margin", "log_entropy"):
             out = []
             for i in range(n):
-                c = ndimage.gaussian_filter(ref_block(m[i], f, "mean"), s / f, truncate=3.0)
+                if name == "log_margin":
+                    c = ref_block(lm[i], f, "mean")
+                else:
+                    c = ref_block(le[i], f // 2, "mean") if f > 2 else le[i]
+                c = ndimage.gaussian_filter(c, s / f, truncate=3.0)
                 out.append(np.kron(c, np.ones((f, f)))[:h, :w])
             rows[f"{name}@{s:g}"] = np.stack(out)
     f = _local.DIST_COARSE

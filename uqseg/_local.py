@@ -47,55 +47,61 @@ def feature_names(n_classes: int, scales, n_image_channels: int = 0) -> list[str
 
 
 # ---------------------------------------------------------------------- building blocks
-def _pointwise(z):
-    """log margin, log entropy (float32) and argmax (int16) of logits ``(n, K, *spatial)``.
+def _margin_labels(z):
+    """log margin (float32) and argmax (int16) of logits ``(n, K, *spatial)``.
 
     Walked in blocks of about ``2**16`` voxels (whole images when they are small) so the
     temporaries stay in cache, one pass per class (numpy reduces a short class axis slowly).
-    The entropy of ``softmax(z)`` is ``log sum e^u - sum p u`` with ``u = z - max``.
     """
     n, k = z.shape[:2]
     zf = z.reshape(n, k, -1)
     v = zf.shape[2]
     log_margin = np.empty((n, v), np.float32)
-    log_ent = np.empty((n, v), np.float32)
     labels = np.empty((n, v), np.int16)
     step = max(1, _BLOCK // max(v, 1))
     blocks = [(slice(i, i + step), slice(None)) for i in range(0, n, step)] if v < _BLOCK \
         else [(slice(i, i + 1), slice(s, s + _BLOCK)) for i in range(n)
               for s in range(0, v, _BLOCK)]
-    eps_m, eps_h = np.float32(MARGIN_EPS), np.float32(ENTROPY_EPS)
     for bi, bv in blocks:
         zb = zf[bi, :, bv]
         t1 = zb[:, 0].copy()
         t2 = np.full_like(t1, -np.inf)
+        tmp = np.empty_like(t1)
         lab = np.zeros(t1.shape, np.int16)
         for c in range(1, k):
             zc = zb[:, c]
-            np.maximum(t2, np.minimum(t1, zc), out=t2)
-            lab[zc > t1] = c  # strict: ties go to the lower class, as argmax does
+            np.minimum(t1, zc, out=tmp)
+            np.maximum(t2, tmp, out=t2)
+            np.copyto(lab, np.int16(c), where=zc > t1)  # strict: ties keep the lower class
             np.maximum(t1, zc, out=t1)
-        tot = np.zeros_like(t1)
-        acc = np.zeros_like(t1)
-        for c in range(k):
-            u = zb[:, c] - t1
-            e = np.exp(u)
-            tot += e
-            e *= u
-            acc += e
-        t2 -= t1
-        np.negative(t2, out=t2)
-        t2 += eps_m
-        log_margin[bi, bv] = np.log(t2)
-        acc /= tot
-        np.log(tot, out=tot)
-        tot -= acc
-        np.maximum(tot, 0, out=tot)
-        tot += eps_h
-        log_ent[bi, bv] = np.log(tot)
+        np.subtract(t1, t2, out=t1)
+        t1 += np.float32(MARGIN_EPS)
+        np.log(t1, out=log_margin[bi, bv])
         labels[bi, bv] = lab
     shape = (n, *z.shape[2:])
-    return log_margin.reshape(shape), log_ent.reshape(shape), labels.reshape(shape)
+    return log_margin.reshape(shape), labels.reshape(shape)
+
+
+def _log_entropy(z):
+    """log(entropy of softmax(z) + eps) over axis 1, ``log sum e^u - sum p u`` with
+    ``u = z - max``."""
+    t1 = z[:, 0].copy()
+    for c in range(1, z.shape[1]):
+        np.maximum(t1, z[:, c], out=t1)
+    tot = np.zeros_like(t1)
+    acc = np.zeros_like(t1)
+    for c in range(z.shape[1]):
+        u = z[:, c] - t1
+        e = np.exp(u)
+        tot += e
+        e *= u
+        acc += e
+    acc /= tot
+    np.log(tot, out=tot)
+    tot -= acc
+    np.maximum(tot, 0, out=tot)
+    tot += np.float32(ENTROPY_EPS)
+    return np.log(tot, out=tot)
 
 
 def scale_factor(scale: float) -> int:
@@ -185,40 +191,43 @@ def _coarse_distance(labels):
     return np.log1p(d)
 
 
-def _intensity(image):
+def _image_stats(image):
+    """Per image and channel mean and standard deviation (1 where constant), float32."""
     axes = tuple(range(2, image.ndim))
     img = image.astype(np.float32, copy=False)
     mu = img.mean(axis=axes, keepdims=True)
     sd = img.std(axis=axes, keepdims=True)
-    return (img - mu) / np.where(sd > 0, sd, np.float32(1))
+    return img, mu, np.where(sd > 0, sd, np.float32(1))
 
 
 def _parts(z, scales, image):
-    """(fine, coarse, labels): the features on the full grid ``{name: map}``, on coarser
-    grids ``{name: (map, factor)}``, and the predicted labels."""
-    n = z.shape[0]
-    log_margin, log_ent, labels = _pointwise(z)
+    """(fine, coarse, labels): the features on the full grid ``{name: map}`` (intensity as
+    (image, mean, sd) triples, z-scored by the caller), on coarser grids
+    ``{name: (map, factor)}``, and the predicted labels."""
+    n, k = z.shape[:2]
+    log_margin, labels = _margin_labels(z)
     dims = z.ndim - 2
-    fine = {"log_margin": log_margin, "log_entropy": log_ent}
-    crs = {}
-    grids = {1: np.concatenate([log_margin, log_ent])}  # (2 n, *spatial)
+    # the entropy of the 2-block mean logits: the exponentials on a quarter of the voxels
+    zc = _coarse(z.reshape(n * k, *z.shape[2:]), "mean", 2)
+    log_ent = _log_entropy(zc.reshape(n, k, *zc.shape[1:]))
+    fine = {"log_margin": log_margin}
+    crs = {"log_entropy": (log_ent, 2)}
+    grids = {2: np.concatenate([_coarse(log_margin, "mean", 2), log_ent])}  # (2 n, *coarse)
     for s in scales:
         f = scale_factor(s)
         if f not in grids:
             prev = max(g for g in grids if g < f)
             grids[f] = _coarse(grids[prev], "mean", f // prev)
-        g = grids[f]
-        sm = ndimage.gaussian_filter(g, (0,) + (float(s) / f,) * dims, truncate=_TRUNCATE)
+        sm = ndimage.gaussian_filter(grids[f], (0,) + (float(s) / f,) * dims,
+                                     truncate=_TRUNCATE)
         sm = sm.reshape(2, n, *sm.shape[1:])
         crs[f"log_margin@{float(s):g}"] = (sm[0], f)
         crs[f"log_entropy@{float(s):g}"] = (sm[1], f)
     crs["log_boundary_distance"] = (_coarse_distance(labels), DIST_COARSE)
     if image is not None:
-        zi = _intensity(image)
+        img, mu, sd = _image_stats(image)
         for c in range(image.shape[1]):
-            fine[f"intensity[{c}]"] = zi[:, c]
-    for k in range(1, z.shape[1]):
-        fine[f"class[{k}]"] = (labels == k).astype(np.float32)
+            fine[f"intensity[{c}]"] = (img[:, c], mu[:, c], sd[:, c])
     return fine, crs, labels
 
 
@@ -228,31 +237,74 @@ def local_features(z, scales, image=None) -> np.ndarray:
     fine, crs, labels = _parts(z, scales, image)
     names = feature_names(z.shape[1], scales, 0 if image is None else image.shape[1])
     spatial = z.shape[2:]
-    rows = [fine[n] if n in fine else _upsample(*crs[n][:1], spatial, crs[n][1])
-            for n in names]
+    rows = []
+    for name in names:
+        if name.startswith("class["):
+            rows.append(labels == int(name[6:-1]))
+        elif name.startswith("intensity["):
+            img, mu, sd = fine[name]
+            rows.append((img - mu) / sd)
+        elif name in fine:
+            rows.append(fine[name])
+        else:
+            rows.append(_upsample(crs[name][0], spatial, crs[name][1]))
     return np.stack(rows).astype(np.float32, copy=False)
 
 
 def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     """``intercept + coef . features`` ``(n, *spatial)`` float32, without building the feature
-    stack: the coarse terms are summed per grid and each sum is upsampled once."""
+    stack: the coarse terms are summed per grid, coarsest first, and upsampled once to the
+    full grid; the class terms are one table look-up."""
     fine, crs, labels = _parts(z, scales, image)
-    names = feature_names(z.shape[1], scales, 0 if image is None else image.shape[1])
+    n, k = z.shape[:2]
+    spatial = z.shape[2:]
+    names = feature_names(k, scales, 0 if image is None else image.shape[1])
     coef = dict(zip(names, np.asarray(coef, np.float32), strict=True))
     sums = {}
     for name, (row, f) in crs.items():
         sums[f] = row * coef[name] if f not in sums else sums[f] + row * coef[name]
-    out = None
-    for f, c in sums.items():
-        up = _upsample(c, z.shape[2:], f)
-        out = up if out is None else out + up
-    out += np.float32(intercept)
-    for name, row in fine.items():
-        if not name.startswith("class["):
-            out += row * coef[name]
-    # the predicted-class terms in one table look-up
-    table = np.array([0.0] + [coef[f"class[{k}]"] for k in range(1, z.shape[1])], np.float32)
+    acc, prev = None, None
+    for f in sorted(sums, reverse=True):
+        if acc is not None:  # onto the next finer grid
+            acc = _upsample(acc, tuple(-(-s // f) for s in spatial), prev // f) + sums[f]
+        else:
+            acc = sums[f]
+        prev = f
+    out = _upsample(acc, spatial, prev)
+    table = np.array([intercept] + [intercept + coef[f"class[{c}]"] for c in range(1, k)],
+                     np.float32)
     out += table[labels]
+    out += fine["log_margin"] * coef["log_margin"]
+    for name, val in fine.items():
+        if name.startswith("intensity["):  # coef (x - mu) / sd as one multiply-add
+            img, mu, sd = val
+            g = coef[name] / sd
+            out += img * g
+            out -= mu * g
+    return out
+
+
+def scaled_softmax(z, a, log=False):
+    """``softmax(z * a)`` (or its log) over axis 1 for a positive per-voxel factor ``a``
+    ``(n, *spatial)``, one pass per class (numpy reduces a short class axis slowly)."""
+    out = np.empty_like(z)
+    m = z[:, 0].copy()
+    for k in range(1, z.shape[1]):
+        np.maximum(m, z[:, k], out=m)
+    tot = np.zeros_like(m)
+    tmp = np.empty_like(m)
+    for k in range(z.shape[1]):
+        uk = out[:, k]
+        np.subtract(z[:, k], m, out=uk)
+        uk *= a
+        np.exp(uk, out=tmp if log else uk)
+        tot += tmp if log else uk
+    if log:
+        np.log(tot, out=tot)
+        out -= tot[:, None]
+    else:
+        np.reciprocal(tot, out=tot)
+        out *= tot[:, None]
     return out
 
 
@@ -325,26 +377,3 @@ def local_ece(z, feats, y, w, theta, bounds, n_bins):
     gap -= np.bincount(bins, weights=w * correct, minlength=n_bins)
     return float(np.abs(gap).sum() / w.sum())
 
-
-def scaled_softmax(z, a, log=False):
-    """``softmax(z * a)`` (or its log) over axis 1 for a positive per-voxel factor ``a``
-    ``(n, *spatial)``, one pass per class (numpy reduces a short class axis slowly)."""
-    out = np.empty_like(z)
-    m = z[:, 0].copy()
-    for k in range(1, z.shape[1]):
-        np.maximum(m, z[:, k], out=m)
-    tot = np.zeros_like(m)
-    tmp = np.empty_like(m)
-    for k in range(z.shape[1]):
-        uk = out[:, k]
-        np.subtract(z[:, k], m, out=uk)
-        uk *= a
-        np.exp(uk, out=tmp if log else uk)
-        tot += tmp if log else uk
-    if log:
-        np.log(tot, out=tot)
-        out -= tot[:, None]
-    else:
-        np.reciprocal(tot, out=tot)
-        out *= tot[:, None]
-    return out
