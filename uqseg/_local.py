@@ -3,19 +3,23 @@ and the NLL of the temperature map with its analytic gradient.
 
 Features of one image, from its logits ``z`` (and the image, where the calibrator sees it):
 
-- ``log_margin``: log of the gap between the two largest logits;
-- ``log_entropy``: log of the entropy of ``softmax(z)``;
-- both Gaussian-smoothed at each scale ``s`` (voxels): ``log_margin@s``, ``log_entropy@s``;
+- ``log_margin``: log of the gap between the two largest logits (+``MARGIN_EPS``);
+- ``log_entropy``: log of the entropy of ``softmax`` of the logits averaged over 2-voxel
+  blocks (+``ENTROPY_EPS``), i.e. on a grid 2x coarser per axis;
+- ``log_margin@s``, ``log_entropy@s``: both Gaussian-smoothed at each scale ``s`` (voxels);
 - ``log_boundary_distance``: ``log(1 + d)``, ``d`` the Euclidean distance to the predicted
-  boundary (voxels where the argmax differs from an axis neighbour), capped at ``DIST_CAP``;
+  boundary (voxels whose argmax differs from an axis neighbour), capped at ``DIST_CAP``;
 - ``intensity[c]``: channel ``c`` of the image, z-scored per image;
 - ``class[k]``: 1 where class ``k >= 1`` is predicted.
 
-Cost is what decides the layout (prediction must stay within 10% of the network's inference):
-everything is float32, the smoothed maps and the distance live on a grid coarser by
-``COARSE`` per axis (they are smooth by construction), images of a batch are smoothed in one
-call and their distances in one ``distance_transform_edt`` over a canvas of padded images,
-and at predict time the coarse terms are combined before the one upsampling.
+Cost decides the layout (predicting must stay within 10% of the network's inference):
+everything is float32; margin and argmax take one pass per class over cache-sized blocks; the
+exponentials of the entropy run on the 2x coarser grid; a smoothing at scale ``s`` runs on a
+grid coarser by :func:`scale_factor` (the smoothed map varies on that scale anyway), the
+distance on a grid ``DIST_COARSE`` coarser, in one ``distance_transform_edt`` over all images
+of a batch laid side by side; at predict time the coarse terms are summed per grid, coarsest
+first, and upsampled (nearest) once. The temperature at a voxel divides all of that voxel's
+class logits, so its argmax never changes.
 """
 
 from __future__ import annotations
