@@ -15,6 +15,7 @@ from scipy import ndimage
 from scipy.optimize import approx_fprime
 from scipy.special import log_softmax, softmax
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import make_pipeline
 
 import uqseg
@@ -362,6 +363,22 @@ def test_errors(images):
         TemperatureCalibrator(ShiftedGrid(), mode="local").fit(images, y_bad)
     cal = TemperatureCalibrator(ShiftedGrid(), mode="local", use_image=False).fit(images, y_bad)
     assert cal.temperature_map(images).shape == (6, 22, 22)
+
+
+def test_switching_mode_after_fit():
+    z, y = synth(18, n=2)
+    glob = TemperatureCalibrator().fit(z, y)
+    glob.set_params(mode="local")
+    with pytest.raises(NotFittedError, match="no local map was fitted"):
+        glob.predict_proba(z)
+    with pytest.raises(ValueError, match="cannot switch mode to or from 'local'"):
+        glob.partial_fit(z, y)
+    loc = TemperatureCalibrator(mode="local").fit(z, y).set_params(mode="global")
+    with pytest.raises(ValueError, match="collected with local features"):
+        loc.partial_fit(z, y)
+    # a local fit's temperature_ is the global fit: predicting in global mode uses it
+    np.testing.assert_allclose(loc.predict_proba(z), TemperatureCalibrator().fit(z, y)
+                               .predict_proba(z), atol=1e-6)
 
 
 def test_global_temperature_map_and_clone():

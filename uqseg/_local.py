@@ -277,7 +277,7 @@ def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     out = _upsample(acc, spatial, prev)
     table = np.array([intercept] + [intercept + coef[f"class[{c}]"] for c in range(1, k)],
                      np.float32)
-    out += table[labels]
+    out += np.take(table, labels)
     out += fine["log_margin"] * coef["log_margin"]
     for name, val in fine.items():
         if name.startswith("intensity["):  # coef (x - mu) / sd as one multiply-add

@@ -21,6 +21,7 @@ import os
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg import _local
@@ -537,6 +538,9 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         return img
 
     def _log_temperature(self, z, img):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("mode='local' but no local map was fitted (mode was changed "
+                                 "after fit); call fit")
         lt = _local.log_temperature(z, self._scales(), self._image(z, img), self.coef_,
                                     self.intercept_)
         return np.clip(lt, *LOG_T_BOUNDS, out=lt)
@@ -685,6 +689,10 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         if first:
             self._check_params()
             self.estimator_ = self._make_estimator(X)
+        elif (self.mode == "local") != ("features" in self.sample_):
+            raise ValueError("partial_fit cannot switch mode to or from 'local': the sample was "
+                             "collected with" + ("out" if self.mode == "local" else "")
+                             + " local features; call fit")
         self._consume(X, y, first_call=first)
         self._solve()
         return self
