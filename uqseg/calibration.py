@@ -311,7 +311,14 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
                 getattr(est, "transform", None)):
             raise TypeError("estimator must be None, a path to an ONNX file or a segmenter with "
                             f"transform(X) -> logits; got {type(est).__name__}")
-        return resolve_segmenter(est, X, requires=("transform",))
+        seg = resolve_segmenter(est, X, requires=("transform",))
+        if getattr(seg, "activation_", "softmax") != "softmax":
+            raise ValueError(
+                "TemperatureCalibrator scales softmax logits over exclusive classes; the "
+                f"segmenter's outputs are activation_={seg.activation_!r} (independent "
+                "per-channel probabilities, or given probabilities), which it does not "
+                "calibrate yet")
+        return seg
 
     # ------------------------------------------------------------------ scores in batches
     def _check_scores(self, S, name):
