@@ -74,8 +74,9 @@ def main(argv=None) -> dict:
 
     # 2. Dice vs CE members, before/after temperature scaling ----------------------------------
     calib = {}
-    groups = {"dice": [i for i, n in enumerate(names) if n.endswith(("_dice", "_dice_bg"))],
-              "ce": [i for i, n in enumerate(names) if n.endswith("_ce")]}
+    loss = [n.split("_", 2)[-1] for n in names]  # member_00_dice -> dice
+    groups = {"dice": [i for i, v in enumerate(loss) if v in ("dice", "dice_bg")],
+              "ce": [i for i, v in enumerate(loss) if v == "ce"]}
     for i, name in enumerate(names):
         cal = TemperatureCalibrator().fit(z_val[i], y_val)
         calib[name] = {

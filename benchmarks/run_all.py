@@ -1,4 +1,4 @@
-"""Run uqseg's benchmarks and render their results into ``docs/benchmarks.md``.
+"""Run uqseg's benchmarks; with ``--render``, render their results into ``docs/benchmarks.md``.
 
 This is what ``uqseg bench`` calls. Every ``benchmarks/bench_<name>.py`` is a benchmark
 (``inference``, ``metrics``, and whichever of ``ensemble``, ``ood``, ``quality``,
@@ -9,6 +9,7 @@ This is what ``uqseg bench`` calls. Every ``benchmarks/bench_<name>.py`` is a be
 Usage::
 
     python benchmarks/run_all.py                          # every benchmark, full settings
+    python benchmarks/run_all.py --render                 # ... and update docs/benchmarks.md
     python benchmarks/run_all.py --quick --only inference,metrics
     python benchmarks/run_all.py --render-only            # tables from existing JSON
 """
@@ -47,7 +48,9 @@ def parse_args(argv=None):
                    help="folder for the results JSON")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown page to update")
-    p.add_argument("--no-render", action="store_true", help="do not touch the docs page")
+    p.add_argument("--render", action="store_true",
+                   help="also regenerate the results section of the docs page (default: the "
+                        "docs are left untouched)")
     p.add_argument("--render-only", action="store_true", help="only render existing JSON")
     return p.parse_args(argv)
 
@@ -341,7 +344,7 @@ def main(argv=None) -> int:
             if "stderr_tail" in res:
                 print(res["stderr_tail"], file=sys.stderr)
             status.append(res)
-    if not args.no_render:
+    if args.render or args.render_only:
         render(args.out, args.docs)
         print(f"[bench] rendered {args.docs}")
     return 0 if all(s["status"] == "ok" for s in status) else 1

@@ -81,7 +81,18 @@ def test_render_and_only(tmp_path):
     text = docs.read_text()
     assert "intro kept" in text and "tail kept" in text and "old" not in text
     assert "| speed.a_per_s | 2.5 |" in text
-    assert run_all.main(["--only", "nope", "--no-render", "--out", str(tmp_path)]) == 2
+    assert run_all.main(["--only", "nope", "--out", str(tmp_path)]) == 2
+    # without --render a run leaves the docs page as it was
+    before = docs.read_text()
+    (tmp_path / "res" / "other.json").write_text(json.dumps({"speed": {"a_per_s": 9.5}}))
+    fake = tmp_path / "bench_fake.py"
+    fake.write_text("print('ran')\n")
+    run_all.available = lambda: {"fake": fake}  # a module loaded for this test only
+    assert run_all.main(["--out", str(tmp_path / "res"), "--docs", str(docs)]) == 0
+    assert docs.read_text() == before
+    assert run_all.main(["--render-only", "--out", str(tmp_path / "res"), "--docs",
+                         str(docs)]) == 0
+    assert "| speed.a_per_s | 9.5 |" in docs.read_text()
 
 
 @pytest.mark.slow
