@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -328,6 +329,8 @@ def test_demo_quick_end_to_end(tmp_path, tiny_members, capsys):
     assert "FNR-controlled masks (alpha 0.10)" in out and "not calibrated" in out
     html = (tmp_path / "report.html").read_text()
     assert "Conformal risk control" in html
+    assert summary["models"] == [Path(m).name for m in tiny_members[:2]]  # no machine paths
+    assert f"<td>ensemble</td><td>{summary['ensemble']['ensemble_temperature'][0]:.2f}" in html
     assert html.count("data:image/png;base64,") >= 3
 
 

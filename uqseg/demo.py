@@ -265,7 +265,8 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     # summary -------------------------------------------------------------------------------
     single = {k: float(np.mean([r[k] for r in member_rows])) for k in ("ece", "nll", "brier")}
     summary = {
-        "models": paths,
+        # file names only: summary.json is shared, the installing machine's paths are not
+        "models": [Path(p).name for p in paths],
         "n_members": len(paths),
         "data": {"val": len(X_val), "test": len(X_te), "ood_fit_train": len(X_fit),
                  "ood_test_in": len(X_in), "ood_per_kind": {k: len(v) for k, v in

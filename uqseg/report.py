@@ -313,8 +313,14 @@ def _summary_html(s: dict) -> str:
         parts.append("<h2>Temperature scaling</h2>" + _table(
             [[ts["member"], ", ".join(_f(t, 2) for t in ts["temperature"]),
               f"{_f(ts['before']['ece'], 4)} → {_f(ts['after']['ece'], 4)}",
-              f"{_f(ts['before']['nll'], 4)} → {_f(ts['after']['nll'], 4)}"]],
-            ["member", "T", "ECE", "NLL"]))
+              f"{_f(ts['before']['nll'], 4)} → {_f(ts['after']['nll'], 4)}"]]
+            + ([["ensemble", ", ".join(_f(t, 2) for t in s["ensemble"]["ensemble_temperature"]),
+                 f"{_f(s['ensemble']['ensemble']['ece'], 4)} → "
+                 f"{_f(s['ensemble']['ensemble_calibrated']['ece'], 4)}",
+                 f"{_f(s['ensemble']['ensemble']['nll'], 4)} → "
+                 f"{_f(s['ensemble']['ensemble_calibrated']['nll'], 4)}"]]
+               if "ensemble_temperature" in s.get("ensemble", {}) else []),
+            ["model", "T", "ECE", "NLL"]))
     if "conformal" in s and "error" in s["conformal"]:
         parts.append("<h2>Conformal risk control</h2><p>Not calibrated: "
                      + html.escape(s["conformal"]["error"]) + "</p>")
