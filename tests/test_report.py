@@ -109,3 +109,23 @@ def test_demo_conformal_step_against_a_hand_count():
         assert out["test_images"][i] == len(fnrs)
         assert out["test_fnr"][i] == pytest.approx(np.mean(fnrs), abs=0.02)
     assert out["test_images"] == [10, 9]
+
+
+def test_ood_histogram_clips_far_kinds_and_examples_have_a_label_legend():
+    pytest.importorskip("matplotlib")
+    from uqseg.report import examples_figure, ood_histograms_figure
+
+    rng = np.random.default_rng(0)
+    scores = {"spectral": {"in-distribution": rng.normal(0, 1, 200),
+                           "far": rng.normal(-1e4, 10, 50)}}
+    fig = ood_histograms_figure(scores)
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo > -20  # the far kind does not stretch the axis over 4 orders of magnitude
+    assert "leftmost bin" in ax.get_xlabel()
+    y = rng.integers(0, 3, (2, 8, 8))
+    fig = examples_figure(rng.random((2, 8, 8)), y, y, rng.random((2, 8, 8)), "entropy",
+                          ["background", "grey matter", "white matter"])
+    texts = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert texts == ["background", "grey matter", "white matter"]
+    assert any(a.get_ylabel() == "nats" for a in fig.axes)

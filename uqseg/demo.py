@@ -356,7 +356,8 @@ def _examples(X, y, pred, unc, unc_kind, n) -> dict:
     idx = np.sort(candidates[np.linspace(0, len(candidates) - 1, n).round().astype(int)])
     idx = np.unique(idx)
     return {"image": X[idx, 0], "truth": y[idx], "prediction": pred[idx],
-            "uncertainty": unc[idx], "uncertainty_kind": unc_kind, "index": idx}
+            "uncertainty": unc[idx], "uncertainty_kind": unc_kind, "index": idx,
+            "class_names": ["background", *CLASS_NAMES]}
 
 
 def _json_default(obj):

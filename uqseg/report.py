@@ -70,7 +70,8 @@ def reliability_figure(curves: dict):
     return fig
 
 
-def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="uncertainty"):
+def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="uncertainty",
+                    class_names=None):
     """Image / truth / prediction / error / uncertainty panels, one row per image.
 
     Parameters
@@ -80,8 +81,12 @@ def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="unc
     uncertainty : array (n, H, W)
     uncertainty_kind : str
         Title of the last column.
+    class_names : sequence of str, optional
+        Names of the labels ``0 .. K-1`` for the colour legend (default "class k").
     """
     plt = _plt()
+    from matplotlib.patches import Patch
+
     n = len(image)
     n_classes = int(max(np.max(truth), np.max(prediction))) + 1
     fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
@@ -102,8 +107,16 @@ def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="unc
             if c == 3:
                 ax.set_xlabel(f"{error.mean():.1%} wrong", fontsize=8)
             if c == 4:
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    fig.tight_layout()
+                bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+                bar.set_label("nats", fontsize=7)
+    cmap = plt.get_cmap("viridis")
+    names = list(class_names or [])
+    names += [f"class {k}" for k in range(len(names), n_classes)]
+    handles = [Patch(color=cmap(k / max(n_classes - 1, 1)), label=names[k])
+               for k in range(n_classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=n_classes, fontsize=8,
+               frameon=False, title="labels (truth, prediction)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
 
@@ -148,16 +161,27 @@ def ood_histograms_figure(scores: dict, auroc: dict | None = None):
     fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 3.8), squeeze=False)
     for ax, (det, by_kind) in zip(axes[0], scores.items(), strict=True):
         allv = np.concatenate([np.asarray(v, dtype=float) for v in by_kind.values()])
-        bins = np.linspace(np.nanmin(allv), np.nanmax(allv) + 1e-12, 30)
+        ref = np.asarray(by_kind.get("in-distribution", allv), dtype=float)
+        # kinds far below the in-distribution scores would squeeze it into one bin: the axis
+        # is clipped at 3 in-distribution ranges below its minimum, lower scores gathered
+        # in the leftmost bin (said on the axis)
+        span = max(float(np.nanmax(ref) - np.nanmin(ref)), 1e-12)
+        lo = max(float(np.nanmin(allv)), float(np.nanmin(ref)) - 3 * span)
+        hi = float(np.nanmax(allv)) + 1e-12
+        clipped = float(np.nanmin(allv)) < lo
+        bins = np.linspace(lo, hi, 40)
         for kind, v in by_kind.items():
+            v = np.clip(np.asarray(v, dtype=float), lo, hi)
             label = kind
             if auroc and kind in auroc.get(det, {}):
                 label = f"{kind} (AUROC {auroc[det][kind]:.2f})"
             style = {"histtype": "stepfilled", "alpha": 0.35, "color": "k"} \
                 if kind == "in-distribution" else {"histtype": "step", "lw": 1.2}
-            ax.hist(np.asarray(v, dtype=float), bins=bins, density=True, label=label, **style)
-        ax.set(title=f"{det} detector", xlabel="score (higher = more in-distribution)",
-               ylabel="density")
+            ax.hist(v, bins=bins, density=True, label=label, **style)
+        xlabel = "score (higher = more in-distribution)"
+        if clipped:
+            xlabel += f"; scores below {lo:.3g} in the leftmost bin"
+        ax.set(title=f"{det} detector", xlabel=xlabel, ylabel="density")
         ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
@@ -254,7 +278,8 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
         figures.append(("Predictions and uncertainty",
                         examples_figure(ex["image"], ex["truth"], ex["prediction"],
                                         ex["uncertainty"], ex.get("uncertainty_kind",
-                                                                  "uncertainty")),
+                                                                  "uncertainty"),
+                                        ex.get("class_names")),
                         "Test slices: image, ground truth, ensemble prediction, its errors and "
                         "the ensemble's voxel-wise uncertainty."))
     if "temperature" in figure_data:
