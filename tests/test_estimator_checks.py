@@ -74,8 +74,8 @@ CASES = {
                          _images, {}),
     "ConformalRiskController-proba": (lambda p: ConformalRiskController(alpha=0.2), _proba,
                                       {"check_dtype_int": INT_SCORES}),
-    "ConformalRiskController-segmenter": (lambda p: ConformalRiskController(p["tiny_2d"], alpha=0.2),
-                                          _images, {}),
+    "ConformalRiskController-segmenter": (
+        lambda p: ConformalRiskController(p["tiny_2d"], alpha=0.2), _images, {}),
 }
 
 
@@ -207,26 +207,27 @@ def test_check_image_estimator_reports_and_raises():
 TABULAR = ("fits on a tabular (n_samples, n_features) array; an image estimator needs "
            "(N, C, *spatial) images (its image counterpart runs in test_image_contract)")
 SKLEARN_XFAIL = {c: TABULAR for c in (
-    "check_estimators_dtypes", "check_fit_score_takes_y", "check_estimators_fit_returns_self",
-    "check_readonly_memmap_input", "check_complex_data", "check_dtype_object",
-    "check_estimators_empty_data_messages", "check_pipeline_consistency",
+    "check_classifier_data_not_an_array", "check_complex_data", "check_dict_unchanged",
+    "check_dont_overwrite_parameters", "check_dtype_object", "check_estimator_sparse_array",
+    "check_estimator_sparse_matrix", "check_estimator_sparse_tag", "check_estimators_dtypes",
+    "check_estimators_empty_data_messages", "check_estimators_fit_returns_self",
     "check_estimators_nan_inf", "check_estimators_overwrite_params",
-    "check_dont_overwrite_parameters", "check_estimators_pickle", "check_f_contiguous_array_estimator",
-    "check_n_features_in_after_fitting", "check_positive_only_tag_during_fit",
-    "check_fit2d_predict1d", "check_methods_subset_invariance", "check_fit2d_1sample",
-    "check_fit2d_1feature", "check_get_params_invariance", "check_set_params",
-    "check_dict_unchanged", "check_fit_idempotent", "check_fit_check_is_fitted",
-    "check_n_features_in", "check_fit1d", "check_fit2d_predict1d",
-    "check_methods_sample_order_invariance", "check_transformer_data_not_an_array",
+    "check_estimators_partial_fit_n_features", "check_estimators_pickle",
+    "check_f_contiguous_array_estimator", "check_fit2d_1feature", "check_fit2d_1sample",
+    "check_fit2d_predict1d", "check_fit_check_is_fitted", "check_fit_idempotent",
+    "check_fit_score_takes_y", "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance", "check_n_features_in",
+    "check_n_features_in_after_fitting", "check_outliers_fit_predict", "check_outliers_train",
+    "check_pipeline_consistency", "check_positive_only_tag_during_fit",
+    "check_readonly_memmap_input", "check_regressor_data_not_an_array",
+    "check_regressor_multioutput", "check_regressors_int",
+    "check_regressors_no_decision_function", "check_regressors_train", "check_requires_y_none",
+    "check_supervised_y_2d", "check_supervised_y_no_nan", "check_transformer_data_not_an_array",
     "check_transformer_general", "check_transformer_preserve_dtypes",
-    "check_transformers_unfitted", "check_outliers_train", "check_outlier_contamination",
-    "check_outliers_fit_predict", "check_regressors_train", "check_regressor_data_not_an_array",
-    "check_estimators_partial_fit_n_features", "check_regressor_multioutput",
-    "check_regressors_no_decision_function", "check_supervised_y_2d",
-    "check_supervised_y_no_nan", "check_regressors_int", "check_estimators_unfitted",
-    "check_requires_y_none", "check_classifier_data_not_an_array", "check_estimator_sparse_array", "check_estimator_sparse_matrix",
-    "check_estimator_sparse_tag",
 )}
+SKLEARN_XFAIL.update({c: "sparse matrices are tables, not images (the check fits on one)"
+                      for c in ("check_estimator_sparse_array", "check_estimator_sparse_matrix",
+                                "check_estimator_sparse_tag")})
 
 
 def _tabular(cls):
@@ -250,7 +251,11 @@ def test_sklearn_check_estimator(name, paths):
     failed = [(r["check_name"], repr(r["exception"])[:300]) for r in results
               if r["status"] == "failed"]
     assert not failed, failed
+    xpass = [r["check_name"] for r in results if r["expected_to_fail"] and r["status"] != "xfail"]
+    assert not xpass, f"listed as failing but passed (shorten SKLEARN_XFAIL): {xpass}"
     passed = {r["check_name"] for r in results if r["status"] == "passed"}
     # the API checks that need no tabular fit must really run and pass
     assert {"check_estimator_repr", "check_no_attributes_set_in_init", "check_mixin_order",
-            "check_do_not_raise_errors_in_init_or_set_params"} <= passed, sorted(passed)
+            "check_do_not_raise_errors_in_init_or_set_params", "check_get_params_invariance",
+            "check_set_params", "check_estimators_unfitted", "check_fit1d",
+            "check_parameters_default_constructible"} <= passed, sorted(passed)
