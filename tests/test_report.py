@@ -24,6 +24,8 @@ def _data(rng):
                                     "ct": rng.normal(-3, 1, 10)}},
         "quality": {"true": rng.random((30, 2)), "predicted": rng.random((30, 2)),
                     "classes": ["gm", "wm"], "corruption": np.array(["none", "blur"] * 15)},
+        "temperature": {"image": rng.random((n, h, w)),
+                        "temperature": rng.uniform(0.5, 4, (n, h, w))},
     }
     summary = {"ood_auroc": {"spectral": {"ct": 0.97}},
                "quality": {"pearson_r": 0.5, "spearman_rho": 0.4, "mae": 0.1, "n": 60}}
@@ -38,7 +40,8 @@ def test_report_embeds_one_png_per_figure(tmp_path):
     path = write_report(tmp_path / "r", summary, figure_data)
     html = path.read_text(encoding="utf-8")
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
-    assert len(images) == 4
+    assert len(images) == 5
+    assert "Local temperature" in html
     for b64 in images:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "OOD detection (AUROC)" in html and "0.970" in html

@@ -206,3 +206,7 @@ def test_estimators_around_sigmoid_networks(nets, X):
         QualityRegressor(seg).fit(Xf, y)
     with pytest.raises(ValueError, match="Use SpectralOODDetector"):
         UncertaintyOODDetector(seg).fit(Xf)
+    from uqseg import TemperatureCalibrator
+
+    with pytest.raises(ValueError, match="softmax logits over exclusive classes"):
+        TemperatureCalibrator(seg).fit(Xf, y)

@@ -115,8 +115,11 @@ def _seg_params(est: Any, w: str) -> None:
 
 
 def _ens_params(est: Any, w: str) -> None:
+    from uqseg import backends
+
     run_own(est._check_params, w)
     _engine(est, w)
+    check_choice(getattr(est, "precision", "fp32"), f"{w}.precision", backends.PRECISIONS)
     if not isinstance(est.members, (list, tuple)) or not est.members:
         raise TypeError(f"{w}.members: expected a non-empty list, got {_short(est.members)}")
     for i, m in enumerate(est.members):
@@ -206,9 +209,11 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
 
     if not s:
         return
+    local = est.mode == "local"
     check_keys(s, w, ("temperature_", "n_classes_", "n_voxels_fit_", "n_voxels_sampled_",
                       "nll_before_", "nll_after_", "ece_before_", "ece_after_", "n_iter_",
-                      "estimator_", "sample_"))
+                      "estimator_", "sample_",
+                      *(("coef_", "intercept_", "feature_names_") if local else ())))
     k = check_int(s["n_classes_"], f"{w}.n_classes_", 2, 1 << 16)
     lo, hi = (math.exp(b) for b in LOG_T_BOUNDS)
     lo, hi = lo * (1 - 1e-9), hi * (1 + 1e-9)
@@ -228,8 +233,9 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
             raise ValueError(f"{w}.estimator_: gives {getattr(sub, 'n_classes_', '?')} classes, "
                              f"n_classes_ is {k}")
     smp = s["sample_"]
-    if not isinstance(smp, dict) or set(smp) != {"scores", "labels", "strata", "keys", "counts"}:
-        raise ValueError(f"{w}.sample_: expected a dict of scores, labels, strata, keys, counts")
+    want = {"scores", "labels", "strata", "keys", "counts"} | ({"features"} if local else set())
+    if not isinstance(smp, dict) or set(smp) != want:
+        raise ValueError(f"{w}.sample_: expected a dict of {', '.join(sorted(want))}")
     nb = len(CONFIDENCE_EDGES) + 1
     scores = check_array(smp["scores"], f"{w}.sample_['scores']", ndim=2)
     if scores.shape[0] != k:
@@ -252,6 +258,28 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
                          f"holds {n}")
     if check_int(s["n_voxels_fit_"], f"{w}.n_voxels_fit_", 0) != int(counts.sum()):
         raise ValueError(f"{w}.n_voxels_fit_: does not match sample_['counts']")
+    if local:
+        _local_fitted(est, s, k, n, w)
+
+
+def _local_fitted(est: Any, s: dict, k: int, n: int, w: str) -> None:
+    """The local map: feature names that the parameters give, one finite coefficient per
+    feature, and a feature row per sampled voxel."""
+    from uqseg._local import feature_names
+
+    names = s["feature_names_"]
+    check_str_list(names, f"{w}.feature_names_")
+    c = sum(str(v).startswith("intensity[") for v in names)
+    if c and (est.estimator is None or not est.use_image):
+        raise ValueError(f"{w}.feature_names_: intensity features need an estimator and "
+                         "use_image=True")
+    if not same(list(names), feature_names(k, tuple(float(v) for v in est.scales), c)):
+        raise ValueError(f"{w}.feature_names_: do not match the parameters (scales) and "
+                         "n_classes_")
+    f = len(names)
+    check_array(s["coef_"], f"{w}.coef_", shape=(f,))
+    check_real(s["intercept_"], f"{w}.intercept_")
+    check_array(s["sample_"]["features"], f"{w}.sample_['features']", shape=(f, n))
 
 
 def _layer_channels(seg: Any) -> dict:

@@ -1,4 +1,5 @@
-"""Temperature scaling for segmentation networks (Guo et al. 2017), global or class-wise.
+"""Temperature scaling for segmentation networks (Guo et al. 2017): global, class-wise, or
+local (a temperature map, Ding et al. 2021, see :mod:`uqseg._local`).
 
 The calibrator streams the segmenter's output batch by batch and keeps a *stratified,
 weighted voxel sample* of bounded size instead of all logits (a 3-D validation set of 100
@@ -20,8 +21,10 @@ import os
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg import _local
 from uqseg._validation import check_labels, check_scores
 from uqseg.metrics.calibration import CalibrationAccumulator, foreground_roi
 from uqseg.segmenter import resolve_segmenter
@@ -32,6 +35,8 @@ __all__ = ["TemperatureCalibrator"]
 CONFIDENCE_EDGES = (0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999, 0.9999)
 #: log-temperature bounds of the optimiser: T in [1e-2, 1e2].
 LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
+#: a local fit needs at least this many sampled voxels per parameter
+LOCAL_MIN_VOXELS_PER_PARAMETER = 10
 _CHUNK = 1 << 20  # voxels per streaming step: bounds temporaries to ~K * 8 MiB
 _OBJ_CHUNK = 1 << 18  # sample rows per objective step
 
@@ -142,8 +147,10 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     """Temperature scaling of a segmenter's logits, fitted by voxel-wise NLL (or ECE).
 
     ``softmax(z / T)`` with one temperature (``mode="global"``; never changes the predicted
-    labels) or one per class (``mode="classwise"``: vector scaling ``z_k / T_k``, which *can*
-    change labels). The log-temperature minimises the mean negative log-likelihood over the
+    labels), one per class (``mode="classwise"``: vector scaling ``z_k / T_k``, which *can*
+    change labels) or one per voxel (``mode="local"``: ``log T(x)`` linear in local features
+    of the logits and the image, pulled towards the global temperature; never changes the
+    labels). The log-temperature minimises the mean negative log-likelihood over the
     voxels with L-BFGS-B and the exact analytic gradient; ``objective="ece"`` instead picks the
     global temperature with the lowest expected calibration error on the fit data.
 
@@ -155,7 +162,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         ``EnsembleSegmenter``); a path is wrapped in ``OnnxSegmenter(path)``; None means that
         ``X`` itself holds the scores (e.g. as the step after a segmenter in a ``Pipeline``).
         A fitted estimator is used as is; an unfitted one is cloned and fitted on ``X``.
-    mode : {"global", "classwise"}, default="global"
+    mode : {"global", "classwise", "local"}, default="global"
     objective : {"nll", "ece"}, default="nll"
         What the temperature minimises on the fit data. ``"nll"`` is the proper scoring rule
         of Guo et al. ``"ece"`` (global mode only) minimises the top-label ECE with
@@ -186,11 +193,26 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         Seed of the sample's random keys.
     eps : float, default=1e-7
         Clipping of probabilities before the log (``input_kind="proba"``).
+    alpha : float, default=1e-4
+        Local mode: L2 penalty on the weights of the standardised features, in units of the
+        mean voxel NLL; it pulls the map towards a constant (the global temperature).
+    scales : sequence of float, default=(2.0, 6.0)
+        Local mode: Gaussian smoothing widths (voxels) of the margin and entropy features.
+    use_image : bool, default=True
+        Local mode: with an ``estimator``, the image intensity (z-scored per image, one
+        feature per channel) is a feature; it needs the network's output on the input grid.
 
     Attributes
     ----------
     temperature_ : float or ndarray of shape (n_classes_,)
-        Global temperature, or one per class.
+        Global temperature, or one per class (local mode: the global NLL fit the map is
+        pulled towards).
+    coef_ : ndarray of shape (n_features,)
+        Local mode: ``log T(x) = intercept_ + coef_ . f(x)`` (clipped to T in [0.01, 100]).
+    intercept_ : float
+        Local mode.
+    feature_names_ : list of str
+        Local mode: the features ``f(x)``, see :func:`uqseg._local.feature_names`.
     n_classes_ : int
     n_voxels_fit_ : int
         Voxels the fit represents (all valid voxels seen, inside the ROI).
@@ -200,11 +222,12 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         Estimated mean NLL over the fit voxels at ``T = 1`` and at the fitted temperature.
     ece_before_, ece_after_ : float
         Estimated top-label ECE (``n_bins`` bins) over the fit voxels at ``T = 1`` and at the
-        fitted temperature (global mode; NaN in class-wise mode).
+        fitted temperature(s) (global and local modes; NaN in class-wise mode).
     estimator_ : segmenter or None
     sample_ : dict of ndarray
-        The weighted voxel sample (``scores``, ``labels``, ``strata``, ``keys``) and the
-        per-stratum voxel ``counts``; what ``partial_fit`` continues from.
+        The weighted voxel sample (``scores``, ``labels``, ``strata``, ``keys``; local mode
+        also ``features``) and the per-stratum voxel ``counts``; what ``partial_fit``
+        continues from.
 
     Examples
     --------
@@ -222,7 +245,8 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
 
     def __init__(self, estimator=None, *, mode="global", objective="nll", n_bins=15,
                  input_kind="logits", roi=None, margin=10, ignore_index=None,
-                 max_voxels=2_000_000, batch_size=8, random_state=0, eps=1e-7):
+                 max_voxels=2_000_000, batch_size=8, random_state=0, eps=1e-7,
+                 alpha=1e-4, scales=(2.0, 6.0), use_image=True):
         self.estimator = estimator
         self.mode = mode
         self.objective = objective
@@ -235,11 +259,15 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
         self.eps = eps
+        self.alpha = alpha
+        self.scales = scales
+        self.use_image = use_image
 
     # ------------------------------------------------------------------ parameters
     def _check_params(self):
-        if self.mode not in ("global", "classwise"):
-            raise ValueError(f"mode must be 'global' or 'classwise', got {self.mode!r}")
+        if self.mode not in ("global", "classwise", "local"):
+            raise ValueError("mode must be 'global' or 'classwise' (one temperature, one per "
+                             f"class) or 'local' (a map), got {self.mode!r}")
         if self.objective not in ("nll", "ece"):
             raise ValueError(f"objective must be 'nll' or 'ece', got {self.objective!r}")
         if self.objective == "ece" and self.mode != "global":
@@ -263,6 +291,17 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             raise TypeError(f"random_state must be an integer or None, got {self.random_state!r}")
         if not (isinstance(self.eps, numbers.Real) and 0 < self.eps < 1):
             raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a < np.inf:
+            raise ValueError(f"alpha must be a finite number >= 0, got {a!r}")
+        sc = self.scales
+        if not isinstance(sc, (list, tuple)) or len(sc) > 4 or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.5 <= v <= 64
+                for v in sc) or len(set(map(float, sc))) != len(sc):
+            raise ValueError("scales must be a list of at most 4 distinct smoothing widths in "
+                             f"[0.5, 64] voxels, got {sc!r}")
+        if not isinstance(self.use_image, (bool, np.bool_)):
+            raise TypeError(f"use_image must be True or False, got {self.use_image!r}")
 
     def _make_estimator(self, X):
         est = self.estimator
@@ -272,7 +311,14 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
                 getattr(est, "transform", None)):
             raise TypeError("estimator must be None, a path to an ONNX file or a segmenter with "
                             f"transform(X) -> logits; got {type(est).__name__}")
-        return resolve_segmenter(est, X, requires=("transform",))
+        seg = resolve_segmenter(est, X, requires=("transform",))
+        if getattr(seg, "activation_", "softmax") != "softmax":
+            raise ValueError(
+                "TemperatureCalibrator scales softmax logits over exclusive classes; the "
+                f"segmenter's outputs are activation_={seg.activation_!r} (independent "
+                "per-channel probabilities, or given probabilities), which it does not "
+                "calibrate yet")
+        return seg
 
     # ------------------------------------------------------------------ scores in batches
     def _check_scores(self, S, name):
@@ -298,23 +344,34 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     def _score_batches(self, X):
         """Yield validated float32 logits ``(n, K, *spatial)`` batch by batch (one image per
         batch for lists of differently sized images)."""
+        for z, _ in self._batches(X):
+            yield z
+
+    def _batches(self, X):
+        """Yield (logits, the images they come from or None) batch by batch."""
         est = getattr(self, "estimator_", None)
         bs = int(self.batch_size)
         if est is None:
             if isinstance(X, (list, tuple)):
                 for i, x in enumerate(X):
-                    yield self._to_log(self._check_scores(np.asarray(x)[None], f"X[{i}]"))
+                    yield self._to_log(self._check_scores(np.asarray(x)[None], f"X[{i}]")), None
                 return
             arr = self._check_scores(X, "X")
             for s in range(0, arr.shape[0], bs):
-                yield self._to_log(arr[s:s + bs])
+                yield self._to_log(arr[s:s + bs]), None
             return
         n = len(X)
         for s in range(0, n, bs):
-            out = est.transform(X[s:s + bs])
-            parts = [o[None] for o in out] if isinstance(out, list) else [out]
-            for part in parts:
-                yield self._to_log(self._check_scores(part, "the estimator's transform output"))
+            xb = X[s:s + bs]
+            out = est.transform(xb)
+            if isinstance(out, list):
+                parts = [(o[None], np.asarray(x)[None]) for o, x in zip(out, xb, strict=True)]
+            else:
+                parts = [(out, np.stack([np.asarray(x) for x in xb]) if isinstance(
+                    xb, (list, tuple)) else np.asarray(xb))]
+            for part, img in parts:
+                z = self._to_log(self._check_scores(part, "the estimator's transform output"))
+                yield z, img
 
     def _pairs(self, X, y):
         """Yield (logits, labels, voxel mask or None) per batch, labels checked against logits."""
@@ -325,7 +382,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             if y_items.ndim < 2:
                 raise ValueError(f"y must have shape (N, *spatial), got shape {y_items.shape}")
         pos = 0
-        for z in self._score_batches(X):
+        for z, img in self._batches(X):
             n = z.shape[0]
             if pos + n > len(y_items):
                 raise ValueError(f"X has more images than y has label maps ({len(y_items)})")
@@ -346,7 +403,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             if self.ignore_index is not None:
                 valid = yb != self.ignore_index
                 mask = valid if mask is None else mask & valid
-            yield z, yb, mask
+            yield z, yb, mask, img
         if pos != len(y_items):
             raise ValueError(f"X has {pos} images but y has {len(y_items)} label maps")
 
@@ -358,11 +415,16 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             "strata": np.zeros(0, np.int32), "keys": np.zeros(0, np.float32),
             "counts": np.zeros(n_strata, np.int64),
         }
+        if self.mode == "local":  # each voxel's local features, computed on its whole image
+            self.sample_["features"] = np.zeros((len(self.feature_names_), 0), np.float32)
         self._thresh = np.full(n_strata, np.inf, np.float32)
 
-    def _ingest(self, z, yb, mask, rng):
+    def _ingest(self, z, yb, mask, rng, img=None):
         """Add one batch's valid voxels to the sample (chunk by chunk, bounded memory)."""
         n, k = z.shape[:2]
+        local = self.mode == "local"
+        if local:
+            img = self._image(z, img)
         z3, y2 = z.reshape(n, k, -1), yb.reshape(n, -1)
         m2 = None if mask is None else mask.reshape(n, -1)
         edges = np.asarray(CONFIDENCE_EDGES, np.float32)
@@ -375,12 +437,18 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         flush = max(int(self.max_voxels) // 2, 1 << 16)
         vox = z3.shape[2]
         for i in range(n):
+            if local:  # one image at a time bounds the feature stack's memory
+                f2 = _local.local_features(z[i:i + 1], self._scales(),
+                                           None if img is None else img[i:i + 1])
+                f2 = f2.reshape(f2.shape[0], -1)
             for s in range(0, vox, _CHUNK):
                 zc = z3[i, :, s:s + _CHUNK]  # (K, v) view
                 yc = y2[i, s:s + _CHUNK]
+                fc = f2[:, s:s + _CHUNK] if local else None
                 if m2 is not None:
                     keep = m2[i, s:s + _CHUNK]
                     zc, yc = zc[:, keep], yc[keep]
+                    fc = fc[:, keep] if local else None
                 if yc.size == 0:
                     continue
                 # max softmax probability = 1 / sum exp(z - max)
@@ -391,7 +459,7 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
                 cand = keys < self._thresh[strata]  # a full stratum keeps only smaller keys
                 if cand.any():
                     buf.append((zc[:, cand], yc[cand].astype(np.int32),
-                                strata[cand], keys[cand]))
+                                strata[cand], keys[cand], fc[:, cand] if local else None))
                     n_buf += int(cand.sum())
                 if n_buf >= flush:
                     self._merge(buf)
@@ -405,6 +473,9 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
             smp["labels"] = np.concatenate([smp["labels"], *[b[1] for b in buf]])
             smp["strata"] = np.concatenate([smp["strata"], *[b[2] for b in buf]])
             smp["keys"] = np.concatenate([smp["keys"], *[b[3] for b in buf]])
+            if "features" in smp:
+                smp["features"] = np.concatenate([smp["features"], *[b[4] for b in buf]],
+                                                 axis=1)
         cap = _water_fill(smp["counts"], int(self.max_voxels))
         n_strata = smp["counts"].size
         self._thresh = np.full(n_strata, np.inf, np.float32)
@@ -429,6 +500,8 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         if held.max() > cap:
             kept = np.concatenate(kept)
             smp["scores"] = smp["scores"][:, kept]
+            if "features" in smp:
+                smp["features"] = smp["features"][:, kept]
             for key in ("labels", "strata", "keys"):
                 smp[key] = smp[key][kept]
 
@@ -439,9 +512,45 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         return w[smp["strata"]]
 
     # ------------------------------------------------------------------ fitting
-    def _start(self, k):
+    def _start(self, k, img):
         self.n_classes_ = int(k)
+        if self.mode == "local":
+            c = img.shape[1] if self._wants_image() and img is not None else 0
+            self.feature_names_ = _local.feature_names(k, self._scales(), c)
         self._reset_sample(k)
+
+    # ------------------------------------------------------------------ local mode helpers
+    def _scales(self):
+        return tuple(float(v) for v in self.scales)
+
+    def _wants_image(self):
+        return bool(self.use_image) and getattr(self, "estimator_", None) is not None
+
+    def _image(self, z, img):
+        """The image batch the local features read (None when they read none), checked
+        against the logits."""
+        c = sum(n.startswith("intensity[") for n in self.feature_names_)
+        if c == 0:
+            return None
+        if img is None:
+            raise ValueError("the local temperature was fitted with the image intensity as a "
+                             "feature, but no image reaches the calibrator")
+        img = np.asarray(img)
+        if img.ndim != z.ndim or img.shape[0] != z.shape[0] or img.shape[1] != c \
+                or img.shape[2:] != z.shape[2:]:
+            raise ValueError(
+                f"use_image=True needs images (n, {c}, *spatial) on the grid of the logits "
+                f"{z.shape}, got {img.shape}; pass use_image=False for networks whose output "
+                "grid differs from their input's")
+        return img
+
+    def _log_temperature(self, z, img):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("mode='local' but no local map was fitted (mode was changed "
+                                 "after fit); call fit")
+        lt = _local.log_temperature(z, self._scales(), self._image(z, img), self.coef_,
+                                    self.intercept_)
+        return np.clip(lt, *LOG_T_BOUNDS, out=lt)
 
     def _rng(self):
         # a fresh stream per call, keyed on the voxels seen so far (saved with the sample)
@@ -452,11 +561,11 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     def _consume(self, X, y, first_call):
         rng = self._rng()
         seen = False
-        for z, yb, mask in self._pairs(X, y):
+        for z, yb, mask, img in self._pairs(X, y):
             if first_call and not seen:
-                self._start(z.shape[1])
+                self._start(z.shape[1], img)
             seen = True
-            self._ingest(z, yb, mask, rng)
+            self._ingest(z, yb, mask, rng, img)
         if not seen:
             raise ValueError("X is empty: at least one image is required")
 
@@ -492,6 +601,41 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         self.n_iter_ = n_iter
         self.n_voxels_fit_ = int(smp["counts"].sum())
         self.n_voxels_sampled_ = int(smp["labels"].size)
+        if self.mode == "local":
+            self._solve_local(w)
+
+    def _solve_local(self, w):
+        """Fit ``log T = intercept_ + coef_ . features`` by penalised NLL, from the global
+        temperature (or the previous map, in ``partial_fit``)."""
+        smp = self.sample_
+        feats = smp["features"]
+        n_par = feats.shape[0] + 1
+        if smp["labels"].size < LOCAL_MIN_VOXELS_PER_PARAMETER * n_par:
+            raise ValueError(
+                f"mode='local' fits {n_par} parameters and needs at least "
+                f"{LOCAL_MIN_VOXELS_PER_PARAMETER * n_par} voxels, got {smp['labels'].size}")
+        # standardised features: the penalty then weighs every feature alike
+        wn = (w / w.sum()).astype(np.float32)
+        mu = (feats @ wn).astype(np.float64)
+        sd = np.sqrt(np.maximum((feats * feats) @ wn - mu * mu, 0))
+        sd[sd < 1e-6] = 1.0  # a constant feature: its weight stays 0
+        fs = ((feats - mu[:, None].astype(np.float32)) / sd[:, None].astype(np.float32))
+        coef = getattr(self, "coef_", None)
+        if coef is not None and np.size(coef) == n_par - 1:  # warm start (partial_fit)
+            x0 = np.concatenate([[self.intercept_ + float(coef @ mu)], coef * sd])
+        else:
+            x0 = np.zeros(n_par)
+            x0[0] = np.log(self.temperature_)
+        fun = _local.local_objective(smp["scores"], fs, smp["labels"], w, float(self.alpha),
+                                     LOG_T_BOUNDS)
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B")
+        v = res.x[1:]
+        self.coef_ = v / sd
+        self.intercept_ = float(res.x[0] - self.coef_ @ mu)
+        self.nll_after_ = float(res.fun - float(self.alpha) * float(v @ v))
+        self.ece_after_ = _local.local_ece(smp["scores"], fs, smp["labels"], w, res.x,
+                                           LOG_T_BOUNDS, int(self.n_bins))
+        self.n_iter_ = int(res.nit)
 
     def fit(self, X, y):
         """Fit the temperature(s) on validation images (or scores) and labels.
@@ -515,7 +659,8 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         True
         """
         self._check_params()
-        for attr in ("temperature_", "n_classes_", "sample_"):
+        for attr in ("temperature_", "n_classes_", "sample_", "coef_", "intercept_",
+                     "feature_names_"):
             self.__dict__.pop(attr, None)
         self.estimator_ = self._make_estimator(X)
         self._consume(X, y, first_call=True)
@@ -551,12 +696,19 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         if first:
             self._check_params()
             self.estimator_ = self._make_estimator(X)
+        elif (self.mode == "local") != ("features" in self.sample_):
+            raise ValueError("partial_fit cannot switch mode to or from 'local': the sample was "
+                             "collected with" + ("out" if self.mode == "local" else "")
+                             + " local features; call fit")
         self._consume(X, y, first_call=first)
         self._solve()
         return self
 
     # ------------------------------------------------------------------ prediction
-    def _scale(self, z):
+    def _scale(self, z, img=None):
+        if self.mode == "local":
+            a = np.exp(-self._log_temperature(z, img))
+            return z * a[:, None]
         t = np.asarray(self.temperature_, np.float32)
         shape = (1, -1) + (1,) * (z.ndim - 2)
         return z / (t.reshape(shape) if t.ndim else t)
@@ -564,14 +716,23 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
     def _outputs(self, X, what):
         check_is_fitted(self)
         outs = []
-        for z in self._score_batches(X):
+        for z, img in self._batches(X):
             if z.shape[1] != self.n_classes_:
                 raise ValueError(f"the scores have {z.shape[1]} classes on axis 1 but the "
                                  f"calibrator was fitted with {self.n_classes_}")
-            if what == "labels" and self.mode == "global":
+            if what == "labels" and self.mode != "classwise":
                 outs.append(z.argmax(axis=1))  # T > 0 keeps the order: labels of the raw scores
                 continue
-            u = self._scale(z)
+            if what == "temperature":
+                t = np.exp(self._log_temperature(z, img)) if self.mode == "local" else \
+                    np.full((z.shape[0], *z.shape[2:]), self.temperature_, np.float32)
+                outs.append(t)
+                continue
+            if self.mode == "local":  # class by class: cheaper than the generic softmax
+                a = np.exp(-self._log_temperature(z, img))
+                outs.append(_local.scaled_softmax(z, a, log=what == "logits"))
+                continue
+            u = self._scale(z, img)
             u -= u.max(axis=1, keepdims=True)
             if what == "labels":
                 outs.append(u.argmax(axis=1))
@@ -603,6 +764,32 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         [[[1.0, 1.0]]]
         """
         return self._outputs(X, "proba")
+
+    def temperature_map(self, X):
+        """The temperature at every voxel, float32 ``(N, *spatial)``: the fitted map in local
+        mode, the one global temperature everywhere in global mode.
+
+        Parameters
+        ----------
+        X : images for the estimator, or scores with ``estimator=None``
+
+        Returns
+        -------
+        ndarray of float32 ``(N, *spatial)`` (a list for a list of differently sized inputs)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> z = np.array([[[[4.0, -4.0]], [[0.0, 0.0]]]], np.float32)
+        >>> cal = TemperatureCalibrator().fit(z, np.array([[[0, 1]]]))
+        >>> cal.temperature_map(z).shape
+        (1, 1, 2)
+        """
+        check_is_fitted(self)
+        if self.mode == "classwise":
+            raise ValueError("mode='classwise' has one temperature per class, not per voxel; "
+                             "temperature_map needs mode='global' or 'local'")
+        return self._outputs(X, "temperature")
 
     def transform(self, X):
         """Calibrated logits: ``log softmax(z / T)`` (softmax of them is :meth:`predict_proba`).
@@ -670,8 +857,8 @@ class TemperatureCalibrator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         acc = CalibrationAccumulator(1, self.n_classes_)
-        for z, yb, mask in self._pairs(X, y):
-            u = self._scale(z)
+        for z, yb, mask, img in self._pairs(X, y):
+            u = self._scale(z, img)
             if mask is not None:
                 yb = np.where(mask, yb, 0)  # any valid label; masked voxels are dropped
             acc.update_logits(u, yb, mask)

@@ -161,6 +161,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         stays that of one member; ``True`` always fuses when valid and raises when not.
     backend, device : str, default="auto"
         Used for members given as paths and for the fused graph.
+    precision : {"fp32", "fp16", "int8"}, default="fp32"
+        For members given as paths (see :class:`uqseg.OnnxSegmenter`). ``"int8"`` quantises
+        each member on the images given to :meth:`fit` (required then) and runs the members
+        separately (quantised graphs are not fused).
     batch_size : int or "auto", default="auto"
         Images per chunk: memory is bounded by one chunk's maps, whatever the size of ``X``.
         ``"auto"``: as :class:`uqseg.OnnxSegmenter` (on a CPU, chunks of at most 2**17 input
@@ -219,6 +223,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         device="auto",
         batch_size="auto",
         cache_size=2,
+        precision="fp32",
     ):
         self.members = members
         self.tta = tta
@@ -230,10 +235,15 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.device = device
         self.batch_size = batch_size
         self.cache_size = cache_size
+        self.precision = precision
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
         check_batch_size(self.batch_size)
+        from uqseg.segmenter import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         for name in ("mc_samples", "cache_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -247,7 +257,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if not (self.fuse == "auto" or self.fuse is True or self.fuse is False):
             raise ValueError(f"fuse must be 'auto', True or False, got {self.fuse!r}")
 
-    def _fit_members(self) -> list[OnnxSegmenter]:
+    def _fit_members(self, X=None) -> list[OnnxSegmenter]:
         members = self.members
         if isinstance(members, (str, os.PathLike, OnnxSegmenter)) or not isinstance(
             members, (list, tuple)
@@ -262,7 +272,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         for i, m in enumerate(members):
             if isinstance(m, (str, os.PathLike)):
                 seg = OnnxSegmenter(
-                    m, backend=self.backend, device=self.device, batch_size=self.batch_size
+                    m, backend=self.backend, device=self.device, batch_size=self.batch_size,
+                    precision=self.precision,
                 )
             elif isinstance(m, OnnxSegmenter):
                 seg = clone(m)
@@ -272,7 +283,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                     f"OnnxSegmenter, got {type(m).__name__}"
                 )
             try:
-                seg.fit()
+                seg.fit(X if seg.precision == "int8" else None)
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 raise type(exc)(f"member {i} ({seg.model}): {exc}") from exc
             fitted.append(seg)
@@ -355,6 +366,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                         "its own activation)")
             if any(s is not None for s in seg.input_shape_[1:]):
                 return f"member {i} takes a fixed spatial size {seg.input_shape_[1:]}"
+        if any(s.precision == "int8" for s in self.members_):
+            return "int8 members run their own quantised graphs"
         spec = {(s.backend, s.device, s.precision) for s in self.members_}
         if len(spec) > 1:
             return f"members use different backend/device/precision: {sorted(spec)}"
@@ -380,7 +393,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self
         """
         self._check_params()
-        members = self._fit_members()
+        members = self._fit_members(X)
         self._check_agree(members)
         first = members[0]
         self.members_ = members

@@ -122,6 +122,11 @@ class _Encoder:
         from sklearn.base import BaseEstimator
 
         if isinstance(obj, BaseEstimator):
+            if getattr(obj, "precision", None) == "int8":
+                raise ValueError(
+                    f"{where}: precision='int8' is calibrated on images at fit time and its "
+                    "quantised graph is not stored; save the estimator with precision='fp32' "
+                    "and refit with precision='int8' on your images after loading")
             return self._estimator(obj, where)
         raise TypeError(
             f"{where}: cannot save a value of type {type(obj).__module__}.{type(obj).__qualname__}"

@@ -23,6 +23,7 @@ __all__ = [
     "ood_histograms_figure",
     "quality_scatter_figure",
     "reliability_figure",
+    "temperature_figure",
     "write_report",
 ]
 
@@ -102,6 +103,32 @@ def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="unc
                 ax.set_xlabel(f"{error.mean():.1%} wrong", fontsize=8)
             if c == 4:
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def temperature_figure(image, temperature):
+    """Image / local temperature panels (``TemperatureCalibrator(mode="local")``'s
+    ``temperature_map``), one row per image; the colour scale is shared, 1 marks no change.
+
+    Parameters
+    ----------
+    image, temperature : arrays (n, H, W)
+    """
+    plt = _plt()
+    n = len(image)
+    t = np.asarray(temperature)
+    vmax = max(float(np.quantile(t, 0.99)), 1.0)
+    fig, axes = plt.subplots(n, 2, figsize=(6, 2.6 * n), squeeze=False)
+    for r in range(n):
+        axes[r, 0].imshow(image[r], cmap="gray", interpolation="nearest")
+        im = axes[r, 1].imshow(t[r], cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+        fig.colorbar(im, ax=axes[r, 1], fraction=0.046, pad=0.02)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 1].set_title("local temperature T(x)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -203,7 +230,8 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
     figure_data : dict
         ``reliability`` (see :func:`reliability_figure`), ``examples`` (keys of
         :func:`examples_figure`), ``ood_scores`` (see :func:`ood_histograms_figure`),
-        ``quality`` (``true``, ``predicted``, ``classes``, optional ``corruption``). Missing
+        ``quality`` (``true``, ``predicted``, ``classes``, optional ``corruption``),
+        ``temperature`` (``image``, ``temperature``: see :func:`temperature_figure`). Missing
         keys skip their figure.
     filename : str
         Name of the HTML file.
@@ -229,6 +257,11 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
                                                                   "uncertainty")),
                         "Test slices: image, ground truth, ensemble prediction, its errors and "
                         "the ensemble's voxel-wise uncertainty."))
+    if "temperature" in figure_data:
+        t = figure_data["temperature"]
+        figures.append(("Local temperature", temperature_figure(t["image"], t["temperature"]),
+                        "Test slices and the temperature that divides their logits at each "
+                        "voxel (local temperature scaling; > 1 softens, < 1 sharpens)."))
     if "ood_scores" in figure_data:
         figures.append(("OOD scores", ood_histograms_figure(figure_data["ood_scores"],
                                                             summary.get("ood_auroc")),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import warnings
 from collections.abc import Sequence
 from itertools import product
 
@@ -26,6 +28,12 @@ from uqseg.backends._checks import (
 from uqseg.backends._model import image_input_names, read_model
 
 MC_MASK = "mc_mask"
+PRECISIONS = (*backends.PRECISIONS, "int8")
+# a quantised member is refused when it changes more labels or probabilities than this on
+# the fit images (measured on a zoo member: 99.8% agreement, mean |dp| 0.0013)
+INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_MEAN_DIFF = 0.01
+INT8_MIN_SPEEDUP = 0.95  # below this, fit warns that int8 does not pay
 # batch_size="auto": on a CPU, calls of at most this many input voxels (smaller calls keep the
 # activations in cache: docs/benchmarks.md); on a GPU, and as the CPU upper bound, 16 images
 AUTO_BATCH_VOXELS = 1 << 17
@@ -90,7 +98,12 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         ONNX file of a network mapping images ``(N, C, *spatial)`` to logits ``(N, K, *spatial)``.
     backend : {"auto", "onnxruntime", "tensorrt"}, default="auto"
     device : {"auto", "cpu", "cuda", "cuda:N", "tensorrt"}, default="auto"
-    precision : {"fp32", "fp16"}, default="fp32"
+    precision : {"fp32", "fp16", "int8"}, default="fp32"
+        ``"fp16"``: half precision on GPU backends. ``"int8"``: static QDQ quantisation for
+        ONNX Runtime on the CPU (per-channel int8 weights, activations calibrated on the
+        images given to :meth:`fit`, convolutions only), cached under
+        ``$UQSEG_CACHE_DIR/int8``; refused when it drifts from float32 on those images
+        (``int8_drift_``).
     batch_size : int or "auto", default="auto"
         Images (or sliding-window patches) per inference call. ``"auto"``: on a CPU as many as
         keep one call within 2**17 input voxels (8 images of 128 x 128, 2 of 256 x 256, 1
@@ -168,9 +181,18 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}")
         # unknown names fail here, before any work
         self.device_ = backends.resolve(self.backend, self.device)[1]
-        if self.precision not in backends.PRECISIONS:
+        if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of "
-                             f"{backends.PRECISIONS}")
+                             f"{PRECISIONS}")
+        if self.precision == "int8":
+            if self.device_ != "cpu":
+                raise ValueError("precision='int8' is ONNX Runtime's CPU quantisation; on a GPU "
+                                 "use precision='fp16'")
+            if X is None:
+                raise ValueError("precision='int8' calibrates the activation ranges on images: "
+                                 "call fit(X) with images like those the network will see")
+        for attr in ("quantized_model_", "int8_drift_"):
+            self.__dict__.pop(attr, None)
         proto, _ = read_model(self.model)
         where = self._where()
         meta = check_metadata(proto, where)
@@ -233,8 +255,72 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
                              "softmax needs at least 2 classes (one channel is a binary "
                              "sigmoid output: activation='sigmoid')")
         if X is not None:
-            self._check_X(X)
+            X = self._check_X(X)
+        if self.precision == "int8":
+            self._quantize(proto, X)
         return self
+
+    def _quantize(self, proto, X) -> None:
+        """``quantized_model_`` from calibration images ``X``; refuse a drifting model."""
+        from uqseg.backends._model import with_external_data
+        from uqseg.backends.quantize import quantize_int8
+
+        if isinstance(X, list):  # images of the first size calibrate
+            X = np.stack([x for x in X if x.shape == X[0].shape])
+        spatial = X.shape[2:]
+        fixed = self.input_shape_[1:]
+        target = tuple(f if f is not None else int(np.ceil(s / self.spatial_divisor_)
+                                                   * self.spatial_divisor_)
+                       for s, f in zip(spatial, fixed, strict=True))
+        if target != spatial:
+            X = np.pad(X, [(0, 0), (0, 0)] + [(0, max(0, t - s)) for s, t in
+                                              zip(spatial, target, strict=True)],
+                       mode="reflect" if min(spatial) > 1 else "edge")
+            X = X[(slice(None), slice(None), *(slice(0, t) for t in target))]
+        _, folder = read_model(self.model)
+        full = with_external_data(proto, folder, self._where())
+        extra = ({self.mc_dropout_["input"]: np.ones(self.mc_dropout_["size"], np.float32)}
+                 if self.mc_dropout_ is not None else None)
+        path, _ = quantize_int8(full, X, self.input_name_, extra_inputs=extra)
+        self.quantized_model_ = str(path)
+        n = min(len(X), 16)
+        calib = X[np.linspace(0, len(X) - 1, n).round().astype(int)]
+        ref = OnnxSegmenter(self.model, backend=self.backend, device=self.device,
+                            batch_size=self.batch_size, threads=self.threads,
+                            activation=self.activation).fit()
+        self._reset()
+        p32, p8 = ref.predict_proba(calib), self.predict_proba(calib)
+        diff = np.abs(p32.astype(np.float64) - p8)
+        agree = float(np.mean(ref._labels(np.asarray(ref.transform(calib)))
+                              == self._labels(np.asarray(self.transform(calib)))))
+        self.int8_drift_ = {"images": int(n), "label_agreement": agree,
+                            "mean_abs_proba_diff": float(diff.mean()),
+                            "max_abs_proba_diff": float(diff.max())}
+        if agree < INT8_MIN_AGREEMENT or diff.mean() > INT8_MAX_MEAN_DIFF:
+            self._refuse_int8(n)
+        # whether it pays: small networks spend their time outside the convolutions
+        t32, t8 = [], []
+        for _ in range(3):
+            for fn, ts in ((ref.predict_proba, t32), (self.predict_proba, t8)):
+                t0 = time.perf_counter()
+                fn(calib)
+                ts.append(time.perf_counter() - t0)
+        speedup = float(np.median(t32) / max(np.median(t8), 1e-12))
+        self.int8_drift_["speedup_on_fit_images"] = speedup
+        if speedup < INT8_MIN_SPEEDUP:
+            warnings.warn(
+                f"{self._where()}: int8 ran {speedup:.2f}x as fast as float32 on the fit images "
+                "(measured at fit): it does not pay for this network; keep precision='fp32'",
+                UserWarning, stacklevel=3)
+
+    def _refuse_int8(self, n) -> None:
+        d = self.int8_drift_
+        raise ValueError(
+            f"{self._where()}: the int8 model drifts from float32 on {n} of the fit images "
+            f"(labels agree on {d['label_agreement']:.2%} of voxels, need "
+            f"{INT8_MIN_AGREEMENT:.0%}; mean |p32 - p8| {d['mean_abs_proba_diff']:.4f}, "
+            f"allowed {INT8_MAX_MEAN_DIFF}; max {d['max_abs_proba_diff']:.3f}): keep "
+            "precision='fp32' for this network")
 
     @property
     def preprocessing_(self):
@@ -289,8 +375,10 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     def _runner(self, layers: tuple[str, ...] = ()):
         if not hasattr(self, "_runners"):
             self._reset()
+        int8 = getattr(self, "quantized_model_", None)
         return backends.cached_runner(self._runners, layers, self._lock, lambda: backends.load(
-            self.model, self.backend, self.device, self.precision,
+            int8 or self.model, self.backend, self.device,
+            "fp32" if self.precision == "int8" else self.precision,
             outputs=list(layers) or None, threads=self.threads,
             max_batch=resolve_batch_size(self.batch_size, (), "gpu")))
 
