@@ -63,6 +63,12 @@ CASES = {
                                      {"check_dtype_int": INT_SCORES}),
     "TemperatureCalibrator-segmenter": (lambda p: TemperatureCalibrator(p["tiny_2d"]),
                                         _images, {}),
+    "TemperatureCalibrator-classwise": (lambda p: TemperatureCalibrator(mode="classwise"),
+                                        _logits, {"check_dtype_int": INT_SCORES}),
+    "TemperatureCalibrator-local": (lambda p: TemperatureCalibrator(mode="local"), _logits,
+                                    {"check_dtype_int": INT_SCORES}),
+    "TemperatureCalibrator-local-segmenter": (
+        lambda p: TemperatureCalibrator(p["tiny_2d"], mode="local"), _images, {}),
     "SpectralOODDetector": (lambda p: SpectralOODDetector(p["tiny_2d"], grid=4, n_folds=2),
                             lambda: _images()[:1], {}),
     "UncertaintyOODDetector": (lambda p: UncertaintyOODDetector(EnsembleSegmenter(p["members"])),
