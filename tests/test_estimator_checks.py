@@ -157,6 +157,13 @@ class _Random(_Fine):
         return self
 
 
+class _Remembers(_Fine):
+    def fit(self, X, y=None):  # keeps the first fit's offset
+        if not hasattr(self, "offset_"):
+            super().fit(X, y)
+        return self
+
+
 class _DtypeSensitive(_Fine):
     def predict(self, X):  # float64 input takes another code path that gives other numbers
         return super().predict(X) * (1.5 if np.asarray(X).dtype == np.float64 else 1.0)
@@ -175,6 +182,7 @@ class _RefusesLists(_Fine):
     (_NoNotFitted, "check_not_fitted"),
     (_Random, "check_idempotent_refit"),
     (_DtypeSensitive, "check_dtype_float64"),
+    (_Remembers, "check_refit_forgets"),
     (_RefusesLists, "check_list_input"),
 ])
 def test_checks_catch_broken_estimators(cls, check):
@@ -193,7 +201,7 @@ def test_check_image_estimator_reports_and_raises():
         "check_idempotent_refit": "n/a", "check_pickle": "n/a", "check_save_load": "n/a",
         "check_readonly_memmap": "n/a", "check_dtype_float16": "n/a",
         "check_dtype_float64": "n/a", "check_dtype_int": "n/a", "check_list_input": "n/a",
-        "check_params_unchanged_by_fit": "n/a"})
+        "check_params_unchanged_by_fit": "n/a", "check_refit_forgets": "n/a"})
     assert out["check_fit_returns_self"] == "xfail: known"
     assert out["check_not_fitted"] == "passed"
     with pytest.raises(AssertionError, match="^check_fit_returns_self: "):

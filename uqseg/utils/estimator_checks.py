@@ -15,6 +15,7 @@ check                              what must hold
 ``check_fit_returns_self``         ``fit`` returns the estimator itself
 ``check_params_unchanged_by_fit``  ``fit`` changes no parameter (nor a nested estimator)
 ``check_idempotent_refit``         fitting twice on the same data gives the same outputs
+``check_refit_forgets``            a fit after a fit on other data equals a fresh fit
 ``check_pickle``                   a pickled fitted estimator gives the same outputs
 ``check_save_load``                ``uqseg.save`` / ``uqseg.load`` gives the same outputs
 ``check_readonly_memmap``          read-only memory-mapped ``X`` / ``y`` work, same outputs
@@ -67,8 +68,9 @@ DEFAULT_METHODS = ("predict", "predict_proba", "predict_log_proba", "transform",
 
 CHECKS = ("check_clone", "check_get_set_params", "check_no_attributes_in_init",
           "check_not_fitted", "check_fit_returns_self", "check_params_unchanged_by_fit",
-          "check_idempotent_refit", "check_pickle", "check_save_load", "check_readonly_memmap",
-          "check_dtype_float16", "check_dtype_float64", "check_dtype_int", "check_list_input")
+          "check_idempotent_refit", "check_refit_forgets", "check_pickle", "check_save_load",
+          "check_readonly_memmap", "check_dtype_float16", "check_dtype_float64",
+          "check_dtype_int", "check_list_input")
 
 
 class _Data:
@@ -239,6 +241,14 @@ def check_idempotent_refit(estimator, data: _Data) -> None:
     first = _outputs(c, data)
     _fit(c, data.X, data.y)
     _same(first, _outputs(c, data), "check_idempotent_refit", data, "second fit")
+
+
+def check_refit_forgets(estimator, data: _Data) -> None:
+    ref = _outputs(_fit(clone(estimator), data.X, data.y), data)
+    c = _fit(clone(estimator), data.X[1:], None if data.y is None else data.y[1:])
+    _fit(c, data.X, data.y)
+    _same(ref, _outputs(c, data), "check_refit_forgets", data,
+          "fit on X[1:] then on X vs a fresh fit on X")
 
 
 def check_pickle(estimator, data: _Data) -> None:
