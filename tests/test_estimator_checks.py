@@ -193,6 +193,13 @@ def test_checks_catch_broken_estimators(cls, check):
     dict(image_estimator_checks(_Fine(), X))[check]()  # the same check passes a good one
 
 
+def test_errors_inside_a_check_name_the_check():
+    X = np.random.default_rng(0).normal(size=(3, 1, 4, 4)).astype(np.float32)
+    # uqseg.save refuses a class that is neither uqseg's nor scikit-learn's
+    with pytest.raises(AssertionError, match="^check_save_load: raised"):
+        dict(image_estimator_checks(_Fine(), X))["check_save_load"]()
+
+
 def test_check_image_estimator_reports_and_raises():
     X = np.random.default_rng(0).normal(size=(3, 1, 4, 4)).astype(np.float32)
     out = check_image_estimator(_ReturnsNone(), X, expected_failed_checks={
