@@ -453,11 +453,13 @@ class SpectralOODDetector(_FeatureDetector):
 
     Examples
     --------
-    >>> from uqseg import SpectralOODDetector, datasets                  # doctest: +SKIP
-    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
-    >>> ood = SpectralOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
-    >>> ood.predict(datasets.load_ood("ct")[:3])                         # doctest: +SKIP
+    >>> from uqseg import SpectralOODDetector, datasets
+    >>> X_tr, _ = datasets.load_brain_tissue("train")
+    >>> ood = SpectralOODDetector(datasets.reference_models()[0]).fit(X_tr[::4])
+    >>> ood.predict(datasets.load_ood("ct")[:3])
     array([-1, -1, -1])
+    >>> ood.predict(datasets.load_brain_tissue("test")[0][:3])
+    array([1, 1, 1])
     """
 
     _train_attr = "descriptors_"
@@ -704,11 +706,13 @@ class UncertaintyOODDetector(_BaseOODDetector):
 
     Examples
     --------
-    >>> from uqseg import UncertaintyOODDetector, datasets               # doctest: +SKIP
-    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
-    >>> det = UncertaintyOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
-    >>> det.score_samples(X_tr[:2]).shape                                # doctest: +SKIP
+    >>> from uqseg import UncertaintyOODDetector, datasets
+    >>> X_tr, _ = datasets.load_brain_tissue("train")
+    >>> det = UncertaintyOODDetector(datasets.reference_models()[0]).fit(X_tr[::4])
+    >>> det.score_samples(X_tr[:2]).shape
     (2,)
+    >>> det.predict(datasets.load_ood("ct")[:3])
+    array([-1, -1, -1])
     """
 
     _train_attr = "uncertainties_"
@@ -825,9 +829,11 @@ class MahalanobisOODDetector(_FeatureDetector):
 
     Examples
     --------
-    >>> from uqseg import MahalanobisOODDetector, datasets               # doctest: +SKIP
-    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
-    >>> det = MahalanobisOODDetector(datasets.reference_models()[0]).fit(X_tr)  # doctest: +SKIP
+    >>> from uqseg import MahalanobisOODDetector, datasets
+    >>> X_tr, _ = datasets.load_brain_tissue("train")
+    >>> det = MahalanobisOODDetector(datasets.reference_models()[0]).fit(X_tr[::4])
+    >>> det.predict(datasets.load_ood("ct")[:3])
+    array([-1, -1, -1])
     """
 
     _train_attr = "features_"
@@ -921,9 +927,11 @@ class KNNOODDetector(_FeatureDetector):
 
     Examples
     --------
-    >>> from uqseg import KNNOODDetector, datasets                       # doctest: +SKIP
-    >>> X_tr, _ = datasets.load_brain_tissue("train")                    # doctest: +SKIP
-    >>> det = KNNOODDetector(datasets.reference_models()[0], k=5).fit(X_tr)  # doctest: +SKIP
+    >>> from uqseg import KNNOODDetector, datasets
+    >>> X_tr, _ = datasets.load_brain_tissue("train")
+    >>> det = KNNOODDetector(datasets.reference_models()[0], k=5).fit(X_tr[::3])
+    >>> det.predict(datasets.load_ood("ct")[:3])
+    array([-1, -1, -1])
     """
 
     _train_attr = "features_"

@@ -223,8 +223,16 @@ def save(estimator: Any, path: str | os.PathLike, *, copy_models: bool = True,
 
     Examples
     --------
-    >>> import uqseg                                                  # doctest: +SKIP
-    >>> uqseg.save(seg, "seg_saved/"); seg2 = uqseg.load("seg_saved/")  # doctest: +SKIP
+    >>> import tempfile
+    >>> import uqseg
+    >>> seg = uqseg.OnnxSegmenter(uqseg.datasets.reference_models()[0]).fit()
+    >>> folder = uqseg.save(seg, tempfile.mkdtemp() + "/seg_saved")
+    >>> "manifest.json" in [p.name for p in folder.iterdir()]
+    True
+    >>> seg2 = uqseg.load(folder)              # its model is the copy inside the folder
+    >>> X = uqseg.datasets.load_brain_tissue("test")[0][:2]
+    >>> bool((seg2.predict_proba(X) == seg.predict_proba(X)).all())
+    True
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder path (str or path-like), got {type(path).__name__}")

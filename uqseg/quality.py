@@ -495,11 +495,13 @@ class QualityRegressor(BaseEstimator):
 
     Examples
     --------
-    >>> from uqseg import QualityRegressor, EnsembleSegmenter, datasets      # doctest: +SKIP
-    >>> X, y = datasets.load_brain_tissue("val")                             # doctest: +SKIP
-    >>> qr = QualityRegressor(EnsembleSegmenter(datasets.reference_models()))  # doctest: +SKIP
-    >>> qr.fit(X, y).predict(X[:2]).shape                                    # doctest: +SKIP
+    >>> from uqseg import QualityRegressor, datasets
+    >>> X, y = datasets.load_brain_tissue("val")
+    >>> qr = QualityRegressor(datasets.reference_models()[0]).fit(X[:32], y[:32])
+    >>> qr.predict(X[32:34]).shape                          # Dice of grey and white matter
     (2, 2)
+    >>> qr.flag(X[32:34], min_dice=0.0).tolist()            # nothing is below Dice 0
+    [False, False]
     """
 
     def __init__(self, estimator, regressor=None, target="dice", uncertainty="auto",

@@ -147,9 +147,9 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
 
     Examples
     --------
-    >>> from uqseg import OnnxSegmenter, datasets                      # doctest: +SKIP
-    >>> seg = OnnxSegmenter(datasets.reference_models()[0]).fit()      # doctest: +SKIP
-    >>> seg.predict(datasets.load_brain_tissue("test")[0][:2]).shape   # doctest: +SKIP
+    >>> from uqseg import OnnxSegmenter, datasets
+    >>> seg = OnnxSegmenter(datasets.reference_models()[0]).fit()
+    >>> seg.predict(datasets.load_brain_tissue("test")[0][:2]).shape
     (2, 128, 128)
     """
 

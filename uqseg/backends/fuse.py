@@ -135,9 +135,12 @@ def fuse_members(
 
     Examples
     --------
-    >>> from uqseg.backends import load                                   # doctest: +SKIP
-    >>> fused = fuse_members(paths, outputs=("proba", "mutual_information"))  # doctest: +SKIP
-    >>> load(fused, device="cpu").run({"image": X})["proba"].shape        # doctest: +SKIP
+    >>> from uqseg import datasets
+    >>> from uqseg.backends import load
+    >>> paths = datasets.reference_models()[:2]
+    >>> X = datasets.load_brain_tissue("test")[0][:8]
+    >>> fused = fuse_members(paths, outputs=("proba", "mutual_information"))
+    >>> load(fused, device="cpu").run({"image": X})["proba"].shape
     (8, 3, 128, 128)
     """
     if isinstance(members, (str, bytes, onnx.ModelProto)) or not isinstance(members, Sequence):

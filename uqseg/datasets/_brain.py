@@ -268,8 +268,8 @@ def load_brain_tissue(
     Examples
     --------
     >>> from uqseg.datasets import load_brain_tissue
-    >>> X, y = load_brain_tissue("val")  # doctest: +SKIP
-    >>> X.shape, y.shape  # doctest: +SKIP
+    >>> X, y = load_brain_tissue("val")
+    >>> X.shape, y.shape
     ((110, 1, 128, 128), (110, 128, 128))
     """
     if not isinstance(split, str) or split not in SPLITS:

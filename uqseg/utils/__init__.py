@@ -1,0 +1,1 @@
+"""Utilities for people who build on uqseg: :mod:`uqseg.utils.estimator_checks`."""
