@@ -14,6 +14,8 @@ from uqseg.metrics import (
     reliability_curve,
 )
 from uqseg.metrics.calibration import CalibrationAccumulator
+from uqseg.metrics.uncertainty import binary_entropy
+from uqseg.uncertainty import MemberAccumulator, entropy, softmax
 
 
 # ------------------------------------------------------------------ calibration references
@@ -246,3 +248,138 @@ def test_merge_into_an_empty_accumulator_and_from_a_classwise_one():
     conf, hit = pv.max(axis=1), (pv.argmax(axis=1) == yv).astype(float)
     plain = _acc(p[:1], y[:1]).merge(_acc(p[1:], y[1:], classwise=True))
     assert plain.ece == pytest.approx(_ref_ece_mce(conf, hit, e)[0], rel=1e-12)
+
+
+# ------------------------------------------------------------------ uncertainty maps
+def _ref_entropy(p, axis):
+    from scipy.stats import entropy as sp_entropy
+
+    return sp_entropy(np.asarray(p, np.float64), axis=axis)
+
+
+def test_entropy_of_one_distribution_is_a_scalar():
+    for p, h in [([0.5, 0.5], np.log(2)), ([0.25] * 4, np.log(4)), ([1.0, 0.0], 0.0),
+                 ([0.2, 0.3, 0.5], _ref_entropy([0.2, 0.3, 0.5], 0))]:
+        got = entropy(np.array(p), axis=0)
+        assert np.ndim(got) == 0
+        assert float(got) == pytest.approx(h, abs=1e-15)
+
+
+def test_entropy_keeps_float32_and_converts_integers():
+    from uqseg.uncertainty import entropy as ent
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=(2, 4)).transpose(0, 2, 1)  # (2, 3, 4)
+    h32 = ent(p.astype(np.float32))
+    assert h32.dtype == np.float32  # a float32 map stays float32 (memory of 3-D volumes)
+    np.testing.assert_allclose(h32, _ref_entropy(p, 1), rtol=1e-5)
+    onehot = np.eye(3, dtype=np.int64)[[0, 2, 1, 1]].T[None]  # integer one-hot (1, 3, 4)
+    np.testing.assert_array_equal(ent(onehot), np.zeros((1, 4)))
+
+
+def test_binary_entropy_dtypes():
+    p = np.array([0.1, 0.5, 0.9], np.float32)
+    h = binary_entropy(p)
+    assert h.dtype == np.float32
+    np.testing.assert_allclose(h, -(p * np.log(p) + (1 - p) * np.log(1 - p)), rtol=1e-6)
+    # a boolean map (0/1 probabilities) is accepted: entropy 0
+    np.testing.assert_array_equal(binary_entropy(np.array([True, False])), [0.0, 0.0])
+
+
+def test_softmax_accepts_integers_and_other_axes_and_refuses_complex():
+    from scipy.special import softmax as sp_softmax
+
+    z = np.array([[1, 2, 3], [0, 0, 5]])
+    np.testing.assert_allclose(softmax(z, axis=1), sp_softmax(z.astype(float), axis=1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(softmax(z, axis=0), sp_softmax(z.astype(float), axis=0),
+                               rtol=1e-6)
+    z64 = np.random.default_rng(1).normal(size=(3, 2, 4))
+    np.testing.assert_allclose(softmax(z64, axis=0), sp_softmax(z64, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(softmax(z64, axis=2), sp_softmax(z64, axis=2), rtol=1e-6)
+    with pytest.raises(TypeError, match=r"^logits must hold real numbers, got dtype complex128$"):
+        softmax(np.ones((1, 2, 3), complex))
+    with pytest.raises(TypeError, match=r"^logits must hold real numbers, got dtype bool$"):
+        softmax(np.ones((1, 2, 3), bool))
+
+
+def test_member_accumulator_messages_and_mean_dtype():
+    acc = MemberAccumulator()
+    with pytest.raises(ValueError, match=r"^proba must hold probabilities"):
+        acc.add(np.full((1, 2, 3), 2.0))
+    with pytest.raises(TypeError, match=r"^other must be a MemberAccumulator, got list$"):
+        acc.merge([])
+    p = np.array([[[0.2, 0.7]], [[0.8, 0.3]]]).transpose(1, 0, 2)  # (1, 2, 2)
+    acc.add(p)
+    m = acc.mean()
+    assert m.dtype == np.float32  # documented: the mean is float32
+    np.testing.assert_allclose(m, p, rtol=1e-7)
+    other = MemberAccumulator().add(np.full((1, 2, 3), 0.5))
+    with pytest.raises(ValueError, match=r"^cannot merge shapes \(1, 2, 3\) and \(1, 2, 2\)$"):
+        acc.merge(other)
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_member_accumulator_merge_refuses_a_partner_missing_one_kind(empty):
+    p = np.array([[[0.2, 0.7]], [[0.8, 0.3]]]).transpose(1, 0, 2)
+    msg = r"^other does not track every kind this accumulator needs$"
+    for kinds in [("expected_entropy",), ("variance",)]:  # lacks variance / lacks entropy sum
+        full = MemberAccumulator()
+        if not empty:
+            full.add(p)
+        with pytest.raises(ValueError, match=msg):
+            full.merge(MemberAccumulator(kinds=kinds).add(p))
+
+
+def test_member_accumulator_merge_of_untracked_kinds():
+    # neither side tracks variance or the entropy sum: merging into an empty one works
+    p = np.array([[[0.2, 0.7]], [[0.8, 0.3]]]).transpose(1, 0, 2)
+    q = np.array([[[0.6, 0.1]], [[0.4, 0.9]]]).transpose(1, 0, 2)
+    other = MemberAccumulator(kinds=("entropy",)).add(p).add(q, weight=3.0)
+    acc = MemberAccumulator(kinds=("entropy",)).merge(other)
+    mean = (p + 3 * q) / 4
+    np.testing.assert_allclose(acc.mean(), mean, rtol=1e-6)
+    np.testing.assert_allclose(acc.entropy(), _ref_entropy(mean, 1), rtol=1e-6)
+    assert acc.n_members == 2 and acc.total_weight == 4.0
+
+
+# ------------------------------------------------------------------ ensemble statistics
+def test_softmax_entropy_of_large_and_spread_logits():
+    from scipy.special import softmax as sp_softmax
+
+    from uqseg.ensemble import _softmax_entropy
+
+    # voxel 0 near +100, voxel 1 near -300: shifting by one global maximum (or adding the
+    # maximum) would overflow or underflow to 0/0
+    z = np.array([[[100.0, -300.0]], [[99.0, -301.5]], [[97.0, -299.0]]], np.float32)
+    z = z.transpose(1, 0, 2).copy()  # (1, 3, 2)
+    ref_p = sp_softmax(z.astype(np.float64), axis=1)
+    ref_h = _ref_entropy(ref_p, 1)
+    p, h = _softmax_entropy(z.copy(), True)
+    np.testing.assert_allclose(p, ref_p, rtol=1e-5)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5)
+    p2, none = _softmax_entropy(z.copy(), False)
+    assert none is None
+    np.testing.assert_allclose(p2, ref_p, rtol=1e-5)
+
+
+def test_finish_clips_rounding_negatives_and_derives_missing_maps():
+    from uqseg.ensemble import EnsembleSegmenter
+
+    p = np.array([[[0.5, 0.9]], [[0.5, 0.1]]], np.float32).transpose(1, 0, 2)  # (1, 2, 2)
+    h = _ref_entropy(p, 1).astype(np.float32)
+    # rounding in the running sums can leave the expected entropy a hair above the entropy
+    # of the mean, and the mean of squares a hair below the squared mean
+    res = {"proba": p, "expected_entropy": h + np.float32(1e-6),
+           "mean_sq": p * p - np.float32(1e-6)}
+    kinds = frozenset({"entropy", "expected_entropy", "mutual_information", "variance"})
+    out = EnsembleSegmenter._finish(dict(res), kinds)
+    np.testing.assert_allclose(out["entropy"], h, rtol=1e-6)
+    np.testing.assert_array_equal(out["mutual_information"], np.zeros((1, 2)))
+    np.testing.assert_array_equal(out["variance"], np.zeros((1, 2)))
+    half = np.full_like(p, 0.5)
+    res2 = {"proba": p, "expected_entropy": np.zeros((1, 2), np.float32), "mean_sq": half}
+    out2 = EnsembleSegmenter._finish(res2, kinds)
+    np.testing.assert_allclose(out2["mutual_information"], h, rtol=1e-6)
+    ref_var = np.maximum(0.5 - p.astype(np.float64) ** 2, 0).mean(axis=1)
+    np.testing.assert_allclose(out2["variance"], ref_var, rtol=1e-6)
