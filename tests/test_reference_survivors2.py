@@ -9,9 +9,19 @@ import pytest
 
 from uqseg.metrics import (
     adaptive_calibration_error,
+    detection_report,
     expected_calibration_error,
+    fpr_at_tpr,
+    hausdorff_distance_95,
+    iou_score,
     maximum_calibration_error,
+    ood_aupr,
+    ood_auroc,
+    pearson_r,
     reliability_curve,
+    segment_uncertainty,
+    spearman_rho,
+    uncertainty_error_overlap,
 )
 from uqseg.metrics.calibration import CalibrationAccumulator
 from uqseg.metrics.uncertainty import binary_entropy
@@ -383,3 +393,114 @@ def test_finish_clips_rounding_negatives_and_derives_missing_maps():
     np.testing.assert_allclose(out2["mutual_information"], h, rtol=1e-6)
     ref_var = np.maximum(0.5 - p.astype(np.float64) ** 2, 0).mean(axis=1)
     np.testing.assert_allclose(out2["variance"], ref_var, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ OOD, quality, overlap
+def test_ood_metrics_name_the_bad_argument():
+    good = [0.1, 0.5, 0.9]
+    for fn in (ood_auroc, ood_aupr, fpr_at_tpr, lambda a, b: detection_report(a, b, 0.5)):
+        with pytest.raises(ValueError, match=r"^scores_in contains NaN or infinite values$"):
+            fn([0.1, np.nan], good)
+        with pytest.raises(ValueError, match=r"^scores_out is empty: at least one score"):
+            fn(good, [])
+        with pytest.raises(TypeError, match=r"^scores_out must hold real numbers"):
+            fn(good, ["a"])
+    with pytest.raises(ValueError, match=r"^threshold must be a finite number, got nan$"):
+        detection_report(good, good, float("nan"))
+    with pytest.raises(ValueError, match=r"^tpr must be"):
+        fpr_at_tpr(good, good, tpr=1.5)
+
+
+def test_detection_report_accepts_a_score_equal_to_the_threshold():
+    # documented rule: a sample is accepted (in-distribution) when score >= threshold
+    a, b = np.array([0.2, 0.5, 0.9]), np.array([0.1, 0.5, 0.5, 0.7])
+    rep = detection_report(a, b, 0.5)
+    tn, tp = int(np.sum(a >= 0.5)), int(np.sum(b < 0.5))
+    assert (tn, tp) == (2, 1)
+    assert rep["sensitivity"] == tp / 4 and rep["specificity"] == tn / 3
+    assert rep["accuracy"] == (tp + tn) / 7
+
+
+def test_correlations_of_two_points_and_of_a_unit_range():
+    from scipy import stats
+
+    assert pearson_r([0.2, 0.4], [0.1, 0.9]) == pytest.approx(1.0)
+    assert pearson_r([0.2, 0.4], [0.9, 0.1]) == pytest.approx(-1.0)
+    p, t = [0.1, 0.5, 0.3, 0.8], [0.0, 1.0, 0.2, 0.6]  # true side spans exactly 1
+    assert pearson_r(p, t) == pytest.approx(stats.pearsonr(p, t)[0], rel=1e-12)
+    assert spearman_rho(p, t) == pytest.approx(stats.spearmanr(p, t)[0], rel=1e-12)
+
+
+def test_iou_with_more_classes_than_labels_seen():
+    pred = np.array([[[0, 1, 1], [2, 2, 0]]])
+    y = np.array([[[0, 1, 0], [2, 1, 0]]])
+    got = iou_score(pred, y, n_classes=4)
+    assert got.shape == (1, 3)
+    np.testing.assert_allclose(got[0, :2], [1 / 3, 1 / 2])
+    assert np.isnan(got[0, 2])  # class 3 absent from both: undefined
+
+
+def _ref_surface(m):
+    out = np.zeros_like(m)
+    for idx in zip(*np.nonzero(m), strict=True):
+        for ax in range(m.ndim):
+            for d in (-1, 1):
+                j = list(idx)
+                j[ax] += d
+                if not (0 <= j[ax] < m.shape[ax]) or not m[tuple(j)]:
+                    out[idx] = True
+    return out
+
+
+def _ref_hd95(a, b, sp):
+    sa, sb = np.argwhere(_ref_surface(a)) * sp, np.argwhere(_ref_surface(b)) * sp
+    d = np.sqrt(((sa[:, None] - sb[None]) ** 2).sum(-1))
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def test_hd95_objects_touching_the_image_border():
+    pred = np.zeros((1, 9, 8), int)
+    y = np.zeros((1, 9, 8), int)
+    pred[0, 0:5, 0:4] = 1   # touches two image borders
+    y[0, 0:6, 1:5] = 1
+    pred[0, 6:9, 5:8] = 2   # the opposite corner
+    y[0, 5:9, 6:8] = 2
+    sp = np.array([1.5, 0.7])
+    got = hausdorff_distance_95(pred, y, spacing=sp, n_classes=4)
+    assert got.shape == (1, 3)
+    for c in (1, 2):
+        assert got[0, c - 1] == pytest.approx(_ref_hd95(pred[0] == c, y[0] == c, sp), rel=1e-12)
+    assert np.isnan(got[0, 2])  # class 3 in neither map
+
+
+def test_hd95_spacing_and_rank_errors():
+    pred = np.zeros((1, 4, 4), int)
+    pred[0, 1, 1] = 1
+    msg = r"^spacing must be one positive number or 2 of them"
+    for bad in ([[1.0, 1.0]], 0.0, [1.0, 0.0], [1.0, 2.0, 3.0]):
+        with pytest.raises(ValueError, match=msg):
+            hausdorff_distance_95(pred, pred, spacing=bad)
+    two, three = np.ones((3, 3), int), np.ones((3, 3, 3), int)
+    with pytest.raises(ValueError, match=r"^pred\[1\] has 3 spatial axes, expected 2$"):
+        hausdorff_distance_95([two, three], [two, three])
+
+
+def test_ueo_best_cut_just_below_the_maximum_and_a_cut_above_everything():
+    unc = np.zeros((1, 5, 5))
+    unc[0, 0, 0], unc[0, 0, 1] = 0.985, 1.0
+    pred, y = np.zeros((1, 5, 5), int), np.zeros((1, 5, 5), int)
+    pred[0, 0, 1] = 1  # the only error, at the highest uncertainty
+    # default cuts lo + j (hi - lo) / 100, j < 100: only j = 99 separates 1.0 from 0.985
+    ueo, t = uncertainty_error_overlap(unc, pred, y, return_threshold=True)
+    assert ueo == 1.0 and t == pytest.approx(0.99)
+    # a single cut above every voxel: nothing flagged, Dice 0 (defined: there is an error)
+    ueo, t = uncertainty_error_overlap(unc, pred, y, thresholds=[5.0], return_threshold=True)
+    assert ueo == 0.0 and t == 5.0
+
+
+def test_segment_uncertainty_names_its_arguments():
+    p = np.full((1, 2, 3, 3), 0.5)
+    with pytest.raises(ValueError, match=r"^proba must hold probabilities"):
+        segment_uncertainty(p * 3)
+    with pytest.raises(ValueError, match=r"^pred has shape"):
+        segment_uncertainty(p, np.zeros((1, 3, 4), int))
