@@ -504,3 +504,93 @@ def test_segment_uncertainty_names_its_arguments():
         segment_uncertainty(p * 3)
     with pytest.raises(ValueError, match=r"^pred has shape"):
         segment_uncertainty(p, np.zeros((1, 3, 4), int))
+
+
+# ------------------------------------------------------------------ temperature scaling
+def _ref_wnll(z, y, w, t):
+    from scipy.special import log_softmax
+
+    lp = log_softmax(z.astype(np.float64) / np.reshape(t, (-1, 1)), axis=0)
+    return float(np.sum(-lp[y, np.arange(y.size)] * w) / w.sum())
+
+
+@pytest.mark.parametrize("classwise", [False, True])
+def test_objective_with_an_absent_top_class_and_spread_logits(classwise):
+    from scipy.optimize import approx_fprime
+
+    from uqseg.calibration import _objective
+
+    rng = np.random.default_rng(2)
+    k, n = 4, 50
+    z = rng.normal(size=(k, n)) * 3
+    z[:, :5] *= 300  # voxels with logits in the hundreds next to ordinary ones
+    y = rng.integers(0, k - 1, size=n)  # class k - 1 never occurs in the sample
+    w = rng.uniform(0.5, 3.0, size=n)
+    fun = _objective(z.astype(np.float32), y, w, classwise)
+    log_t = np.array([0.3, -0.2, 0.1, 0.5]) if classwise else np.array([0.4])
+    t = np.exp(log_t) if classwise else np.full(k, np.exp(log_t[0]))
+    zf = z.astype(np.float32)
+    f, g = fun(log_t)
+    assert f == pytest.approx(_ref_wnll(zf, y, w, t), rel=1e-9)
+    if classwise:
+        ref_g = approx_fprime(log_t, lambda lt: _ref_wnll(zf, y, w, np.exp(lt)), 1e-7)
+    else:
+        ref_g = approx_fprime(log_t, lambda lt: _ref_wnll(zf, y, w, np.full(k, np.exp(lt[0]))),
+                              1e-7)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-4, atol=1e-6)
+
+
+def test_ece_objective_puts_confidence_one_in_the_last_bin():
+    from uqseg.calibration import _ece_objective
+
+    # voxel 0: confidence exactly 1 and wrong; voxel 1: confidence 0.95, right. Both belong to
+    # the last of 10 bins, where their gaps partly cancel: |1 - 0 + 0.95 - 1| / 2
+    z = np.array([[100.0, np.log(0.95 / 0.05)], [0.0, 0.0]], np.float32)
+    y = np.array([1, 0])
+    ece = _ece_objective(z, y, np.ones(2), 10)(0.0)
+    conf = 1 / (1 + np.exp(z[1] - z[0]).astype(np.float64))
+    assert conf[0] == 1.0
+    assert ece == pytest.approx(abs(conf[0] - 0 + conf[1] - 1) / 2, rel=1e-6)
+
+
+def test_minimize_ece_refines_between_the_neighbours_of_the_best_grid_point():
+    from uqseg.calibration import _minimize_ece
+
+    grid = np.linspace(np.log(0.05), np.log(20.0), 49)
+    for c in [(grid[0] + grid[1]) / 2, (grid[-2] + grid[-1]) / 2, grid[20] + 0.01]:
+        best, n_eval = _minimize_ece(lambda x, c=c: (float(x) - c) ** 2)
+        assert best == pytest.approx(c, abs=2e-4)
+        assert n_eval > 49
+    # a function lower only exactly on one grid point: the search cannot beat the grid point,
+    # which is kept
+    spike = grid[30]
+    best, _ = _minimize_ece(lambda x: 0.0 if float(x) == spike else 1.0)
+    assert best == spike
+    # a flat function: the search's point ties with the grid point and is kept (<=)
+    best, _ = _minimize_ece(lambda x: 1.0)
+    assert grid[0] < best <= grid[1]
+
+
+def test_singleton_stratum_keeps_its_weight_in_the_exact_fit():
+    from scipy.optimize import minimize_scalar
+
+    from uqseg.calibration import TemperatureCalibrator
+
+    rng = np.random.default_rng(4)
+    n = 300
+    z = rng.normal(size=(1, 3, 1, n)).astype(np.float32) * 2
+    z[0, 2] -= 6  # class 2 is never predicted ...
+    y = rng.integers(0, 2, size=(1, 1, n))
+    y[0, 0, 7] = 2  # ... and occurs once: a stratum of one voxel
+    z[0, 0, 0, 7], z[0, 1, 0, 7] = 8.0, 0.0  # confidently wrong there
+    cal = TemperatureCalibrator().fit(z, y)
+    zz, yy = z[0, :, 0], y[0, 0]
+    res = minimize_scalar(lambda lt: _ref_wnll(zz, yy, np.ones(n), np.full(3, np.exp(lt))),
+                          bounds=(np.log(1e-2), np.log(1e2)), method="bounded",
+                          options={"xatol": 1e-8})
+    assert cal.temperature_ == pytest.approx(np.exp(res.x), rel=1e-3)
+    proba = cal.predict_proba(z)
+    assert proba.dtype == np.float32  # documented float32
+    from scipy.special import softmax as sp_softmax
+
+    np.testing.assert_allclose(proba, sp_softmax(z / cal.temperature_, axis=1), rtol=1e-5)
