@@ -594,3 +594,68 @@ def test_singleton_stratum_keeps_its_weight_in_the_exact_fit():
     from scipy.special import softmax as sp_softmax
 
     np.testing.assert_allclose(proba, sp_softmax(z / cal.temperature_, axis=1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ OOD feature statistics
+def _ref_pool(f, grid):
+    """Adaptive average pooling by explicit windows, sums with math.fsum (exact rounding)."""
+    import math
+
+    n, c = f.shape[:2]
+    sp = f.shape[2:]
+    out = np.zeros((n, c, *grid))
+    for cell in np.ndindex(*grid):
+        sl = tuple(slice((i * s) // g, -((-(i + 1) * s) // g))
+                   for i, s, g in zip(cell, sp, grid, strict=True))
+        for a in range(n):
+            for b in range(c):
+                vals = np.asarray(f[(a, b, *sl)], np.float64).ravel()
+                out[(a, b, *cell)] = math.fsum(vals) / vals.size
+    return out
+
+
+def test_adaptive_avg_pool_exact_means_per_axis():
+    from uqseg.ood import adaptive_avg_pool
+
+    rng = np.random.default_rng(6)
+    f = rng.normal(size=(2, 2, 4, 6))
+    # first axis already at its size, second pooled: both axes must be handled
+    np.testing.assert_allclose(adaptive_avg_pool(f, (4, 3)), _ref_pool(f, (4, 3)), rtol=1e-12)
+    np.testing.assert_allclose(adaptive_avg_pool(f, (4, 4)), _ref_pool(f, (4, 4)), rtol=1e-12)
+    # large and small values side by side: equal windows are plain means (a cumulative sum
+    # would cancel the small values), float32 input averaged in float64
+    big = np.array([1e16, 1.0, 1.0, 1.0, 3.0, 5.0])[None, None]
+    np.testing.assert_array_equal(adaptive_avg_pool(big, 3), [[[5e15, 1.0, 4.0]]])
+    f32 = np.array([16777216.0, 1.0, 16777216.0, 3.0, 2.0], np.float32)[None, None]
+    np.testing.assert_allclose(adaptive_avg_pool(f32, 1), _ref_pool(f32, (1,)), rtol=1e-15)
+    np.testing.assert_allclose(adaptive_avg_pool(f32, 2), _ref_pool(f32, (2,)), rtol=1e-15)
+    np.testing.assert_allclose(adaptive_avg_pool(f32, 3), _ref_pool(f32, (3,)), rtol=1e-15)
+
+
+def test_spectral_signature_defaults_against_a_direct_svd():
+    from uqseg.ood import singular_values, spectral_signature
+
+    rng = np.random.default_rng(7)
+    f = rng.normal(size=(2, 3, 20, 18))
+    pooled = _ref_pool(f, (8, 8)).reshape(2, 3, -1)
+    s = np.linalg.svd(pooled, compute_uv=False)
+    sig = np.log(s + 1e-6)
+    sig /= np.linalg.norm(sig, axis=1, keepdims=True)
+    np.testing.assert_allclose(spectral_signature(f), sig, rtol=1e-10)
+    # float32 input with a tiny singular value: the Gram matrix must be formed in float64
+    u, _ = np.linalg.qr(rng.normal(size=(40, 3)))
+    a = (np.diag([1e3, 1.0, 1e-2]) @ u.T).astype(np.float32)[None]  # (1, 3, 40)
+    ref = np.linalg.svd(a[0].astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(singular_values(a)[0], ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_kth_euclidean_against_sorted_distances(k):
+    from scipy.spatial.distance import cdist
+
+    from uqseg.ood import _kth_euclidean
+
+    rng = np.random.default_rng(k)
+    train, query = rng.normal(size=(200, 5)), rng.normal(size=(30, 5))
+    ref = np.sort(cdist(query, train), axis=1)[:, k - 1]
+    np.testing.assert_allclose(_kth_euclidean(train, query, k), ref, rtol=1e-9)
