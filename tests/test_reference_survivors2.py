@@ -127,7 +127,12 @@ def test_update_refuses_probabilities_outside_0_1_in_a_later_voxel(row):
         expected_calibration_error(p, y, n_bins=5)
 
 
-@pytest.mark.parametrize("row", [[0.1, 0.8], [0.9, 0.9, 0.9], [0.2, 0.2, 0.2]])
+@pytest.mark.parametrize("row", [
+    [0.1, 0.8],              # sums to 0.9
+    [0.9, 0.9, 0.9],         # sums to 2.7
+    [0.2, 0.2, 0.2],         # sums to 0.6
+    [1 + 1e-6, 1.0005e-3],   # in range, sums to 1 + 1.0015e-3 (p0 - p1 is within 1e-3 of 1)
+])
 def test_update_refuses_rows_not_summing_to_one_in_a_later_voxel(row):
     p = _p_with_bad_voxel(row)
     y = np.zeros((1, 4), int)
