@@ -664,3 +664,22 @@ def test_kth_euclidean_against_sorted_distances(k):
     train, query = rng.normal(size=(200, 5)), rng.normal(size=(30, 5))
     ref = np.sort(cdist(query, train), axis=1)[:, k - 1]
     np.testing.assert_allclose(_kth_euclidean(train, query, k), ref, rtol=1e-9)
+
+
+def test_fused_graph_statistics_are_used_without_a_numpy_entropy_pass(tiny_members, monkeypatch):
+    # with the statistics computed inside the fused graph (the GPU default) and no flips, the
+    # entropy comes from the graph: the numpy pass over the probabilities must not run
+    import uqseg.ensemble as ens_mod
+    from uqseg.ensemble import EnsembleSegmenter
+
+    X = np.random.default_rng(0).standard_normal((2, 1, 8, 12)).astype(np.float32)
+    ens = EnsembleSegmenter(tiny_members, fuse=True, device="cpu").fit()
+    ens._fused_stats = "graph"
+
+    def no_numpy_pass(proba):
+        raise AssertionError("numpy entropy pass on the fused single-pass path")
+
+    monkeypatch.setattr(ens_mod, "_entropy_of", no_numpy_pass)
+    proba, maps = ens.predict_with_uncertainty(X, kinds=("entropy", "mutual_information"))
+    np.testing.assert_allclose(maps["entropy"], _ref_entropy(proba, 1), atol=2e-5)
+    assert (maps["mutual_information"] >= 0).all()
