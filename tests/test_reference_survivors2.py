@@ -104,11 +104,12 @@ def test_top_label_bins_at_float64_edges_follow_the_lo_hi_rule():
 
 
 def _p_with_bad_voxel(row):
-    """(1, K, 4) probabilities: three valid voxels first, then ``row`` (past the one-voxel
-    slice that the entry check looks at)."""
+    """(1, K, 4) probabilities: two valid voxels first, then ``row`` twice (past the one-voxel
+    slice that the entry check looks at; with chunk_size=2 a block of bad rows only)."""
     k = len(row)
     good = np.full(k, 1.0 / k)
-    return np.stack([good, good, good, np.asarray(row, float)], axis=1)[None]
+    bad = np.asarray(row, float)
+    return np.stack([good, good, bad, bad], axis=1)[None]
 
 
 @pytest.mark.parametrize("row", [
@@ -119,10 +120,11 @@ def _p_with_bad_voxel(row):
 def test_update_refuses_probabilities_outside_0_1_in_a_later_voxel(row):
     p = _p_with_bad_voxel(row)
     y = np.zeros((1, 4), int)
-    acc = CalibrationAccumulator(n_bins=5)
-    with pytest.raises(ValueError, match=r"^proba must hold probabilities in \[0, 1\]"):
-        acc.update(p, y)
-    assert acc.n_voxels == 0  # nothing half-added
+    for chunk in (2, 4):
+        acc = CalibrationAccumulator(n_bins=5, chunk_size=chunk)
+        with pytest.raises(ValueError, match=r"^proba must hold probabilities in \[0, 1\]"):
+            acc.update(p, y)
+        assert acc.n_voxels == 0  # nothing half-added
     with pytest.raises(ValueError, match=r"^proba must hold probabilities in \[0, 1\]"):
         expected_calibration_error(p, y, n_bins=5)
 
@@ -136,8 +138,9 @@ def test_update_refuses_probabilities_outside_0_1_in_a_later_voxel(row):
 def test_update_refuses_rows_not_summing_to_one_in_a_later_voxel(row):
     p = _p_with_bad_voxel(row)
     y = np.zeros((1, 4), int)
-    with pytest.raises(ValueError, match=r"^proba must sum to 1 over the class axis"):
-        CalibrationAccumulator(n_bins=5).update(p, y)
+    for chunk in (2, 4):
+        with pytest.raises(ValueError, match=r"^proba must sum to 1 over the class axis"):
+            CalibrationAccumulator(n_bins=5, chunk_size=chunk).update(p, y)
     with pytest.raises(ValueError, match=r"^proba must sum to 1 over the class axis"):
         maximum_calibration_error(p, y, n_bins=5)
 
@@ -683,3 +686,18 @@ def test_fused_graph_statistics_are_used_without_a_numpy_entropy_pass(tiny_membe
     proba, maps = ens.predict_with_uncertainty(X, kinds=("entropy", "mutual_information"))
     np.testing.assert_allclose(maps["entropy"], _ref_entropy(proba, 1), atol=2e-5)
     assert (maps["mutual_information"] >= 0).all()
+
+
+def test_adaptive_ece_over_several_voxel_blocks_of_one_image():
+    # 300 x 300 voxels exceed one 2**16-voxel block: the confidences are collected block by
+    # block (unequal last block) before the quantile edges are taken
+    rng = np.random.default_rng(8)
+    z = rng.normal(size=(1, 2, 300, 300)) * 2
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = (rng.random((1, 300, 300)) < p[:, 1]).astype(int)
+    conf = p.max(axis=1).ravel()
+    hit = (p.argmax(axis=1) == y).ravel()
+    e = _ref_quantile_edges(conf, 6)
+    b = (conf[:, None] > e[None, 1:-1]).sum(axis=1)
+    ece = sum(abs(conf[b == i].sum() - hit[b == i].sum()) for i in range(6)) / conf.size
+    assert adaptive_calibration_error(p, y, n_bins=6) == pytest.approx(ece, rel=1e-9)
