@@ -475,7 +475,7 @@ def test_hd95_objects_touching_the_image_border():
     y[0, 5:9, 6:8] = 2
     sp = np.array([1.5, 0.7])
     got = hausdorff_distance_95(pred, y, spacing=sp, n_classes=4)
-    assert got.shape == (1, 3)
+    assert got.shape == (1, 3) and got.dtype == np.float64
     for c in (1, 2):
         assert got[0, c - 1] == pytest.approx(_ref_hd95(pred[0] == c, y[0] == c, sp), rel=1e-12)
     assert np.isnan(got[0, 2])  # class 3 in neither map
