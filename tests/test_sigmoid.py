@@ -210,3 +210,41 @@ def test_estimators_around_sigmoid_networks(nets, X):
 
     with pytest.raises(ValueError, match="softmax logits over exclusive classes"):
         TemperatureCalibrator(seg).fit(Xf, y)
+
+
+def test_multilabel_report_against_brute_force():
+    from uqseg.metrics import multilabel_report
+
+    rng = np.random.default_rng(5)
+    p = rng.random((6, 3, 8, 8))
+    t = rng.random((6, 3, 8, 8)) < p  # roughly calibrated
+    r = multilabel_report(p, t, n_bins=10, names=["a", "b", "c"])
+
+    def ece(q, y):  # binary top-label ECE, (lo, hi] bins, from the definition
+        conf = np.maximum(q, 1 - q).ravel()
+        correct = ((q >= 0.5) == y).ravel()
+        correct = np.where(q.ravel() == 0.5, ~y.ravel(), correct)  # argmax tie -> class 0
+        total = 0.0
+        for b in range(10):
+            sel = (conf > b / 10) & (conf <= (b + 1) / 10)
+            if sel.any():
+                total += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())
+        return total / conf.size
+
+    for i, name in enumerate("abc"):
+        q, y = p[:, i], t[:, i]
+        assert r[name]["ece"] == pytest.approx(ece(q, y), abs=1e-9)
+        assert r[name]["brier"] == pytest.approx(np.mean((q - y) ** 2), rel=1e-9)
+        nll = -np.mean(np.log(np.clip(np.where(y, q, 1 - q), 1e-7, 1)))
+        assert r[name]["nll"] == pytest.approx(nll, rel=1e-6)
+        m = q >= 0.5
+        assert r[name]["dice"] == pytest.approx(2 * (m & y).sum() / (m.sum() + y.sum()))
+    pooled_nll = -np.mean(np.log(np.clip(np.where(t, p, 1 - p), 1e-7, 1)))
+    assert r["pooled"]["nll"] == pytest.approx(pooled_nll, rel=1e-6)
+    assert r["pooled"]["brier"] == pytest.approx(np.mean((p - t) ** 2), rel=1e-9)
+    with pytest.raises(ValueError, match="class labels \\(N, \\*spatial\\) belong to softmax"):
+        multilabel_report(p, t[:, 0].astype(int))
+    with pytest.raises(ValueError, match="boolean or 0/1"):
+        multilabel_report(p, t.astype(int) * 2)
+    one = multilabel_report(p[:, :1], t[:, 0])  # binary target for one channel
+    assert one["channel 0"]["dice"] == pytest.approx(r["a"]["dice"])

@@ -15,6 +15,7 @@ from uqseg.metrics.calibration import (
     plot_reliability_diagram,
     reliability_curve,
 )
+from uqseg.metrics.multilabel import check_multilabel, multilabel_report
 from uqseg.metrics.ood import detection_report, fpr_at_tpr, ood_aupr, ood_auroc
 from uqseg.metrics.quality import mean_absolute_error, pearson_r, quality_report, spearman_rho
 from uqseg.metrics.segmentation import dice_score, hausdorff_distance_95, iou_score
@@ -29,6 +30,7 @@ __all__ = [
     "adaptive_calibration_error",
     "binary_entropy",
     "brier_score",
+    "check_multilabel",
     "detection_report",
     "dice_score",
     "expected_calibration_error",
@@ -38,6 +40,7 @@ __all__ = [
     "iou_score",
     "maximum_calibration_error",
     "mean_absolute_error",
+    "multilabel_report",
     "negative_log_likelihood",
     "ood_aupr",
     "ood_auroc",
