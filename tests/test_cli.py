@@ -281,6 +281,28 @@ def test_predict_risk_arguments_are_checked(tmp_path, tiny_2d, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_predict_scores_estimators_from_the_ensemble_pass(tmp_path, tiny_2d, capsys,
+                                                          monkeypatch):
+    import onnxruntime as ort
+
+    import uqseg
+    from uqseg import SpectralOODDetector
+
+    rng = np.random.default_rng(5)
+    uqseg.save(SpectralOODDetector(tiny_2d).fit(rng.random((6, 1, 16, 16)).astype(np.float32)),
+               tmp_path / "ood")
+    np.save(tmp_path / "img.npy", rng.random((16, 16, 3)).astype(np.float32))
+    calls = []
+    real = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run",
+                        lambda sess, *a, **k: calls.append(1) or real(sess, *a, **k))
+    base = ["predict", tiny_2d, tmp_path / "img.npy", "--no-progress"]
+    assert run([*base, "--out", tmp_path / "a"], capsys)[0] == 0
+    plain, calls[:] = len(calls), []
+    assert run([*base, "--out", tmp_path / "b", "--estimators", tmp_path / "ood"], capsys)[0] == 0
+    assert len(calls) == plain  # the detector reads the ensemble's pass, no run of its own
+
+
 def test_predict_channel_mismatch_is_a_runtime_error(tmp_path, tiny_2d, capsys):
     np.save(tmp_path / "x.npy", np.zeros((4, 6, 6, 2), np.float32))
     code, _, err = run(["predict", tiny_2d, tmp_path / "x.npy", "--out", tmp_path], capsys)

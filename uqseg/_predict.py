@@ -335,7 +335,7 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
             X, _ = to_model_batch(data, dims=dims, channels=channels, axis=axis)
             if normalize:
                 X = normalize_intensity(X)
-            proba, maps = ens.predict_with_uncertainty(X, kinds=kinds)
+            proba, maps, shared = assess_batch(ens, X, kinds, plan.estimators)
             seg = proba.argmax(axis=1).astype(np.uint8)
             class_voxels += np.bincount(seg.ravel(), minlength=ens.n_classes_)
             entropy_sum += float(maps["entropy"].sum(dtype=np.float64))
@@ -347,8 +347,8 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
                         i for i in range(mask.ndim) if i != 1))
                     arrays[mask_key(d)] = mask
                     continue
-                fn = est.score_samples if kind == "ood" else est.predict
-                scores[d.name].append(np.asarray(fn(X)))
+                scores[d.name].append(shared[d.name] if d.name in shared else np.asarray(
+                    (est.score_samples if kind == "ood" else est.predict)(X)))
             for k in keys:
                 block = to_volume(arrays[k].astype(dtypes[k], copy=False), layout,
                                   axis, classes=k in channels_of)
@@ -413,3 +413,21 @@ def _risk_summary(est, mask_voxels, output) -> dict:
             else "the ensemble of the given models",
             "n_calibration": est.n_calibration_.tolist(),
             "mask_voxels": mask_voxels.tolist(), "output": str(output)}
+
+
+def assess_batch(ens, X, kinds, estimators):
+    """One :func:`uqseg.assess` pass: ``(proba, maps, {folder name: scores})`` for the first
+    OOD detector and the first quality regressor of ``estimators`` (the others, if any, run
+    their own networks as before)."""
+    from uqseg._assess import assess
+
+    ood = next(((d, e) for d, e, k in estimators if k == "ood"), None)
+    qual = next(((d, e) for d, e, k in estimators if k == "quality"), None)
+    res = assess(X, ens, ood=ood[1] if ood else None, quality=qual[1] if qual else None,
+                 maps=kinds)
+    shared = {}
+    if ood:
+        shared[ood[0].name] = np.asarray(res["ood_score"])
+    if qual:
+        shared[qual[0].name] = np.asarray(res["quality"])
+    return res["proba"], {k: res[k] for k in kinds}, shared

@@ -26,6 +26,7 @@ from uqseg._predict import (
     _risk_masks,
     _risk_summary,
     _slab_ranges,
+    assess_batch,
     mask_key,
 )
 
@@ -85,7 +86,10 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
     for s0, s1 in tqdm(_slab_ranges(n_img, per), desc=f"segment {source.name}", unit="chunk",
                        disable=not progress or n_img <= per, file=sys.stderr, leave=False):
         xb = X[s0:s1]
-        proba, maps = ens.predict_with_uncertainty(xb, kinds=kinds)
+        scored = inv.scored[s0:s1]
+        # one pass for the maps and the estimators (scores of unscored slices are dropped)
+        proba, maps, shared = assess_batch(ens, xb, kinds, plan.estimators if scored.any()
+                                           else [])
         seg = proba.argmax(axis=1)
         for i in range(len(xb)):
             slice_voxels[s0 + i] = np.bincount(seg[i].ravel(), minlength=k_cls)
@@ -103,10 +107,12 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
                 masks_m[d.name][:, s0:s1] = np.moveaxis(mask, 0, 1)
             else:
                 masks_m[d.name][:] = mask[0]
-        scored = inv.scored[s0:s1]
         if scored.any():
             for d, est, kind in plan.estimators:
                 if kind == "risk":
+                    continue
+                if d.name in shared:
+                    scores[d.name].append(shared[d.name][scored])
                     continue
                 fn = est.score_samples if kind == "ood" else est.predict
                 scores[d.name].append(np.asarray(fn(xb[scored])))
