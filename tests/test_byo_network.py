@@ -283,3 +283,19 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
     assert ns["seg"].layer_roles_["bottleneck"] == "/down_4/convs/conv_1/adn/A/LeakyRelu_output_0"
     seg = OnnxSegmenter(str(tmp_path / "renamed.onnx")).fit()  # the Identity block's name
     assert "bottleneck" in seg.feature_layers_
+
+
+def test_ensemble_of_deep_supervision_members(foreign):
+    """Members whose segmentation is not the first output: the ensemble runs them unfused,
+    on the full-resolution head (reference: the mean of the torch heads' softmax)."""
+    from scipy.special import softmax
+
+    from uqseg import EnsembleSegmenter
+
+    model, path = foreign("deep_supervision")
+    ens = EnsembleSegmenter([path, path]).fit()
+    assert not ens.fused_
+    x = np.random.default_rng(3).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        full = model(torch.from_numpy(x))[1].numpy()
+    np.testing.assert_allclose(ens.predict_proba(x), softmax(full, axis=1), atol=1e-5)

@@ -359,7 +359,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         from uqseg.backends.fuse import fuse_problem
 
         for i, seg in enumerate(self.members_):
-            problem = fuse_problem(seg.model)
+            problem = fuse_problem(seg.model, getattr(seg, "output_name_", None))
             if problem is not None:
                 return f"member {i} {problem}"
         return None
