@@ -314,3 +314,9 @@ def test_ensemble_of_deep_supervision_members(foreign):
     with torch.no_grad():
         full = model(torch.from_numpy(x))[1].numpy()
     np.testing.assert_allclose(ens.predict_proba(x), softmax(full, axis=1), atol=1e-5)
+    # output= passes on to members given as paths; the half-resolution head is refused
+    assert EnsembleSegmenter([path], output="seg").fit().members_[0].output == "seg"
+    with pytest.raises(ValueError, match="is not an output of the model"):
+        EnsembleSegmenter([path], output="nope").fit()
+    with pytest.raises(TypeError, match="output must be None"):
+        EnsembleSegmenter([path], output=3).fit()

@@ -168,6 +168,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     cache_size : int, default=2
         Inputs whose results are kept (each entry holds the probabilities and maps of one
         ``X``); 0 disables the cache.
+    output : str, optional
+        Graph output used as the segmentation by members given as paths (see
+        :class:`uqseg.OnnxSegmenter`); given segmenters keep their own.
 
     Attributes
     ----------
@@ -217,6 +220,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         device="auto",
         batch_size="auto",
         cache_size=2,
+        output=None,
     ):
         self.members = members
         self.tta = tta
@@ -228,6 +232,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.device = device
         self.batch_size = batch_size
         self.cache_size = cache_size
+        self.output = output
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
@@ -244,6 +249,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         if not (self.fuse == "auto" or self.fuse is True or self.fuse is False):
             raise ValueError(f"fuse must be 'auto', True or False, got {self.fuse!r}")
+        output = getattr(self, "output", None)  # ensembles saved before the parameter
+        if output is not None and not (isinstance(output, str) and 0 < len(output) < 4096):
+            raise TypeError(f"output must be None or the name of a model output, got "
+                            f"{output!r}")
 
     def _fit_members(self) -> list[OnnxSegmenter]:
         members = self.members
@@ -260,8 +269,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         for i, m in enumerate(members):
             if isinstance(m, (str, os.PathLike)):
                 seg = OnnxSegmenter(
-                    m, backend=self.backend, device=self.device, batch_size=self.batch_size
-                )
+                    m, backend=self.backend, device=self.device, batch_size=self.batch_size,
+                    output=getattr(self, "output", None))
             elif isinstance(m, OnnxSegmenter):
                 seg = clone(m)
             else:
