@@ -227,11 +227,29 @@ def test_bad_inputs(tiny_2d, X, exc, match):
         seg.transform(X)
 
 
-def test_spatial_size_the_model_cannot_take(make_model):
-    path = make_model("nometa", metadata=False)  # no divisor known: odd sizes break the Concat
+def test_spatial_size_the_model_cannot_take(make_model, tmp_path):
+    import onnx
+
+    # metadata says divisor 1 (wrong): odd sizes break the Concat, with a clear error
+    proto = onnx.load(make_model("nometa", metadata=False))
+    onnx.helper.set_model_props(proto, {"uqseg.spatial_divisor": "1"})
+    path = tmp_path / "div1.onnx"
+    onnx.save(proto, path)
     seg = OnnxSegmenter(path).fit()
     with pytest.raises(ValueError, match="spatial size"):
         seg.transform(np.zeros((1, 1, 7, 7), np.float32))
+
+
+def test_spatial_divisor_inferred_without_metadata(make_model):
+    import onnxruntime as ort
+
+    path = make_model("nometa", metadata=False)  # one 2x2 pooling on the way to the bottleneck
+    seg = OnnxSegmenter(path).fit()
+    assert seg.spatial_divisor_ == 2
+    x = np.random.default_rng(0).standard_normal((2, 1, 7, 9)).astype(np.float32)
+    padded = np.pad(x, [(0, 0), (0, 0), (0, 1), (0, 1)], mode="reflect")
+    ref = ort.InferenceSession(path).run(None, {"image": padded})[0][:, :, :7, :9]
+    np.testing.assert_allclose(seg.transform(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_models_and_settings(tmp_path, tiny_2d):

@@ -110,6 +110,9 @@ def _seg_params(est: Any, w: str) -> None:
     _engine(est, w)
     check_choice(est.precision, f"{w}.precision", backends.PRECISIONS)
     check_choice(est.activation, f"{w}.activation", ("auto", *ACTIVATIONS))
+    if est.output is not None and not (isinstance(est.output, str) and 0 < len(est.output) < 4096):
+        raise TypeError(f"{w}.output: expected None or the name of a model output, got "
+                        f"{_short(est.output)}")
     if check_real(est.overlap, f"{w}.overlap", 0, 1) >= 1:
         raise ValueError(f"{w}.overlap: expected a number in [0, 1), got {est.overlap!r}")
 

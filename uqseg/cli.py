@@ -1,4 +1,4 @@
-"""Command-line entry point: ``uqseg demo | predict | bench | train | export``.
+"""Command-line entry point: ``uqseg demo | predict | bench | train | export | inspect``.
 
 Exit codes (every subcommand): 0 success; 2 usage error (bad or missing arguments, input
 files that do not exist); 1 runtime failure (unreadable model or image, a failed
@@ -210,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=_positive_int, default=18)
     e.add_argument("--fixed-size", action="store_true",
                    help="export fixed spatial axes instead of dynamic ones")
+
+    i = sub.add_parser(
+        "inspect", help="what uqseg sees in an ONNX model; write its uqseg.* metadata",
+        description="Print the inputs, outputs, activation, class count, spatial divisor, "
+                    "feature layers (named, and found by structure, with shapes) and what each "
+                    "estimator uses by default. With --set KEY=VALUE (repeatable) write a copy "
+                    "(--out) whose uqseg.* metadata says so; graph and weights are untouched "
+                    "and the copy is written only when the metadata validates.")
+    i.add_argument("model", type=Path, help="the ONNX file")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="activation=softmax|sigmoid|none, n_classes=K, spatial_divisor=D, "
+                        "feature_layers='[\"a\", \"b\"]', preprocessing='{...}' (JSON), "
+                        "mc_dropout='{\"input\": \"mc_mask\", \"p\": 0.1, \"size\": 64}'")
+    i.add_argument("--out", type=Path, help="where --set writes the copy")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -410,8 +426,32 @@ def _cmd_export(args) -> int:
     return EXIT_OK
 
 
+def _cmd_inspect(args) -> int:
+    from uqseg import _inspect
+
+    if not args.model.is_file():
+        raise UsageError(f"model {str(args.model)!r} does not exist")
+    path = args.model
+    if args.set:
+        if args.out is None:
+            raise UsageError("--set writes a copy: pass --out NEW.onnx")
+        try:
+            settings = _inspect.parse_settings(args.set)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        path = _inspect.write_metadata(args.model, settings, args.out,
+                                       overwrite=args.overwrite)
+    elif args.out is not None:
+        raise UsageError("--out is for --set")
+    info = _inspect.inspect_model(path)
+    print(json.dumps(info, indent=2) if args.json else _inspect.format_report(info))
+    if args.set:
+        print(f"wrote {path}", file=sys.stderr)
+    return EXIT_OK
+
+
 COMMANDS = {"demo": _cmd_demo, "predict": _cmd_predict, "bench": _cmd_bench,
-            "train": _cmd_train, "export": _cmd_export}
+            "train": _cmd_train, "export": _cmd_export, "inspect": _cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,6 +172,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     cache_size : int, default=2
         Inputs whose results are kept (each entry holds the probabilities and maps of one
         ``X``); 0 disables the cache.
+    output : str, optional
+        Graph output used as the segmentation by members given as paths (see
+        :class:`uqseg.OnnxSegmenter`); given segmenters keep their own.
 
     Attributes
     ----------
@@ -224,6 +227,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         batch_size="auto",
         cache_size=2,
         precision="fp32",
+        output=None,
     ):
         self.members = members
         self.tta = tta
@@ -236,6 +240,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.cache_size = cache_size
         self.precision = precision
+        self.output = output
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
@@ -256,6 +261,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
         if not (self.fuse == "auto" or self.fuse is True or self.fuse is False):
             raise ValueError(f"fuse must be 'auto', True or False, got {self.fuse!r}")
+        output = getattr(self, "output", None)  # ensembles saved before the parameter
+        if output is not None and not (isinstance(output, str) and 0 < len(output) < 4096):
+            raise TypeError(f"output must be None or the name of a model output, got "
+                            f"{output!r}")
 
     def _fit_members(self, X=None) -> list[OnnxSegmenter]:
         members = self.members
@@ -273,8 +282,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             if isinstance(m, (str, os.PathLike)):
                 seg = OnnxSegmenter(
                     m, backend=self.backend, device=self.device, batch_size=self.batch_size,
-                    precision=self.precision,
-                )
+                    precision=self.precision, output=getattr(self, "output", None))
             elif isinstance(m, OnnxSegmenter):
                 seg = clone(m)
             else:
@@ -374,7 +382,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         from uqseg.backends.fuse import fuse_problem
 
         for i, seg in enumerate(self.members_):
-            problem = fuse_problem(seg.model)
+            problem = fuse_problem(seg.model, getattr(seg, "output_name_", None))
             if problem is not None:
                 return f"member {i} {problem}"
         return None

@@ -201,14 +201,39 @@ def _resolve_layers(seg, layer, preferred: tuple[str, ...]) -> list[str]:
         raise TypeError(f"layer must be a layer name, 'auto' or a non-empty list of names, "
                         f"got {layer!r}")
     out = []
+    roles = getattr(seg, "layer_roles_", {}) or {}
     for name in names:
         if name == "auto":
-            name = next((p for p in preferred if p in available), available[0])
+            name = next((p for p in preferred if p in available), None) or next(
+                (roles[p] for p in preferred if p in roles), available[0])
+        if name not in available and name in roles:  # a structural role names its tensor
+            name = roles[name]
         if name not in available:
-            raise ValueError(f"layer {name!r} is not a feature layer of the model; choose from "
-                             f"{available}")
+            raise ValueError(f"layer {name!r} is not a feature layer of the model. "
+                             f"{_layer_help(seg, available)}")
         if name not in out:
             out.append(name)
+    return out
+
+
+def _layer_help(seg, available) -> str:
+    try:
+        from uqseg.backends import graph
+        from uqseg.backends._model import read_model
+
+        return graph.layer_help(read_model(seg.model)[0])
+    except Exception:  # no readable file behind the segmenter: the names alone
+        return f"Choose from {list(available)[:12]}"
+
+
+def _structural_layers(seg, roles) -> list[str]:
+    """The tensors of ``roles`` that the segmenter found by structure, when the model names no
+    layer itself (the zoo's names have these meanings)."""
+    found = getattr(seg, "layer_roles_", {}) or {}
+    out = []
+    for r in roles:
+        if r in found and found[r] in seg.feature_layers_ and found[r] not in out:
+            out.append(found[r])
     return out
 
 
@@ -391,7 +416,12 @@ class SpectralOODDetector(_FeatureDetector):
         decoder blocks ``"dec1"``, ``"dec2"`` and the ``"bottleneck"`` when the model exports
         all three (models exported by :mod:`uqseg.training` name them); else
         ``"decoder_last"`` (the last decoder block, as the authors' code) and ``"bottleneck"``
-        (either one alone if only one is there); else the model's preferred layer.
+        (either one alone if only one is there); else, for a network whose layers have no such
+        names, the same blocks found from the graph's structure (the segmenter's
+        ``layer_roles_``: decoder tensors at 1/4 and 1/2 of the input resolution and the
+        bottleneck; with fewer than two of them, the last decoder tensor too); else the
+        model's preferred layer. A role name (``"bottleneck"``, ``"decoder_1/4"``,
+        ``"decoder_1/2"``, ``"decoder_last"``) may be given for its tensor.
     grid : int, tuple of int or None, default=16
         Cells per spatial axis after adaptive average pooling; ``None`` keeps the maps as they
         are (then signatures depend on the image size).
@@ -413,7 +443,8 @@ class SpectralOODDetector(_FeatureDetector):
         ``"spectrum"``: Karimi & Gholipour's signature alone.
     layout_layer : str, default="auto"
         Layer of the layout descriptor; ``"auto"``: ``"dec2"`` (the decoder block before the
-        last) when exported, else ``"decoder_last"``, else the first of ``layers_``.
+        last) when exported, else ``"decoder_last"``, else the structural decoder tensor at
+        1/2 resolution or the last decoder tensor, else the first of ``layers_``.
     layout_grid : int or tuple of int, default=4
         Cells per spatial axis of the layout descriptor.
     layout_components : int, default=64
@@ -508,6 +539,12 @@ class SpectralOODDetector(_FeatureDetector):
             full, paper = self._auto_layers
             layer = (list(full) if all(n in seg.feature_layers_ for n in full)
                      else [n for n in paper if n in seg.feature_layers_] or "auto")
+            if layer == "auto":  # no named layer: the same blocks found by structure
+                layer = _structural_layers(seg, ("decoder_1/4", "decoder_1/2", "bottleneck"))
+                if len(layer) < 2:
+                    layer = _structural_layers(seg, ("decoder_1/4", "decoder_1/2", "bottleneck",
+                                                     "decoder_last"))
+                layer = layer or "auto"
         self.layers_ = _resolve_layers(seg, layer, self._preferred_layers)
         self.layout_layer_ = None
         if self.descriptor == "spectrum+layout":
@@ -515,8 +552,9 @@ class SpectralOODDetector(_FeatureDetector):
             if not isinstance(ll, str):
                 raise TypeError(f"layout_layer must be a layer name or 'auto', got {ll!r}")
             if ll == "auto":
-                ll = next((n for n in self._auto_layout if n in seg.feature_layers_),
-                          self.layers_[0])
+                ll = next((n for n in self._auto_layout if n in seg.feature_layers_), None) \
+                    or next(iter(_structural_layers(seg, ("decoder_1/2", "decoder_last"))),
+                            self.layers_[0])
             self.layout_layer_ = _resolve_layers(seg, ll, self._preferred_layers)[0]
 
     def _setup_params(self):

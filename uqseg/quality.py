@@ -199,7 +199,9 @@ def _feature_member(est):
 
 def _typicality_layer(seg) -> str:
     layers = list(seg.feature_layers_)
-    return "decoder_last" if "decoder_last" in layers else layers[0]
+    found = (getattr(seg, "layer_roles_", None) or {}).get("decoder_last")  # by structure
+    return "decoder_last" if "decoder_last" in layers else found if found in layers \
+        else layers[0]
 
 
 def typicality_distances(sig: np.ndarray, reference: np.ndarray) -> np.ndarray:

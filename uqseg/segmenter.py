@@ -20,6 +20,7 @@ from uqseg._validation import ImageBatch, check_images, n_images
 from uqseg.backends import graph
 from uqseg.backends._checks import (
     ACTIVATIONS,
+    DIVISOR_KEY,
     ModelOutputError,
     check_logits,
     check_metadata,
@@ -123,6 +124,10 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         ``Sigmoid`` node says which (and the tensor before it is used as the logits), else
         the ``uqseg.activation`` metadata, else one output channel means sigmoid and several
         mean softmax.
+    output : str, optional
+        The graph output that is the segmentation. Default: ``"logits"`` when the graph has
+        one, else the first output at the input's full resolution (networks with deep
+        supervision heads at lower resolutions), else the first output.
 
     Attributes
     ----------
@@ -135,9 +140,22 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     n_input_channels_ : int
     spatial_dims_ : int
     feature_layers_ : list of str
-        Candidate feature tensors, the preferred (deepest or exporter-chosen) first.
+        Candidate feature tensors: the exporter's (``uqseg.feature_layers`` metadata) first,
+        then those of ``layer_roles_``, then the rest, deepest first.
+    layer_roles_ : dict
+        Tensors found by the graph's structure (shapes probed at a fixed input size):
+        ``"bottleneck"`` (lowest resolution, the deepest encoder output), ``"decoder_1/4"`` and
+        ``"decoder_1/2"`` (decoder blocks at 1/4 and 1/2 of the input resolution, after
+        upsampling) and ``"decoder_last"`` (the last full-resolution decoder tensor); a role the
+        network does not have is absent. The feature-based detectors use them by default when
+        the model names no layer.
     spatial_divisor_ : int
-        Dynamic-size inputs are padded to a multiple of this.
+        Dynamic-size inputs are padded to a multiple of this (then cropped back): the
+        ``uqseg.spatial_divisor`` metadata, else the product of the strides and pooling on the
+        path to the bottleneck found in the graph, else 1.
+    output_name_ : str
+        The tensor used as logits (the pre-activation tensor when the graph ends in a
+        ``Softmax``/``Sigmoid``).
     device_ : str
         The device ``device`` resolved to (``"cpu"``, ``"cuda"`` or ``"tensorrt"``).
     mc_dropout_ : dict or None
@@ -154,7 +172,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model, backend="auto", device="auto", precision="fp32", batch_size="auto",
-                 tta=None, overlap=0.5, threads=None, activation="auto"):
+                 tta=None, overlap=0.5, threads=None, activation="auto", output=None):
         self.model = model
         self.backend = backend
         self.device = device
@@ -164,6 +182,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self.overlap = overlap
         self.threads = threads
         self.activation = activation
+        self.output = output
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X=None, y=None):
@@ -213,8 +232,20 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self.input_shape_ = tuple(dims[1:])
         self.n_input_channels_ = int(dims[1])
         self.spatial_dims_ = len(dims) - 2
-        self.output_name_ = "logits" if any(o.name == "logits" for o in proto.graph.output) \
-            else proto.graph.output[0].name
+        out_names = [o.name for o in proto.graph.output]
+        if self.output is not None and (not isinstance(self.output, str)
+                                        or self.output not in out_names):
+            raise ValueError(f"{where}: output={self.output!r} is not an output of the model; "
+                             f"its outputs are {out_names}")
+        struct = graph.structure(proto, output=self.output if self.output is not None
+                                 else "logits" if "logits" in out_names else None)
+        if self.output is not None:
+            self.output_name_ = self.output
+        elif "logits" in out_names:
+            self.output_name_ = "logits"
+        else:  # deep supervision: the full-resolution head is the segmentation
+            self.output_name_ = (struct.output if struct is not None and struct.output
+                                 else out_names[0])
         out_vi = next(o for o in proto.graph.output if o.name == self.output_name_)
         check_output_type(out_vi, where)
         out_dims = [d.dim_value if d.HasField("dim_value") else None
@@ -236,9 +267,15 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             self.output_name_ = pre
         self._hidden_output = pre is not None
         self.mc_dropout_ = self._mc_spec(proto, meta["mc_dropout"], inputs, where)
-        self.spatial_divisor_ = meta["spatial_divisor"]
+        named_divisor = any(p.key == DIVISOR_KEY for p in proto.metadata_props)
+        self.spatial_divisor_ = meta["spatial_divisor"] if named_divisor or struct is None \
+            or struct.divisor is None else struct.divisor
         self._preprocessing = meta["preprocessing"]
-        self.feature_layers_ = [info.name for info in graph.candidate_layers(proto)]
+        self.layer_roles_ = dict(struct.roles) if struct is not None else {}
+        cands = [info.name for info in graph.candidate_layers(proto)]
+        named = graph.preferred_layers(proto)
+        first = named + [n for n in self.layer_roles_.values() if n not in named]
+        self.feature_layers_ = first + [n for n in cands if n not in first]
         self._reset()
         n_classes = meta["n_classes"]
         if n_classes is None and out_dims and out_dims[1]:

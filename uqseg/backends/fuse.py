@@ -69,13 +69,17 @@ def _unfusable(proto: onnx.ModelProto) -> str | None:
     return None
 
 
-def fuse_problem(model: ModelLike) -> str | None:
+def fuse_problem(model: ModelLike, output: str | None = None) -> str | None:
     """Why ``model`` cannot take part in :func:`fuse_members` (None when it can).
 
     Checked when an ensemble decides whether to fuse, so that ``fuse="auto"`` falls back to
-    running members separately instead of failing at inference.
+    running members separately instead of failing at inference. ``output``: the tensor the
+    member's segmenter uses as logits (the fused graph takes ``"logits"`` or the first output).
     """
     proto, _ = read_model(model)
+    outs = [o.name for o in proto.graph.output]
+    if output is not None and output != ("logits" if "logits" in outs else outs[0]):
+        return f"segments with the output {output!r}, not its first output"
     if proto.functions:
         from onnx import inliner
 

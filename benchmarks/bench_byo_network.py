@@ -1,0 +1,141 @@
+"""Spectral OOD detection on foreign networks: layers found by structure vs one layer.
+
+Trains tiny MONAI ``UNet`` and ``BasicUNet`` for a few epochs on the embedded brain data
+(train split, cross-entropy), exports them with plain ``torch.onnx.export`` (no uqseg
+metadata), and fits ``SpectralOODDetector`` on the train split with
+
+- ``structural``: the library default (``decoder_1/4``, ``decoder_1/2``, ``bottleneck`` found
+  from the graph, layout part on ``decoder_1/2``),
+- ``single:<role>``: one structural layer (``bottleneck`` or ``decoder_last``), the layout part
+  on the same layer (what a one-layer fallback would give),
+
+scored with the test split as in-distribution against every ``datasets.OOD_KINDS``. The zoo's
+first member is measured the same way (its structural layers are its named ones). Test Dice
+says how trained each network is; the zoo was trained for 100 epochs, these for ``--epochs``.
+
+Writes ``benchmarks/results/byo_network.json``.
+
+Usage::
+
+    python benchmarks/bench_byo_network.py          # about 15 min on 2 busy CPU cores
+    python benchmarks/bench_byo_network.py --quick  # one epoch, about 7 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from uqseg import OnnxSegmenter, SpectralOODDetector, datasets, metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+SINGLE = ("bottleneck", "decoder_last")
+
+
+def _nets():
+    from monai.networks.nets import BasicUNet, UNet
+
+    return {
+        "monai_unet": lambda: UNet(spatial_dims=2, in_channels=1, out_channels=3,
+                                   channels=(8, 16, 32, 64), strides=(2, 2, 2),
+                                   num_res_units=1),
+        "monai_basicunet": lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=3,
+                                             features=(8, 8, 16, 16, 32, 8)),
+    }
+
+
+def train(build, X, y, epochs: int, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    net = build()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
+    rng = np.random.default_rng(seed)
+    net.train()
+    for _ in range(epochs):
+        for idx in np.array_split(rng.permutation(len(X)), max(1, len(X) // 16)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(Xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def export(net, path):
+    import torch
+
+    axes = {"image": {0: "N", 2: "H", 3: "W"}, "out": {0: "N", 2: "H", 3: "W"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 1, 128, 128),), str(path), input_names=["image"],
+                          output_names=["out"], dynamic_axes=axes, dynamo=False)
+    return str(path)
+
+
+def evaluate(path, X_tr, X_te, y_te) -> dict:
+    seg = OnnxSegmenter(path).fit()
+    dice = metrics.dice_score(seg.predict(X_te), y_te, n_classes=3).mean(axis=0)
+    ood = {k: datasets.load_ood(k) for k in datasets.OOD_KINDS}
+    settings = {"structural": {}}
+    for role in SINGLE:
+        settings[f"single:{role}"] = {"layer": role, "layout_layer": role}
+    out = {"dice": [float(d) for d in dice], "roles": seg.layer_roles_,
+           "spatial_divisor": seg.spatial_divisor_, "settings": {}}
+    for name, kw in settings.items():
+        det = SpectralOODDetector(seg, **kw).fit(X_tr)
+        s_in = det.score_samples(X_te)
+        au = {k: float(metrics.ood_auroc(s_in, det.score_samples(v))) for k, v in ood.items()}
+        out["settings"][name] = {"layers": det.layers_, "layout_layer": det.layout_layer_,
+                                 "auroc": au, "mean_auroc": float(np.mean(list(au.values())))}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="one epoch (smoke run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/byo_network.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs = 1
+    try:
+        import monai  # noqa: F401
+        import torch
+    except ImportError as exc:  # the core install: nothing to train
+        print(f"skipped: {exc} (pip install 'uqseg[train,dev]')")
+        return
+
+    torch.set_num_threads(2)
+    X_tr, y_tr = datasets.load_brain_tissue("train")
+    X_te, y_te = datasets.load_brain_tissue("test")
+    res = {"epochs": args.epochs, "python": platform.python_version(),
+           "torch": torch.__version__, "networks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in _nets().items():
+            t0 = time.perf_counter()
+            net = train(build, X_tr, y_tr, args.epochs)
+            path = export(net, Path(tmp) / f"{name}.onnx")
+            res["networks"][name] = evaluate(path, X_tr, X_te, y_te)
+            res["networks"][name]["train_s"] = round(time.perf_counter() - t0, 1)
+            print(name, json.dumps({k: v["mean_auroc"] for k, v in
+                                    res["networks"][name]["settings"].items()}), flush=True)
+    res["networks"]["zoo_member_00"] = evaluate(datasets.reference_models()[0], X_tr, X_te, y_te)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print("| network | test Dice (GM, WM) | " + " | ".join(
+        res["networks"]["zoo_member_00"]["settings"]) + " |")
+    for name, r in res["networks"].items():
+        print(f"| {name} | {r['dice'][0]:.3f}, {r['dice'][1]:.3f} | " + " | ".join(
+            f"{s['mean_auroc']:.3f}" for s in r["settings"].values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
