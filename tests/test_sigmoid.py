@@ -202,6 +202,11 @@ def test_estimators_around_sigmoid_networks(nets, X):
     y = rng.random((16, 3, 12, 10)) < 0.4  # indicator targets
     crc = ConformalRiskController(seg, alpha=0.3).fit(Xf, y)
     assert crc.target_kind_ == "indicator" and crc.predict(X).shape == (4, 3, 12, 10)
+    with pytest.raises(ValueError, match="independent sigmoid channels: y must be indicator"):
+        ConformalRiskController(seg, alpha=0.3).fit(Xf, y.argmax(axis=1))
+    soft = OnnxSegmenter(nets["ml0"]).fit()
+    with pytest.raises(ValueError, match="exclusive classes: y must be class labels"):
+        ConformalRiskController(soft, alpha=0.3).fit(Xf, y)
     with pytest.raises(ValueError, match="QualityRegressor needs a softmax"):
         QualityRegressor(seg).fit(Xf, y)
     with pytest.raises(ValueError, match="Use SpectralOODDetector"):

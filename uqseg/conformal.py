@@ -250,6 +250,17 @@ class ConformalRiskController(BaseEstimator):
         """Labels ``(n, *spatial)`` or indicators ``(n, K, *spatial)`` of one batch, checked."""
         n, k = proba.shape[:2]
         yb = np.asarray(yb)
+        act = getattr(getattr(self, "estimator_", None), "activation_", None)
+        if act == "sigmoid" and k > 1 and yb.ndim == proba.ndim - 1:
+            raise ValueError(
+                f"the segmenter outputs {k} independent sigmoid channels: y must be indicator "
+                f"targets (N, {k}, *spatial), one boolean mask per channel; got class labels "
+                f"of shape {yb.shape}")
+        if act == "softmax" and yb.ndim == proba.ndim:
+            raise ValueError(
+                f"the segmenter outputs softmax probabilities over {k} exclusive classes: y "
+                f"must be class labels (N, *spatial); got indicator targets of shape "
+                f"{yb.shape}")
         if yb.ndim == proba.ndim:
             if yb.shape != proba.shape:
                 raise ValueError(f"y holds indicator targets of shape {yb.shape} but the "
