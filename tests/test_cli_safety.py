@@ -185,16 +185,16 @@ def test_failure_mid_run_leaves_the_folder_as_it_was(tmp_path, tiny_2d, out, mon
     _volume(tmp_path / "b.nii.gz", seed=1)
     before = listing(out)
     calls, fail_at = [], {6}
-    real = EnsembleSegmenter.predict_with_uncertainty
+    real = EnsembleSegmenter.run  # predict's one pass (uqseg.assess)
 
-    def failing(self, X, kinds):
+    def failing(self, X, layers=(), kinds=()):
         calls.append(len(X))
         if len(calls) in fail_at:  # 11 slices = 4 slabs: call 6 is inside the second input
             raise OSError("disk full")
-        return real(self, X, kinds=kinds)
+        return real(self, X, layers=layers, kinds=kinds)
 
     monkeypatch.setattr(_predict, "SLAB_VOXELS", 3 * 9 * 7)
-    monkeypatch.setattr(EnsembleSegmenter, "predict_with_uncertainty", failing)
+    monkeypatch.setattr(EnsembleSegmenter, "run", failing)
     code, _, err = run(["predict", tiny_2d, tmp_path / "a.nii.gz", tmp_path / "b.nii.gz",
                         "--out", out, "--no-progress"], capsys)
     one_line_error(err, code, 1, "disk full")
@@ -231,8 +231,9 @@ def test_wrong_kind_of_estimator_found_before_any_work(tmp_path, tiny_2d, out, m
     logits = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     uqseg.save(TemperatureCalibrator().fit(logits, logits.argmax(1)), tmp_path / "cal")
     _volume(tmp_path / "v.nii.gz")
-    monkeypatch.setattr(EnsembleSegmenter, "predict_with_uncertainty",
-                        lambda *a, **k: pytest.fail("inference ran before the check"))
+    for method in ("run", "predict_with_uncertainty", "predict_proba"):
+        monkeypatch.setattr(EnsembleSegmenter, method,
+                            lambda *a, **k: pytest.fail("inference ran before the check"))
     before = listing(out)
     code, _, err = run(["predict", tiny_2d, tmp_path / "v.nii.gz", "--out", out,
                         "--estimators", tmp_path / "cal"], capsys)
