@@ -86,12 +86,18 @@ def _margin_labels(z):
     return log_margin.reshape(shape), labels.reshape(shape)
 
 
+def _class_max(z):
+    """Maximum over axis 1, one pass per class (numpy reduces a short class axis slowly)."""
+    m = z[:, 0].copy()
+    for c in range(1, z.shape[1]):
+        np.maximum(m, z[:, c], out=m)
+    return m
+
+
 def _log_entropy(z):
     """log(entropy of softmax(z) + eps) over axis 1, ``log sum e^u - sum p u`` with
     ``u = z - max``."""
-    t1 = z[:, 0].copy()
-    for c in range(1, z.shape[1]):
-        np.maximum(t1, z[:, c], out=t1)
+    t1 = _class_max(z)
     tot = np.zeros_like(t1)
     acc = np.zeros_like(t1)
     for c in range(z.shape[1]):
@@ -292,9 +298,7 @@ def scaled_softmax(z, a, log=False):
     """``softmax(z * a)`` (or its log) over axis 1 for a positive per-voxel factor ``a``
     ``(n, *spatial)``, one pass per class (numpy reduces a short class axis slowly)."""
     out = np.empty_like(z)
-    m = z[:, 0].copy()
-    for k in range(1, z.shape[1]):
-        np.maximum(m, z[:, k], out=m)
+    m = _class_max(z)
     tot = np.zeros_like(m)
     tmp = np.empty_like(m)
     for k in range(z.shape[1]):
