@@ -7,7 +7,6 @@ OOD detector and the quality regressor, instead of each of them running the netw
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._validation import check_images
-from uqseg.uncertainty import KINDS, entropy
+from uqseg.uncertainty import KINDS, binary_entropy, entropy
 
 __all__ = ["assess"]
 
@@ -149,12 +148,7 @@ def _one_pass(segmenter, X, layers, kinds, ensemble) -> dict:
     if "entropy" in kinds:
         binary = segmenter.activation_ == "sigmoid" or (segmenter.activation_ == "none"
                                                         and proba.shape[1] == 1)
-        if binary:
-            from uqseg.ensemble import _binary_entropy_of
-
-            out["entropy"] = _binary_entropy_of(proba)  # per channel
-        else:
-            out["entropy"] = entropy(proba)
+        out["entropy"] = binary_entropy(proba) if binary else entropy(proba)  # binary: per channel
     return out
 
 
@@ -162,16 +156,14 @@ def _one_pass(segmenter, X, layers, kinds, ensemble) -> dict:
 def _model_key(seg) -> tuple:
     """What makes two OnnxSegmenters compute the same numbers: the model bytes and the
     precision (the execution provider only changes rounding)."""
+    from uqseg.persistence import _sha256
+
     path = Path(os.fspath(seg.model)).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     digest = _DIGESTS.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        digest = _DIGESTS[key] = h.hexdigest()
+        digest = _DIGESTS[key] = _sha256(path)
     return digest, seg.precision
 
 

@@ -23,8 +23,9 @@ from sklearn.utils.validation import check_is_fitted
 from uqseg import backends
 from uqseg._validation import check_images, n_images
 from uqseg.backends._checks import MAX_SPATIAL_DIVISOR, ModelOutputError, check_logits
+from uqseg.metrics.uncertainty import binary_entropy
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
-from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size
+from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size, sigmoid
 from uqseg.uncertainty import KINDS
 
 __all__ = ["EnsembleSegmenter"]
@@ -64,25 +65,18 @@ def _sigmoid_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarra
     from scipy.special import expit
 
     if not need_h:
-        return expit(z, out=z) if z.flags.writeable else expit(z), None
+        return sigmoid(z), None
     a = np.abs(z)
     h = np.logaddexp(np.float32(0), -a)  # softplus(-|z|) = -log sigmoid(|z|)
     h += a * expit(-a)
     np.maximum(h, 0, out=h)
-    return expit(z), h
+    return sigmoid(z), h
 
 
 def _probability_entropy(p: np.ndarray, need_h: bool, binary: bool):
     """Members that output probabilities (``activation="none"``)."""
     p = np.array(p, dtype=np.float32)
-    return p, (_binary_entropy_of(p) if binary else _entropy_of(p)) if need_h else None
-
-
-def _binary_entropy_of(proba: np.ndarray) -> np.ndarray:
-    """Per-channel binary entropy ``(N, C, *spatial)``, 0 log 0 = 0."""
-    q = 1 - proba
-    h = -(proba * np.log(np.maximum(proba, _TINY)) + q * np.log(np.maximum(q, _TINY)))
-    return np.maximum(h, 0, out=h).astype(np.float32, copy=False)
+    return p, (binary_entropy(p) if binary else _entropy_of(p)) if need_h else None
 
 
 def _entropy_of(proba: np.ndarray) -> np.ndarray:
@@ -722,7 +716,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if "entropy" in kinds or "mutual_information" in kinds:
             h = res.get("entropy")
             if h is None:
-                h = _binary_entropy_of(proba) if binary else _entropy_of(proba)
+                h = binary_entropy(proba) if binary else _entropy_of(proba)
             out["entropy"] = h
         if "expected_entropy" in kinds:
             out["expected_entropy"] = res["expected_entropy"]

@@ -304,16 +304,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
 
         if isinstance(X, list):  # images of the first size calibrate
             X = np.stack([x for x in X if x.shape == X[0].shape])
-        spatial = X.shape[2:]
-        fixed = self.input_shape_[1:]
-        target = tuple(f if f is not None else int(np.ceil(s / self.spatial_divisor_)
-                                                   * self.spatial_divisor_)
-                       for s, f in zip(spatial, fixed, strict=True))
-        if target != spatial:
-            X = np.pad(X, [(0, 0), (0, 0)] + [(0, max(0, t - s)) for s, t in
-                                              zip(spatial, target, strict=True)],
-                       mode="reflect" if min(spatial) > 1 else "edge")
-            X = X[(slice(None), slice(None), *(slice(0, t) for t in target))]
+        X = self._to_input_size(X)
         _, folder = read_model(self.model)
         full = with_external_data(proto, folder, self._where())
         extra = ({self.mc_dropout_["input"]: np.ones(self.mc_dropout_["size"], np.float32)}
@@ -538,12 +529,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
                     f"larger than the model input {fixed} (sliding window); crop or resize first"
                 )
             return {"logits": self._sliding_window(X, mask)}
-        target = tuple(
-            f if f is not None else int(np.ceil(s / self.spatial_divisor_) * self.spatial_divisor_)
-            for s, f in zip(spatial, fixed, strict=True))
-        pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
-        padded = np.pad(X, pad, mode="reflect" if min(spatial) > 1 else "edge") \
-            if target != spatial else X
+        padded = self._to_input_size(X)
+        target = padded.shape[2:]
         outputs = [self.output_name_, *layers]
         result = self._batched(padded, outputs, mask)
         crop = (slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)
@@ -552,6 +539,19 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         for name in layers:
             out[name] = result[name]
         return out
+
+    def _to_input_size(self, X: np.ndarray) -> np.ndarray:
+        """``X`` reflect-padded to what the model takes: fixed axes their size (larger
+        images cut to it), dynamic ones the next multiple of ``spatial_divisor_``."""
+        spatial = X.shape[2:]
+        target = tuple(
+            f if f is not None else int(np.ceil(s / self.spatial_divisor_) * self.spatial_divisor_)
+            for s, f in zip(spatial, self.input_shape_[1:], strict=True))
+        if target == spatial:
+            return X
+        pad = [(0, 0), (0, 0)] + [(0, max(0, t - s)) for s, t in zip(spatial, target, strict=True)]
+        X = np.pad(X, pad, mode="reflect" if min(spatial) > 1 else "edge")
+        return X[(slice(None), slice(None), *(slice(0, t) for t in target))]
 
     def _batched(self, X: np.ndarray, outputs: list[str], mask) -> dict:
         """Run in batches (and over flips), filling preallocated outputs without concatenation."""
