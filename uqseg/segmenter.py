@@ -313,14 +313,12 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         self.quantized_model_ = str(path)
         n = min(len(X), 16)
         calib = X[np.linspace(0, len(X) - 1, n).round().astype(int)]
-        ref = OnnxSegmenter(self.model, backend=self.backend, device=self.device,
-                            batch_size=self.batch_size, threads=self.threads,
-                            activation=self.activation).fit()
+        ref = clone(self).set_params(precision="fp32").fit()  # every other setting as ours
         self._reset()
-        p32, p8 = ref.predict_proba(calib), self.predict_proba(calib)
+        z32, z8 = ref.transform(calib), self.transform(calib)
+        agree = float(np.mean(ref._labels(z32) == self._labels(z8)))
+        p32, p8 = ref._proba(z32), self._proba(z8)  # labels first: _proba works in place
         diff = np.abs(p32.astype(np.float64) - p8)
-        agree = float(np.mean(ref._labels(np.asarray(ref.transform(calib)))
-                              == self._labels(np.asarray(self.transform(calib)))))
         self.int8_drift_ = {"images": int(n), "label_agreement": agree,
                             "mean_abs_proba_diff": float(diff.mean()),
                             "max_abs_proba_diff": float(diff.max())}
