@@ -658,9 +658,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
             chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
         mode = self._fused_stats
-        if mode is None or self.activation_ != "softmax":  # in-graph statistics are softmax's
-            mode = "numpy" if (self.members_[0]._device() == "cpu"
-                               or self.activation_ != "softmax") else "graph"
+        if self.activation_ != "softmax":  # the in-graph statistics are softmax's
+            mode = "numpy"
+        elif mode is None:
+            mode = "numpy" if self.members_[0]._device() == "cpu" else "graph"
         if mode == "numpy":
             acc = self._fused_logits_stats(chunk, flips, need_h, need_sq, layers)
         else:
