@@ -42,7 +42,7 @@ from uqseg import (  # noqa: E402
     datasets,
     metrics,
 )
-from uqseg.ensemble import _softmax_entropy  # noqa: E402
+from uqseg.uncertainty import softmax  # noqa: E402
 
 KINDS = ("entropy", "expected_entropy", "mutual_information")
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 
 def _softmax(z):
-    return _softmax_entropy(z.copy(), False)[0]
+    return softmax(z)
 
 
 def timing(paths, X, args) -> dict:
@@ -76,10 +76,8 @@ def timing(paths, X, args) -> dict:
     members = [OnnxSegmenter(p, device="cpu", batch_size=n, threads=args.threads) for p in paths]
     kw = dict(device="cpu", batch_size=n, cache_size=0)
     unfused = EnsembleSegmenter(members, fuse=False, **kw).fit()
-    fused = EnsembleSegmenter(members, fuse=True, **kw).fit()
-    fused._fused_stats = "graph"
-    fused_np = EnsembleSegmenter(members, fuse=True, **kw).fit()
-    fused_np._fused_stats = "numpy"
+    fused = EnsembleSegmenter(members, fuse=True, fused_stats="graph", **kw).fit()
+    fused_np = EnsembleSegmenter(members, fuse=True, fused_stats="numpy", **kw).fit()
 
     calls = {f"member_{i}": (lambda s=s: s.transform(X)) for i, s in enumerate(segs)}
     calls.update(

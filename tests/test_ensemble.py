@@ -109,9 +109,10 @@ def test_uncertainty_kinds_equal_stacked_formulas(tiny_members, X, fuse):
 @pytest.mark.parametrize("tta", [None, "flips"])
 def test_fused_graph_equals_unfused(tiny_members, X, stats, tta):
     a = EnsembleSegmenter(tiny_members, fuse=False, tta=tta, weights=[1, 2, 3], device="cpu")
-    b = EnsembleSegmenter(tiny_members, fuse=True, tta=tta, weights=[1, 2, 3], device="cpu")
+    b = EnsembleSegmenter(tiny_members, fuse=True, tta=tta, weights=[1, 2, 3], device="cpu",
+                          fused_stats=stats)
     a.fit()
-    b.fit()._fused_stats = stats
+    b.fit()
     pa, ma = a.predict_with_uncertainty(X, kinds=KINDS)
     pb, mb = b.predict_with_uncertainty(X, kinds=KINDS)
     np.testing.assert_allclose(pa, pb, atol=1e-5)
@@ -399,20 +400,24 @@ def test_auto_fuse_runs_large_chunks_member_by_member(tiny_members, X, monkeypat
     np.testing.assert_allclose(forced.predict_proba(X), want_p, atol=1e-5)  # True ignores it
 
 
-@pytest.mark.parametrize("fuse, stats, tta", [(True, "numpy", None), (True, "graph", None),
-                                              (True, "numpy", "flips"), (False, None, None)])
-def test_run_gives_first_member_features_from_the_same_pass(tiny_members, X, fuse, stats, tta,
-                                                            monkeypatch):
-    ens = EnsembleSegmenter(tiny_members, fuse=fuse, tta=tta, device="cpu").fit()
-    if stats:
-        ens._fused_stats = stats
+@pytest.mark.parametrize("fuse, stats, tta, fm", [
+    (True, "numpy", None, 0), (True, "graph", None, 2), (True, "numpy", "flips", 1),
+    (False, None, None, 0), (False, None, None, 2)])
+def test_run_gives_the_feature_members_features_from_the_same_pass(tiny_members, X, fuse, stats,
+                                                                   tta, fm, monkeypatch):
+    ens = EnsembleSegmenter(tiny_members, fuse=fuse, tta=tta, device="cpu",
+                            fused_stats=stats or "auto", feature_member=fm).fit()
+    assert ens.feature_network_ is ens.members_[fm]
     layers = ["bottleneck", "decoder_last"]
-    want = ens.members_[0].run(X, layers=layers)  # X (8 x 12) is padded: features are not
+    want = ens.members_[fm].run(X, layers=layers)  # X (8 x 12) is padded: features are not
+    other = ens.members_[(fm + 1) % 3].run(X, layers=layers)
+    assert not np.allclose(want["decoder_last"], other["decoder_last"], atol=1e-3)
     p, m = ens.predict_with_uncertainty(X, kinds=("mutual_information",))
     ens.clear_cache()
-    if fuse:  # from the fused call itself: the first member alone never runs
-        monkeypatch.setattr(ens.members_[0], "run", lambda *a, **k: 1 / 0)
-    out = ens.run(X, layers=layers, kinds=["mutual_information"])
+    if fuse:  # from the fused call itself: no member runs alone
+        for member in ens.members_:
+            monkeypatch.setattr(member, "run", lambda *a, **k: 1 / 0)
+    out = ens.run(X, layers=layers, maps=["mutual_information"])
     assert sorted(out) == ["bottleneck", "decoder_last", "mutual_information", "proba"]
     for ly in layers:
         assert out[ly].shape == want[ly].shape
@@ -421,16 +426,25 @@ def test_run_gives_first_member_features_from_the_same_pass(tiny_members, X, fus
     np.testing.assert_allclose(out["mutual_information"], m["mutual_information"], atol=1e-5)
     out["proba"][:] = 0  # copies: the cache is not touched
     assert ens.predict_proba(X).max() > 0
+    monkeypatch.undo()
+    alone = ens.run(X, layers="auto", proba=False)  # the feature member alone
+    assert sorted(alone) == ["bottleneck"]
+    np.testing.assert_allclose(alone["bottleneck"], want["bottleneck"], atol=1e-5)
+
+
+def test_fused_stats_is_checked(tiny_members):
+    with pytest.raises(ValueError, match="fused_stats must be"):
+        EnsembleSegmenter(tiny_members, fused_stats="gpu").fit()
 
 
 def test_run_errors_and_lists(tiny_members, X):
     with pytest.raises(NotFittedError):
         EnsembleSegmenter(tiny_members).run(X, layers=["bottleneck"])
     ens = EnsembleSegmenter(tiny_members, device="cpu").fit()
-    with pytest.raises(ValueError, match="'nope' is not a feature layer of the first member"):
+    with pytest.raises(ValueError, match=r"'nope' is not a feature layer of the feature member"):
         ens.run(X, layers=["nope"])
     imgs = [X[0], X[1, :, :8, :8]]
-    out = ens.run(imgs, layers="bottleneck", kinds="entropy")
+    out = ens.run(imgs, layers="bottleneck", maps="entropy")
     for img, f in zip(imgs, out["bottleneck"], strict=True):
         np.testing.assert_allclose(
             f, ens.members_[0].run(img[None], layers=["bottleneck"])["bottleneck"][0], atol=1e-5)

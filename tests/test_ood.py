@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.covariance import LedoitWolf
 from sklearn.exceptions import NotFittedError
 
+from uqseg.ensemble import EnsembleSegmenter
 from uqseg.ood import (
     KNNOODDetector,
     MahalanobisOODDetector,
@@ -227,13 +228,17 @@ def test_3d_network(tiny_3d):
         assert cls(tiny_3d).fit(X).score_samples(X[:3]).shape == (3,)
 
 
-def test_ensemble_uses_first_member(tiny_members, X_train):
-    ens = FakeEnsemble(tiny_members).fit()
-    det = SpectralOODDetector(ens).fit(X_train)
-    ref = SpectralOODDetector(tiny_members[0]).fit(X_train)
-    np.testing.assert_allclose(det.signatures_, ref.signatures_)
-    unfitted = SpectralOODDetector(FakeEnsemble(tiny_members)).fit(X_train)
-    np.testing.assert_allclose(unfitted.signatures_, ref.signatures_)
+def test_ensemble_uses_its_feature_member(tiny_members, X_train):
+    for k in (0, 2):
+        det = SpectralOODDetector(EnsembleSegmenter(tiny_members, feature_member=k)).fit(X_train)
+        ref = SpectralOODDetector(tiny_members[k]).fit(X_train)
+        np.testing.assert_allclose(det.signatures_, ref.signatures_, rtol=1e-6)
+    # an object that is not a segmenter of the protocol gives no features: a clear error,
+    # not a reach into its members
+    with pytest.raises(TypeError, match="needs a segmenter with run"):
+        SpectralOODDetector(FakeEnsemble(tiny_members)).fit(X_train)
+    with pytest.raises(ValueError, match="feature_member must be the index of a member"):
+        EnsembleSegmenter(tiny_members, feature_member=3).fit()
 
 
 def test_estimator_forms(tiny_2d, X_train):

@@ -677,8 +677,7 @@ def test_fused_graph_statistics_are_used_without_a_numpy_entropy_pass(tiny_membe
     from uqseg.ensemble import EnsembleSegmenter
 
     X = np.random.default_rng(0).standard_normal((2, 1, 8, 12)).astype(np.float32)
-    ens = EnsembleSegmenter(tiny_members, fuse=True, device="cpu").fit()
-    ens._fused_stats = "graph"
+    ens = EnsembleSegmenter(tiny_members, fuse=True, device="cpu", fused_stats="graph").fit()
 
     def no_numpy_pass(proba):
         raise AssertionError("numpy entropy pass on the fused single-pass path")

@@ -75,7 +75,7 @@ def test_auto_batch_size_chunks_by_voxels_on_cpu(tiny_2d, monkeypatch):
 
 
 def test_resolve_batch_size():
-    from uqseg.segmenter import resolve_batch_size
+    from uqseg._inference import resolve_batch_size
 
     assert resolve_batch_size("auto", (128, 128), "cpu") == 8
     assert resolve_batch_size("auto", (256, 256), "cpu") == 2
@@ -96,10 +96,19 @@ def test_dynamic_model_pads_to_divisor_and_crops(tiny_2d):
 def test_run_returns_logits_and_features_from_one_pass(tiny_2d):
     x = RNG.standard_normal((3, 1, 8, 8)).astype(np.float32)
     seg = OnnxSegmenter(tiny_2d).fit()
-    out = seg.run(x, layers=["auto", "enc1"])
-    assert set(out) == {"logits", "bottleneck", "enc1"}
+    out = seg.run(x, layers=["auto", "enc1"], maps="entropy")
+    assert set(out) == {"logits", "proba", "entropy", "bottleneck", "enc1"}
     assert out["bottleneck"].shape == (3, 8, 4, 4) and out["enc1"].shape == (3, 4, 8, 8)
-    np.testing.assert_allclose(out["logits"], _ort(tiny_2d, x), atol=1e-5)
+    ref = _ort(tiny_2d, x)
+    np.testing.assert_allclose(out["logits"], ref, atol=1e-5)  # proba did not overwrite them
+    p_ref = np.exp(ref) / np.exp(ref).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out["proba"], p_ref, atol=1e-6)
+    np.testing.assert_allclose(out["entropy"], -(p_ref * np.log(p_ref)).sum(axis=1), atol=1e-5)
+    assert set(seg.run(x, layers="enc1", proba=False)) == {"logits", "enc1"}
+    with pytest.raises(ValueError, match="several predictions per image"):
+        seg.run(x, maps=["mutual_information"])
+    with pytest.raises(ValueError, match="unknown uncertainty map"):
+        seg.run(x, maps=["entropyy"])
     sess = ort.InferenceSession(tiny_2d)
     assert not any(o.name == "enc1" for o in sess.get_outputs())
     with pytest.raises(ValueError, match="unknown layer"):

@@ -1,7 +1,7 @@
 """Every answer uqseg gives about a batch of images from one inference pass.
 
 :func:`assess` runs the segmenter once (the fused ensemble graph gives the probabilities, the
-uncertainty maps and the first member's feature maps together) and hands the outputs to the
+uncertainty maps and the feature member's feature maps together) and hands the outputs to the
 OOD detector and the quality regressor, instead of each of them running the networks again.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg._inference import available_maps, check_maps, is_protocol, run
 from uqseg._validation import check_images
-from uqseg.uncertainty import KINDS, binary_entropy, entropy
 
 __all__ = ["assess"]
 
@@ -69,11 +69,13 @@ def assess(X, segmenter, *, ood=None, quality=None, maps=DEFAULT_MAPS) -> dict:
     True
     """
     check_is_fitted(segmenter)
-    ensemble = _is_ensemble(segmenter)
-    if not ensemble and not hasattr(segmenter, "feature_layers_"):
+    if not is_protocol(segmenter):
         raise TypeError("segmenter must be a fitted OnnxSegmenter or EnsembleSegmenter, got "
                         f"{type(segmenter).__name__}")
-    kinds = _check_maps(maps, ensemble)
+    available = available_maps(segmenter)
+    if isinstance(maps, tuple) and maps == DEFAULT_MAPS:  # the default: what it gives
+        maps = tuple(m for m in DEFAULT_MAPS if m in available)
+    kinds = check_maps(maps, available, type(segmenter).__name__)
     for est in (ood, quality):
         if est is not None:
             check_is_fitted(est)
@@ -84,17 +86,16 @@ def assess(X, segmenter, *, ood=None, quality=None, maps=DEFAULT_MAPS) -> dict:
                 for k in parts[0]}
     X = check_images(X)
 
-    feature_net = segmenter.members_[0] if ensemble else segmenter
     layers: list[str] = []
     need_kinds = list(kinds)
-    plan_ood = _ood_plan(ood, segmenter, feature_net)
+    plan_ood = _ood_plan(ood, segmenter)
     plan_q = _quality_plan(quality, segmenter)
     for plan in (plan_ood, plan_q):
         if plan is not None:
             layers += [ly for ly in plan[0] if ly not in layers]
             need_kinds += [k for k in plan[1] if k not in need_kinds]
 
-    out = _one_pass(segmenter, X, layers, need_kinds, ensemble)
+    out = run(segmenter, X, layers=layers, maps=need_kinds)
     result = {"proba": out["proba"], **{k: out[k] for k in kinds}}
     passes = 1
     if ood is not None:
@@ -115,41 +116,13 @@ def assess(X, segmenter, *, ood=None, quality=None, maps=DEFAULT_MAPS) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------- one pass
 def _is_ensemble(est) -> bool:
-    from uqseg.ensemble import EnsembleSegmenter
-
-    return isinstance(est, EnsembleSegmenter)
+    return hasattr(est, "members_")
 
 
-def _check_maps(maps, ensemble: bool) -> tuple[str, ...]:
-
-    kinds = (maps,) if isinstance(maps, str) else tuple(maps)
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"maps must be taken from {KINDS}, got {bad[0]!r}")
-    if not ensemble:
-        if kinds == DEFAULT_MAPS:
-            return _SINGLE_MAPS
-        many = [k for k in kinds if k not in _SINGLE_MAPS]
-        if many:
-            raise ValueError(f"a single network gives the 'entropy' map only; {many} need "
-                             "several samples per voxel (an EnsembleSegmenter of several "
-                             "members, MC-dropout passes or test-time flips)")
-    return kinds
-
-
-def _one_pass(segmenter, X, layers, kinds, ensemble) -> dict:
-    if ensemble:
-        return segmenter.run(X, layers=layers, kinds=kinds)
-    out = segmenter.run(X, layers=list(layers))
-    proba = segmenter._proba(out.pop("logits"))
-    out["proba"] = proba
-    if "entropy" in kinds:
-        binary = segmenter.activation_ == "sigmoid" or (segmenter.activation_ == "none"
-                                                        and proba.shape[1] == 1)
-        out["entropy"] = binary_entropy(proba) if binary else entropy(proba)  # binary: per channel
-    return out
+def _feature_net(seg):
+    """The network whose features ``seg`` gives (an ensemble's feature member)."""
+    return getattr(seg, "feature_network_", seg)
 
 
 # ---------------------------------------------------------------------- sharing
@@ -194,30 +167,25 @@ def _same_segmenter(a, b) -> bool:
                 and a.mc_samples == b.mc_samples and a.seed == b.seed
                 and np.array_equal(a.sample_weights_, b.sample_weights_))
         return same and all(_same_network(m, n) for m, n in zip(a.members_, b.members_,
-                                                                  strict=True))
+                                                                  strict=True)) \
+            and _same_network(_feature_net(a), _feature_net(b))
     return (a.tta == b.tta and a.overlap == b.overlap and _same_network(a, b))
 
 
-def _ood_plan(ood, segmenter, feature_net):
+def _ood_plan(ood, segmenter):
     """``(layers, kinds, descriptors_from_outputs)``, or None when ``ood`` runs on its own."""
     if ood is None:
         return None
-    from uqseg.ood import UncertaintyOODDetector, _feature_segmenter
+    from uqseg.ood import UncertaintyOODDetector
 
     if isinstance(ood, UncertaintyOODDetector):
         est = ood.estimator_
         if not _same_segmenter(est, segmenter):
             return None
-        ensemble = _is_ensemble(segmenter)
         if ood.score == "max_softmax":
-            if ensemble:
-                return None  # the detector averages members unweighted for this score
-
             def describe(out):
                 return ood._reduce(1.0 - out["proba"].max(axis=1), out["proba"])[:, None]
             return [], [], describe
-        if not ensemble and ood.score != "entropy":
-            return None
 
         def describe(out):
             return ood._reduce(np.asarray(out[ood.score], dtype=np.float64),
@@ -225,11 +193,8 @@ def _ood_plan(ood, segmenter, feature_net):
         return [], [ood.score], describe
     if not hasattr(ood, "_describe"):
         return None
-    try:
-        net = _feature_segmenter(ood.estimator_)
-    except (TypeError, ValueError):
-        return None
-    if not _same_network(net, feature_net):
+    if not is_protocol(ood.estimator_) or not _same_network(
+            _feature_net(ood.estimator_), _feature_net(segmenter)):
         return None
     names = ood._feature_names()
     return names, [], lambda out: ood._describe({n: out[n] for n in names})
@@ -241,15 +206,13 @@ def _quality_plan(quality, segmenter):
     est = quality.estimator_
     if not _same_segmenter(est, segmenter):
         return None
-    ensemble = _is_ensemble(segmenter)
     kind = quality.uncertainty_kind_
     layer = getattr(quality, "typicality_layer_", None)
     layers = [layer] if layer else []
 
     def predict(X, out):
         proba = np.asarray(out["proba"], dtype=np.float32)
-        unc = np.asarray(out[kind]) if ensemble else entropy(proba)
         sig = quality._signature(out[layer]) if layer else None
-        return quality._predict_outputs(X, proba, unc, sig)
+        return quality._predict_outputs(X, proba, np.asarray(out[kind]), sig)
 
-    return layers, [kind] if ensemble else ["entropy"], predict
+    return layers, [kind], predict

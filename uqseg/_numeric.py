@@ -15,3 +15,57 @@ def softmax(logits: np.ndarray, axis: int = 1, *, copy: bool = True) -> np.ndarr
     np.exp(out, out=out)
     out /= out.sum(axis=axis, keepdims=True)
     return out
+
+
+TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Logistic function in place on float32 logits (exact at saturation, no overflow)."""
+    from scipy.special import expit
+
+    return expit(z, out=z) if z.dtype == np.float32 and z.flags.writeable else expit(
+        z).astype(np.float32)
+
+
+def categorical_entropy(proba: np.ndarray) -> np.ndarray:
+    """Entropy over the class axis 1 of probabilities ``(N, K, ...)`` -> ``(N, ...)`` (nats)."""
+    tmp = np.maximum(proba, TINY)
+    np.log(tmp, out=tmp)
+    tmp *= proba
+    h = tmp.sum(axis=1)
+    np.negative(h, out=h)
+    return np.maximum(h, 0, out=h)
+
+
+def softmax_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax of logits ``z`` (overwritten) and, from the logits, each voxel's entropy.
+
+    ``H = log(sum exp z') - sum_k p_k z'_k`` with ``z' = z - max z``: no log of a probability,
+    so saturated voxels give exactly 0 and no extra full-size log pass is needed.
+    """
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    s = p.sum(axis=1, keepdims=True)
+    p /= s
+    if not need_h:
+        return p, None
+    z *= p
+    h = np.log(s[:, 0])
+    h -= z.sum(axis=1)
+    np.maximum(h, 0, out=h)
+    return p, h
+
+
+def sigmoid_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sigmoid of logits ``z`` (overwritten) and each channel's binary entropy, from the
+    logits: ``H = softplus(-|z|) + |z| sigmoid(-|z|)`` (exact 0 at saturation)."""
+    from scipy.special import expit
+
+    if not need_h:
+        return sigmoid(z), None
+    a = np.abs(z)
+    h = np.logaddexp(np.float32(0), -a)  # softplus(-|z|) = -log sigmoid(|z|)
+    h += a * expit(-a)
+    np.maximum(h, 0, out=h)
+    return sigmoid(z), h

@@ -323,8 +323,7 @@ def _ood_fitted(est: Any, s: dict, w: str) -> None:
             if key in s and not same(s[key], getattr(probe, key)):
                 raise ValueError(f"{w}.{key}: restored {_short(s[key])}, the parameters and "
                                  f"network give {_short(getattr(probe, key))}")
-        seg = s["estimator_"].members_[0] if hasattr(s["estimator_"], "members_") \
-            else s["estimator_"]
+        seg = getattr(s["estimator_"], "feature_network_", s["estimator_"])
         ch = _layer_channels(seg)
         width = sum(ch.get(n) or 0 for n in s["layers_"]) \
             if all(ch.get(n) for n in s["layers_"]) else None
@@ -413,7 +412,7 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
         raise ValueError(f"{w}.regressor_: takes {reg.n_features_in_} features, "
                          f"feature_names_ has {len(names)}")
     if typ:
-        member = q._feature_member(seg)
+        member = getattr(q._feature_member(seg), "feature_network_", seg)
         if s["typicality_layer_"] != q._typicality_layer(member):
             raise ValueError(f"{w}.typicality_layer_: restored "
                              f"{_short(s['typicality_layer_'])}, the network gives "

@@ -299,11 +299,11 @@ def _cmd_bench(args) -> int:
 
 def _training():
     try:
-        import uqseg.training as training
+        import uqseg.training.commands as commands
     except ImportError as exc:
         raise RuntimeError(
             f"this command needs torch: pip install 'uqseg[train]' ({exc})") from exc
-    return training
+    return commands
 
 
 def _load_training_files(images, labels, dims, axis):
@@ -343,9 +343,7 @@ def _cmd_train(args) -> int:
         raise UsageError("--depth must be at least 2")
     if args.images is None and args.labels is not None:
         raise UsageError("--labels needs --images")
-    training = _training()
-    import torch
-
+    commands = _training()
     if args.images is None:
         from uqseg.datasets import load_brain_tissue
 
@@ -364,41 +362,21 @@ def _cmd_train(args) -> int:
     config = {"in_channels": int(X.shape[1]), "n_classes": n_classes, "dims": args.dims,
               "width": args.width, "depth": args.depth, "dropout": args.dropout,
               "example_shape": [1, *map(int, X.shape[1:])]}
-    torch.manual_seed(args.seed)
-    model = training.UNet(config["in_channels"], n_classes, dims=args.dims, width=args.width,
-                          depth=args.depth, dropout=args.dropout)
-    div = model.spatial_divisor
-    if any(s % div for s in X.shape[2:]):
-        raise ValueError(f"image sizes {X.shape[2:]} must be multiples of {div} for depth "
-                         f"{args.depth}")
     print(f"training on {source}: {X.shape[0]} images of {X.shape[2:]}, {n_classes} classes",
           file=sys.stderr)
-    hist = training.fit_segmenter(
-        model, X, y, X_val, y_val, loss=args.loss, epochs=args.epochs,
+    model, hist = commands.train_unet(
+        config, X, y, X_val, y_val, loss=args.loss, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, checkpoint=args.save_checkpoint)
     if args.save_checkpoint:
-        args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), args.save_checkpoint)
-        args.save_checkpoint.with_suffix(".json").write_text(json.dumps(config, indent=2))
         print(args.save_checkpoint)
     best = hist.get("best_val_dice") if isinstance(hist, dict) else None
-    report = _export(training, model, config, args.out, opset=18, dynamic=True,
-                     info={"loss": args.loss, "epochs": args.epochs, "seed": args.seed,
-                           "source": source, "best_val_dice": best})
+    report = commands.export_unet(model, config, args.out, opset=18, dynamic=True,
+                                  info={"loss": args.loss, "epochs": args.epochs,
+                                        "seed": args.seed, "source": source,
+                                        "best_val_dice": best})
     print(report["path"])
     return EXIT_OK
-
-
-def _export(training, model, config, out, *, opset, dynamic, info):
-    import numpy as np
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    example = np.random.default_rng(0).random(config["example_shape"], dtype=np.float32)
-    return training.export_onnx(
-        model, out, example, feature_layers=["decoder_last", "bottleneck"],
-        mc_dropout=config["dropout"] > 0, opset=opset, dynamic_spatial=dynamic, info=info)
 
 
 def _cmd_export(args) -> int:
@@ -409,19 +387,14 @@ def _cmd_export(args) -> int:
         raise UsageError(f"config {str(cfg_path)!r} does not exist (written by "
                          "`uqseg train --save-checkpoint`; pass --config)")
     config = json.loads(cfg_path.read_text())
-    keys = ("in_channels", "n_classes", "dims", "width", "depth", "dropout", "example_shape")
-    missing = [k for k in keys if k not in config]
+    commands = _training()
+    missing = [k for k in commands.CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"{cfg_path}: config lacks {missing}")
-    training = _training()
-    import torch
-
-    model = training.UNet(config["in_channels"], config["n_classes"], dims=config["dims"],
-                          width=config["width"], depth=config["depth"],
-                          dropout=config["dropout"])
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    report = _export(training, model, config, args.out, opset=args.opset,
-                     dynamic=not args.fixed_size, info={"checkpoint": str(args.checkpoint)})
+    model = commands.load_unet(args.checkpoint, config)
+    report = commands.export_unet(model, config, args.out, opset=args.opset,
+                                  dynamic=not args.fixed_size,
+                                  info={"checkpoint": str(args.checkpoint)})
     print(report["path"])
     return EXIT_OK
 

@@ -220,7 +220,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     X_in = _every(X_te, cfg.n_test_ood)
     ood_sets = {k: _every(datasets.load_ood(k), cfg.n_per_ood_kind) for k in datasets.OOD_KINDS}
     detectors = {
-        "spectral": SpectralOODDetector(ens.members_[0]),
+        "spectral": SpectralOODDetector(ens),  # the feature member's maps, one member's pass
         "uncertainty": UncertaintyOODDetector(ens, score="entropy"),
     }
     X_all = np.concatenate([X_in, *ood_sets.values()])

@@ -76,10 +76,9 @@ def _check_outputs(outputs: Any, roles: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _assessable(seg) -> bool:
-    from uqseg.ensemble import EnsembleSegmenter
-    from uqseg.segmenter import OnnxSegmenter
+    from uqseg._inference import is_protocol
 
-    return isinstance(seg, (OnnxSegmenter, EnsembleSegmenter))
+    return is_protocol(seg)
 
 
 def _as_batch(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

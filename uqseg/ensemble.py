@@ -21,83 +21,47 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
+from uqseg._inference import by_shape, check_batch_size, check_maps, resolve_batch_size
+from uqseg._numeric import TINY, categorical_entropy, sigmoid_entropy, softmax_entropy
 from uqseg._validation import check_images, n_images
 from uqseg.backends._checks import MAX_SPATIAL_DIVISOR, ModelOutputError, check_logits
 from uqseg.metrics.uncertainty import binary_entropy
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
-from uqseg.segmenter import OnnxSegmenter, check_batch_size, resolve_batch_size, sigmoid
+from uqseg.segmenter import OnnxSegmenter
 from uqseg.uncertainty import KINDS
 
 __all__ = ["EnsembleSegmenter"]
 
-_TINY = np.float32(np.finfo(np.float32).tiny)
 # computed on every inference: they cost one multiply-add per sample and make the common
 # "predict_proba, then uncertainty" sequence a cache hit
 _DEFAULT = frozenset({"entropy", "expected_entropy", "mutual_information"})
-_FEATURE = "feature:"  # result keys of the first member's feature maps (``run(layers=...)``)
-_M0 = "m0__"  # fuse_members' prefix of the first member's tensors
+_FEATURE = "feature:"  # result keys of the feature member's maps (``run(layers=...)``)
 # fuse="auto" runs a chunk member by member when all members' logits of it would exceed this
 _FUSED_BUDGET = 256 * 2**20
-
-
-def _softmax_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Softmax of logits ``z`` (overwritten) and, from the logits, each voxel's entropy.
-
-    ``H = log(sum exp z') - sum_k p_k z'_k`` with ``z' = z - max z``: no log of a probability,
-    so saturated voxels give exactly 0 and no extra full-size log pass is needed.
-    """
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    s = p.sum(axis=1, keepdims=True)
-    p /= s
-    if not need_h:
-        return p, None
-    z *= p
-    h = np.log(s[:, 0])
-    h -= z.sum(axis=1)
-    np.maximum(h, 0, out=h)
-    return p, h
-
-
-def _sigmoid_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sigmoid of logits ``z`` and each channel's binary entropy, from the logits:
-    ``H = softplus(-|z|) + |z| sigmoid(-|z|)`` (exact 0 at saturation, no log of a probability)."""
-    from scipy.special import expit
-
-    if not need_h:
-        return sigmoid(z), None
-    a = np.abs(z)
-    h = np.logaddexp(np.float32(0), -a)  # softplus(-|z|) = -log sigmoid(|z|)
-    h += a * expit(-a)
-    np.maximum(h, 0, out=h)
-    return sigmoid(z), h
 
 
 def _probability_entropy(p: np.ndarray, need_h: bool, binary: bool):
     """Members that output probabilities (``activation="none"``)."""
     p = np.array(p, dtype=np.float32)
-    return p, (binary_entropy(p) if binary else _entropy_of(p)) if need_h else None
+    return p, (binary_entropy(p) if binary else categorical_entropy(p)) if need_h else None
 
 
-def _entropy_of(proba: np.ndarray) -> np.ndarray:
-    tmp = np.maximum(proba, _TINY)
-    np.log(tmp, out=tmp)
-    tmp *= proba
-    h = tmp.sum(axis=1)
-    np.negative(h, out=h)
-    return np.maximum(h, 0, out=h)
+def _prefix(member: int) -> str:
+    """fuse_members' prefix of a member's tensors in the fused graph."""
+    return f"m{int(member)}__"
 
 
-def _feature_outputs(flip, layers) -> list[str]:
-    """The first member's exposed tensors to fetch: on the unflipped pass only (features of a
-    flipped image do not align with the image)."""
-    return [] if flip else [_M0 + name for name in layers]
+def _feature_outputs(flip, layers, member: int) -> list[str]:
+    """The feature member's exposed tensors to fetch: on the unflipped pass only (features of
+    a flipped image do not align with the image)."""
+    return [] if flip else [_prefix(member) + name for name in layers]
 
 
-def _take_features(res: dict, acc: dict) -> None:
-    """Move the first member's tensors out of a fused run's results into ``acc``."""
-    for name in [n for n in res if n.startswith(_M0)]:
-        acc[_FEATURE + name[len(_M0):]] = res.pop(name)
+def _take_features(res: dict, acc: dict, member: int) -> None:
+    """Move the feature member's tensors out of a fused run's results into ``acc``."""
+    pre = _prefix(member)
+    for name in [n for n in res if n.startswith(pre)]:
+        acc[_FEATURE + name[len(pre):]] = res.pop(name)
 
 
 class _Sums:
@@ -169,6 +133,15 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     output : str, optional
         Graph output used as the segmentation by members given as paths (see
         :class:`uqseg.OnnxSegmenter`); given segmenters keep their own.
+    fused_stats : {"auto", "graph", "numpy"}, default="auto"
+        Where the fused graph's statistics (mean probability, entropies) are computed:
+        ``"graph"`` inside the ONNX graph (fewer copies off a GPU), ``"numpy"`` from the
+        members' logits it outputs (faster on the CPU: ``benchmarks/bench_ensemble.py``);
+        ``"auto"`` picks by device. Results agree to float32 rounding.
+    feature_member : int, default=0
+        The member whose feature maps :meth:`run` gives (and so the feature-based OOD
+        detectors and the quality regressor's typicality read): its deterministic, unflipped
+        pass, from the fused graph when it runs.
 
     Attributes
     ----------
@@ -190,6 +163,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         Least common multiple of the members'.
     fused_ : bool
         Whether inference runs the fused graph.
+    feature_layers_, layer_roles_
+        Those of the feature member (``members_[feature_member]``).
 
     Examples
     --------
@@ -202,11 +177,6 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     >>> bool((maps["mutual_information"] <= maps["entropy"] + 1e-6).all())
     True
     """
-
-    # where a fused graph's statistics are computed: "graph" (in ONNX, fewer copies off a GPU)
-    # or "numpy" (from the members' logits; faster on CPU in benchmarks/bench_ensemble.py);
-    # None picks by device
-    _fused_stats = None
 
     def __init__(
         self,
@@ -222,6 +192,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         cache_size=2,
         precision="fp32",
         output=None,
+        feature_member=0,
+        fused_stats="auto",
     ):
         self.members = members
         self.tta = tta
@@ -235,6 +207,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.cache_size = cache_size
         self.precision = precision
         self.output = output
+        self.feature_member = feature_member
+        self.fused_stats = fused_stats
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
@@ -259,6 +233,19 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if output is not None and not (isinstance(output, str) and 0 < len(output) < 4096):
             raise TypeError(f"output must be None or the name of a model output, got "
                             f"{output!r}")
+        if getattr(self, "fused_stats", "auto") not in ("auto", "graph", "numpy"):
+            raise ValueError(f"fused_stats must be 'auto', 'graph' or 'numpy', got "
+                             f"{self.fused_stats!r}")
+        fm = self._feature_member
+        n = len(self.members) if isinstance(self.members, (list, tuple)) else 0
+        if isinstance(fm, bool) or not isinstance(fm, (int, np.integer)) or fm < 0 or (
+                n and fm >= n):
+            raise ValueError(f"feature_member must be the index of a member (0..{n - 1}), "
+                             f"got {fm!r}")
+
+    @property
+    def _feature_member(self):
+        return getattr(self, "feature_member", 0)  # ensembles saved before the parameter
 
     def _fit_members(self, X=None) -> list[OnnxSegmenter]:
         members = self.members
@@ -403,6 +390,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.weights_ = self._check_weights(len(members))
         self.n_classes_ = int(first.n_classes_)
         self.activation_ = first.activation_
+        feat = members[int(self._feature_member)]
+        self.feature_layers_ = list(feat.feature_layers_)
+        self.layer_roles_ = dict(feat.layer_roles_)
         self.n_input_channels_ = int(first.n_input_channels_)
         self.spatial_dims_ = int(first.spatial_dims_)
         self.input_shape_ = tuple(first.input_shape_)
@@ -494,7 +484,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 s0.backend,
                 s0.device,
                 s0.precision,
-                outputs=[_M0 + name for name in layers] or None,
+                outputs=[_prefix(self._feature_member) + name for name in layers] or None,
                 threads=s0.threads,
                 max_batch=resolve_batch_size(self.batch_size, (), "gpu"),
             )
@@ -533,7 +523,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 for flip in flips:
                     inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
                     try:
-                        z = seg.run(inp, layers=[], mc_mask=bmask)["logits"]
+                        z = seg.run(inp, proba=False, mc_mask=bmask)["logits"]
                     except ModelOutputError as exc:
                         raise ModelOutputError(f"member {m}: {exc}") from exc
                     yield m, w, (np.flip(z, flip) if flip else z)
@@ -549,9 +539,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         and ``(N, ...)`` for softmax, per channel ``(N, C, ...)`` for binary outputs."""
         act = getattr(self, "activation_", "softmax")
         if act == "softmax":
-            return _softmax_entropy(z, need_h)
+            return softmax_entropy(z, need_h)
         if act == "sigmoid":
-            return _sigmoid_entropy(z, need_h)
+            return sigmoid_entropy(z, need_h)
         return _probability_entropy(z, need_h, self._binary)
 
     def _chunk_members(self, chunk, idx, masks, need_h, need_sq) -> dict:
@@ -577,7 +567,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         acc: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = self._run_fused(runner, inp, names + _feature_outputs(flip, layers))
+            res = self._run_fused(
+                runner, inp, names + _feature_outputs(flip, layers, self._feature_member))
             try:
                 for name in names:
                     k = self.n_classes_ if name in ("proba", "mean_sq") else None
@@ -587,7 +578,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             except ModelOutputError:
                 self._blame(inp)  # the member at fault, when one fails on its own
                 raise
-            _take_features(res, acc)
+            _take_features(res, acc, self._feature_member)
             for name, val in res.items():
                 if flip:
                     val = np.flip(val, tuple(a - (name not in ("proba", "mean_sq")) for a in flip))
@@ -608,8 +599,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         feats: dict[str, np.ndarray] = {}
         for flip in flips:
             inp = np.ascontiguousarray(np.flip(chunk, flip)) if flip else chunk
-            res = self._run_fused(runner, inp, names + _feature_outputs(flip, layers))
-            _take_features(res, feats)
+            res = self._run_fused(
+                runner, inp, names + _feature_outputs(flip, layers, self._feature_member))
+            _take_features(res, feats, self._feature_member)
             for i, name in enumerate(names):
                 check_logits(res[name], n=inp.shape[0], n_classes=self.n_classes_,
                              spatial=inp.shape[2:], name="logits",
@@ -645,7 +637,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         member's output error (naming it), return when each member alone is fine."""
         for m, seg in enumerate(self.members_):
             try:
-                seg.run(inp, layers=[])
+                seg.run(inp, proba=False)
             except ValueError as exc:  # ModelOutputError or an engine failure
                 raise type(exc)(f"member {m}: {exc}") from exc
 
@@ -657,10 +649,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if target != spatial:
             pad = [(0, 0), (0, 0)] + [(0, t - s) for s, t in zip(spatial, target, strict=True)]
             chunk = np.pad(chunk, pad, mode="reflect" if min(spatial) > 1 else "edge")
-        mode = self._fused_stats
+        mode = getattr(self, "fused_stats", "auto")  # ensembles saved before the parameter
         if self.activation_ != "softmax":  # the in-graph statistics are softmax's
             mode = "numpy"
-        elif mode is None:
+        elif mode == "auto":
             mode = "numpy" if self.members_[0]._device() == "cpu" else "graph"
         if mode == "numpy":
             acc = self._fused_logits_stats(chunk, flips, need_h, need_sq, layers)
@@ -687,9 +679,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         need_h = bool(kinds & {"expected_entropy", "mutual_information"})
         need_sq = "variance" in kinds
         layers = tuple(sorted(k[len(_FEATURE):] for k in kinds if k.startswith(_FEATURE)))
-        # the fused pass pads to the ensemble's divisor: only where that is the first member's
-        # own do its features equal members_[0].run's
-        piggyback = self.spatial_divisor_ == self.members_[0].spatial_divisor_
+        feat = self.members_[int(self._feature_member)]
+        # the fused pass pads to the ensemble's divisor: only where that is the feature
+        # member's own do its features equal its own run's
+        piggyback = self.spatial_divisor_ == feat.spatial_divisor_
         n, bs = X.shape[0], self._batch(X)
         result: dict[str, np.ndarray] = {}
         for start in range(0, n, bs):
@@ -699,8 +692,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
             else:
                 res = self._chunk_members(chunk, idx[start : start + bs], masks, need_h, need_sq)
             missing = [ly for ly in layers if _FEATURE + ly not in res]
-            if missing:  # the first member once more, deterministic, for its features
-                out = self.members_[0].run(chunk, layers=missing)
+            if missing:  # the feature member once more, deterministic, for its features
+                out = feat.run(chunk, layers=missing, proba=False)
                 res.update({_FEATURE + ly: out[ly] for ly in missing})
             maps = self._finish(res, kinds, self._binary)
             for name, val in maps.items():
@@ -717,7 +710,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         if "entropy" in kinds or "mutual_information" in kinds:
             h = res.get("entropy")
             if h is None:
-                h = binary_entropy(proba) if binary else _entropy_of(proba)
+                h = binary_entropy(proba) if binary else categorical_entropy(proba)
             out["entropy"] = h
         if "expected_entropy" in kinds:
             out["expected_entropy"] = res["expected_entropy"]
@@ -739,18 +732,8 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         masks = self._masks(n_images(X))
         if not isinstance(X, list):
             return self._compute_array(X, np.arange(X.shape[0]), masks, kinds)
-        # images of one size share chunks; results go back in the caller's order
-        groups: dict[tuple, list[int]] = {}
-        for i, x in enumerate(X):
-            groups.setdefault(x.shape, []).append(i)
-        result: dict[str, list] = {}
-        for ids in groups.values():
-            sub = self._compute_array(np.stack([X[i] for i in ids]), np.asarray(ids), masks, kinds)
-            for name, val in sub.items():
-                slot = result.setdefault(name, [None] * len(X))
-                for j, i in enumerate(ids):
-                    slot[i] = val[j]
-        return result
+        # images of one size share chunks
+        return by_shape(X, lambda sub, ids: self._compute_array(sub, ids, masks, kinds))
 
     @staticmethod
     def _key(X) -> str:
@@ -794,10 +777,16 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
 
     def _check_layers(self, layers) -> tuple[str, ...]:
         layers = (layers,) if isinstance(layers, str) else tuple(layers)
-        known = self.members_[0].feature_layers_
+        known = self.feature_layers_
+        if "auto" in layers:
+            if not known:
+                raise ValueError("the feature member has no candidate feature layer for "
+                                 "layers='auto'")
+            layers = tuple(dict.fromkeys(known[0] if ly == "auto" else ly for ly in layers))
         bad = [ly for ly in layers if not isinstance(ly, str) or ly not in known]
         if bad:
-            raise ValueError(f"layer {bad[0]!r} is not a feature layer of the first member; "
+            raise ValueError(f"layer {bad[0]!r} is not a feature layer of the feature member "
+                             f"(member {int(self._feature_member)}); "
                              f"choose from {known[:12]}")
         return layers
 
@@ -835,21 +824,29 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         res = self._results(X, kinds)
         return self._copy(res["proba"]), {k: self._copy(res[k]) for k in kinds}
 
-    def run(self, X, layers=(), kinds=()):
-        """Probabilities, uncertainty maps and the first member's feature maps, one pass.
+    #: uncertainty maps ``run`` gives
+    MAPS = KINDS
 
-        With the fused graph (``fused_``) the first member's feature maps come out of the same
-        inference call as the probabilities (the tensors are exposed in the fused graph); else
-        the first member runs once more for them. Either way they equal
-        ``members_[0].run(X, layers)`` (deterministic, unflipped pass).
+    def run(self, X, layers=(), maps=(), *, proba=True):
+        """The segmenter protocol (as :meth:`uqseg.OnnxSegmenter.run`): probabilities,
+        uncertainty maps and the feature member's feature maps, from one pass.
+
+        With the fused graph (``fused_``) the feature maps come out of the same inference
+        call as the probabilities (the tensors are exposed in the fused graph); else the
+        feature member runs once more for them. Either way they equal
+        ``members_[feature_member].run(X, layers)`` (deterministic, unflipped pass). With
+        ``proba=False`` and no maps only the feature member runs.
 
         Parameters
         ----------
         X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
         layers : str or sequence of str, default=()
-            Feature layers of the first member (``members_[0].feature_layers_``).
-        kinds : str or sequence of str, default=()
-            Uncertainty maps, as in :meth:`predict_with_uncertainty`.
+            Feature layers of the feature member (``feature_layers_``; ``"auto"`` is the
+            preferred one).
+        maps : str or sequence of str, default=()
+            Uncertainty maps, as in :meth:`predict_with_uncertainty` (``MAPS``).
+        proba : bool, default=True
+            Whether to return the mean probabilities (``"proba"``).
 
         Returns
         -------
@@ -862,17 +859,32 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         >>> from uqseg import EnsembleSegmenter, datasets
         >>> X, _ = datasets.load_brain_tissue("test")
         >>> ens = EnsembleSegmenter(datasets.reference_models()[:2]).fit()
-        >>> out = ens.run(X[:2], layers=["bottleneck"], kinds=["mutual_information"])
+        >>> out = ens.run(X[:2], layers=["bottleneck"], maps=["mutual_information"])
         >>> sorted(out)
         ['bottleneck', 'mutual_information', 'proba']
         """
-        kinds = self._check_kinds(kinds)
-        res = self._results(X, kinds, layers)
+        check_is_fitted(self)
+        maps = check_maps(maps, self.MAPS, "the ensemble")
         layers = self._check_layers(layers)
-        out = {"proba": self._copy(res["proba"])}
-        out.update({k: self._copy(res[k]) for k in kinds})
+        if not proba and not maps:
+            out = self.feature_network_.run(X, layers=layers, proba=False)
+            out.pop("logits")
+            return out
+        res = self._results(X, maps, layers)
+        out = {"proba": self._copy(res["proba"])} if proba else {}
+        out.update({k: self._copy(res[k]) for k in maps})
         out.update({ly: self._copy(res[_FEATURE + ly]) for ly in layers})
         return out
+
+    @property
+    def feature_network_(self) -> OnnxSegmenter:
+        """The member whose feature maps :meth:`run` gives (``members_[feature_member]``)."""
+        check_is_fitted(self, "members_")
+        return self.members_[int(self._feature_member)]
+
+    def layer_help(self) -> str:
+        """As :meth:`uqseg.OnnxSegmenter.layer_help`, for the feature member."""
+        return self.feature_network_.layer_help()
 
     def predict_proba(self, X):
         """Weighted mean of the samples' probabilities ``(N, K, *spatial)`` float32 (softmax,
@@ -897,10 +909,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         binary = self._binary
 
         def log(p):
-            out = np.maximum(p, _TINY)
+            out = np.maximum(p, TINY)
             np.log(out, out=out)
             if binary:
-                out -= np.log(np.maximum(1 - p, _TINY))
+                out -= np.log(np.maximum(1 - p, TINY))
             return out
 
         return [log(p) for p in proba] if isinstance(proba, list) else log(proba)

@@ -30,8 +30,8 @@ from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg._inference import available_maps, feature_segmenter, run
 from uqseg.segmenter import resolve_segmenter
-from uqseg.uncertainty import entropy
 
 __all__ = [
     "KNNOODDetector",
@@ -177,17 +177,8 @@ def _resolve_estimator(estimator, X):
 
 
 def _feature_segmenter(est):
-    """The network whose features are used: the estimator, or an ensemble's first member."""
-    members = getattr(est, "members_", None)
-    if members is not None:
-        if len(members) == 0:
-            raise ValueError("the ensemble has no fitted member to take features from")
-        est = members[0]
-    if not (hasattr(est, "run") and hasattr(est, "feature_layers_")):
-        raise TypeError(
-            "feature-based detectors need a segmenter with run(X, layers) and feature_layers_ "
-            f"(an OnnxSegmenter), got {type(est).__name__}")
-    return est
+    """The segmenter, checked to give feature maps (an ensemble gives its feature member's)."""
+    return feature_segmenter(est, "feature-based detectors")
 
 
 def _resolve_layers(seg, layer, preferred: tuple[str, ...]) -> list[str]:
@@ -217,13 +208,8 @@ def _resolve_layers(seg, layer, preferred: tuple[str, ...]) -> list[str]:
 
 
 def _layer_help(seg, available) -> str:
-    try:
-        from uqseg.backends import graph
-        from uqseg.backends._model import read_model
-
-        return graph.layer_help(read_model(seg.model)[0])
-    except Exception:  # no readable file behind the segmenter: the names alone
-        return f"Choose from {list(available)[:12]}"
+    helper = getattr(seg, "layer_help", None)
+    return helper() if callable(helper) else f"Choose from {list(available)[:12]}"
 
 
 def _structural_layers(seg, roles) -> list[str]:
@@ -364,8 +350,7 @@ class _FeatureDetector(_BaseOODDetector):
         return list(self.layers_)
 
     def _features(self, X) -> dict:
-        seg = _feature_segmenter(self.estimator_)
-        out = seg.run(X, layers=self.layers_)
+        out = run(self.estimator_, X, layers=self.layers_, proba=False)
         return {name: out[name] for name in self.layers_}
 
     def _descriptors(self, X) -> np.ndarray:
@@ -577,9 +562,8 @@ class SpectralOODDetector(_FeatureDetector):
             raise ValueError(f"n_folds must be at least 2, got {self.n_folds!r}")
 
     def _features(self, X) -> dict:
-        seg = _feature_segmenter(self.estimator_)
         names = self._feature_names()
-        out = seg.run(X, layers=names)
+        out = run(self.estimator_, X, layers=names, proba=False)
         return {name: out[name] for name in names}
 
     def _feature_names(self) -> list[str]:
@@ -722,9 +706,8 @@ class UncertaintyOODDetector(_BaseOODDetector):
     Parameters
     ----------
     estimator : str, path, OnnxSegmenter or EnsembleSegmenter
-        With an ensemble (an object with ``uncertainty(X, kind)``, else ``predict_members``)
-        entropy and max-softmax use the mean member probability, and mutual information
-        becomes available.
+        With an ensemble (or any segmenter with ``predict_members``) entropy and max-softmax
+        use the weighted mean probability, and mutual information becomes available.
     score : {"entropy", "max_softmax", "mutual_information"}, default="entropy"
         Per-voxel uncertainty: entropy of the (mean) probability, ``1 - max_k p_k``, or the
         ensemble's mutual information.
@@ -776,8 +759,8 @@ class UncertaintyOODDetector(_BaseOODDetector):
                 "UncertaintyOODDetector scores the categorical entropy of a softmax segmenter; "
                 f"this one's outputs are activation_={est.activation_!r}. Use "
                 "SpectralOODDetector (it reads feature maps, whatever the output)")
-        if self.score == "mutual_information" and not (
-                hasattr(est, "uncertainty") or hasattr(est, "predict_members")):
+        if self.score == "mutual_information" and "mutual_information" not in \
+                available_maps(est):
             raise ValueError(
                 "score='mutual_information' needs several predictions per image: pass an "
                 "EnsembleSegmenter (several members or mc_samples > 0), got "
@@ -785,25 +768,12 @@ class UncertaintyOODDetector(_BaseOODDetector):
 
     def _maps(self, x: np.ndarray) -> np.ndarray:
         """Mean uncertainty over the region for a batch ``(n, C, *sp)`` -> ``(n,)``."""
-        est = self.estimator_
         need_proba = self.score == "max_softmax" or self.region == "foreground"
-        if hasattr(est, "uncertainty") and self.score != "max_softmax":
-            # EnsembleSegmenter: weights and MC passes included, one (cached) inference
-            u = np.asarray(est.uncertainty(x, kind=self.score), dtype=np.float64)
-            proba = np.asarray(est.predict_proba(x), dtype=np.float64) if need_proba else None
-        else:
-            if hasattr(est, "predict_members"):
-                members = np.asarray(est.predict_members(x), dtype=np.float64)
-                proba = members.mean(axis=0)
-            else:
-                members, proba = None, np.asarray(est.predict_proba(x), dtype=np.float64)
-            if self.score == "entropy":
-                u = entropy(proba)
-            elif self.score == "max_softmax":
-                u = 1.0 - proba.max(axis=1)
-            else:
-                u = np.maximum(entropy(proba) - np.mean([entropy(m) for m in members], axis=0),
-                               0)
+        maps = () if self.score == "max_softmax" else (self.score,)
+        out = run(self.estimator_, x, maps=maps, proba=need_proba)
+        proba = np.asarray(out["proba"], dtype=np.float64) if need_proba else None
+        u = 1.0 - proba.max(axis=1) if self.score == "max_softmax" \
+            else np.asarray(out[self.score], dtype=np.float64)
         return self._reduce(u, proba)
 
     def _reduce(self, u: np.ndarray, proba: np.ndarray | None) -> np.ndarray:

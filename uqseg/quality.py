@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import get_tags
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg._inference import available_maps, feature_segmenter, run
 from uqseg._validation import check_images, check_labels
 from uqseg.metrics.quality import quality_report
 from uqseg.metrics.segmentation import dice_score, iou_score
@@ -37,10 +38,6 @@ from uqseg.segmenter import resolve_segmenter
 from uqseg.uncertainty import (
     KINDS,
     entropy,
-    expected_entropy,
-    mutual_information,
-    softmax,
-    variance,
 )
 
 __all__ = ["QualityRegressor", "atlas_agreement", "atlas_bank", "atlas_maps",
@@ -78,8 +75,8 @@ def default_regressor() -> VotingRegressor:
 
 
 def _is_ensemble(est) -> bool:
-    return any(callable(getattr(est, m, None))
-               for m in ("predict_with_uncertainty", "predict_members"))
+    """Whether ``est`` gives several predictions per image (mutual information)."""
+    return "mutual_information" in available_maps(est)
 
 
 def _unc_scale(kind: str, n_classes: int) -> float:
@@ -184,14 +181,9 @@ def _features(X: np.ndarray, proba: np.ndarray, unc: np.ndarray, kind: str,
 
 
 def _feature_member(est):
-    """The network whose feature maps give the signature: the segmenter or an ensemble's first
-    member (``members_[0]``), as :class:`uqseg.SpectralOODDetector` takes them."""
-    members = getattr(est, "members_", None)
-    seg = members[0] if members else est
-    if not (callable(getattr(seg, "run", None)) and hasattr(seg, "feature_layers_")):
-        raise TypeError("typicality=True needs a segmenter with run(X, layers) and "
-                        f"feature_layers_ (an OnnxSegmenter or an ensemble of them), got "
-                        f"{type(seg).__name__}")
+    """``est``, checked to give feature maps (an ensemble gives its feature member's, as
+    :class:`uqseg.SpectralOODDetector` takes them)."""
+    seg = feature_segmenter(est, "typicality=True")
     if not list(seg.feature_layers_):
         raise ValueError("typicality=True needs a model that exposes a feature layer")
     return seg
@@ -589,46 +581,21 @@ class QualityRegressor(BaseEstimator):
 
     @classmethod
     def _chunk_maps(cls, est, kind, xb, sl, layer=None):
-        sig = None
-        if layer is not None and not _is_ensemble(est):
-            # one pass: logits and the feature layer together
-            out = _feature_member(est).run(xb, layers=[layer])
-            proba = softmax(out["logits"], copy=False)  # the run's own fresh logits
-            yield sl, xb, proba, entropy(proba), cls._signature(out[layer])
-            return
-        from uqseg.ensemble import EnsembleSegmenter
-
-        if layer is not None and isinstance(est, EnsembleSegmenter):
-            # probabilities, the map and the first member's features from one (fused) pass
-            out = est.run(xb, layers=[layer], kinds=(kind,))
-            yield sl, xb, out["proba"], out[kind], cls._signature(out[layer])
-            return
-        if layer is not None:  # another ensemble: its first member's features (a second pass)
-            sig = cls._signature(_feature_member(est).run(xb, layers=[layer])[layer])
-        if callable(getattr(est, "predict_with_uncertainty", None)):
-            # EnsembleSegmenter: weighted mean and the map from one streamed pass
-            proba, maps = est.predict_with_uncertainty(xb, kinds=(kind,))
-            proba, unc = np.asarray(proba, dtype=np.float32), np.asarray(maps[kind])
-        elif _is_ensemble(est):
-            members = np.asarray(est.predict_members(xb), dtype=np.float32)
-            proba = members.mean(axis=0)
-            unc = {"entropy": lambda: entropy(proba),
-                   "mutual_information": lambda: mutual_information(members),
-                   "expected_entropy": lambda: expected_entropy(members),
-                   "variance": lambda: variance(members)}[kind]()
-        else:
-            proba = np.asarray(est.predict_proba(xb), dtype=np.float32)
-            unc = entropy(proba)
-        yield sl, xb, proba, unc, sig
+        # probabilities, the map and the feature member's features from one pass
+        out = run(est, xb, layers=() if layer is None else [layer], maps=(kind,))
+        sig = None if layer is None else cls._signature(out[layer])
+        yield sl, xb, np.asarray(out["proba"], dtype=np.float32), out[kind], sig
 
     def _reference_signatures(self, X):
         """Signatures of images ``X`` from the feature network alone (one pass)."""
-        seg, layer = _feature_member(self.estimator_), self.typicality_layer_
+        seg, layer = self.estimator_, self.typicality_layer_
+
+        def sig(x):
+            return self._signature(run(seg, x, layers=[layer], proba=False)[layer])
+
         if isinstance(X, list):
-            return np.concatenate([self._signature(seg.run(x[None], layers=[layer])[layer])
-                                   for x in X])
-        return np.concatenate([self._signature(seg.run(X[s:s + _CHUNK], layers=[layer])[layer])
-                               for s in range(0, X.shape[0], _CHUNK)])
+            return np.concatenate([sig(x[None]) for x in X])
+        return np.concatenate([sig(X[s:s + _CHUNK]) for s in range(0, X.shape[0], _CHUNK)])
 
     def _atlas_bank(self) -> np.ndarray:
         """The rotated references, built on first use (not pickled)."""

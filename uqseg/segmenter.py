@@ -15,7 +15,14 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg import backends
-from uqseg._numeric import softmax
+from uqseg._inference import by_shape, check_batch_size, check_maps, resolve_batch_size
+from uqseg._numeric import (
+    categorical_entropy,
+    sigmoid,
+    sigmoid_entropy,
+    softmax,
+    softmax_entropy,
+)
 from uqseg._validation import ImageBatch, check_images, n_images
 from uqseg.backends import graph
 from uqseg.backends._checks import (
@@ -27,6 +34,7 @@ from uqseg.backends._checks import (
     check_output_type,
 )
 from uqseg.backends._model import image_input_names, read_model
+from uqseg.metrics.uncertainty import binary_entropy
 
 MC_MASK = "mc_mask"
 PRECISIONS = (*backends.PRECISIONS, "int8")
@@ -35,40 +43,6 @@ PRECISIONS = (*backends.PRECISIONS, "int8")
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_MEAN_DIFF = 0.01
 INT8_MIN_SPEEDUP = 0.95  # below this, fit warns that int8 does not pay
-# batch_size="auto": on a CPU, calls of at most this many input voxels (smaller calls keep the
-# activations in cache: docs/benchmarks.md); on a GPU, and as the CPU upper bound, 16 images
-AUTO_BATCH_VOXELS = 1 << 17
-AUTO_BATCH_MAX = 16
-
-
-def check_batch_size(value, name: str = "batch_size") -> None:
-    """``value`` must be ``"auto"`` or a positive integer."""
-    if isinstance(value, str) and value == "auto":
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be 'auto' or a positive integer, got {value!r}")
-
-
-def resolve_batch_size(batch_size, spatial: Sequence[int], device: str) -> int:
-    """Images per inference call: ``batch_size`` itself, or for ``"auto"`` the largest count
-    whose input voxels stay within ``AUTO_BATCH_VOXELS`` on a CPU (at least 1, at most
-    ``AUTO_BATCH_MAX``) and ``AUTO_BATCH_MAX`` on a GPU.
-
-    Examples
-    --------
-    >>> resolve_batch_size("auto", (128, 128), "cpu"), resolve_batch_size("auto", (96,) * 3, "cpu")
-    (8, 1)
-    >>> resolve_batch_size("auto", (128, 128), "cuda"), resolve_batch_size(4, (128, 128), "cpu")
-    (16, 4)
-    """
-    if not (isinstance(batch_size, str) and batch_size == "auto"):
-        return int(batch_size)
-    if device != "cpu":
-        return AUTO_BATCH_MAX
-    voxels = int(np.prod([int(v) for v in spatial], dtype=np.int64))
-    return int(max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_VOXELS // max(voxels, 1))))
-
-
 def _gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
     """Gaussian weights, highest at the window centre (patch borders are least reliable)."""
     grids = []
@@ -475,22 +449,74 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}")
 
     # ------------------------------------------------------------------ inference
-    def run(self, X, layers=("auto",), *, mc_mask=None) -> dict:
-        """Logits and feature maps from one inference pass.
+    #: uncertainty maps ``run`` gives for one network
+    MAPS = ("entropy",)
+
+    def run(self, X, layers=(), maps=(), *, proba=True, mc_mask=None) -> dict:
+        """The segmenter protocol: logits, probabilities, uncertainty maps and feature maps
+        from one inference pass.
+
+        :class:`uqseg.EnsembleSegmenter` has the same method; the estimators built on a
+        segmenter (OOD detectors, quality regressor, :func:`uqseg.assess`) make this one call.
 
         Parameters
         ----------
         X : array ``(N, C, *spatial)`` or list of ``(C, *spatial)`` arrays
-        layers : list of str
+        layers : str or sequence of str, default=()
             Feature tensor names (see ``feature_layers_``); ``"auto"`` is the preferred one.
+        maps : str or sequence of str, default=()
+            Uncertainty maps; one network gives ``"entropy"`` (``MAPS``): categorical
+            ``(N, *spatial)``, or per channel ``(N, C, *spatial)`` for sigmoid outputs.
+        proba : bool, default=True
+            Whether to return the probabilities (``"proba"``).
         mc_mask : array ``(N, D)``, optional
             MC-dropout multipliers for models exported with a dropout mask.
 
         Returns
         -------
         dict
-            ``"logits"`` ``(N, K, *spatial)`` and one entry per layer (lists for list input).
+            ``"logits"`` ``(N, K, *spatial)``, ``"proba"`` (when asked), one entry per map and
+            one per layer (lists for list input).
+
+        Examples
+        --------
+        >>> from uqseg import OnnxSegmenter, datasets
+        >>> seg = OnnxSegmenter(datasets.reference_models()[0]).fit()
+        >>> out = seg.run(datasets.load_brain_tissue("test")[0][:2], layers=["bottleneck"],
+        ...               maps=["entropy"])
+        >>> sorted(out), out["entropy"].shape
+        (['bottleneck', 'entropy', 'logits', 'proba'], (2, 128, 128))
         """
+        check_is_fitted(self)
+        maps = check_maps(maps, self.MAPS, "one network")
+        out = self._forward(X, layers, mc_mask)
+        if proba or maps:
+            logits = out["logits"]
+            if isinstance(logits, list):
+                derived = [self._derived(lg[None], maps) for lg in logits]
+                for key in derived[0] if derived else ():
+                    out[key] = [d[key][0] for d in derived]
+            else:
+                out.update(self._derived(logits, maps))
+            if not proba:
+                out.pop("proba")
+        return out
+
+    def _derived(self, logits: np.ndarray, maps) -> dict:
+        """Probabilities (and entropy) of a batch of logits, which stay untouched."""
+        act = getattr(self, "activation_", "softmax")
+        if act == "softmax":
+            p, h = softmax_entropy(logits.copy(), "entropy" in maps)
+        elif act == "sigmoid":
+            p, h = sigmoid_entropy(logits.copy(), "entropy" in maps)
+        else:
+            p = self._proba(logits.copy())
+            h = (binary_entropy(p) if p.shape[1] == 1 else categorical_entropy(p)) \
+                if "entropy" in maps else None
+        return {"proba": p, **({"entropy": h} if h is not None else {})}
+
+    def _forward(self, X, layers=(), mc_mask=None) -> dict:
+        """Logits and feature maps of one pass (lists for list input)."""
         check_is_fitted(self)
         X = self._check_X(X)
         names = self._resolve_layers(layers)
@@ -502,19 +528,8 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             if mc_mask.shape != want:
                 raise ValueError(f"mc_mask must have shape {want}, got {mc_mask.shape}")
         if isinstance(X, list):
-            # images of one size share batches; results go back in the caller's order
-            groups: dict[tuple, list[int]] = {}
-            for i, x in enumerate(X):
-                groups.setdefault(x.shape, []).append(i)
-            result: dict[str, list] = {}
-            for idx in groups.values():
-                sub = np.stack([X[i] for i in idx])
-                out = self._run_array(sub, names, None if mc_mask is None else mc_mask[idx])
-                for key, val in out.items():
-                    slot = result.setdefault(key, [None] * len(X))
-                    for j, i in enumerate(idx):
-                        slot[i] = val[j]
-            return result
+            return by_shape(X, lambda sub, idx: self._run_array(
+                sub, names, None if mc_mask is None else mc_mask[idx]))
         return self._run_array(X, names, mc_mask)
 
     def _run_array(self, X: np.ndarray, layers: list[str], mask) -> dict:
@@ -620,7 +635,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
 
     def transform(self, X) -> np.ndarray | list[np.ndarray]:
         """Logits ``(N, K, *spatial)`` float32 (a list for a list of differently sized images)."""
-        return self.run(X, layers=[])["logits"]
+        return self._forward(X)["logits"]
 
     def predict_proba(self, X):
         """Probabilities ``(N, K, *spatial)``: softmax over classes, or independent sigmoid
@@ -663,23 +678,24 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
 
     def features(self, X, layers: Sequence[str] = ("auto",)) -> dict:
         """Feature maps only (``run`` without the logits)."""
-        out = self.run(X, layers=layers)
+        out = self._forward(X, layers)
         out.pop("logits")
         return out
+
+    def layer_help(self) -> str:
+        """How to choose or name a feature layer of this network: its structural candidates
+        with their resolutions, and how to name layers (metadata, ``Identity`` nodes)."""
+        check_is_fitted(self)
+        try:
+            return graph.layer_help(read_model(self.model)[0])
+        except Exception:  # no readable file behind the segmenter: the names alone
+            return f"Choose from {list(self.feature_layers_)[:12]}"
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.requires_fit = True
         tags.input_tags.two_d_array = False
         return tags
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Logistic function in place on float32 logits (exact at saturation, no overflow)."""
-    from scipy.special import expit
-
-    return expit(z, out=z) if z.dtype == np.float32 and z.flags.writeable else expit(
-        z).astype(np.float32)
 
 
 def _resolve_activation(proto, output: str, asked: str, meta: str | None, out_dims):
