@@ -87,7 +87,8 @@ def timing(paths, X, args) -> dict:
             "ensemble_fused_logits_numpy_stats": lambda: fused_np.predict_with_uncertainty(
                 X, kinds=KINDS
             ),
-            "ensemble_fused_graph_stats_proba_only": lambda: fused._chunk_fused(X, False, False),
+            "ensemble_fused_graph_stats_proba_only": lambda: fused._engine()._chunk_fused(
+                X, False, False),
             "ensemble_unfused_with_variance": lambda: unfused.predict_with_uncertainty(
                 X, kinds=(*KINDS, "variance")
             ),

@@ -191,7 +191,7 @@ def test_mc_samples_reproducible_and_seeded(tiny_mc, tiny_members, X):
     S = ens.predict_members(X, per_sample=True)
     assert S.shape == (5, *X.shape[:1], 3, *X.shape[2:])
     assert np.abs(S[0] - S[1]).max() > 1e-3
-    masks = ens._masks(X.shape[0])[0]
+    masks = ens._engine()._masks(X.shape[0])[0]
     seg = OnnxSegmenter(tiny_mc, device="cpu").fit()
     for t in range(4):
         m = masks[t]
@@ -314,8 +314,9 @@ def test_segment_uncertainty(tiny_members, X):
 def test_cache_serves_one_pass(tiny_members, X, monkeypatch):
     ens = EnsembleSegmenter(tiny_members, device="cpu", cache_size=1).fit()
     calls = []
-    original = ens._compute
-    monkeypatch.setattr(ens, "_compute", lambda *a: calls.append(1) or original(*a))
+    engine = ens._engine()
+    original = engine.compute
+    monkeypatch.setattr(engine, "compute", lambda *a: calls.append(1) or original(*a))
     proba = ens.predict_proba(X)
     proba[:] = 0  # returned arrays are copies: the cache stays intact
     for k in ("entropy", "mutual_information", "expected_entropy"):
@@ -384,13 +385,13 @@ def test_threads_share_one_ensemble(tiny_members, X):
 
 
 def test_auto_fuse_runs_large_chunks_member_by_member(tiny_members, X, monkeypatch):
-    import uqseg.ensemble as ens_mod
+    import uqseg._ensemble_engine as ens_mod
 
     ref = EnsembleSegmenter(tiny_members, fuse=False, device="cpu").fit()
     want_p, want_m = ref.predict_with_uncertainty(X, kinds=("mutual_information", "variance"))
     calls = []
     auto = EnsembleSegmenter(tiny_members, device="cpu").fit()
-    monkeypatch.setattr(auto, "_chunk_fused", lambda *a, **k: calls.append(1) or 1 / 0)
+    monkeypatch.setattr(auto._engine(), "_chunk_fused", lambda *a, **k: calls.append(1) or 1 / 0)
     monkeypatch.setattr(ens_mod, "_FUSED_BUDGET", 0)  # every chunk is "too large"
     p, m = auto.predict_with_uncertainty(X, kinds=("mutual_information", "variance"))
     assert auto.fused_ and not calls

@@ -365,7 +365,7 @@ def test_member_accumulator_merge_of_untracked_kinds():
 def test_softmax_entropy_of_large_and_spread_logits():
     from scipy.special import softmax as sp_softmax
 
-    from uqseg.ensemble import _softmax_entropy
+    from uqseg._numeric import softmax_entropy as _softmax_entropy
 
     # voxel 0 near +100, voxel 1 near -300: shifting by one global maximum (or adding the
     # maximum) would overflow or underflow to 0/0
@@ -382,7 +382,7 @@ def test_softmax_entropy_of_large_and_spread_logits():
 
 
 def test_finish_clips_rounding_negatives_and_derives_missing_maps():
-    from uqseg.ensemble import EnsembleSegmenter
+    from uqseg._ensemble_engine import EnsembleEngine as EnsembleSegmenter  # holds _finish
 
     p = np.array([[[0.5, 0.9]], [[0.5, 0.1]]], np.float32).transpose(1, 0, 2)  # (1, 2, 2)
     h = _ref_entropy(p, 1).astype(np.float32)
@@ -673,7 +673,7 @@ def test_kth_euclidean_against_sorted_distances(k):
 def test_fused_graph_statistics_are_used_without_a_numpy_entropy_pass(tiny_members, monkeypatch):
     # with the statistics computed inside the fused graph (the GPU default) and no flips, the
     # entropy comes from the graph: the numpy pass over the probabilities must not run
-    import uqseg.ensemble as ens_mod
+    import uqseg._ensemble_engine as ens_mod
     from uqseg.ensemble import EnsembleSegmenter
 
     X = np.random.default_rng(0).standard_normal((2, 1, 8, 12)).astype(np.float32)
@@ -682,7 +682,7 @@ def test_fused_graph_statistics_are_used_without_a_numpy_entropy_pass(tiny_membe
     def no_numpy_pass(proba):
         raise AssertionError("numpy entropy pass on the fused single-pass path")
 
-    monkeypatch.setattr(ens_mod, "_entropy_of", no_numpy_pass)
+    monkeypatch.setattr(ens_mod, "categorical_entropy", no_numpy_pass)
     proba, maps = ens.predict_with_uncertainty(X, kinds=("entropy", "mutual_information"))
     np.testing.assert_allclose(maps["entropy"], _ref_entropy(proba, 1), atol=2e-5)
     assert (maps["mutual_information"] >= 0).all()
