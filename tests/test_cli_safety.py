@@ -187,11 +187,11 @@ def test_failure_mid_run_leaves_the_folder_as_it_was(tmp_path, tiny_2d, out, mon
     calls, fail_at = [], {6}
     real = EnsembleSegmenter.run  # predict's one pass (uqseg.assess)
 
-    def failing(self, X, layers=(), kinds=()):
+    def failing(self, X, layers=(), maps=(), **kw):
         calls.append(len(X))
         if len(calls) in fail_at:  # 11 slices = 4 slabs: call 6 is inside the second input
             raise OSError("disk full")
-        return real(self, X, layers=layers, kinds=kinds)
+        return real(self, X, layers=layers, maps=maps, **kw)
 
     monkeypatch.setattr(_predict, "SLAB_VOXELS", 3 * 9 * 7)
     monkeypatch.setattr(EnsembleSegmenter, "run", failing)
