@@ -189,7 +189,6 @@ def test_estimators_around_sigmoid_networks(nets, X):
         ConformalRiskController,
         QualityRegressor,
         SpectralOODDetector,
-        UncertaintyOODDetector,
     )
 
     seg = OnnxSegmenter(nets["ml_sig0"]).fit()
@@ -209,12 +208,39 @@ def test_estimators_around_sigmoid_networks(nets, X):
         ConformalRiskController(soft, alpha=0.3).fit(Xf, y)
     with pytest.raises(ValueError, match="QualityRegressor needs a softmax"):
         QualityRegressor(seg).fit(Xf, y)
-    with pytest.raises(ValueError, match="Use SpectralOODDetector"):
-        UncertaintyOODDetector(seg).fit(Xf)
     from uqseg import TemperatureCalibrator
 
     with pytest.raises(ValueError, match="softmax logits over exclusive classes"):
         TemperatureCalibrator(seg).fit(Xf, y)
+
+
+@pytest.mark.parametrize("score", ["entropy", "max_softmax", "mutual_information"])
+@pytest.mark.parametrize("region", ["image", "foreground"])
+def test_uncertainty_detector_on_sigmoid_outputs(nets, X, score, region):
+    from uqseg import UncertaintyOODDetector
+
+    members = [nets[f"ml_sig{i}"] for i in range(3)]
+    ens = EnsembleSegmenter(members).fit()
+    rng = np.random.default_rng(2)
+    Xf = rng.standard_normal((12, 1, 12, 10)).astype(np.float32)
+    det = UncertaintyOODDetector(ens, score=score, region=region).fit(Xf)
+    # independent reference: per channel binary maps from the members' own logits (scipy)
+    P = np.stack([expit(raw(nets[f"ml{i}"], X).astype(np.float64)) for i in range(3)])
+    mean = P.mean(axis=0)
+    h = _bern_h(mean)
+    u = {"entropy": h, "max_softmax": 1 - np.maximum(mean, 1 - mean),
+         "mutual_information": np.maximum(h - np.mean([_bern_h(p) for p in P], axis=0), 0)}
+    u = u[score].mean(axis=1)  # (N, H, W): mean over the three labels
+    if region == "image":
+        want = u.mean(axis=(1, 2))
+    else:
+        fg = (mean >= 0.5).any(axis=1)
+        want = np.array([u[i][fg[i]].mean() if fg[i].any() else u[i].mean()
+                         for i in range(len(X))])
+    np.testing.assert_allclose(det.score_samples(X), -want, atol=1e-5)
+    out = uqseg.assess(X, ens, ood=det)  # one shared pass, same scores
+    assert out["passes"] == 1
+    np.testing.assert_allclose(out["ood_score"], -want, atol=1e-5)
 
 
 def test_multilabel_report_against_brute_force():

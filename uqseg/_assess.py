@@ -182,15 +182,8 @@ def _ood_plan(ood, segmenter):
         est = ood.estimator_
         if not _same_segmenter(est, segmenter):
             return None
-        if ood.score == "max_softmax":
-            def describe(out):
-                return ood._reduce(1.0 - out["proba"].max(axis=1), out["proba"])[:, None]
-            return [], [], describe
-
-        def describe(out):
-            return ood._reduce(np.asarray(out[ood.score], dtype=np.float64),
-                               np.asarray(out["proba"], dtype=np.float64))[:, None]
-        return [], [ood.score], describe
+        return [], [] if ood.score == "max_softmax" else [ood.score], \
+            lambda out: ood._reduce_outputs(out)[:, None]
     if not hasattr(ood, "_describe"):
         return None
     if not is_protocol(ood.estimator_) or not _same_network(

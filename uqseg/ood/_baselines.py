@@ -24,10 +24,13 @@ class UncertaintyOODDetector(_BaseOODDetector):
         use the weighted mean probability, and mutual information becomes available.
     score : {"entropy", "max_softmax", "mutual_information"}, default="entropy"
         Per-voxel uncertainty: entropy of the (mean) probability, ``1 - max_k p_k``, or the
-        ensemble's mutual information.
+        ensemble's mutual information. For sigmoid (multi-label) outputs each channel is a
+        binary probability: its binary entropy, ``1 - max(p, 1 - p)`` or mutual information,
+        averaged over the channels.
     region : {"image", "foreground"}, default="image"
-        Average over the whole image or over the predicted foreground (label != 0; an image
-        with no predicted foreground falls back to the whole image).
+        Average over the whole image or over the predicted foreground (label != 0; for
+        sigmoid outputs, voxels where any channel has ``p >= 0.5``; an image with no
+        predicted foreground falls back to the whole image).
     contamination : float in (0, 0.5], default=0.05
     threshold : {"contamination", "karimi"}, default="contamination"
 
@@ -68,11 +71,6 @@ class UncertaintyOODDetector(_BaseOODDetector):
         if self.region not in self.REGIONS:
             raise ValueError(f"region must be one of {self.REGIONS}, got {self.region!r}")
         est = self.estimator_
-        if getattr(est, "activation_", "softmax") != "softmax":
-            raise ValueError(
-                "UncertaintyOODDetector scores the categorical entropy of a softmax segmenter; "
-                f"this one's outputs are activation_={est.activation_!r}. Use "
-                "SpectralOODDetector (it reads feature maps, whatever the output)")
         if self.score == "mutual_information" and "mutual_information" not in \
                 available_maps(est):
             raise ValueError(
@@ -84,18 +82,30 @@ class UncertaintyOODDetector(_BaseOODDetector):
         """Mean uncertainty over the region for a batch ``(n, C, *sp)`` -> ``(n,)``."""
         need_proba = self.score == "max_softmax" or self.region == "foreground"
         maps = () if self.score == "max_softmax" else (self.score,)
-        out = run(self.estimator_, x, maps=maps, proba=need_proba)
-        proba = np.asarray(out["proba"], dtype=np.float64) if need_proba else None
-        u = 1.0 - proba.max(axis=1) if self.score == "max_softmax" \
-            else np.asarray(out[self.score], dtype=np.float64)
-        return self._reduce(u, proba)
+        return self._reduce_outputs(run(self.estimator_, x, maps=maps, proba=need_proba))
 
-    def _reduce(self, u: np.ndarray, proba: np.ndarray | None) -> np.ndarray:
-        """Mean of the map ``u`` over the region (the foreground of ``proba``'s argmax)."""
+    @property
+    def _binary(self) -> bool:
+        """The segmenter's channels are independent binary probabilities."""
+        est = self.estimator_
+        act = getattr(est, "activation_", "softmax")
+        return act == "sigmoid" or (act == "none" and getattr(est, "n_classes_", 0) == 1)
+
+    def _reduce_outputs(self, out: dict) -> np.ndarray:
+        """The per-image score from the segmenter's protocol outputs (also used by
+        :func:`uqseg.assess`, which shares one pass)."""
+        binary = self._binary
+        proba = np.asarray(out["proba"], dtype=np.float64) if "proba" in out else None
+        if self.score == "max_softmax":
+            u = 1.0 - (np.maximum(proba, 1.0 - proba) if binary else proba.max(axis=1))
+        else:
+            u = np.asarray(out[self.score], dtype=np.float64)
+        if binary:  # per channel: the mean over the channels
+            u = u.mean(axis=1)
         axes = tuple(range(1, u.ndim))
         if self.region == "image":
             return u.mean(axis=axes)
-        fg = proba.argmax(axis=1) != 0
+        fg = (proba >= 0.5).any(axis=1) if binary else proba.argmax(axis=1) != 0
         n_fg = fg.sum(axis=axes)
         fg_mean = np.where(fg, u, 0).sum(axis=axes) / np.maximum(n_fg, 1)
         return np.where(n_fg > 0, fg_mean, u.mean(axis=axes))
