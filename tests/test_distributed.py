@@ -256,3 +256,16 @@ def test_map_names_and_read_image(tmp_path, X):
     np.testing.assert_allclose(data[0], np.stack([X[0, 0], X[1, 0]], axis=-1) * 2.0 + 1.0,
                                rtol=1e-6, atol=1e-6)  # scl_slope/inter applied
     np.testing.assert_array_equal(affine, np.diag([2.0, 1, 1, 1]))
+    # NumPy inputs keep the (C, *spatial) layout of one item of X; an .npz may carry an affine
+    np.save(tmp_path / "d.npy", X[0])
+    data, affine = read_image(tmp_path / "d.npy")
+    np.testing.assert_array_equal(data, X[0])
+    assert affine is None
+    np.savez(tmp_path / "e.npz", image=X[1], affine=np.diag([3.0, 1, 1, 1]))
+    data, affine = read_image(tmp_path / "e.npz")
+    np.testing.assert_array_equal(data, X[1])
+    np.testing.assert_array_equal(affine, np.diag([3.0, 1, 1, 1]))
+    assert map_stems(["/d/e.npz"]) == ["e"]
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match="bad.npy"):
+        read_image(tmp_path / "bad.npy")

@@ -26,7 +26,7 @@ DEFAULT_OUTPUTS = ("labels", "uncertainty", "ood", "quality")
 ROLES = ("segmenter", "ood", "quality")
 _NEEDS = {"labels": "segmenter", "volumes": "segmenter", "uncertainty": "segmenter",
           "uncertainty_map": "segmenter", "ood": "ood", "quality": "quality"}
-_SUFFIXES = (".npy", ".nii", ".nii.gz")
+_SUFFIXES = (".npy", ".npz", ".nii", ".nii.gz")
 MAP_FORMATS = ("auto", "npy", "nifti")
 ON_ERROR = ("raise", "record")
 
@@ -142,23 +142,19 @@ def _suffix(path: str) -> str:
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read one image as float32 ``(C, *spatial)`` plus its affine (NIfTI) or None (.npy).
+    """One image as float32 ``(C, *spatial)`` and its affine, by :func:`uqseg.io.read_image`.
 
-    ``.npy`` files hold ``(C, *spatial)`` like one item of ``X``; NIfTI files (read with
-    :func:`uqseg.io.read_nifti`: truncated or corrupt files are a ValueError naming them) hold
-    the spatial axes, with channels (if any) on the last axis.
+    ``.npy``/``.npz`` files hold ``(C, *spatial)`` like one item of ``X`` (the affine is None
+    unless an ``.npz`` carries one); NIfTI files and DICOM series folders hold the spatial axes,
+    with channels (if any) on the last axis. Truncated or corrupt files are a ValueError naming
+    them.
     """
-    path = str(path)
-    if _suffix(path) == ".npy":
-        try:
-            data = np.load(path, allow_pickle=False)
-        except Exception as exc:  # untrusted file: any numpy failure is "cannot read"
-            raise ValueError(f"cannot read NumPy file {path!r}: {exc}") from exc
-        return data.astype(np.float32, copy=False), None
-    from uqseg.io import read_nifti
+    from uqseg.io import read_image as read
 
-    vol = read_nifti(path)
+    vol = read(path)
     data = vol.data.astype(np.float32, copy=False)
+    if vol.kind == "numpy":
+        return data, vol.affine if vol.meta.get("affine_given") else None
     data = data[None] if data.ndim <= 3 else np.moveaxis(data, -1, 0)
     return data, vol.affine
 
