@@ -68,7 +68,8 @@ def chunked_sliding_window(seg, X: np.ndarray) -> np.ndarray:
     ``batch_size`` at a time, so the extra memory is O(batch_size * window) instead of
     O(n_windows * K * window).
     """
-    from uqseg.segmenter import _gaussian_importance, _window_starts
+    from uqseg._segmenter_engine import gaussian_importance as _gaussian_importance
+    from uqseg._segmenter_engine import window_starts as _window_starts
 
     window = tuple(f if f is not None else s for s, f in zip(X.shape[2:], seg.input_shape_[1:],
                                                              strict=True))
@@ -88,7 +89,7 @@ def chunked_sliding_window(seg, X: np.ndarray) -> np.ndarray:
             slices = [tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))
                       for st in chunk]
             patches = np.stack([X[i][(slice(None),) + sl] for sl in slices])
-            logits = seg._batched(patches, [seg.output_name_], None)[seg.output_name_]
+            logits = seg._engine()._batched(patches, [seg.output_name_], None)[seg.output_name_]
             for sl, lg in zip(slices, logits, strict=True):
                 lg *= imp
                 out[i][(slice(None),) + sl] += lg

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import uqseg
 from uqseg import EnsembleSegmenter, OnnxSegmenter, SpectralOODDetector
-from uqseg import segmenter as segmod
+from uqseg import _segmenter_engine as segmod
 
 # the tiny test networks are too small for int8 to pay; fit says so (tested below)
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not pay for this network:UserWarning")

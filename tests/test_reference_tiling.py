@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from uqseg import OnnxSegmenter
-from uqseg.segmenter import _gaussian_importance, _window_starts
+from uqseg._segmenter_engine import gaussian_importance as _gaussian_importance
+from uqseg._segmenter_engine import window_starts as _window_starts
 
 
 def ref_gaussian(window):

@@ -13,7 +13,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from uqseg import OnnxSegmenter
-from uqseg.segmenter import _gaussian_importance, softmax
+from uqseg._segmenter_engine import gaussian_importance as _gaussian_importance
+from uqseg.segmenter import softmax
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +61,7 @@ def test_transform_equals_direct_onnxruntime(request, fixture):
 def test_auto_batch_size_chunks_by_voxels_on_cpu(tiny_2d, monkeypatch):
     seg = OnnxSegmenter(tiny_2d).fit()
     assert seg.batch_size == "auto" and seg.device_ == "cpu"
-    runner = seg._runner(())
+    runner = seg._engine()._runner(())
     calls = []
     real_run = runner.run
     monkeypatch.setattr(runner, "run", lambda feeds, outputs: (
@@ -212,7 +213,7 @@ def test_sklearn_conventions(tiny_2d):
     x = RNG.standard_normal((2, 1, 8, 8)).astype(np.float32)
     before = seg.transform(x)
     again = pickle.loads(pickle.dumps(seg))
-    assert not again._runners  # sessions are rebuilt lazily
+    assert again._runtime is None  # sessions are rebuilt lazily
     np.testing.assert_array_equal(again.transform(x), before)
     np.testing.assert_allclose(seg.fit_transform(x), before, atol=1e-6)
 
