@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from uqseg.datasets._zoo import ZOO3D_FILE, ZOO3D_PREPROCESSING
