@@ -186,3 +186,20 @@ def test_models_zoo_is_the_2d_ensemble(tmp_path, capsys, monkeypatch):
                         tmp_path / "o"], capsys)
     assert code == 2 and "stop" in err
     assert seen["models"] == datasets.reference_models()
+
+
+def test_predict_no_preprocess_slides_over_a_larger_volume(member, tmp_path, capsys):
+    """As stored (--no-preprocess), a volume larger than 64^3 goes through the sliding
+    window: the written labels are the member's on the normalised array."""
+    from uqseg.datasets import normalize_intensity
+
+    X, _ = datasets.load_brain_tissue("test", dims=3)
+    big = np.pad(X[0, 0], [(0, 0), (0, 0), (16, 16)])
+    np.save(tmp_path / "vol.npy", big)
+    code, _, err = run(["predict", "--models", "3d", tmp_path / "vol.npy", "--out",
+                        tmp_path / "o", "--no-preprocess", "--no-progress"], capsys)
+    assert code == 0, err
+    seg = np.asarray(nib.load(tmp_path / "o" / "vol_seg.nii.gz").dataobj)
+    want = member.predict(normalize_intensity(big)[None, None])[0]
+    assert seg.shape == big.shape
+    np.testing.assert_array_equal(seg, want)
