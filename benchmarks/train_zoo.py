@@ -342,6 +342,11 @@ def write_zoo(out, args, argv, shapes, members) -> dict:
         "total_size_bytes": total,
         "reproduce": _reproduce(args),
     }
+    old = out / "zoo.json"
+    if old.exists():  # the 3-D member's entry (benchmarks/train_zoo3d.py) stays
+        kept = json.loads(old.read_text(encoding="utf-8")).get("member_3d")
+        if kept is not None:
+            zoo["member_3d"] = kept
     with open(out / "zoo.json", "w", encoding="utf-8") as fh:
         json.dump(zoo, fh, indent=2)
         fh.write("\n")

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict", help="segment NIfTI / NumPy / DICOM images with uncertainty maps",
-        usage="uqseg predict MODEL.onnx [MODEL.onnx ...] INPUT [INPUT ...] --out DIR [options]",
+        usage="uqseg predict MODEL.onnx [MODEL.onnx ...] INPUT [INPUT ...] --out DIR [options]"
+              "\n       uqseg predict --models {zoo,3d} INPUT [INPUT ...] --out DIR [options]",
         description="Segment images with one or more ONNX models (an ensemble). Writes, per "
                     "input, <name>_seg.nii.gz (uint8 labels), <name>_proba.nii.gz (float32, "
                     "classes on the 4th axis), <name>_entropy.nii.gz and, with several samples, "
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ".nii/.nii.gz, .npy/.npz (key 'image', optional 'affine') or a folder "
                         "with one DICOM series")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--models", metavar="NAME",
+                   help="use shipped models instead of MODEL.onnx paths: 'zoo' (the 2-D "
+                        "ensemble) or '3d' (the 3-D U-Net member, whole volumes); every PATH "
+                        "is then an input")
     p.add_argument("--estimators", nargs="+", type=Path, default=[], metavar="SAVED_DIR",
                    help="folders written by uqseg.save: OOD detectors and quality regressors "
                         "scored on the same (normalised) images")
@@ -248,6 +253,13 @@ def _cmd_predict(args) -> int:
     n_models = next((i for i, p in enumerate(args.paths) if not p.lower().endswith(".onnx")),
                     len(args.paths))
     models, inputs = args.paths[:n_models], args.paths[n_models:]
+    if args.models is not None:
+        if models:
+            raise UsageError(f"--models {args.models} and MODEL.onnx paths ({models[0]!r}) "
+                             "both name the models: give one of them")
+        models = _shipped_models(args.models)
+        if not inputs:
+            raise UsageError("give at least one INPUT after --models NAME")
     if not models or not inputs:
         raise UsageError("give at least one MODEL.onnx and one INPUT (models first)")
     late = [p for p in inputs if p.lower().endswith(".onnx")]
@@ -265,6 +277,20 @@ def _cmd_predict(args) -> int:
     for path in written:
         print(path)
     return EXIT_OK
+
+
+#: ``predict --models NAME``: the shipped model sets (``datasets.reference_models(dims)``)
+SHIPPED_MODELS = {"zoo": 2, "3d": 3}
+
+
+def _shipped_models(name: str) -> list[str]:
+    from uqseg.datasets import reference_models
+
+    if name not in SHIPPED_MODELS:
+        raise UsageError(f"--models must name a shipped model set: 'zoo' (the 2-D ensemble) or "
+                         f"'3d' (the 3-D U-Net member), got {name!r}; for your own models give "
+                         "their .onnx paths before the inputs")
+    return reference_models(dims=SHIPPED_MODELS[name])
 
 
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"

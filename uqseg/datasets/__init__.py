@@ -6,7 +6,8 @@
   ultrasound, natural images from pydicom and scikit-image) and acquisition faults.
 - :func:`corrupt` / :data:`CORRUPTIONS`: image corruptions with a severity knob.
 - :func:`normalize_intensity`: the per-image robust intensity scaling every loader applies.
-- :func:`reference_models` / :func:`reference_model_info`: the shipped ONNX networks.
+- :func:`reference_models` / :func:`reference_model_info`: the shipped ONNX networks (the
+  2-D ensemble; ``dims=3``: the 3-D U-Net member).
 
 Generated arrays are cached in ``$UQSEG_DATA_DIR`` (default ``~/.cache/uqseg``).
 See ``uqseg/datasets/README.md`` for construction details and licences.
