@@ -236,6 +236,29 @@ def test_plot_reliability_diagram_draws_the_curve():
     plt.close(fig)
 
 
+
+def test_metrics_import_no_presentation_and_old_paths_still_work():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: the metrics must not pull in the plotting layer or matplotlib
+    code = ("import sys, uqseg.metrics; "
+            "print(sorted(m for m in ('matplotlib', 'uqseg.plotting') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import uqseg.metrics
+    import uqseg.metrics.calibration as old
+    import uqseg.plotting
+
+    assert plot_reliability_diagram is uqseg.plotting.plot_reliability_diagram
+    assert "plot_reliability_diagram" in dir(uqseg.metrics)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = uqseg.metrics.nope
+    # names other modules import from uqseg.metrics.calibration keep working
+    assert old.CalibrationAccumulator is CalibrationAccumulator
+    assert old.brier_score is brier_score and old.negative_log_likelihood is negative_log_likelihood
+    assert old.foreground_roi is foreground_roi
+
 def test_foreground_roi_boxes_2d_and_3d():
     y = np.zeros((3, 6, 7), int)
     y[0, 2, 3] = 1
