@@ -18,6 +18,14 @@ import numpy as np
 
 from uqseg._numeric import softmax
 from uqseg._validation import check_labels, check_scores
+from uqseg.metrics._binning import (
+    packed_histogram,
+    packed_run_log2,
+    rows_look_valid,
+    separate_histogram,
+    top_label,
+    uniform_bins,
+)
 from uqseg.metrics._chunks import (
     DEFAULT_CHUNK,
     _blocks,
@@ -214,57 +222,25 @@ class CalibrationAccumulator:
         e = self.edges.astype(conf.dtype)
         if not self._uniform:
             return np.searchsorted(e[1:-1], conf, side="left")
-        # arithmetic binning is ~10x faster than searchsorted; products within rounding
-        # distance of an inner edge are re-binned exactly by comparison with the edges
-        nb = self.n_bins
-        t = conf * conf.dtype.type(nb)
-        gap = np.rint(t)
-        gap -= t
-        np.abs(gap, out=gap)
-        risky = gap < 1e-3
-        risky &= t < nb  # confidence 1 is always in the last bin
-        np.ceil(t, out=t)
-        b = t.astype(np.intp)
-        b -= 1
-        np.maximum(b, 0, out=b)
-        idx = np.flatnonzero(risky)
-        if idx.size:
-            b.ravel()[idx] = np.searchsorted(e[1:-1], conf.ravel()[idx], side="left")
-        return b
+        # arithmetic binning is ~10x faster than searchsorted, and equal to it
+        return uniform_bins(conf, self.n_bins, e[1:-1])
 
     def _add_block(self, p, yy, keep, check=False):
         # p: (b, K, v). Each class plane p[:, c] is contiguous: loop over the K planes (few)
-        # instead of reducing along the strided class axis; one pass gives confidence, label
-        # and the row sums used to validate the block
+        # instead of reducing along the strided class axis
         k = p.shape[1]
         full = self._scores
         planes = [p[:, c] for c in range(k)]
-        conf = np.array(planes[0], dtype=np.float32 if p.dtype != np.float64 else p.dtype)
-        small = np.int8 if k < 128 else np.intp
-        pred = np.zeros(conf.shape, dtype=small)
-        total = conf.copy() if check else None
-        better = np.empty(conf.shape, dtype=bool)
-        step = np.empty_like(pred)
-        for c in range(1, k):
-            pc = planes[c]
-            np.greater(pc, conf, out=better)
-            # pred = where(better, c, pred) in int8 arithmetic (a masked copy is 50x slower)
-            step = np.subtract(small(c), pred, out=step)
-            step *= better.view(np.int8) if small is np.int8 else better
-            pred += step
-            np.maximum(conf, pc, out=conf)
-            if check:
-                total += pc
-        if check:
-            lo, hi = min(float(pl.min()) for pl in planes), max(float(pl.max()) for pl in planes)
-            total -= 1
-            np.abs(total, out=total)
-            dev = float(total.max()) if total.size else 0.0
-            if not (lo >= -1e-6 and hi <= 1 + 1e-6) or not dev <= 1e-3:
-                # the same messages as check_scores, only now that the block is in hand
-                check_scores(p, name="proba", kind="proba")
-        yk = yy.astype(small) if yy.dtype != small else yy
-        correct = np.equal(pred, yk, out=better)
+        wd = p.dtype if p.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        conf, pred = top_label(planes, wd)
+        if check and not rows_look_valid(p, planes, conf, wd):
+            # the same messages as check_scores, only now that the block is in hand
+            check_scores(p, name="proba", kind="proba")
+        small = pred.dtype
+        # labels are validated in 0..K-1: a same-size integer view compares without a copy
+        same = yy.dtype.kind in "iu" and yy.dtype.itemsize == small.itemsize
+        yk = yy.view(small) if same else yy.astype(small)
+        correct = np.equal(pred, yk)
         if full:
             sq = planes[0] * planes[0]
             p_y = np.array(planes[0], dtype=sq.dtype)
@@ -279,19 +255,19 @@ class CalibrationAccumulator:
                 pk = p.transpose(0, 2, 1)[keep]  # (n_kept, K)
         elif self.classwise:
             pk = p.transpose(0, 2, 1).reshape(-1, p.shape[1])
-        conf = conf.ravel()
+        conf, correct = conf.ravel(), correct.ravel()
         n_kept = conf.size
         if n_kept == 0:
             return
-        nb = self.n_bins
         b = self._bins(conf)
-        b *= 2
-        b += correct.ravel()  # one histogram gives counts and correct counts per bin
-        both = np.bincount(b, minlength=2 * nb).reshape(nb, 2)
-        self._count += both.sum(axis=1)
-        self._acc += both[:, 1]
-        b >>= 1
-        self._conf += np.bincount(b, weights=conf, minlength=nb)
+        q = packed_run_log2(conf)
+        if q is not None:  # one bincount gives counts, correct counts and confidence sums
+            counts, conf_sums = packed_histogram(b, correct, conf, self.n_bins, q)
+        else:
+            counts, conf_sums = separate_histogram(b, correct, conf, self.n_bins)
+        self._count += counts.sum(axis=1)
+        self._acc += counts[:, 1]
+        self._conf += conf_sums
         self.n_voxels += n_kept
         if full:
             # multi-class Brier: sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_y + 1
