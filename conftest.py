@@ -23,7 +23,7 @@ if _missing("torch"):
     collect_ignore_glob.append("uqseg/training/*")
 
 # examples (doctest names) that need an extra beyond the core install
-_NEEDS = {"matplotlib": ("uqseg.metrics.calibration.plot_reliability_diagram",)}
+_NEEDS = {"matplotlib": ("uqseg.plotting.plot_reliability_diagram",)}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,9 @@ chunk-wise (16 images = 1,048,576 voxels per chunk) from a fixed seed before tim
 - ``--voxels`` (default 1e8, i.e. 1,526 images, 1.2 GB of probabilities): uqseg's streaming
   ``CalibrationAccumulator`` fed chunk by chunk, from probabilities (``update``) and from logits
   (``update_logits``, softmax fused chunk-wise). One pass gives ECE, Brier score and NLL.
+  The machine's memory bandwidth on the same bytes is timed alongside (``read_copy``: each chunk
+  copied into one reused buffer; ``read_max``: a read-only max pass), and the ECE's time is
+  given as a multiple of each.
 - ``--compare-voxels`` (default 1e7): every library on the same data. netcal needs one
   ``(n, K)`` array (prepared outside the timing), torchmetrics / torch-uncertainty are fed the
   chunks through their ``update`` (zero-copy ``torch.from_numpy``). uqseg is timed here too, so
@@ -188,6 +191,30 @@ def make_call(metric: str, method: str, chunks, flat=None):
     raise ValueError(f"no {method} implementation of {metric}")
 
 
+READS = {
+    "read_copy": "np.copyto of each chunk into one chunk-sized buffer (reads every byte once)",
+    "read_max": "max of each array (a read-only pass over every byte)",
+}
+
+
+def read_calls(chunks):
+    """The machine's memory bandwidth on the same bytes: what one pass over the data costs."""
+    bufs = {}
+    for p, y in chunks:
+        bufs.setdefault((p.shape, y.shape), (np.empty_like(p), np.empty_like(y)))
+
+    def copy():
+        for p, y in chunks:
+            bp, by = bufs[(p.shape, y.shape)]
+            np.copyto(bp, p)
+            np.copyto(by, y)
+
+    def read():
+        return [(p.max(), y.max()) for p, y in chunks]
+
+    return {"read_copy": copy, "read_max": read}
+
+
 def flatten(chunks):
     """netcal's input: one (n, K) float32 array and (n,) labels."""
     p = np.concatenate([c.transpose(0, 2, 3, 1).reshape(-1, K) for c, _ in chunks])
@@ -278,12 +305,19 @@ def main(argv=None) -> dict:
     big = make_chunks(args.voxels, seed=2, label_dtype=np.uint8)
     n_big = n_voxels_of(big)
     calls = {m: make_call("ece", m, big) for m in ("uqseg", "uqseg_logits")}
+    calls.update(read_calls(big))
     times = common.time_round_robin(calls, args.repeats_large, args.warmup)
     large = {"voxels": n_big, "data_gb": sum(p.nbytes + y.nbytes for p, y in big) / 1e9,
-             "label_dtype": "uint8", "methods": {}}
+             "label_dtype": "uint8", "methods": {}, "bandwidth": {}}
     for m, t in times.items():
+        if m in READS:
+            large["bandwidth"][m] = {"median_s": t["median_s"], "times_s": t["times_s"],
+                                     "gb_per_s": large["data_gb"] / t["median_s"]}
+            continue
         large["methods"][m] = {"median_s": t["median_s"], "times_s": t["times_s"],
                                "mvoxels_per_s": n_big / t["median_s"] / 1e6}
+    for r in large["bandwidth"].values():  # > 1: the ECE takes that many reads of the data
+        r["uqseg_time_ratio"] = large["methods"]["uqseg"]["median_s"] / r["median_s"]
     del big, calls
     if not args.no_memory:
         for m in ("uqseg", "uqseg_logits"):
@@ -297,8 +331,8 @@ def main(argv=None) -> dict:
         large["netcal_extrapolated_s"] = ece["netcal"]["median_s"] * scale
         large["speedup_vs_netcal_extrapolated"] = (
             large["netcal_extrapolated_s"] / large["methods"]["uqseg"]["median_s"])
-    print("  large: " + ", ".join(f"{m} {r['median_s']:.2f}s"
-                                  for m, r in large["methods"].items()), flush=True)
+    print("  large: " + ", ".join(f"{m} {r['median_s']:.2f}s" for m, r in
+                                  {**large["methods"], **large["bandwidth"]}.items()), flush=True)
     record["loadavg_end"] = common.loadavg()
     common.write_json(args.out, record)
     print(f"wrote {args.out}")

@@ -105,6 +105,11 @@ def test_metrics_quick(tmp_path):
     # uqseg and netcal bin the same way (Guo et al.): same ECE on the same data
     assert ece["uqseg"]["value"] == pytest.approx(ece["netcal"]["value"], rel=1e-6)
     assert r["large"]["methods"]["uqseg"]["median_s"] > 0
+    bw = r["large"]["bandwidth"]  # one pass over the same bytes, and the ECE as a multiple of it
+    assert set(bw) == {"read_copy", "read_max"}
+    for b in bw.values():
+        assert b["uqseg_time_ratio"] == pytest.approx(
+            r["large"]["methods"]["uqseg"]["median_s"] / b["median_s"])
     assert r["versions"]["numpy"] and r["loadavg_end"] is not None
 
 

@@ -236,6 +236,29 @@ def test_plot_reliability_diagram_draws_the_curve():
     plt.close(fig)
 
 
+
+def test_metrics_import_no_presentation_and_old_paths_still_work():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: the metrics must not pull in the plotting layer or matplotlib
+    code = ("import sys, uqseg.metrics; "
+            "print(sorted(m for m in ('matplotlib', 'uqseg.plotting') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import uqseg.metrics
+    import uqseg.metrics.calibration as old
+    import uqseg.plotting
+
+    assert plot_reliability_diagram is uqseg.plotting.plot_reliability_diagram
+    assert "plot_reliability_diagram" in dir(uqseg.metrics)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = uqseg.metrics.nope
+    # names other modules import from uqseg.metrics.calibration keep working
+    assert old.CalibrationAccumulator is CalibrationAccumulator
+    assert old.brier_score is brier_score and old.negative_log_likelihood is negative_log_likelihood
+    assert old.foreground_roi is foreground_roi
+
 def test_foreground_roi_boxes_2d_and_3d():
     y = np.zeros((3, 6, 7), int)
     y[0, 2, 3] = 1
@@ -322,3 +345,43 @@ def test_binned_only_accumulator_matches_and_refuses_scores():
         _ = binned.brier
     with pytest.raises(ValueError, match="scores=False"):
         CalibrationAccumulator(10).update(p, y).merge(binned)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nb", [1, 7, 10, 15, 100])
+def test_fast_uniform_binning_equals_searchsorted_at_and_near_edges(dtype, nb):
+    from uqseg.metrics._binning import uniform_bins
+
+    e = np.linspace(0.0, 1.0, nb + 1).astype(dtype)
+    near = np.concatenate([np.nextafter(e, -np.inf), e, np.nextafter(e, np.inf)])
+    rng = np.random.default_rng(nb)
+    conf = np.concatenate([near, rng.random(5000), [1 + 5e-7, 0.0]]).astype(dtype)
+    np.testing.assert_array_equal(uniform_bins(conf, nb, e[1:-1]),
+                                  np.searchsorted(e[1:-1], conf, side="left"))
+
+
+def test_packed_histogram_equals_two_bincounts_bit_for_bit():
+    from uqseg.metrics._binning import packed_histogram, packed_run_log2, separate_histogram
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(1 / 3, 1, 70_000).astype(np.float32)
+    conf[:50] = 1.0
+    b = np.minimum((conf * 15).astype(np.int32), 14)
+    correct = rng.random(conf.size) < conf
+    q = packed_run_log2(conf)
+    assert q == 13
+    c1, s1 = packed_histogram(b, correct, conf, 15, q)
+    c2, s2 = separate_histogram(b, correct, conf, 15)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(s1, s2)
+    assert packed_run_log2(conf.astype(np.float64)) is None  # float64 needs two bincounts
+    assert packed_run_log2(np.float32([1e-6, 0.5])) is None  # too many bits to pack
+
+
+def test_confidence_just_above_one_goes_to_the_last_bin():
+    # values up to 1 + 1e-6 pass validation; they used to crash the histogram
+    p = np.array([1 + 5e-7, 0.0], np.float32).reshape(1, 2, 1)
+    assert expected_calibration_error(p, np.array([[0]]), n_bins=15) == pytest.approx(0.0,
+                                                                                     abs=1e-6)
+    conf, acc, count = reliability_curve(p, np.array([[0]]), n_bins=15)
+    assert count[-1] == 1 and count.sum() == 1

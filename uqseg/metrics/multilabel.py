@@ -1,20 +1,17 @@
 """Metrics of sigmoid (binary and multi-label) outputs: each channel is its own binary problem.
 
 A channel ``c`` with probability ``p_c`` and indicator target ``t_c`` is scored as the
-two-class problem ``[1 - p_c, p_c]`` against labels ``t_c``, so every calibration metric of
-:mod:`uqseg.metrics.calibration` applies per channel; "pooled" scores all channels' voxels
-together (the channels' binary problems side by side).
+two-class problem ``[1 - p_c, p_c]`` against labels ``t_c``, so every metric of
+:mod:`uqseg.metrics.calibration` and :mod:`uqseg.metrics.scoring` applies per channel;
+"pooled" scores all channels' voxels together (the channels' binary problems side by side).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from uqseg.metrics.calibration import (
-    brier_score,
-    expected_calibration_error,
-    negative_log_likelihood,
-)
+from uqseg.metrics.calibration import expected_calibration_error
+from uqseg.metrics.scoring import brier_score, negative_log_likelihood
 
 __all__ = ["check_multilabel", "multilabel_report"]
 
