@@ -317,19 +317,35 @@ def scaled_softmax(z, a, log=False):
 
 
 # ---------------------------------------------------------------------- objective
-def local_objective(z, feats, y, w, alpha, bounds):
-    """``fun(theta) -> (penalised mean NLL, gradient)`` of the local temperature map.
+def local_objective(z, feats, y, w, alpha, bounds, top_weight=0.0, center=None):
+    """``fun(theta) -> (penalised loss, gradient)`` of the local temperature map.
 
     ``theta = (b, v)``: ``log T_i = clip(b + v . f_i, bounds)`` with ``f_i`` the (already
     standardised) features ``feats`` ``(F, n)`` of voxel ``i``; ``z`` is ``(K, n)``. With
-    ``a_i = exp(-log T_i)`` and ``p = softmax(a_i z_i)`` the voxel loss is
+    ``a_i = exp(-log T_i)`` and ``p = softmax(a_i z_i)`` the voxel NLL is
     ``L_i = logsumexp(a_i z_i) - a_i z_iy``, so ``dL_i/d log T_i = -a_i (sum_k p_ik z_ik -
-    z_iy)`` (zero where the clip is active). The penalty ``alpha * |v|^2`` pulls the map
-    towards a constant, i.e. towards the global temperature (``b`` is not penalised).
+    z_iy)`` (zero where the clip is active).
+
+    ``top_weight`` adds that many times the top-label log-loss, the NLL of the event "the
+    predicted class is right" under the confidence ``c_i = max_k p_ik``:
+    ``-log c_i`` where right, ``-log(1 - c_i)`` where wrong. Both are proper scoring rules;
+    the second one scores exactly what the top-label ECE bins. With ``u = a z`` shifted by its
+    maximum, ``log c = -log S``, ``log(1 - c) = log S' - log S`` (``S' `` the sum over the
+    classes other than the top one, computed from the second largest so it never
+    underflows), and ``d/d log T`` of ``log S`` and ``log S'`` is ``-a (E_p[z] - z_max)``
+    and ``-a (E_p'[z] - z_max)`` (``p'``: the softmax over the non-top classes).
+
+    The penalty ``alpha * (|v|^2 + (b - center)^2)`` pulls the map towards a constant, and
+    with ``center`` (the global log-temperature) towards the global temperature.
     """
     w = np.asarray(w, np.float64)
     wsum = float(w.sum())
-    zy = np.take_along_axis(z, y[None].astype(np.intp), axis=0)[0]
+    yi = y.astype(np.intp)
+    zy = np.take_along_axis(z, yi[None], axis=0)[0]
+    top_weight = float(top_weight)
+    if top_weight:
+        top = z.argmax(axis=0)
+        wrong = top != yi
     lo, hi = bounds
     # the voxel arrays stay in the inputs' precision (float32 in the calibrator: half the
     # memory traffic); the sums over voxels are float64
@@ -354,14 +370,33 @@ def local_objective(z, feats, y, w, alpha, bounds):
             u -= m
             np.exp(u, out=u)
             tot = u.sum(axis=0)
-            loss = m + np.log(tot) - a * zyc
-            f += float(np.dot(wc, loss.astype(np.float64)))
+            log_s = np.log(tot)
+            loss = m + log_s - a * zyc
             ez = np.einsum("ki,ki->i", u, zc) / tot  # sum_k p_k z_k
-            g = np.where(free, -a * (ez - zyc), 0).astype(np.float64) * wc
+            g = -a * (ez - zyc)
+            if top_weight:
+                wr = wrong[sl]
+                zmax = m / a
+                # the classes other than the top one, shifted by the second largest
+                v2 = zc * a
+                np.put_along_axis(v2, top[sl][None], -np.inf, axis=0)
+                m2 = v2.max(axis=0)
+                v2 -= m2
+                np.exp(v2, out=v2)
+                tot2 = v2.sum(axis=0)
+                log_s2 = (m2 - m) + np.log(tot2)  # log S' with the same shift as log S
+                ez2 = np.einsum("ki,ki->i", v2, zc) / tot2
+                d_s = -a * (ez - zmax)
+                d_s2 = -a * (ez2 - zmax)
+                loss += top_weight * np.where(wr, log_s - log_s2, log_s)
+                g += top_weight * np.where(wr, d_s - d_s2, d_s)
+            f += float(np.dot(wc, loss.astype(np.float64)))
+            g = np.where(free, g, 0).astype(np.float64) * wc
             gb += float(g.sum())
             gv += (fc @ g.astype(dt)).astype(np.float64)
-        obj = f / wsum + alpha * float(v @ v)
-        grad = np.concatenate([[gb / wsum], gv / wsum + 2 * alpha * v])
+        db = 0.0 if center is None else b - float(center)
+        obj = f / wsum + alpha * (float(v @ v) + db * db)
+        grad = np.concatenate([[gb / wsum + 2 * alpha * db], gv / wsum + 2 * alpha * v])
         return obj, grad
 
     return fun
