@@ -122,23 +122,20 @@ def scale_factor(scale: float) -> int:
 
 def _halve(a, how):
     """Block mean (``how="mean"``) or any (``"any"``) over 2-voxel blocks of every spatial
-    axis of ``a`` ``(n, *spatial)`` (odd sizes: the last voxel is repeated). Strided slices,
-    not a reshape: numpy reduces interleaved axes slowly."""
+    axis of ``a`` ``(n, *spatial)`` (odd sizes: the last voxel is repeated). Pairs are
+    combined one axis at a time, the outermost first, so the largest pass reads whole rows
+    (strided slices, not a reshape: numpy reduces interleaved axes slowly)."""
     pad = [(0, 0)] + [(0, s % 2) for s in a.shape[1:]]
     if any(p[1] for p in pad):
         a = np.pad(a, pad, mode="edge")
-    out = None
-    for offs in np.ndindex(*(2,) * (a.ndim - 1)):
-        part = a[(slice(None),) + tuple(slice(o, None, 2) for o in offs)]
-        if out is None:
-            out = part.copy()
-        elif how == "any":
-            out |= part
-        else:
-            out += part
+    for ax in range(1, a.ndim):
+        lo = [slice(None)] * a.ndim
+        hi = [slice(None)] * a.ndim
+        lo[ax], hi[ax] = slice(0, None, 2), slice(1, None, 2)
+        a = (a[tuple(lo)] | a[tuple(hi)]) if how == "any" else a[tuple(lo)] + a[tuple(hi)]
     if how != "any":
-        out *= np.float32(0.5 ** (a.ndim - 1))
-    return out
+        a *= np.float32(0.5 ** (a.ndim - 1))
+    return a
 
 
 def _coarse(a, how, f):
@@ -263,16 +260,29 @@ def local_features(z, scales, image=None) -> np.ndarray:
 
 def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     """``intercept + coef . features`` ``(n, *spatial)`` float32, without building the feature
-    stack: the coarse terms are summed per grid, coarsest first, and upsampled once to the
-    full grid; the class terms are one table look-up."""
-    fine, crs, labels = _parts(z, scales, image)
+    stack. Smoothing and block means are linear, so each scale smooths one map, the weighted
+    sum of the margin and entropy it would smooth; the coarse terms are summed per grid,
+    coarsest first, and upsampled once to the full grid; the class terms are one look-up."""
     n, k = z.shape[:2]
     spatial = z.shape[2:]
+    dims = len(spatial)
     names = feature_names(k, scales, 0 if image is None else image.shape[1])
     coef = dict(zip(names, np.asarray(coef, np.float32), strict=True))
-    sums = {}
-    for name, (row, f) in crs.items():
-        sums[f] = row * coef[name] if f not in sums else sums[f] + row * coef[name]
+    log_margin, labels = _margin_labels(z)
+    zc = _coarse(z.reshape(n * k, *spatial), "mean", 2)
+    log_ent = _log_entropy(zc.reshape(n, k, *zc.shape[1:]))
+    m2 = _coarse(log_margin, "mean", 2)
+    sums = {2: log_ent * coef["log_entropy"]}
+    for s in scales:
+        f = scale_factor(s)
+        key = f"{float(s):g}"
+        mix = m2 * coef[f"log_margin@{key}"]
+        mix += log_ent * coef[f"log_entropy@{key}"]
+        mix = _coarse(mix, "mean", f // 2)
+        sm = ndimage.gaussian_filter(mix, (0,) + (float(s) / f,) * dims, truncate=_TRUNCATE)
+        sums[f] = sm if f not in sums else sums[f] + sm
+    dist = _coarse_distance(labels) * coef["log_boundary_distance"]
+    sums[DIST_COARSE] = dist if DIST_COARSE not in sums else sums[DIST_COARSE] + dist
     acc, prev = None, None
     for f in sorted(sums, reverse=True):
         if acc is not None:  # onto the next finer grid
@@ -284,13 +294,14 @@ def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     table = np.array([intercept] + [intercept + coef[f"class[{c}]"] for c in range(1, k)],
                      np.float32)
     out += np.take(table, labels)
-    out += fine["log_margin"] * coef["log_margin"]
-    for name, val in fine.items():
-        if name.startswith("intensity["):  # coef (x - mu) / sd as one multiply-add
-            img, mu, sd = val
-            g = coef[name] / sd
-            out += img * g
-            out -= mu * g
+    log_margin *= coef["log_margin"]
+    out += log_margin
+    if image is not None:  # coef (x - mu) / sd as one multiply-add per channel
+        img, mu, sd = _image_stats(image)
+        for c in range(image.shape[1]):
+            g = coef[f"intensity[{c}]"] / sd[:, c]
+            out += img[:, c] * g
+            out -= mu[:, c] * g
     return out
 
 
