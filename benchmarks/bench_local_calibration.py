@@ -13,10 +13,16 @@ Targets (issue 19, worst member by test ECE and the ensemble): local ECE <= 0.3x
 <= 0.5x the global NLL fit's, NLL below the global fit's, no label changed, prediction
 <= 1.10x plain inference.
 
-Run: ``python benchmarks/bench_local_calibration.py`` (about 10 minutes on 2 busy cores) ->
+The second, different network: ``--monai-seeds 3`` (default) trains a MONAI ``UNet`` per seed
+on the train split (cross-entropy, ``--monai-epochs``), exports it with ``torch.onnx.export``
+and scores it like a zoo member (needs the ``train`` extra; skipped without torch/monai).
+
+Run: ``python benchmarks/bench_local_calibration.py`` (about 20 minutes on 2 busy cores) ->
 ``benchmarks/results/local_calibration.json``, ``docs/figures/local_temperature.png`` and the
-table in ``docs/calibration.md`` (the ``local-results`` block).
+tables in ``docs/calibration.md`` (the ``local-results`` and ``local-monai`` blocks).
 ``--models a.onnx b.onnx`` runs other networks; ``--no-write`` only prints.
+``--objective-sweep``: only the top-label weight sweep and the class-wise local probe on the
+worst member and the ensemble -> ``local_calibration_objective.json``, ``local-objective``.
 """
 
 from __future__ import annotations
@@ -201,6 +207,124 @@ def table(recs, worst):
     return "\n".join(lines)
 
 
+def monai_networks(seeds, epochs, tmp):
+    """MONAI UNets trained on the train split (one per seed), exported to ONNX in ``tmp``;
+    None without torch/monai."""
+    try:
+        import monai  # noqa: F401
+        import torch
+    except ImportError as exc:
+        print(f"MONAI networks skipped: {exc}")
+        return None
+    from bench_byo_network import _nets, export, train
+
+    torch.set_num_threads(2)
+    X_tr, y_tr = datasets.load_brain_tissue("train")
+    out = []
+    for seed in range(seeds):
+        t = time.perf_counter()
+        net = train(_nets()["monai_unet"], X_tr, y_tr, epochs, seed=seed)
+        path = export(net, Path(tmp) / f"monai_unet_s{seed}.onnx")
+        print(f"monai_unet seed {seed}: trained {epochs} epochs in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
+        out.append((f"monai_unet_s{seed}", path))
+    return out
+
+
+TOP_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
+
+
+def _classwise_local(z_val, f_val, y_val, z_te, f_te, t_glob, alpha=1e-4):
+    """The class-wise local variant, probed: ``log T_k(x) = b_k + v . f(x)`` (one map, one
+    intercept per class), fitted by NLL with L-BFGS; it scales each class logit by its own
+    temperature, so labels can change. Returns test probabilities ``(N, K, *spatial)``."""
+    from scipy.optimize import minimize
+
+    from uqseg.calibration import LOG_T_BOUNDS
+
+    k = z_val.shape[1]
+    zz = np.moveaxis(z_val, 1, 0).reshape(k, -1)
+    yy = y_val.reshape(-1)
+    hot = np.zeros(zz.shape, np.float32)
+    hot[yy, np.arange(yy.size)] = 1
+    mu, sd = f_val.mean(axis=1), f_val.std(axis=1)
+    sd[sd < 1e-6] = 1
+    fs = ((f_val - mu[:, None]) / sd[:, None]).astype(np.float32)
+    c = np.log(t_glob)
+
+    def fun(theta):
+        b, v = theta[:k], theta[k:]
+        lt = np.clip(b[:, None].astype(np.float32) + (v.astype(np.float32) @ fs)[None],
+                     *LOG_T_BOUNDS)
+        a = np.exp(-lt)
+        u = zz * a
+        u -= u.max(axis=0)
+        e = np.exp(u)
+        tot = e.sum(axis=0)
+        nll = np.log(tot) - (u * hot).sum(axis=0)
+        g = -(e / tot - hot) * a * zz * ((lt > LOG_T_BOUNDS[0]) & (lt < LOG_T_BOUNDS[1]))
+        obj = float(nll.mean()) + alpha * (float(v @ v) + float(((b - c) ** 2).sum()))
+        grad = np.concatenate([g.mean(axis=1) + 2 * alpha * (b - c),
+                               fs @ g.sum(axis=0) / yy.size + 2 * alpha * v])
+        return obj, grad.astype(np.float64)
+
+    x0 = np.concatenate([np.full(k, c), np.zeros(fs.shape[0])])
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B")
+    b, v = res.x[:k], res.x[k:] / sd
+    b = b - v @ mu
+    lt = np.clip(b[:, None, None, None] + np.tensordot(v, f_te, 1)[None], *LOG_T_BOUNDS)
+    zt = np.moveaxis(z_te, 1, 0) * np.exp(-lt).astype(np.float32)
+    return softmax(np.moveaxis(zt, 0, 1))
+
+
+def objective_sweep(paths, data):
+    """Test ECE / NLL of the local map per ``top_label_weight`` (fitted as a user would, from
+    the segmenter on the images), and of the class-wise local probe, on the worst zoo member
+    and the ensemble."""
+    X_val, y_val, X_te, y_te = data
+    from uqseg._local import local_features
+
+    rows = []
+    for name, seg in (("member_00_dice", OnnxSegmenter(paths[0]).fit()),
+                      ("ensemble", EnsembleSegmenter(paths).fit())):
+        z_val, z_te = seg.transform(X_val), seg.transform(X_te)
+        raw = z_te.argmax(axis=1)
+        glob = TemperatureCalibrator().fit(z_val, y_val)
+        row = {"network": name, "raw": scores(softmax(z_te), y_te),
+               "global_nll": scores(glob.predict_proba(z_te), y_te)}
+        for tw in TOP_WEIGHTS:
+            cal = TemperatureCalibrator(seg, mode="local", top_label_weight=tw)
+            cal.fit(X_val, y_val)
+            lt = cal._log_temperature(z_te, X_te)
+            row[f"top_label_weight={tw:g}"] = scores(scaled_softmax(z_te, np.exp(-lt)), y_te)
+        scales = cal._scales()
+        f_val = np.concatenate([local_features(z_val[i:i + 8], scales, X_val[i:i + 8])
+                                for i in range(0, len(z_val), 8)], axis=1)
+        f_te = np.concatenate([local_features(z_te[i:i + 8], scales, X_te[i:i + 8])
+                               for i in range(0, len(z_te), 8)], axis=1)
+        proba = _classwise_local(z_val, f_val.reshape(f_val.shape[0], -1), y_val, z_te, f_te,
+                                 glob.temperature_)
+        row["classwise_local"] = scores(proba, y_te)
+        row["classwise_local_labels_changed"] = int((proba.argmax(axis=1) != raw).sum())
+        rows.append(row)
+        print(json.dumps({k: (v if not isinstance(v, dict) else
+                              f"{v['ece']:.5f}/{v['nll']:.4f}") for k, v in row.items()}),
+              flush=True)
+    return rows
+
+
+def objective_table(rows):
+    cols = ["raw", "global_nll"] + [f"top_label_weight={tw:g}" for tw in TOP_WEIGHTS] \
+        + ["classwise_local"]
+    lines = ["| network | " + " | ".join(cols) + " | labels changed (class-wise local) |",
+             "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {r['network']} | " + " | ".join(
+            f"{r[c]['ece']:.4f} / {r[c]['nll']:.4f}" for c in cols)
+            + f" | {r['classwise_local_labels_changed']} |")
+    return "\n".join(lines)
+
+
 ALPHAS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -247,6 +371,12 @@ def main(argv=None):
     ap.add_argument("--time-images", type=int, default=32,
                     help="test images per timed call (the ensemble: half)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--monai-seeds", type=int, default=3,
+                    help="MONAI UNets trained and scored (0: none)")
+    ap.add_argument("--monai-epochs", type=int, default=20)
+    ap.add_argument("--objective-sweep", action="store_true",
+                    help="only the top-label weight sweep and the class-wise local probe -> "
+                         "local_calibration_objective.json and the local-objective docs block")
     ap.add_argument("--alpha-sweep", action="store_true",
                     help="only the penalty sweep on small fit sets (first model) -> "
                          "local_calibration_alpha.json and the local-alpha docs block")
@@ -255,6 +385,19 @@ def main(argv=None):
     X_val, y_val = datasets.load_brain_tissue("val")
     X_te, y_te = datasets.load_brain_tissue("test")
     data = (X_val, y_val, X_te, y_te)
+    if args.objective_sweep:
+        rows = objective_sweep(paths, data)
+        text = ("Test split, fitted on val; each cell is ECE / NLL. `top_label_weight=w`: the "
+                "local map fitted by NLL + w x top-label log-loss (0: NLL alone); "
+                "class-wise local: one map, one intercept per class, fitted by NLL.\n\n"
+                + objective_table(rows))
+        print(text)
+        if not args.no_write:
+            write_json(OUT.with_name("local_calibration_objective.json"),
+                       {"name": "local_calibration_objective",
+                        "machine": machine_record(["numpy", "scipy"]), "rows": rows})
+            write_doc_section(DOC, "local-objective", text)
+        return
     if args.alpha_sweep:
         rows = alpha_sweep(paths[0], data)
         text = (f"`{Path(paths[0]).stem}`, local maps fitted on the logits of a few random val "
@@ -284,6 +427,18 @@ def main(argv=None):
               f"  cost {rec['cost_ratio']:.2f}x (no spin {rec['cost_ratio_no_spin']:.2f}x)"
               f"  fit {rec['fit_seconds']['local']:.0f} s",
               flush=True)
+    monai = []
+    if args.monai_seeds > 0 and not args.models:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in monai_networks(args.monai_seeds, args.monai_epochs, tmp) or []:
+                rec, _ = evaluate(name, OnnxSegmenter(path).fit(), data, 3, args.time_images)
+                rec["epochs"] = args.monai_epochs
+                monai.append(rec)
+                s = rec["scores"]
+                print(f"{name}: " + "  ".join(f"{m} {s[m]['ece']:.4f}/{s[m]['nll']:.4f}"
+                                               for m in METHODS), flush=True)
     members = [r for r in recs if r["member"] != "ensemble"]
     worst = max(members, key=lambda r: r["scores"]["raw"]["ece"])
     verdict = {"worst_member": worst["member"], "chosen_by": "highest test ECE of the raw network",
@@ -291,7 +446,9 @@ def main(argv=None):
     ens = [r for r in recs if r["member"] == "ensemble"]
     if ens:
         verdict["ensemble"] = targets(ens[0])
-    verdict["all_labels_unchanged"] = all(r["local_labels_changed"] == 0 for r in recs)
+    if monai:
+        verdict["monai_unet"] = [targets(r) for r in monai]
+    verdict["all_labels_unchanged"] = all(r["local_labels_changed"] == 0 for r in recs + monai)
     verdict["max_cost_ratio"] = max(r["cost_ratio"] for r in recs)
     verdict["median_cost_ratio"] = float(np.median([r["cost_ratio"] for r in recs]))
     verdict["median_cost_ratio_global"] = float(np.median([r["cost_ratio_global"]
@@ -313,7 +470,7 @@ def main(argv=None):
               "models": [Path(p).name for p in paths], "wall_seconds": wall,
               "defaults": {k: v for k, v in TemperatureCalibrator().get_params().items()
                            if k in ("alpha", "scales", "use_image", "max_voxels")},
-              "networks": recs, "verdict": verdict}
+              "networks": recs, "monai_unet": monai, "verdict": verdict}
     write_json(OUT, result)
     text = ("Test split, fitted on val; each cell is ECE / NLL. Predict cost: "
             "`cal.predict_proba(X)` over `seg.predict_proba(X)` on the first "
@@ -336,6 +493,19 @@ def main(argv=None):
                  f"global, NLL {e['nll_local']:.4f} vs {e['nll_global']:.4f} — "
                  f"{'met' if e['met'] else 'NOT met'}; cost {e['cost_ratio']:.2f}x.")
     write_doc_section(DOC, "local-results", text)
+    if monai:
+        t = [targets(r) for r in monai]
+        mt = (f"MONAI `UNet` (channels 8-16-32-64, one residual unit), trained "
+              f"{args.monai_epochs} epochs with cross-entropy on the train split, one network per "
+              "seed, exported with `torch.onnx.export`; fitted on val, scored on test; each cell "
+              "is ECE / NLL (predict cost: 3 round-robin runs).\n\n"
+              + table(monai, None)
+              + f"\n\nMean over {len(t)} seeds: local ECE "
+              f"{np.mean([x['ece_vs_raw'] for x in t]):.2f}x raw, "
+              f"{np.mean([x['ece_vs_global'] for x in t]):.2f}x global; NLL below global on "
+              f"{sum(x['nll_local'] < x['nll_global'] for x in t)} of {len(t)}; accuracy "
+              f"targets met on {sum(x['met'] for x in t)} of {len(t)}.")
+        write_doc_section(DOC, "local-monai", mt)
     print(f"wrote {OUT}, {FIG}")
     print(f"wall {wall / 60:.1f} min")
 

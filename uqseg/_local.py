@@ -122,23 +122,20 @@ def scale_factor(scale: float) -> int:
 
 def _halve(a, how):
     """Block mean (``how="mean"``) or any (``"any"``) over 2-voxel blocks of every spatial
-    axis of ``a`` ``(n, *spatial)`` (odd sizes: the last voxel is repeated). Strided slices,
-    not a reshape: numpy reduces interleaved axes slowly."""
+    axis of ``a`` ``(n, *spatial)`` (odd sizes: the last voxel is repeated). Pairs are
+    combined one axis at a time, the outermost first, so the largest pass reads whole rows
+    (strided slices, not a reshape: numpy reduces interleaved axes slowly)."""
     pad = [(0, 0)] + [(0, s % 2) for s in a.shape[1:]]
     if any(p[1] for p in pad):
         a = np.pad(a, pad, mode="edge")
-    out = None
-    for offs in np.ndindex(*(2,) * (a.ndim - 1)):
-        part = a[(slice(None),) + tuple(slice(o, None, 2) for o in offs)]
-        if out is None:
-            out = part.copy()
-        elif how == "any":
-            out |= part
-        else:
-            out += part
+    for ax in range(1, a.ndim):
+        lo = [slice(None)] * a.ndim
+        hi = [slice(None)] * a.ndim
+        lo[ax], hi[ax] = slice(0, None, 2), slice(1, None, 2)
+        a = (a[tuple(lo)] | a[tuple(hi)]) if how == "any" else a[tuple(lo)] + a[tuple(hi)]
     if how != "any":
-        out *= np.float32(0.5 ** (a.ndim - 1))
-    return out
+        a *= np.float32(0.5 ** (a.ndim - 1))
+    return a
 
 
 def _coarse(a, how, f):
@@ -263,16 +260,29 @@ def local_features(z, scales, image=None) -> np.ndarray:
 
 def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     """``intercept + coef . features`` ``(n, *spatial)`` float32, without building the feature
-    stack: the coarse terms are summed per grid, coarsest first, and upsampled once to the
-    full grid; the class terms are one table look-up."""
-    fine, crs, labels = _parts(z, scales, image)
+    stack. Smoothing and block means are linear, so each scale smooths one map, the weighted
+    sum of the margin and entropy it would smooth; the coarse terms are summed per grid,
+    coarsest first, and upsampled once to the full grid; the class terms are one look-up."""
     n, k = z.shape[:2]
     spatial = z.shape[2:]
+    dims = len(spatial)
     names = feature_names(k, scales, 0 if image is None else image.shape[1])
     coef = dict(zip(names, np.asarray(coef, np.float32), strict=True))
-    sums = {}
-    for name, (row, f) in crs.items():
-        sums[f] = row * coef[name] if f not in sums else sums[f] + row * coef[name]
+    log_margin, labels = _margin_labels(z)
+    zc = _coarse(z.reshape(n * k, *spatial), "mean", 2)
+    log_ent = _log_entropy(zc.reshape(n, k, *zc.shape[1:]))
+    m2 = _coarse(log_margin, "mean", 2)
+    sums = {2: log_ent * coef["log_entropy"]}
+    for s in scales:
+        f = scale_factor(s)
+        key = f"{float(s):g}"
+        mix = m2 * coef[f"log_margin@{key}"]
+        mix += log_ent * coef[f"log_entropy@{key}"]
+        mix = _coarse(mix, "mean", f // 2)
+        sm = ndimage.gaussian_filter(mix, (0,) + (float(s) / f,) * dims, truncate=_TRUNCATE)
+        sums[f] = sm if f not in sums else sums[f] + sm
+    dist = _coarse_distance(labels) * coef["log_boundary_distance"]
+    sums[DIST_COARSE] = dist if DIST_COARSE not in sums else sums[DIST_COARSE] + dist
     acc, prev = None, None
     for f in sorted(sums, reverse=True):
         if acc is not None:  # onto the next finer grid
@@ -284,13 +294,14 @@ def log_temperature(z, scales, image, coef, intercept) -> np.ndarray:
     table = np.array([intercept] + [intercept + coef[f"class[{c}]"] for c in range(1, k)],
                      np.float32)
     out += np.take(table, labels)
-    out += fine["log_margin"] * coef["log_margin"]
-    for name, val in fine.items():
-        if name.startswith("intensity["):  # coef (x - mu) / sd as one multiply-add
-            img, mu, sd = val
-            g = coef[name] / sd
-            out += img * g
-            out -= mu * g
+    log_margin *= coef["log_margin"]
+    out += log_margin
+    if image is not None:  # coef (x - mu) / sd as one multiply-add per channel
+        img, mu, sd = _image_stats(image)
+        for c in range(image.shape[1]):
+            g = coef[f"intensity[{c}]"] / sd[:, c]
+            out += img[:, c] * g
+            out -= mu[:, c] * g
     return out
 
 
@@ -317,19 +328,35 @@ def scaled_softmax(z, a, log=False):
 
 
 # ---------------------------------------------------------------------- objective
-def local_objective(z, feats, y, w, alpha, bounds):
-    """``fun(theta) -> (penalised mean NLL, gradient)`` of the local temperature map.
+def local_objective(z, feats, y, w, alpha, bounds, top_weight=0.0, center=None):
+    """``fun(theta) -> (penalised loss, gradient)`` of the local temperature map.
 
     ``theta = (b, v)``: ``log T_i = clip(b + v . f_i, bounds)`` with ``f_i`` the (already
     standardised) features ``feats`` ``(F, n)`` of voxel ``i``; ``z`` is ``(K, n)``. With
-    ``a_i = exp(-log T_i)`` and ``p = softmax(a_i z_i)`` the voxel loss is
+    ``a_i = exp(-log T_i)`` and ``p = softmax(a_i z_i)`` the voxel NLL is
     ``L_i = logsumexp(a_i z_i) - a_i z_iy``, so ``dL_i/d log T_i = -a_i (sum_k p_ik z_ik -
-    z_iy)`` (zero where the clip is active). The penalty ``alpha * |v|^2`` pulls the map
-    towards a constant, i.e. towards the global temperature (``b`` is not penalised).
+    z_iy)`` (zero where the clip is active).
+
+    ``top_weight`` adds that many times the top-label log-loss, the NLL of the event "the
+    predicted class is right" under the confidence ``c_i = max_k p_ik``:
+    ``-log c_i`` where right, ``-log(1 - c_i)`` where wrong. Both are proper scoring rules;
+    the second one scores exactly what the top-label ECE bins. With ``u = a z`` shifted by its
+    maximum, ``log c = -log S``, ``log(1 - c) = log S' - log S`` (``S' `` the sum over the
+    classes other than the top one, computed from the second largest so it never
+    underflows), and ``d/d log T`` of ``log S`` and ``log S'`` is ``-a (E_p[z] - z_max)``
+    and ``-a (E_p'[z] - z_max)`` (``p'``: the softmax over the non-top classes).
+
+    The penalty ``alpha * (|v|^2 + (b - center)^2)`` pulls the map towards a constant, and
+    with ``center`` (the global log-temperature) towards the global temperature.
     """
     w = np.asarray(w, np.float64)
     wsum = float(w.sum())
-    zy = np.take_along_axis(z, y[None].astype(np.intp), axis=0)[0]
+    yi = y.astype(np.intp)
+    zy = np.take_along_axis(z, yi[None], axis=0)[0]
+    top_weight = float(top_weight)
+    if top_weight:
+        top = z.argmax(axis=0)
+        wrong = top != yi
     lo, hi = bounds
     # the voxel arrays stay in the inputs' precision (float32 in the calibrator: half the
     # memory traffic); the sums over voxels are float64
@@ -354,14 +381,33 @@ def local_objective(z, feats, y, w, alpha, bounds):
             u -= m
             np.exp(u, out=u)
             tot = u.sum(axis=0)
-            loss = m + np.log(tot) - a * zyc
-            f += float(np.dot(wc, loss.astype(np.float64)))
+            log_s = np.log(tot)
+            loss = m + log_s - a * zyc
             ez = np.einsum("ki,ki->i", u, zc) / tot  # sum_k p_k z_k
-            g = np.where(free, -a * (ez - zyc), 0).astype(np.float64) * wc
+            g = -a * (ez - zyc)
+            if top_weight:
+                wr = wrong[sl]
+                zmax = m / a
+                # the classes other than the top one, shifted by the second largest
+                v2 = zc * a
+                np.put_along_axis(v2, top[sl][None], -np.inf, axis=0)
+                m2 = v2.max(axis=0)
+                v2 -= m2
+                np.exp(v2, out=v2)
+                tot2 = v2.sum(axis=0)
+                log_s2 = (m2 - m) + np.log(tot2)  # log S' with the same shift as log S
+                ez2 = np.einsum("ki,ki->i", v2, zc) / tot2
+                d_s = -a * (ez - zmax)
+                d_s2 = -a * (ez2 - zmax)
+                loss += top_weight * np.where(wr, log_s - log_s2, log_s)
+                g += top_weight * np.where(wr, d_s - d_s2, d_s)
+            f += float(np.dot(wc, loss.astype(np.float64)))
+            g = np.where(free, g, 0).astype(np.float64) * wc
             gb += float(g.sum())
             gv += (fc @ g.astype(dt)).astype(np.float64)
-        obj = f / wsum + alpha * float(v @ v)
-        grad = np.concatenate([[gb / wsum], gv / wsum + 2 * alpha * v])
+        db = 0.0 if center is None else b - float(center)
+        obj = f / wsum + alpha * (float(v @ v) + db * db)
+        grad = np.concatenate([[gb / wsum + 2 * alpha * db], gv / wsum + 2 * alpha * v])
         return obj, grad
 
     return fun
