@@ -15,18 +15,13 @@ feature, typicality and atlas functions that lived in this module).
 
 from __future__ import annotations
 
+import importlib
 import numbers
 import os
 
 import numpy as np
 from scipy.special import expit, logit
-from sklearn.base import BaseEstimator, clone
-from sklearn.ensemble import ExtraTreesRegressor, VotingRegressor
-from sklearn.linear_model import RidgeCV
-from sklearn.multioutput import MultiOutputRegressor
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.utils import get_tags
+from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import run
@@ -34,35 +29,31 @@ from uqseg._validation import check_images, check_labels
 from uqseg.metrics.quality import quality_report
 from uqseg.metrics.segmentation import dice_score, iou_score
 from uqseg.quality_atlas import (
-    ATLAS_ANGLES,
-    ATLAS_FOLDS,
-    ATLAS_GRID,
     atlas_agreement,
     atlas_bank,
-    atlas_blocks,
     atlas_cross_fit,
     atlas_maps,
     atlas_names,
     label_key,
+    resolve_atlas,
 )
-from uqseg.quality_cnn import QualityNetwork, check_quality_output
 from uqseg.quality_features import (
     QualityFeatures,
     check_n_bins,
     check_uncertainty,
     chunks,
-    feature_names,
-    is_ensemble,
     maps_input,
-    quality_features,
     resolve_uncertainty,
 )
+from uqseg.quality_regressors import (
+    QualityNetwork,
+    check_quality_output,
+    default_regressor,
+    resolve_regressor,
+)
 from uqseg.quality_typicality import (
-    TYPICALITY_GRID,
-    TYPICALITY_K,
     TYPICALITY_NAMES,
-    _feature_member,
-    _typicality_layer,
+    resolve_typicality,
     signature,
     typicality_distances,
     typicality_layer,
@@ -74,43 +65,32 @@ __all__ = ["QualityRegressor", "atlas_agreement", "atlas_bank", "atlas_maps",  #
            "default_regressor",
            "make_quality_set", "maps_input", "typicality_distances", "TARGETS"]
 
-# names that lived here before the split (tests, benchmarks, saved-folder checks use them)
-_is_ensemble = is_ensemble
-_features = quality_features
-_atlas_fit = atlas_cross_fit
-_atlas_split = atlas_blocks
-_REEXPORTED = (ATLAS_ANGLES, ATLAS_FOLDS, ATLAS_GRID, TYPICALITY_GRID, TYPICALITY_K,
-               QualityFeatures, atlas_names, feature_names, _feature_member, _typicality_layer)
-
 TARGETS = ("dice", "iou")
 TARGET_TRANSFORMS = ("identity", "logit")
 REGRESSOR_INPUTS = ("auto", "features", "maps")
 _EPS = 1e-3  # logit targets are clipped to [eps, 1 - eps]
 
 
+# names that lived here before the split, still importable from here (tests, benchmarks and
+# the checks of saved folders use some); uqseg.datasets is imported on first use only
+_MOVED = {
+    "make_quality_set": "uqseg.datasets:make_quality_set",
+    "feature_names": "uqseg.quality_features:feature_names",
+    "_features": "uqseg.quality_features:quality_features",
+    "_is_ensemble": "uqseg.quality_features:is_ensemble",
+    "_atlas_fit": "uqseg.quality_atlas:atlas_cross_fit",
+    "_atlas_split": "uqseg.quality_atlas:atlas_blocks",
+    **{n: f"uqseg.quality_atlas:{n}" for n in ("ATLAS_ANGLES", "ATLAS_FOLDS", "ATLAS_GRID")},
+    **{n: f"uqseg.quality_typicality:{n}" for n in (
+        "TYPICALITY_GRID", "TYPICALITY_K", "_feature_member", "_typicality_layer")},
+}
+
+
 def __getattr__(name):
-    # make_quality_set moved to uqseg.datasets, which is imported on first use only
-    if name == "make_quality_set":
-        from uqseg.datasets import make_quality_set
-
-        return make_quality_set
+    if name in _MOVED:
+        module, attr = _MOVED[name].split(":")
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'uqseg.quality' has no attribute {name!r}")
-
-
-def default_regressor() -> VotingRegressor:
-    """The feature regressor ``QualityRegressor(regressor=None)`` uses.
-
-    The mean of extra trees and a standardised ridge regression (``VotingRegressor``; wrapped
-    per output in ``MultiOutputRegressor`` by the estimator). Trees fit the kinds of failure they
-    were shown closely but cannot extrapolate; the linear part can, so the average generalises
-    better to degradations absent from the fitting set. Chosen by leave-one-degradation-kind-out
-    cross-validation on the fitting set (``docs/quality.md``).
-    """
-    trees = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
-                                random_state=0, n_jobs=1)
-    linear = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    return VotingRegressor([("trees", trees), ("linear", linear)])
-
 
 
 # --------------------------------------------------------------------------- estimator
@@ -159,32 +139,23 @@ class QualityRegressor(BaseEstimator):
         ``"auto"``: maps for an ONNX path, features otherwise. Training on maps holds all of
         them in memory (``N x (C + K + 1)`` float32 images); an ONNX network runs chunk by chunk.
     typicality : {"auto", True, False}, default="auto"
-        Add two *typicality* features (feature regressor only): the distance of the image's
-        spectral signature (:func:`uqseg.ood.spectral_signature` of the ``decoder_last`` feature
-        maps of the segmenter, or of an ensemble's first member, pooled to 16 x 16, as
-        :class:`uqseg.SpectralOODDetector` computes it) to its nearest reference signature and
-        the mean distance to the 5 nearest (:func:`typicality_distances`). A single
-        ``OnnxSegmenter`` gives logits and features in one pass; an ensemble runs its first
-        member a second time (about ``1 / n_members`` more inference). ``"auto"``: on when the
-        regressor reads features and the segmenter (or an ensemble's first member) exposes a
-        feature layer through ``run(X, layers)``, off otherwise; ``True`` makes either missing
-        an error. Chosen by the leave-one-kind-out check of ``docs/quality.md``, where it lowers
-        the error on unfitted degradation kinds.
+        Add two *typicality* features (feature regressor only, :mod:`uqseg.quality_typicality`):
+        the distance of the image's spectral signature (of the ``decoder_last`` feature maps of
+        the segmenter, or of an ensemble's feature member, from the same pass) to the nearest
+        reference signature and the mean distance to the 5 nearest. ``"auto"``: on when the
+        regressor reads features and the segmenter exposes a feature layer through
+        ``run(X, layers)``; ``True`` makes either missing an error. It lowers the error on
+        unfitted degradation kinds (``docs/quality.md``).
     atlas : {"auto", True, False}, default="auto"
-        Add ``K`` *atlas agreement* features (feature regressor, 2-D images): how well the
-        predicted label map matches the fitting set's ground-truth label maps in the best
-        in-plane pose (:func:`atlas_agreement`: centroid-aligned, rotations every 15 degrees,
-        per class and jointly). A prediction that puts tissue where no reference has it (a
-        confident, consistent failure that uncertainty does not show) scores low. At fit
-        time each image is compared only with references outside its own block of 5
-        contiguous blocks of distinct label maps, so its own (and its neighbouring slices')
-        truth is never used. The blocks are built over ``groups`` of :meth:`fit` (the source
-        of each image); without them identical label maps form a group, which does not join
-        an image with its rotated copies, whose truth then leaks across blocks (measured: it
-        makes predictions worse). ``"auto"``: on when ``groups`` is given, the images are 2-D,
-        the regressor reads features and the labels hold at least 2 distinct maps; ``True``
-        also without ``groups`` (safe when no fitting image is a moved copy of another) and
-        makes the other conditions errors. Measured in ``docs/quality.md``.
+        Add ``K`` *atlas agreement* features (feature regressor, 2-D images,
+        :mod:`uqseg.quality_atlas`): the best soft Dice, over in-plane poses, of the predicted
+        label map with the fitting set's ground-truth maps, per class and jointly; a
+        confident, consistent failure that uncertainty does not show scores low. At fit time
+        an image meets only references outside its own of 5 contiguous blocks of ``groups``
+        of :meth:`fit` (without them, of distinct label maps, which lets a rotated copy's
+        truth leak: measured worse). ``"auto"``: on when ``groups`` is given, the images are
+        2-D, the regressor reads features and ``y`` holds at least 2 distinct maps; ``True``
+        also without ``groups`` and makes the other conditions errors.
     reference : array of shape (M, C, *spatial), list of arrays or None, default=None
         Clean images whose signatures are the reference (no labels needed; pass them
         intensity-normalised like the images to score, e.g. the clean copies
@@ -266,25 +237,6 @@ class QualityRegressor(BaseEstimator):
     def _resolve_estimator(self, X):
         return resolve_segmenter(self.estimator, X, requires=("predict_proba",))
 
-    def _resolve_regressor(self, n_out: int):
-        reg = self.regressor
-        if isinstance(reg, (str, os.PathLike)):
-            if self.regressor_input == "features":
-                raise ValueError("regressor is an ONNX path, which reads maps; "
-                                 "regressor_input='features' cannot apply")
-            return os.fspath(reg), "maps"
-        if reg is None:
-            reg = default_regressor()
-        if not (callable(getattr(reg, "fit", None)) and callable(getattr(reg, "predict", None))):
-            raise TypeError("regressor must be None, a path to an ONNX quality network or an "
-                            f"object with fit and predict, got {type(reg).__name__}")
-        kind = "maps" if self.regressor_input == "maps" else "features"
-        reg = clone(reg) if hasattr(reg, "get_params") else reg
-        if kind == "features" and n_out > 1 and isinstance(reg, BaseEstimator):
-            if not get_tags(reg).target_tags.multi_output:
-                reg = MultiOutputRegressor(reg)
-        return reg, kind
-
     # ----------------------------------------------------------------- inference
     def _maps(self, X, signatures=False):
         """Yield ``(slice, X chunk, proba, uncertainty, signatures or None)`` over chunks, one
@@ -311,40 +263,8 @@ class QualityRegressor(BaseEstimator):
             cache["bank"] = atlas_bank(self.atlas_maps_)
         return cache["bank"]
 
-    def _resolve_atlas(self, X, groups) -> bool:
-        """``atlas`` resolved before fitting (the distinct-map count is checked after)."""
-        auto = isinstance(self.atlas, str)
-        if (not auto and not self.atlas) or (auto and groups is None):
-            return False
-        why = None
-        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
-            why = "the feature regressor (regressor_input 'features' or 'auto', not an ONNX path)"
-        elif (X[0].ndim if isinstance(X, list) else X.ndim - 1) != 3:
-            why = "2-D images (N, C, H, W)"
-        if why is None:
-            return True
-        if auto:
-            return False
-        raise ValueError(f"atlas=True needs {why}")
-
-    def _resolve_typicality(self, est) -> bool:
-        """``typicality`` resolved: ``"auto"`` is on where it can apply, ``True`` raises where
-        it cannot."""
-        auto = isinstance(self.typicality, str)  # "auto", checked in _check_params
-        if not auto and not self.typicality:
-            return False
-        if self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike)):
-            if auto:
-                return False
-            raise ValueError("typicality=True adds features: it needs the feature regressor "
-                             "(regressor_input 'features' or 'auto', not an ONNX path)")
-        try:
-            _feature_member(est)
-        except (TypeError, ValueError):
-            if auto:
-                return False
-            raise
-        return True
+    def _reads_maps(self) -> bool:
+        return self.regressor_input == "maps" or isinstance(self.regressor, (str, os.PathLike))
 
     def _typicality(self, sig):
         return typicality_distances(sig, self.reference_signatures_)
@@ -396,8 +316,8 @@ class QualityRegressor(BaseEstimator):
         for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_",
                      "atlas_blocks_", "_atlas_cache"):
             self.__dict__.pop(attr, None)
-        typ = self.typicality_ = self._resolve_typicality(est)
-        use_atlas = self._resolve_atlas(X, groups)
+        typ = self.typicality_ = resolve_typicality(self.typicality, est, self._reads_maps())
+        use_atlas = resolve_atlas(self.atlas, X, groups, self._reads_maps())
         pmaps, ymaps, ykeys = [], [], []
         if typ:
             self.typicality_layer_ = typicality_layer(est)
@@ -414,7 +334,8 @@ class QualityRegressor(BaseEstimator):
                 self.n_classes_ = int(k)
                 self._runner = None
                 base = self._base_features()
-                reg, self.input_kind_ = self._resolve_regressor(k - 1)
+                reg, self.input_kind_ = resolve_regressor(self.regressor, self.regressor_input,
+                                                          k - 1)
             targets.append(self._targets(proba.argmax(axis=1), yb, k))
             feats.append(base.transform_maps(xb, proba, unc))
             if use_atlas:

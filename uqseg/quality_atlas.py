@@ -28,6 +28,24 @@ def atlas_names(n_classes: int) -> list[str]:
     return [f"atlas_dice_c{c}" for c in range(1, n_classes)] + ["atlas_dice_joint"]
 
 
+def resolve_atlas(atlas, X, groups, reads_maps: bool) -> bool:
+    """``atlas`` of :class:`uqseg.QualityRegressor` resolved before fitting (the count of
+    distinct label maps is checked after)."""
+    auto = isinstance(atlas, str)
+    if (not auto and not atlas) or (auto and groups is None):
+        return False
+    why = None
+    if reads_maps:
+        why = "the feature regressor (regressor_input 'features' or 'auto', not an ONNX path)"
+    elif (X[0].ndim if isinstance(X, list) else X.ndim - 1) != 3:
+        why = "2-D images (N, C, H, W)"
+    if why is None:
+        return True
+    if auto:
+        return False
+    raise ValueError(f"atlas=True needs {why}")
+
+
 def atlas_maps(labels, n_classes: int) -> np.ndarray:
     """Foreground class maps of 2-D label maps, pooled and centred for :func:`atlas_agreement`.
 

@@ -60,6 +60,26 @@ def typicality_layer(est) -> str:
     return _typicality_layer(_feature_member(est))
 
 
+def resolve_typicality(typicality, est, reads_maps: bool) -> bool:
+    """``typicality`` of :class:`uqseg.QualityRegressor` resolved: ``"auto"`` is on where it can
+    apply, ``True`` raises where it cannot (a regressor reading maps, no feature layer)."""
+    auto = isinstance(typicality, str)  # "auto", checked by the estimator
+    if not auto and not typicality:
+        return False
+    if reads_maps:
+        if auto:
+            return False
+        raise ValueError("typicality=True adds features: it needs the feature regressor "
+                         "(regressor_input 'features' or 'auto', not an ONNX path)")
+    try:
+        _feature_member(est)
+    except (TypeError, ValueError):
+        if auto:
+            return False
+        raise
+    return True
+
+
 def signature(feature_maps) -> np.ndarray:
     """Spectral signatures ``(N, L)`` of feature maps ``(N, L, *spatial)``."""
     from uqseg.ood import spectral_signature

@@ -1,0 +1,115 @@
+"""The second stage of quality prediction: what turns features or maps into qualities.
+
+:func:`default_regressor` reads the feature table; any scikit-learn regressor may replace it
+(:func:`resolve_regressor`). The DeVries & Taylor quality CNN, an ONNX file exported by
+``uqseg.training.quality_net`` (or any network with the same interface), reads
+:func:`uqseg.quality_features.maps_input` ``(N, C + K + 1, *spatial)`` and outputs ``(N, K - 1)``
+qualities in ``[0, 1]``: :class:`QualityNetwork` checks that interface and runs the file through
+the inference layer (``uqseg._network``). ``QualityRegressor(regressor=...)`` uses all three.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.ensemble import ExtraTreesRegressor, VotingRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import get_tags
+
+from uqseg._network import OnnxNetwork
+
+__all__ = ["QualityNetwork", "check_quality_output", "default_regressor", "resolve_regressor"]
+
+
+def default_regressor() -> VotingRegressor:
+    """The feature regressor ``QualityRegressor(regressor=None)`` uses.
+
+    The mean of extra trees and a standardised ridge regression (``VotingRegressor``; wrapped
+    per output in ``MultiOutputRegressor`` by the estimator). Trees fit the kinds of failure they
+    were shown closely but cannot extrapolate; the linear part can, so the average generalises
+    better to degradations absent from the fitting set. Chosen by leave-one-degradation-kind-out
+    cross-validation on the fitting set (``docs/quality.md``).
+    """
+    trees = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
+                                random_state=0, n_jobs=1)
+    linear = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    return VotingRegressor([("trees", trees), ("linear", linear)])
+
+
+def resolve_regressor(regressor, regressor_input: str, n_out: int):
+    """``(regressor, "features" or "maps")``: an ONNX path as a string (reads maps), ``None``
+    as :func:`default_regressor`, a scikit-learn regressor cloned (and wrapped in
+    ``MultiOutputRegressor`` when it reads features, has no native multi-output support and
+    ``n_out > 1``)."""
+    reg = regressor
+    if isinstance(reg, (str, os.PathLike)):
+        if regressor_input == "features":
+            raise ValueError("regressor is an ONNX path, which reads maps; "
+                             "regressor_input='features' cannot apply")
+        return os.fspath(reg), "maps"
+    if reg is None:
+        reg = default_regressor()
+    if not (callable(getattr(reg, "fit", None)) and callable(getattr(reg, "predict", None))):
+        raise TypeError("regressor must be None, a path to an ONNX quality network or an "
+                        f"object with fit and predict, got {type(reg).__name__}")
+    kind = "maps" if regressor_input == "maps" else "features"
+    reg = clone(reg) if hasattr(reg, "get_params") else reg
+    if kind == "features" and n_out > 1 and isinstance(reg, BaseEstimator):
+        if not get_tags(reg).target_tags.multi_output:
+            reg = MultiOutputRegressor(reg)
+    return reg, kind
+
+
+def check_quality_output(out, n_images: int, n_classes: int) -> np.ndarray:
+    """``out`` as float64 ``(N, K - 1)`` clipped to ``[0, 1]``; another shape is an error."""
+    want = (n_images, n_classes - 1)
+    out = np.asarray(out, dtype=np.float64)
+    if out.ndim == 1 and want[1] == 1:
+        out = out[:, None]
+    if out.shape != want:
+        raise ValueError(f"the quality regressor must output shape (N, K - 1) = {want}, "
+                         f"got {out.shape}")
+    return np.clip(out, 0.0, 1.0)
+
+
+class QualityNetwork:
+    """A pretrained ONNX quality network (not retrained), loaded on first use.
+
+    Parameters
+    ----------
+    path : str or path-like
+    n_classes : int
+        Classes of the segmenter whose maps it reads (it outputs ``n_classes - 1`` qualities).
+    """
+
+    def __init__(self, path, n_classes: int):
+        self.path = os.fspath(path)
+        self.n_classes = int(n_classes)
+        self._net = OnnxNetwork(self.path, who=f"the ONNX regressor {self.path!r}", what="maps")
+
+    def check(self, sample: np.ndarray) -> None:
+        """Clear errors when the network cannot read maps like ``sample`` (N, C + K + 1, ...)
+        or does not output ``(N, K - 1)``."""
+        who = f"the ONNX regressor {self.path!r}"
+        names = self._net.input_names
+        if len(names) != 1:
+            raise ValueError(f"{who} must take one input (the stacked maps), it takes {names}")
+        want_c = sample.shape[1]
+        shape = self._net.input_shape()
+        if shape is not None and len(shape) != sample.ndim:
+            raise ValueError(f"{who} takes rank-{len(shape)} input, expected "
+                             f"(N, C + K + 1, *spatial) of rank {sample.ndim}")
+        if shape is not None and shape[1] is not None and shape[1] != want_c:
+            raise ValueError(
+                f"{who} takes {shape[1]} input channels, expected {want_c} = image channels + "
+                f"{self.n_classes} class probabilities + 1 uncertainty map")
+        self.predict(sample[:1])
+
+    def predict(self, maps: np.ndarray) -> np.ndarray:
+        """Qualities ``(N, K - 1)`` in ``[0, 1]`` of stacked maps ``(N, C + K + 1, *spatial)``."""
+        return check_quality_output(self._net(maps), maps.shape[0], self.n_classes)
