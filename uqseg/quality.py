@@ -25,9 +25,8 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import run
-from uqseg._validation import check_images, check_labels
+from uqseg._validation import check_images
 from uqseg.metrics.quality import quality_report
-from uqseg.metrics.segmentation import dice_score, iou_score
 from uqseg.quality_atlas import (
     atlas_agreement,
     atlas_bank,
@@ -47,8 +46,12 @@ from uqseg.quality_features import (
 )
 from uqseg.quality_regressors import (
     QualityNetwork,
+    check_fit_labels,
     check_quality_output,
+    chunk_labels,
     default_regressor,
+    flag_quality,
+    quality_targets,
     resolve_regressor,
 )
 from uqseg.quality_typicality import (
@@ -269,11 +272,6 @@ class QualityRegressor(BaseEstimator):
     def _typicality(self, sig):
         return typicality_distances(sig, self.reference_signatures_)
 
-    def _targets(self, proba_pred, y, k):
-        fn = dice_score if self.target == "dice" else iou_score
-        # NaN = class absent from prediction and truth alike
-        return np.nan_to_num(fn(proba_pred, y, n_classes=k), nan=float(self.empty_score))
-
     # ----------------------------------------------------------------- public API
     def fit(self, X, y, groups=None):
         """Run the segmenter once on ``X``, compute the true quality and fit the regressor.
@@ -303,14 +301,7 @@ class QualityRegressor(BaseEstimator):
                                  f"got shape {groups.shape}")
         est = self._resolve_estimator(X)
         kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__)
-        shapes = [x.shape[1:] for x in X] if isinstance(X, list) else None
-        if isinstance(X, list):
-            if not isinstance(y, (list, tuple)):
-                raise TypeError("X is a list of images, so y must be a list of label maps, got "
-                                f"{type(y).__name__}")
-            y = check_labels(list(y), shapes=shapes)
-        else:
-            y = check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
+        y = check_fit_labels(X, y)
         self.estimator_ = est
         self.uncertainty_kind_ = kind
         for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_",
@@ -324,19 +315,15 @@ class QualityRegressor(BaseEstimator):
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
         for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
             k = proba.shape[1]
-            yb = y[sl] if not isinstance(y, list) else [y[i] for i in range(sl.start, sl.stop)]
-            yb = np.asarray(yb)
-            hi = int(yb.max())
-            if yb.min() < 0 or hi >= k:
-                raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
-                                 f"predicts {k} classes (valid labels 0..{k - 1})")
+            yb = chunk_labels(y, sl, k)
             if reg is None:
                 self.n_classes_ = int(k)
                 self._runner = None
                 base = self._base_features()
                 reg, self.input_kind_ = resolve_regressor(self.regressor, self.regressor_input,
                                                           k - 1)
-            targets.append(self._targets(proba.argmax(axis=1), yb, k))
+            targets.append(quality_targets(proba.argmax(axis=1), yb, k, self.target,
+                                           self.empty_score))
             feats.append(base.transform_maps(xb, proba, unc))
             if use_atlas:
                 pmaps.append(atlas_maps(proba.argmax(axis=1), k))
@@ -472,15 +459,8 @@ class QualityRegressor(BaseEstimator):
         ndarray of bool, shape (N,)
         """
         check_is_fitted(self)
-        if isinstance(min_dice, bool) or not isinstance(min_dice, numbers.Real) \
-                or not 0 <= min_dice <= 1:
-            raise ValueError(f"min_dice must be a number in [0, 1], got {min_dice!r}")
-        if reduce not in ("any", "mean"):
-            raise ValueError(f"reduce must be 'any' or 'mean', got {reduce!r}")
-        q = self.predict(X)
-        if self.target == "iou":
-            q = 2 * q / (1 + q)
-        return (q < min_dice).any(axis=1) if reduce == "any" else q.mean(axis=1) < min_dice
+        flag_quality(np.zeros((1, 1)), self.target, min_dice, reduce)  # bad arguments first
+        return flag_quality(self.predict(X), self.target, min_dice, reduce)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -303,8 +303,7 @@ class QualityFeatures(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        check_uncertainty(self.uncertainty)
-        check_n_bins(self.n_bins)
+        self._check_params()
         X = check_images(X)
         est = resolve_segmenter(self.estimator, X, requires=("predict_proba",))
         kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__)
@@ -313,6 +312,10 @@ class QualityFeatures(TransformerMixin, BaseEstimator):
             k = np.asarray(run(est, X[:1], maps=())["proba"]).shape[1]
         self._set_fitted(est, kind, int(k))
         return self
+
+    def _check_params(self):
+        check_uncertainty(self.uncertainty)
+        check_n_bins(self.n_bins)
 
     def _set_fitted(self, est, kind: str, n_classes: int) -> QualityFeatures:
         self.estimator_, self.uncertainty_kind_, self.n_classes_ = est, kind, n_classes

@@ -10,6 +10,7 @@ the inference layer (``uqseg._network``). ``QualityRegressor(regressor=...)`` us
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -22,6 +23,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import get_tags
 
 from uqseg._network import OnnxNetwork
+from uqseg._validation import check_labels
+from uqseg.metrics.segmentation import dice_score, iou_score
 
 __all__ = ["QualityNetwork", "check_quality_output", "default_regressor", "resolve_regressor"]
 
@@ -113,3 +116,43 @@ class QualityNetwork:
     def predict(self, maps: np.ndarray) -> np.ndarray:
         """Qualities ``(N, K - 1)`` in ``[0, 1]`` of stacked maps ``(N, C + K + 1, *spatial)``."""
         return check_quality_output(self._net(maps), maps.shape[0], self.n_classes)
+
+
+# --------------------------------------------------------------------------- shared by estimators
+def check_fit_labels(X, y):
+    """``y`` checked against images ``X`` (a list of label maps for a list of images)."""
+    if isinstance(X, list):
+        if not isinstance(y, (list, tuple)):
+            raise TypeError("X is a list of images, so y must be a list of label maps, got "
+                            f"{type(y).__name__}")
+        return check_labels(list(y), shapes=[x.shape[1:] for x in X])
+    return check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
+
+
+def chunk_labels(y, sl: slice, k: int) -> np.ndarray:
+    """The labels of chunk ``sl``, checked to lie in ``[0, k)``."""
+    yb = np.asarray(y[sl] if not isinstance(y, list) else y[sl.start:sl.stop])
+    hi = int(yb.max())
+    if yb.min() < 0 or hi >= k:
+        raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
+                         f"predicts {k} classes (valid labels 0..{k - 1})")
+    return yb
+
+
+def quality_targets(pred, y, k: int, target: str, empty_score: float) -> np.ndarray:
+    """True per-class Dice (or IoU) ``(N, K - 1)``; ``empty_score`` where a class is absent from
+    prediction and truth alike (NaN)."""
+    fn = dice_score if target == "dice" else iou_score
+    return np.nan_to_num(fn(pred, y, n_classes=k), nan=float(empty_score))
+
+
+def flag_quality(q: np.ndarray, target: str, min_dice, reduce: str) -> np.ndarray:
+    """Images whose predicted Dice (IoU converted) lies below ``min_dice`` (see ``flag``)."""
+    if isinstance(min_dice, bool) or not isinstance(min_dice, numbers.Real) \
+            or not 0 <= min_dice <= 1:
+        raise ValueError(f"min_dice must be a number in [0, 1], got {min_dice!r}")
+    if reduce not in ("any", "mean"):
+        raise ValueError(f"reduce must be 'any' or 'mean', got {reduce!r}")
+    if target == "iou":
+        q = 2 * q / (1 + q)
+    return (q < min_dice).any(axis=1) if reduce == "any" else q.mean(axis=1) < min_dice
