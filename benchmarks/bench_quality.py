@@ -44,25 +44,25 @@ from sklearn.neighbors import KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from uqseg import OnnxSegmenter, datasets
+from uqseg import OnnxSegmenter, QualityRegressor, datasets
+from uqseg.datasets import make_quality_set
 from uqseg.metrics import quality_report
 from uqseg.ood import adaptive_avg_pool
-from uqseg.quality import (
+from uqseg.quality import default_regressor
+from uqseg.quality_atlas import (
     ATLAS_FOLDS,
     ATLAS_GRID,
-    TYPICALITY_NAMES,
-    QualityRegressor,
-    _atlas_fit,
-    _atlas_split,
-    _feature_member,
-    _features,
-    _typicality_layer,
     atlas_agreement,
+    atlas_blocks,
+    atlas_cross_fit,
     atlas_maps,
-    default_regressor,
-    make_quality_set,
-    maps_input,
+)
+from uqseg.quality_features import feature_names, maps_input
+from uqseg.quality_typicality import (
+    TYPICALITY_NAMES,
     typicality_distances,
+    typicality_layer,
+    typicality_signatures,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,9 +126,13 @@ def cached_pass(seg, X, name, cache_dir, chunk=32):
 
 
 class CachedEnsemble(BaseEstimator):
-    """Serves :meth:`predict_with_uncertainty` from :func:`cached_pass` results, so that
-    ``QualityRegressor`` runs its own code path without rerunning the ensemble. Images are
-    looked up by digest; an image not in the cache is an error."""
+    """A segmenter of the protocol (``run``, ``feature_layers_``, ``MAPS``) that serves the
+    probabilities and mutual information from :func:`cached_pass` results, so that
+    ``QualityRegressor`` runs its own code path without rerunning the ensemble; feature maps
+    come from the live ensemble's feature member. Images are looked up by digest; an image not
+    in the cache is an error."""
+
+    MAPS = ("mutual_information",)
 
     def __init__(self, seg, caches):
         self.seg, self.caches = seg, caches
@@ -143,40 +147,45 @@ class CachedEnsemble(BaseEstimator):
         return self
 
     @property
-    def members_(self):  # the live members: typicality runs the first one on the images
-        return self.seg.members_
+    def feature_layers_(self):
+        return self.seg.feature_layers_
 
-    def _rows(self, X):
-        return [self._where[_digest(x)] for x in X]
+    @property
+    def layer_roles_(self):
+        return self.seg.layer_roles_
 
-    def predict_with_uncertainty(self, X, kinds=("mutual_information",)):
-        rows = self._rows(X)
-        proba = np.stack([self._caches[c][1]["proba"][i] for c, i in rows])
-        maps = {}
-        for kd in kinds:
-            if kd != "mutual_information":
+    def _cached(self, X, key):
+        return np.stack([self._caches[c][1][key][i]
+                         for c, i in (self._where[_digest(x)] for x in X)])
+
+    def run(self, X, layers=(), maps=(), *, proba=True):
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        # the feature member alone, as the ensemble itself runs it for features only
+        out = self.seg.run(X, layers=layers, proba=False) if layers else {}
+        if proba:
+            out["proba"] = self._cached(X, "proba")
+        for kd in [maps] if isinstance(maps, str) else maps:
+            if kd not in self.MAPS:
                 raise ValueError(f"only mutual information is cached, not {kd!r}")
-            maps[kd] = np.stack([self._caches[c][1]["mutual_information"][i] for c, i in rows])
-        return proba, maps
-
-    def predict_members(self, X):  # marks the object as an ensemble for QualityRegressor
-        raise NotImplementedError("served from the cache: use predict_with_uncertainty")
+            out[kd] = self._cached(X, kd)
+        return out
 
     def predict_proba(self, X):
-        return self.predict_with_uncertainty(X)[0]
+        return self._cached(X, "proba")
 
 
-def collect(qr, X):
-    """Features without typicality, the estimator's own feature rows, CNN maps (float16) and
-    predicted labels from one inference pass."""
-    feats, rows, maps, preds = [], [], [], []
-    for _, xb, p, u, s in qr._maps(X, signatures=True):
-        feats.append(_features(xb, p, u, qr.uncertainty_kind_, int(qr.n_bins)))
-        rows.append(qr._row_features(xb, p, u, s))
-        maps.append(maps_input(xb, p, u, qr.uncertainty_kind_).astype(np.float16))
-        preds.append(p.argmax(axis=1))
-    return (np.concatenate(feats), np.concatenate(rows), np.concatenate(maps),
-            np.concatenate(preds))
+def collect(qr, seg, X, chunk=32):
+    """Features without typicality or atlas (the first columns), the estimator's own feature
+    rows, CNN maps (float16) and predicted labels (``seg``'s pass served from the cache)."""
+    kind = qr.uncertainty_kind_
+    rows = qr.features(X)
+    maps, preds = [], []
+    for s in range(0, len(X), chunk):
+        out = seg.run(X[s:s + chunk], maps=(kind,))
+        maps.append(maps_input(X[s:s + chunk], out["proba"], out[kind], kind).astype(np.float16))
+        preds.append(np.asarray(out["proba"]).argmax(axis=1))
+    n_base = len(feature_names(qr.n_classes_, kind, int(qr.n_bins)))
+    return rows[:, :n_base], rows, np.concatenate(maps), np.concatenate(preds)
 
 
 def true_quality(pred, y, k):
@@ -246,12 +255,10 @@ def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held,
     """Typicality features (distance of the first member's spectral signature to clean
     reference images): leave-one-kind-out CV on the fitting set, then the test set once."""
     clean = info_v["corruption"] == "none"
-    probe = QualityRegressor(seg, typicality=True)
-    probe.estimator_ = seg
-    probe.typicality_layer_ = _typicality_layer(_feature_member(seg))
+    layer = typicality_layer(seg)
     t0 = time.perf_counter()
-    S_v = probe._reference_signatures(Xvw)
-    S_t = probe._reference_signatures(Xtw)
+    S_v = typicality_signatures(seg, Xvw, layer)
+    S_t = typicality_signatures(seg, Xtw, layer)
     t_sig = (time.perf_counter() - t0) / (len(Xvw) + len(Xtw))
     arms = {"off": (F_v, F_t),
             "reference=clean fit images": (
@@ -260,7 +267,7 @@ def typicality_experiment(seg, Xvw, yvw, info_v, Xtw, F_v, T_v, F_t, T_te, held,
             "reference=None (leave-one-out)": (
                 np.hstack([F_v, typicality_distances(S_v, S_v)]),
                 np.hstack([F_t, typicality_distances(S_t, S_v)]))}
-    out = {"layer": probe.typicality_layer_, "features": list(TYPICALITY_NAMES),
+    out = {"layer": layer, "features": list(TYPICALITY_NAMES),
            "signature_seconds_per_image_first_member": t_sig, "arms": {}}
     for name, (Fv, Ft) in arms.items():
         out["arms"][name], p = feature_arm(Fv, Ft, T_v, T_te, held, info_v, info_t)
@@ -281,14 +288,14 @@ def atlas_experiment(qr, pred_v, yvw, info_v, pred_t, T_v, T_te, held, info_t, F
     k = qr.n_classes_
     keys = [_digest(v) for v in yvw]
     src = info_v["source"]  # groups: copies of one source slice never serve each other
-    A_v, refs, ref_block = _atlas_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys, src)
+    A_v, refs, ref_block = atlas_cross_fit(atlas_maps(pred_v, k), atlas_maps(yvw, k), keys, src)
     A_t = atlas_agreement(atlas_maps(pred_t, k), refs, blocks=ref_block)
 
     def fixed_pose(lab):  # pooled class maps as they lie: no centring, one pose
         oh = np.stack([lab == c for c in range(1, k)], axis=1).astype(np.float32)
         return adaptive_avg_pool(oh, ATLAS_GRID).astype(np.float32)
 
-    keep, block = _atlas_split(keys, src)
+    keep, block = atlas_blocks(keys, src)
     one_pose = fixed_pose(yvw[keep]).reshape(1, len(keep), k - 1, -1)  # a bank of one angle
     N_v = atlas_agreement(fixed_pose(pred_v), None, block[:, None] == block[keep][None, :],
                           bank=one_pose)
@@ -421,9 +428,9 @@ def main(argv=None):
     qr = QualityRegressor(cseg).fit(Xvw, yvw, groups=info_v["source"])  # as docs/quality.md
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    F_t, rows_t, maps_t, pred_t = collect(qr, Xtw)
-    pred = qr._predict_features(rows_t)
+    pred = qr.predict(Xtw)
     t_pred = time.perf_counter() - t0
+    F_t, rows_t, maps_t, pred_t = collect(qr, cseg, Xtw)
     # the same regressor on the live ensemble gives the same predictions
     qr_live = copy.copy(qr)
     qr_live.estimator_ = seg
@@ -436,7 +443,7 @@ def main(argv=None):
           flush=True)
     worst = worst_images(pred, T_te, info_t)
 
-    F_v, rows_v, maps_v, pred_v = collect(qr, Xvw)
+    F_v, rows_v, maps_v, pred_v = collect(qr, cseg, Xvw)
     T_v = true_quality(pred_v, yvw, k)
     # --- regressor choice by grouped CV on the fitting set; the same models on the test set
     cv = cv_compare(F_v, T_v, groups=info_v["source"], kinds=info_v["corruption"])

@@ -145,3 +145,22 @@ def make_wrong_rank() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def make_quality_net(in_channels: int, n_out: int, rank: int = 4, seed: int = 0):
+    """A toy quality CNN: GlobalAveragePool -> Flatten -> MatMul -> Sigmoid over the stacked
+    maps ``(N, in_channels, *spatial)``; returns the model and its weight matrix."""
+    w = np.random.default_rng(seed).standard_normal((in_channels, n_out)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["maps"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["quality"])]
+    sp = [f"s{i}" for i in range(rank - 2)]
+    graph = helper.make_graph(
+        nodes, "quality", [helper.make_tensor_value_info("maps", TensorProto.FLOAT,
+                                                         ["N", in_channels, *sp])],
+        [helper.make_tensor_value_info("quality", TensorProto.FLOAT, ["N", n_out])],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w

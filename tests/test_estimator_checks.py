@@ -6,7 +6,9 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import onnx
 import pytest
+from onnx_models import make_quality_net
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import Ridge
 from sklearn.utils.estimator_checks import check_estimator
@@ -22,6 +24,8 @@ from uqseg import (
     TemperatureCalibrator,
     UncertaintyOODDetector,
 )
+from uqseg.quality_cnn import QualityCNN
+from uqseg.quality_features import QualityFeatures
 from uqseg.utils.estimator_checks import (
     CHECKS,
     check_image_estimator,
@@ -80,6 +84,8 @@ CASES = {
     "KNNOODDetector": (lambda p: KNNOODDetector(p["tiny_2d"], k=2), lambda: _images()[:1], {}),
     "QualityRegressor": (lambda p: QualityRegressor(p["tiny_2d"], regressor=Ridge()),
                          _images, {}),
+    "QualityFeatures": (lambda p: QualityFeatures(p["tiny_2d"]), lambda: _images()[:1], {}),
+    "QualityCNN": (lambda p: QualityCNN(p["tiny_2d"], p["quality_net"]), _images, {}),
     "ConformalRiskController-proba": (lambda p: ConformalRiskController(alpha=0.2), _proba,
                                       {"check_dtype_int": INT_SCORES}),
     "ConformalRiskController-segmenter": (
@@ -88,8 +94,10 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def paths(tiny_2d, tiny_members):
-    return {"tiny_2d": tiny_2d, "members": tiny_members}
+def paths(tiny_2d, tiny_members, tmp_path_factory):
+    net = str(tmp_path_factory.mktemp("quality") / "quality_net.onnx")
+    onnx.save(make_quality_net(1 + 3 + 1, 2)[0], net)  # image + 3 classes + uncertainty
+    return {"tiny_2d": tiny_2d, "members": tiny_members, "quality_net": net}
 
 
 def _case(name, paths):

@@ -46,7 +46,7 @@ def _layer(struct, name) -> dict:
 def inspect_model(path) -> dict:
     """A JSON-serialisable description of the model as uqseg's estimators will use it."""
     from uqseg import KNNOODDetector, MahalanobisOODDetector, OnnxSegmenter, SpectralOODDetector
-    from uqseg.quality import _typicality_layer
+    from uqseg.quality_typicality import _typicality_layer
 
     proto, _ = read_model(path)
     seg = OnnxSegmenter(str(path), device="cpu", backend="onnxruntime").fit()

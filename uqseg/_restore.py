@@ -427,12 +427,56 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
                            shape=(None, k - 1, q.ATLAS_GRID, q.ATLAS_GRID), lo=0, hi=1)
         check_array(s["atlas_blocks_"], f"{w}.atlas_blocks_", kinds="i",
                     shape=(maps.shape[0],), lo=0, hi=q.ATLAS_FOLDS - 1)
-    rep = s["fit_report_"]
+    _fit_report(s["fit_report_"], w)
+
+
+def _fit_report(rep: Any, w: str) -> None:
     if not isinstance(rep, dict) or set(rep) != {"mae", "pearson_r", "spearman_rho", "n"}:
         raise ValueError(f"{w}.fit_report_: expected a dict of mae, pearson_r, spearman_rho, n")
     for key in ("mae", "pearson_r", "spearman_rho"):
         check_real(rep[key], f"{w}.fit_report_[{key!r}]", nan=True)
     check_int(rep["n"], f"{w}.fit_report_['n']", 0)
+
+
+def _segmenter_and_kind(est: Any, s: dict, w: str) -> int:
+    """Checks ``estimator_``, ``n_classes_`` and ``uncertainty_kind_``; returns the class count."""
+    from uqseg.quality_features import is_ensemble
+    from uqseg.uncertainty import KINDS
+
+    seg = s["estimator_"]
+    check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    if k != seg.n_classes_:
+        raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
+    want = ("mutual_information" if is_ensemble(seg) else "entropy") \
+        if est.uncertainty == "auto" else est.uncertainty
+    check_choice(s["uncertainty_kind_"], f"{w}.uncertainty_kind_",
+                 (want,) if want in KINDS else KINDS)
+    return k
+
+
+def _qf_fitted(est: Any, s: dict, w: str) -> None:
+    from uqseg.quality_features import feature_names
+
+    if not s:
+        return
+    check_keys(s, w, ("estimator_", "uncertainty_kind_", "n_classes_", "feature_names_"))
+    k = _segmenter_and_kind(est, s, w)
+    if not same(s["feature_names_"], feature_names(k, s["uncertainty_kind_"], int(est.n_bins))):
+        raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
+
+
+def _qcnn_params(est: Any, w: str) -> None:
+    run_own(est._check_params, w)
+    _estimator_param(est.estimator, f"{w}.estimator")
+
+
+def _qcnn_fitted(est: Any, s: dict, w: str) -> None:
+    if not s:
+        return
+    check_keys(s, w, ("estimator_", "uncertainty_kind_", "n_classes_", "fit_report_"))
+    _segmenter_and_kind(est, s, w)
+    _fit_report(s["fit_report_"], w)
 
 
 def _pipe_fitted(est: Any, s: dict, w: str) -> None:
@@ -530,6 +574,12 @@ CHECKS: dict[str, Spec] = {
                                             "regressor": (NONE, *_SEG_NODE)},
                                            {"estimator_": (ESTIMATOR,),
                                             "regressor_": _SEG_NODE}),
+    "uqseg.quality_features.QualityFeatures": Spec(_qcnn_params, _qf_fitted,
+                                                   {"estimator": _SEG_NODE},
+                                                   {"estimator_": (ESTIMATOR,)}),
+    "uqseg.quality_cnn.QualityCNN": Spec(_qcnn_params, _qcnn_fitted,
+                                         {"estimator": _SEG_NODE, "model": (MODEL,)},
+                                         {"estimator_": (ESTIMATOR,)}),
     "uqseg.conformal.ConformalRiskController": Spec(_crc_params, _crc_fitted,
                                                     {"estimator": (NONE, *_SEG_NODE)},
                                                     {"estimator_": (NONE, ESTIMATOR)}),

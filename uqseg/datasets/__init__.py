@@ -6,6 +6,8 @@
   ultrasound, natural images from pydicom and scikit-image) and acquisition faults.
 - :func:`corrupt` / :data:`CORRUPTIONS`: image corruptions with a severity knob.
 - :func:`normalize_intensity`: the per-image robust intensity scaling every loader applies.
+- :func:`make_quality_set`: a labelled split widened with corrupted copies (a spread of
+  segmentation quality, to fit :class:`uqseg.QualityRegressor`).
 - :func:`reference_models` / :func:`reference_model_info`: the shipped ONNX networks (the
   2-D ensemble; ``dims=3``: the 3-D U-Net member).
 
@@ -17,6 +19,7 @@ from ._brain import load_brain_tissue
 from ._corrupt import CORRUPTIONS, corrupt
 from ._intensity import normalize_intensity
 from ._ood import OOD_KINDS, load_ood
+from ._quality_set import make_quality_set
 from ._zoo import reference_model_info, reference_models
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "corrupt",
     "load_brain_tissue",
     "load_ood",
+    "make_quality_set",
     "normalize_intensity",
     "reference_model_info",
     "reference_models",

@@ -1,0 +1,158 @@
+"""The second stage of quality prediction: what turns features or maps into qualities.
+
+:func:`default_regressor` reads the feature table; any scikit-learn regressor may replace it
+(:func:`resolve_regressor`). The DeVries & Taylor quality CNN, an ONNX file exported by
+``uqseg.training.quality_net`` (or any network with the same interface), reads
+:func:`uqseg.quality_features.maps_input` ``(N, C + K + 1, *spatial)`` and outputs ``(N, K - 1)``
+qualities in ``[0, 1]``: :class:`QualityNetwork` checks that interface and runs the file through
+the inference layer (``uqseg._network``). ``QualityRegressor(regressor=...)`` uses all three.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.ensemble import ExtraTreesRegressor, VotingRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import get_tags
+
+from uqseg._network import OnnxNetwork
+from uqseg._validation import check_labels
+from uqseg.metrics.segmentation import dice_score, iou_score
+
+__all__ = ["QualityNetwork", "check_quality_output", "default_regressor", "resolve_regressor"]
+
+
+def default_regressor() -> VotingRegressor:
+    """The feature regressor ``QualityRegressor(regressor=None)`` uses.
+
+    The mean of extra trees and a standardised ridge regression (``VotingRegressor``; wrapped
+    per output in ``MultiOutputRegressor`` by the estimator). Trees fit the kinds of failure they
+    were shown closely but cannot extrapolate; the linear part can, so the average generalises
+    better to degradations absent from the fitting set. Chosen by leave-one-degradation-kind-out
+    cross-validation on the fitting set (``docs/quality.md``).
+    """
+    trees = ExtraTreesRegressor(n_estimators=300, min_samples_leaf=2, max_features=0.5,
+                                random_state=0, n_jobs=1)
+    linear = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    return VotingRegressor([("trees", trees), ("linear", linear)])
+
+
+def resolve_regressor(regressor, regressor_input: str, n_out: int):
+    """``(regressor, "features" or "maps")``: an ONNX path as a string (reads maps), ``None``
+    as :func:`default_regressor`, a scikit-learn regressor cloned (and wrapped in
+    ``MultiOutputRegressor`` when it reads features, has no native multi-output support and
+    ``n_out > 1``)."""
+    reg = regressor
+    if isinstance(reg, (str, os.PathLike)):
+        if regressor_input == "features":
+            raise ValueError("regressor is an ONNX path, which reads maps; "
+                             "regressor_input='features' cannot apply")
+        return os.fspath(reg), "maps"
+    if reg is None:
+        reg = default_regressor()
+    if not (callable(getattr(reg, "fit", None)) and callable(getattr(reg, "predict", None))):
+        raise TypeError("regressor must be None, a path to an ONNX quality network or an "
+                        f"object with fit and predict, got {type(reg).__name__}")
+    kind = "maps" if regressor_input == "maps" else "features"
+    reg = clone(reg) if hasattr(reg, "get_params") else reg
+    if kind == "features" and n_out > 1 and isinstance(reg, BaseEstimator):
+        if not get_tags(reg).target_tags.multi_output:
+            reg = MultiOutputRegressor(reg)
+    return reg, kind
+
+
+def check_quality_output(out, n_images: int, n_classes: int) -> np.ndarray:
+    """``out`` as float64 ``(N, K - 1)`` clipped to ``[0, 1]``; another shape is an error."""
+    want = (n_images, n_classes - 1)
+    out = np.asarray(out, dtype=np.float64)
+    if out.ndim == 1 and want[1] == 1:
+        out = out[:, None]
+    if out.shape != want:
+        raise ValueError(f"the quality regressor must output shape (N, K - 1) = {want}, "
+                         f"got {out.shape}")
+    return np.clip(out, 0.0, 1.0)
+
+
+class QualityNetwork:
+    """A pretrained ONNX quality network (not retrained), loaded on first use.
+
+    Parameters
+    ----------
+    path : str or path-like
+    n_classes : int
+        Classes of the segmenter whose maps it reads (it outputs ``n_classes - 1`` qualities).
+    """
+
+    def __init__(self, path, n_classes: int):
+        self.path = os.fspath(path)
+        self.n_classes = int(n_classes)
+        self._net = OnnxNetwork(self.path, who=f"the ONNX regressor {self.path!r}", what="maps")
+
+    def check(self, sample: np.ndarray) -> None:
+        """Clear errors when the network cannot read maps like ``sample`` (N, C + K + 1, ...)
+        or does not output ``(N, K - 1)``."""
+        who = f"the ONNX regressor {self.path!r}"
+        names = self._net.input_names
+        if len(names) != 1:
+            raise ValueError(f"{who} must take one input (the stacked maps), it takes {names}")
+        want_c = sample.shape[1]
+        shape = self._net.input_shape()
+        if shape is not None and len(shape) != sample.ndim:
+            raise ValueError(f"{who} takes rank-{len(shape)} input, expected "
+                             f"(N, C + K + 1, *spatial) of rank {sample.ndim}")
+        if shape is not None and shape[1] is not None and shape[1] != want_c:
+            raise ValueError(
+                f"{who} takes {shape[1]} input channels, expected {want_c} = image channels + "
+                f"{self.n_classes} class probabilities + 1 uncertainty map")
+        self.predict(sample[:1])
+
+    def predict(self, maps: np.ndarray) -> np.ndarray:
+        """Qualities ``(N, K - 1)`` in ``[0, 1]`` of stacked maps ``(N, C + K + 1, *spatial)``."""
+        return check_quality_output(self._net(maps), maps.shape[0], self.n_classes)
+
+
+# --------------------------------------------------------------------------- shared by estimators
+def check_fit_labels(X, y):
+    """``y`` checked against images ``X`` (a list of label maps for a list of images)."""
+    if isinstance(X, list):
+        if not isinstance(y, (list, tuple)):
+            raise TypeError("X is a list of images, so y must be a list of label maps, got "
+                            f"{type(y).__name__}")
+        return check_labels(list(y), shapes=[x.shape[1:] for x in X])
+    return check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
+
+
+def chunk_labels(y, sl: slice, k: int) -> np.ndarray:
+    """The labels of chunk ``sl``, checked to lie in ``[0, k)``."""
+    yb = np.asarray(y[sl] if not isinstance(y, list) else y[sl.start:sl.stop])
+    hi = int(yb.max())
+    if yb.min() < 0 or hi >= k:
+        raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
+                         f"predicts {k} classes (valid labels 0..{k - 1})")
+    return yb
+
+
+def quality_targets(pred, y, k: int, target: str, empty_score: float) -> np.ndarray:
+    """True per-class Dice (or IoU) ``(N, K - 1)``; ``empty_score`` where a class is absent from
+    prediction and truth alike (NaN)."""
+    fn = dice_score if target == "dice" else iou_score
+    return np.nan_to_num(fn(pred, y, n_classes=k), nan=float(empty_score))
+
+
+def flag_quality(q: np.ndarray, target: str, min_dice, reduce: str) -> np.ndarray:
+    """Images whose predicted Dice (IoU converted) lies below ``min_dice`` (see ``flag``)."""
+    if isinstance(min_dice, bool) or not isinstance(min_dice, numbers.Real) \
+            or not 0 <= min_dice <= 1:
+        raise ValueError(f"min_dice must be a number in [0, 1], got {min_dice!r}")
+    if reduce not in ("any", "mean"):
+        raise ValueError(f"reduce must be 'any' or 'mean', got {reduce!r}")
+    if target == "iou":
+        q = 2 * q / (1 + q)
+    return (q < min_dice).any(axis=1) if reduce == "any" else q.mean(axis=1) < min_dice
