@@ -325,7 +325,8 @@ def _cmd_bench(args) -> int:
 
 def _training():
     try:
-        import uqseg.training.commands as commands
+        import uqseg.training  # noqa: F401 - raises without torch, first
+        from uqseg.training import commands
     except ImportError as exc:
         raise RuntimeError(
             f"this command needs torch: pip install 'uqseg[train]' ({exc})") from exc
