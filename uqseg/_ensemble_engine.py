@@ -16,7 +16,7 @@ import numpy as np
 
 from uqseg import backends
 from uqseg._inference import by_shape, resolve_batch_size
-from uqseg._numeric import categorical_entropy, sigmoid_entropy, softmax_entropy
+from uqseg._numeric import categorical_entropy, probabilities
 from uqseg._validation import n_images
 from uqseg.backends._checks import MAX_SPATIAL_DIVISOR, ModelOutputError, check_logits
 from uqseg.metrics.uncertainty import binary_entropy
@@ -26,12 +26,6 @@ __all__ = ["EnsembleEngine", "FEATURE", "MAX_SPATIAL_DIVISOR", "fuse_problem"]
 FEATURE = "feature:"  # result keys of the feature member's maps (``run(layers=...)``)
 # fuse="auto" runs a chunk member by member when all members' logits of it would exceed this
 _FUSED_BUDGET = 256 * 2**20
-
-
-def _probability_entropy(p: np.ndarray, need_h: bool, binary: bool):
-    """Members that output probabilities (``activation="none"``)."""
-    p = np.array(p, dtype=np.float32)
-    return p, (binary_entropy(p) if binary else categorical_entropy(p)) if need_h else None
 
 
 def _prefix(member: int) -> str:
@@ -186,21 +180,10 @@ class EnsembleEngine:
                         raise ModelOutputError(f"member {m}: {exc}") from exc
                     yield m, w, (np.flip(z, flip) if flip else z)
 
-    @property
-    def _binary(self) -> bool:
-        """Channels are independent binary probabilities (sigmoid, or one probability)."""
-        return self.ens.activation_ == "sigmoid" or (self.ens.activation_ == "none"
-                                                 and self.ens.n_classes_ == 1)
-
     def _p_h(self, z: np.ndarray, need_h: bool):
         """Probabilities of one sample's logits (overwritten) and their entropy: ``(N, K, ...)``
         and ``(N, ...)`` for softmax, per channel ``(N, C, ...)`` for binary outputs."""
-        act = getattr(self.ens, "activation_", "softmax")
-        if act == "softmax":
-            return softmax_entropy(z, need_h)
-        if act == "sigmoid":
-            return sigmoid_entropy(z, need_h)
-        return _probability_entropy(z, need_h, self._binary)
+        return probabilities(z, getattr(self.ens, "activation_", "softmax"), need_h)
 
     def _chunk_members(self, chunk, idx, masks, need_h, need_sq) -> dict:
         sums = _Sums(need_h, need_sq)
@@ -353,7 +336,7 @@ class EnsembleEngine:
             if missing:  # the feature member once more, deterministic, for its features
                 out = feat.run(chunk, layers=missing, proba=False)
                 res.update({FEATURE + ly: out[ly] for ly in missing})
-            maps = self._finish(res, kinds, self._binary)
+            maps = self._finish(res, kinds, self.ens._binary)
             for name, val in maps.items():
                 if name not in result:
                     result[name] = np.empty((n, *val.shape[1:]), dtype=np.float32)

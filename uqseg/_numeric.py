@@ -57,6 +57,24 @@ def softmax_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray
     return p, h
 
 
+def probabilities(z: np.ndarray, activation: str,
+                  need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of a network's output ``z`` for its ``activation`` and, when asked, their
+    entropy: categorical ``(N, ...)`` for softmax (and multi-channel probabilities), per
+    channel ``(N, C, ...)`` for sigmoid (and one-channel probabilities). ``z`` is overwritten
+    for softmax/sigmoid; given probabilities (``"none"``) are copied."""
+    if activation == "softmax":
+        return softmax_entropy(z, need_h)
+    if activation == "sigmoid":
+        return sigmoid_entropy(z, need_h)
+    p = np.array(z, dtype=np.float32)
+    if not need_h:
+        return p, None
+    from uqseg.metrics.uncertainty import binary_entropy
+
+    return p, binary_entropy(p) if p.shape[1] == 1 else categorical_entropy(p)
+
+
 def sigmoid_entropy(z: np.ndarray, need_h: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Sigmoid of logits ``z`` (overwritten) and each channel's binary entropy, from the
     logits: ``H = softplus(-|z|) + |z| sigmoid(-|z|)`` (exact 0 at saturation)."""

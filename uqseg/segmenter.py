@@ -21,16 +21,9 @@ from uqseg._model_interface import (
     read_interface,
     resolve_device,
 )
-from uqseg._numeric import (
-    categorical_entropy,
-    sigmoid,
-    sigmoid_entropy,
-    softmax,
-    softmax_entropy,
-)
+from uqseg._numeric import probabilities, sigmoid, softmax
 from uqseg._segmenter_engine import NetworkEngine
 from uqseg._validation import ImageBatch, check_images, n_images
-from uqseg.metrics.uncertainty import binary_entropy
 
 __all__ = ["MC_MASK", "PRECISIONS", "OnnxSegmenter", "is_fitted", "resolve_segmenter", "sigmoid",
            "softmax"]
@@ -322,14 +315,9 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
     def _derived(self, logits: np.ndarray, maps) -> dict:
         """Probabilities (and entropy) of a batch of logits, which stay untouched."""
         act = getattr(self, "activation_", "softmax")
-        if act == "softmax":
-            p, h = softmax_entropy(logits.copy(), "entropy" in maps)
-        elif act == "sigmoid":
-            p, h = sigmoid_entropy(logits.copy(), "entropy" in maps)
-        else:
-            p = self._proba(logits.copy())
-            h = (binary_entropy(p) if p.shape[1] == 1 else categorical_entropy(p)) \
-                if "entropy" in maps else None
+        if act == "none":
+            self._proba(logits)  # the range check: given probabilities pass through unchanged
+        p, h = probabilities(logits.copy(), act, "entropy" in maps)
         return {"proba": p, **({"entropy": h} if h is not None else {})}
 
     def _forward(self, X, layers=(), mc_mask=None) -> dict:
