@@ -204,3 +204,75 @@ def test_whole_mni_head_in_its_own_grid(mni_estimators, tmp_path, capsys, codes,
     assert len(ood["score_samples"]) == report["slices"]["n_scored"]
     assert ood["fraction_outlier"] <= 0.10 and ood["volume_inlier"]
     np.testing.assert_allclose(quality["volume_predicted_quality"], true, atol=0.05)
+    # the same scan through uqseg.distributed's kernel: the same labels and per-volume scores
+    import uqseg
+    from uqseg.distributed import score_scan
+
+    qr = uqseg.load(est / "quality")
+    row = score_scan({"segmenter": qr.estimator_, "ood": uqseg.load(est / "ood"),
+                      "quality": qr}, t1, affine, ("labels", "ood", "quality"))
+    np.testing.assert_array_equal(row["labels"], seg)
+    assert row["ood"] == pytest.approx(ood["volume_score"], rel=1e-5)
+    np.testing.assert_allclose(row["quality"], quality["volume_predicted_quality"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- uqseg.distributed
+def test_score_scan_equals_predict(prep_members, tmp_path, capsys):
+    """distributed.score_scan gives what `uqseg predict` writes for the same scan."""
+    from uqseg import SpectralOODDetector
+    from uqseg.distributed import score_scan
+
+    data = _blob(seed=3)
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    X, inv = preprocess(data, PERMUTED, TINY_PREP)
+    ens = EnsembleSegmenter(prep_members).fit()
+    det = SpectralOODDetector(ens).fit(X)
+    import uqseg
+
+    uqseg.save(det, tmp_path / "ood")
+    code, _, err = run(["predict", *prep_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--estimators", tmp_path / "ood", "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
+    row = score_scan({"segmenter": ens, "ood": det}, data, PERMUTED,
+                     ("labels", "volumes", "uncertainty", "uncertainty_map", "ood"))
+    seg = np.asarray(nib.load(tmp_path / "o" / "scan_seg.nii.gz").dataobj)
+    entropy = np.asarray(nib.load(tmp_path / "o" / "scan_entropy.nii.gz").dataobj)
+    assert row["labels"].shape == data.shape
+    np.testing.assert_array_equal(row["labels"], seg)
+    np.testing.assert_array_equal(row["volumes"], report["class_voxels"])
+    np.testing.assert_allclose(row["uncertainty_map"], entropy, atol=2e-3)
+    assert row["uncertainty"] == pytest.approx(report["mean_entropy"], rel=1e-4)
+    assert row["n_scored"] == report["slices"]["n_scored"] < len(X)
+    assert row["ood"] == pytest.approx(report["estimators"]["ood"]["volume_score"], rel=1e-5)
+
+
+def test_image_scorer_preprocesses_whole_scans_only(prep_members, tiny_members,
+                                                    tmp_path):
+    import uqseg
+    from uqseg.distributed import ImageScorer
+
+    data = _blob(seed=4)
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    X, _ = preprocess(data, PERMUTED, TINY_PREP)
+    np.save(tmp_path / "slice.npy", X[len(X) // 2])  # already in the model's space
+    ens = EnsembleSegmenter(prep_members).fit()
+    uqseg.save(ens, tmp_path / "ens")
+    batch = {"id": np.array([0, 1]),
+             "path": np.array([str(tmp_path / "scan.nii.gz"), str(tmp_path / "slice.npy")])}
+    out = ImageScorer(str(tmp_path / "ens"), ("labels", "volumes"))(batch)
+    assert out["labels"][0].shape == data.shape and out["labels"][1].shape == X.shape[2:]
+    np.testing.assert_array_equal(out["labels"][1], ens.predict(X[len(X) // 2][None])[0])
+    assert out["n_scored"][0] > 0 and out["n_scored"][1] is None
+    assert out["volumes"][0].sum() == data.size
+    # preprocess=True refuses a model-space image; False takes the .npy as it is
+    out = ImageScorer(str(tmp_path / "ens"), ("volumes",), on_error="record",
+                      preprocess=True)(batch)
+    assert out["error"][0] is None and "needs whole 3-D scans" in out["error"][1]
+    out = ImageScorer(str(tmp_path / "ens"), ("volumes",), on_error="record",
+                      preprocess=False)({"id": batch["id"][1:], "path": batch["path"][1:]})
+    assert "n_scored" not in out and out["volumes"][0].sum() == X[0, 0].size
+    uqseg.save(EnsembleSegmenter(tiny_members[:1]).fit(), tmp_path / "plain")
+    with pytest.raises(ValueError, match="carry no preprocessing"):
+        ImageScorer(str(tmp_path / "plain"), ("volumes",), preprocess=True)

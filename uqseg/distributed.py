@@ -30,7 +30,10 @@ _SUFFIXES = (".npy", ".npz", ".nii", ".nii.gz")
 MAP_FORMATS = ("auto", "npy", "nifti")
 ON_ERROR = ("raise", "record")
 
-__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "ImageScorer", "score_dataset", "score_images"]
+PREPROCESS = ("auto", True, False)
+
+__all__ = ["DEFAULT_OUTPUTS", "OUTPUTS", "ImageScorer", "score_dataset", "score_images",
+           "score_scan"]
 
 
 # ---------------------------------------------------------------------------- roles and scoring
@@ -135,6 +138,130 @@ def score_images(roles: dict[str, Any], images: list[np.ndarray],
     return rows
 
 
+def preprocessing_of(roles: dict[str, Any]):
+    """The preprocessing description the networks behind ``roles`` carry, or None.
+
+    Looks through the segmenter (a Pipeline's first step, a calibrator's segmenter) and then
+    the OOD and quality estimators' segmenters.
+    """
+    def find(obj, depth=0):
+        if obj is None or depth > 4:
+            return None
+        try:
+            prep = getattr(obj, "preprocessing_", None)
+        except (AttributeError, ValueError):
+            prep = None
+        if prep is not None:
+            return prep
+        steps = getattr(obj, "steps", None)
+        if isinstance(steps, list) and steps:
+            return find(steps[0][1], depth + 1)
+        return find(getattr(obj, "estimator_", None), depth + 1)
+
+    for role in ROLES:
+        prep = find(roles.get(role))
+        if prep is not None:
+            return prep
+    return None
+
+
+def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
+               outputs: tuple[str, ...] = DEFAULT_OUTPUTS, preprocessing=None) -> dict[str, Any]:
+    """Score one whole scan through the models' preprocessing; outputs in the scan's grid.
+
+    The scan goes through :func:`uqseg.preprocessing.preprocess` (the description the models
+    carry, or ``preprocessing``), the estimators run on the model-space images in one pass
+    (:func:`uqseg.assess` when they share the segmenter's networks), and the maps are brought
+    back with :class:`~uqseg.preprocessing.Inverse`: ``labels`` (argmax of the probabilities
+    brought back, background outside the crop), ``uncertainty_map`` (entropy, zero outside),
+    ``volumes`` (voxels per class in the scan's grid), ``uncertainty`` (mean entropy over the
+    scan's voxels). As in ``uqseg predict``, OOD and quality estimators score only the images
+    the description marks as scored (foreground after preprocessing): ``ood`` is the volume's
+    score (the mean of its scored images' ``score_samples``; NaN when none is scored),
+    ``quality`` the volume's predicted Dice per foreground class (the scored images' predicted
+    Dice weighted by their predicted volume; without a segmenter role, their mean);
+    ``n_scored`` says how many images were scored.
+
+    Parameters
+    ----------
+    roles : dict
+        ``{"segmenter": ..., "ood": ..., "quality": ...}`` (see :func:`score_dataset`).
+    data : array (X, Y, Z)
+        The scan's voxels, in its own orientation and spacing.
+    affine : array (4, 4)
+        Voxel index -> world mm (RAS+).
+    outputs : tuple of str
+        From ``OUTPUTS``.
+    preprocessing : Preprocessing, dict or JSON str, optional
+        Default: the description the networks carry (a ValueError when they carry none).
+    """
+    from uqseg._predict_volume import _volume_summary
+    from uqseg.preprocessing import preprocess
+
+    prep = preprocessing if preprocessing is not None else preprocessing_of(roles)
+    if prep is None:
+        raise ValueError("the networks carry no preprocessing description (uqseg inspect "
+                         "--set, or uqseg.preprocessing.set_preprocessing); score images "
+                         "already in the model's space with score_images")
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]  # read_image's channel axis
+    X, inv = preprocess(data, affine, prep)
+    scored = inv.scored
+    want_seg = any(_NEEDS[o] == "segmenter" for o in outputs)
+    if want_seg and "segmenter" not in roles:
+        raise ValueError("labels, volumes and uncertainty need a segmenter role")
+    ood = roles.get("ood") if "ood" in outputs else None
+    quality = roles.get("quality") if "quality" in outputs else None
+    seg = roles.get("segmenter")
+    done: dict[str, Any] = {}
+    if want_seg and _assessable(seg):
+        from uqseg._assess import assess
+
+        done = assess(X, seg, ood=ood if scored.any() else None,
+                      quality=quality if scored.any() else None, maps=("entropy",))
+    elif want_seg:
+        done = {"proba": seg.predict_proba(X)}
+    row: dict[str, Any] = {"n_scored": int(scored.sum())}
+    slice_voxels = None
+    if want_seg:
+        from uqseg.uncertainty import entropy
+
+        proba = done["proba"]
+        k = proba.shape[1]
+        slice_voxels = np.stack([np.bincount(p.argmax(0).ravel(), minlength=k)
+                                 for p in proba]) if inv.two_d else None
+        h = done["entropy"] if "entropy" in done else entropy(proba)
+        p_scan = inv.invert(proba, "proba")
+        labels = p_scan.argmax(axis=-1).astype(np.uint8 if k <= 256 else np.uint16)
+        del p_scan
+        if "labels" in outputs:
+            row["labels"] = labels
+        if "volumes" in outputs:
+            row["volumes"] = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
+        if "uncertainty" in outputs or "uncertainty_map" in outputs:
+            h_scan = inv.invert(h, "map")
+            if "uncertainty" in outputs:
+                row["uncertainty"] = float(h_scan.mean(dtype=np.float64))
+            if "uncertainty_map" in outputs:
+                row["uncertainty_map"] = h_scan.astype(np.float16)
+    if ood is not None:
+        s = done["ood_score"][scored] if "ood_score" in done else (
+            np.asarray(ood.score_samples(X[scored])) if scored.any() else np.zeros(0))
+        row["ood"] = float(np.mean(s)) if len(s) else float("nan")
+    if quality is not None:
+        q = done["quality"][scored] if "quality" in done else (
+            np.asarray(quality.predict(X[scored])) if scored.any() else None)
+        if q is None or slice_voxels is None:
+            # volume weighting needs the predicted labels per image; else the plain mean
+            row["quality"] = (np.full(quality.n_classes_ - 1, np.nan, np.float32)
+                              if q is None else np.nanmean(q, axis=0).astype(np.float32))
+        else:
+            summary = _volume_summary(quality, "quality", [q], inv, slice_voxels)
+            row["quality"] = np.array([np.nan if v is None else v for v in
+                                       summary["volume_predicted_quality"]], dtype=np.float32)
+    return row
+
+
 # ---------------------------------------------------------------------------- files
 def _suffix(path: str) -> str:
     low = path.lower()
@@ -221,7 +348,7 @@ class ImageScorer:
     """
 
     def __init__(self, saved: str, outputs: tuple[str, ...], write_maps_to: str | None = None,
-                 map_format: str = "auto", on_error: str = "raise"):
+                 map_format: str = "auto", on_error: str = "raise", preprocess="auto"):
         from uqseg.persistence import load
 
         self.roles = roles_of(load(saved))
@@ -229,20 +356,46 @@ class ImageScorer:
         self.write_maps_to = None if write_maps_to is None else Path(write_maps_to)
         self.map_format = map_format
         self.on_error = on_error
+        self.preprocess = preprocess
+        self.preprocessing = None if preprocess is False else preprocessing_of(self.roles)
+        if preprocess is True and self.preprocessing is None:
+            raise ValueError("preprocess=True but the networks carry no preprocessing "
+                             "description (set one with uqseg inspect --set)")
 
     def _keys(self) -> list[str]:
         maps = ("labels", "uncertainty_map") if self.write_maps_to is not None else ()
-        return [f"{o}_path" if o in maps else o for o in self.outputs]
+        keys = [f"{o}_path" if o in maps else o for o in self.outputs]
+        return keys + ["n_scored"] if self.preprocessing is not None else keys
+
+    def _is_scan(self, image, affine) -> bool:
+        """Whether a record goes through the preprocessing: a 3-D single-channel scan with an
+        affine (NIfTI, DICOM, .npz with an affine) when the networks carry a description."""
+        if self.preprocessing is None:
+            return False
+        scan = affine is not None and image.ndim == 4 and image.shape[0] == 1
+        if self.preprocess is True and not scan:
+            raise ValueError(
+                "preprocess=True needs whole 3-D scans with an affine (NIfTI files, DICOM "
+                "series folders or .npz files holding 'affine'); this record is an image of "
+                f"shape {image.shape}{' without an affine' if affine is None else ''}")
+        return scan
+
+    def _score_scans(self, images, affines, scans, errors, ids, paths, rows):
+        for i in scans:
+            try:
+                rows[i] = score_scan(self.roles, images[i], affines[i], self.outputs,
+                                     self.preprocessing)
+            except Exception as exc:
+                self._fail(errors, i, ids[i], paths[i], exc)
 
     def _fail(self, errors, i, ident, path, exc) -> None:
         errors[i] = _describe(ident, path, exc)
         if self.on_error == "raise":
             raise ValueError(f"record {errors[i]}") from exc
 
-    def _score(self, images, errors, ids, paths):
-        """Score the readable images together; on failure one by one to find the bad ones."""
-        good = [i for i, e in enumerate(errors) if e is None]
-        rows: list[dict | None] = [None] * len(images)
+    def _score(self, images, good, errors, ids, paths, rows):
+        """Score images ``good`` together into ``rows``; on failure one by one to find the bad
+        ones."""
         if not good:
             return rows
         try:
@@ -277,7 +430,19 @@ class ImageScorer:
                     images[i], affines[i] = read_image(paths[i])
             except Exception as exc:
                 self._fail(errors, i, ids[i], paths[i], exc)
-        rows = self._score(images, errors, ids, paths)
+        scans = []
+        for i in range(n):
+            if errors[i] is None:
+                try:
+                    if self._is_scan(images[i], affines[i]):
+                        scans.append(i)
+                except ValueError as exc:
+                    self._fail(errors, i, ids[i], paths[i], exc)
+        # model-space images together, whole scans one by one through the preprocessing
+        rows: list[dict | None] = [None] * n
+        self._score(images, [i for i in range(n) if errors[i] is None and i not in scans],
+                    errors, ids, paths, rows)
+        self._score_scans(images, affines, scans, errors, ids, paths, rows)
         if self.write_maps_to is not None:
             for i, row in enumerate(rows):
                 if row is None:
@@ -298,7 +463,8 @@ class ImageScorer:
         if "path" in batch:
             out["path"] = np.asarray(paths)
         for key in self._keys():
-            values = [None if row is None else row[key] for row in rows]
+            values = [None if row is None else row.get(key) if key == "n_scored" else row[key]
+                      for row in rows]
             out[key] = _column(values, ragged_ok=self.on_error == "raise")
         if self.on_error == "record":
             out["error"] = _column(errors, ragged_ok=False)
@@ -356,7 +522,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_actor=0,
                   outputs=DEFAULT_OUTPUTS, write_maps_to=None, map_format="auto",
-                  staging_dir=None, return_dataset=False, on_error="raise"):
+                  staging_dir=None, return_dataset=False, on_error="raise", preprocess="auto"):
     """Score a dataset of images with Ray Data, one estimator load per actor.
 
     Parameters
@@ -400,6 +566,14 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         ValueError naming the record's path (or id) and the cause. ``"record"``: the job goes
         on; every result gets an ``error`` key (None, or the path and the cause) and a failed
         record's outputs are None, so the other results (and maps already written) are kept.
+    preprocess : {"auto", True, False}, default="auto"
+        Whole scans through the preprocessing description the networks carry (the zoo's do;
+        see :mod:`uqseg.preprocessing`), each scored by :func:`score_scan`: labels and maps in
+        the scan's own grid, ``ood`` and ``quality`` per volume from the images with
+        foreground, and an ``n_scored`` key. ``"auto"``: records that are 3-D single-channel
+        scans with an affine (NIfTI files, DICOM series folders, ``.npz`` with an affine) when
+        the networks carry a description; other records are taken as model-space images.
+        ``True``: every record must be such a scan. ``False``: never.
 
     Returns
     -------
@@ -425,6 +599,9 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         raise ValueError(f"map_format must be one of {MAP_FORMATS}, got {map_format!r}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if not (preprocess is True or preprocess is False or (isinstance(preprocess, str)
+                                                          and preprocess == "auto")):
+        raise ValueError(f"preprocess must be 'auto', True or False, got {preprocess!r}")
 
     created = None
     if isinstance(estimator, (str, os.PathLike)):
@@ -452,7 +629,7 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
             ImageScorer,
             fn_constructor_kwargs={"saved": saved, "outputs": outputs,
                                    "write_maps_to": write_maps_to, "map_format": map_format,
-                                   "on_error": on_error},
+                                   "on_error": on_error, "preprocess": preprocess},
             batch_size=int(batch_size), batch_format="numpy", concurrency=concurrency,
             num_gpus=float(num_gpus_per_actor) or None,
         )
