@@ -160,6 +160,8 @@ def test_errors(tiny_2d, X, tmp_path):
         score_dataset(seg, X, map_format="png")
     with pytest.raises(ValueError, match="on_error must be one of"):
         score_dataset(seg, X, on_error="ignore")
+    with pytest.raises(ValueError, match="preprocess must be 'auto', True or False"):
+        score_dataset(seg, X, preprocess="yes")
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
     np.save(tmp_path / "a" / "x.npy", X[0])

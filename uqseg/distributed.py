@@ -369,14 +369,14 @@ class ImageScorer:
 
     def _is_scan(self, image, affine) -> bool:
         """Whether a record goes through the preprocessing: a 3-D single-channel scan with an
-        affine (NIfTI, DICOM, .npz with an affine) when the networks carry a description."""
+        affine (NIfTI, .npz with an affine) when the networks carry a description."""
         if self.preprocessing is None:
             return False
         scan = affine is not None and image.ndim == 4 and image.shape[0] == 1
         if self.preprocess is True and not scan:
             raise ValueError(
-                "preprocess=True needs whole 3-D scans with an affine (NIfTI files, DICOM "
-                "series folders or .npz files holding 'affine'); this record is an image of "
+                "preprocess=True needs whole 3-D scans with an affine (NIfTI files or .npz "
+                "files holding 'affine'); this record is an image of "
                 f"shape {image.shape}{' without an affine' if affine is None else ''}")
         return scan
 
@@ -571,7 +571,7 @@ def score_dataset(estimator, data, *, batch_size=4, concurrency=1, num_gpus_per_
         see :mod:`uqseg.preprocessing`), each scored by :func:`score_scan`: labels and maps in
         the scan's own grid, ``ood`` and ``quality`` per volume from the images with
         foreground, and an ``n_scored`` key. ``"auto"``: records that are 3-D single-channel
-        scans with an affine (NIfTI files, DICOM series folders, ``.npz`` with an affine) when
+        scans with an affine (NIfTI files, ``.npz`` files with an affine) when
         the networks carry a description; other records are taken as model-space images.
         ``True``: every record must be such a scan. ``False``: never.
 
