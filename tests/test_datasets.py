@@ -172,6 +172,16 @@ def test_cache_rejects_file_with_other_key(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_building_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UQSEG_DATA_DIR", str(tmp_path))
+    X, _ = load_brain_tissue("val", size=(16, 16))
+    err = capsys.readouterr().err
+    assert err.count("uqseg: building the brain tissue 'val' split (5 subjects") == 1
+    assert str(tmp_path) in err
+    np.testing.assert_array_equal(load_brain_tissue("val", size=(16, 16))[0], X)
+    assert "building" not in capsys.readouterr().err  # read from the cache: silent
+
+
 # ---------------------------------------------------------------- argument errors
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import zlib
 from pathlib import Path
 
@@ -193,7 +194,12 @@ def _subject_arrays(split: str, index: int, plane: str, size: tuple[int, ...], d
 
 
 def build_brain_tissue(split: str, plane: str, size: tuple[int, ...], dims: int):
-    parts = [_subject_arrays(split, i, plane, size, dims) for i in range(SPLITS[split])]
+    from tqdm.auto import tqdm
+
+    # a bar in a terminal or notebook only (disable=None): logs get the one-line message
+    parts = [_subject_arrays(split, i, plane, size, dims) for i in
+             tqdm(range(SPLITS[split]), desc=f"{split} subjects", unit="subject",
+                  file=sys.stderr, leave=False, disable=None)]
     X = np.concatenate([p[0] for p in parts]).astype(np.float32)
     y = np.concatenate([p[1] for p in parts]).astype(np.uint8)
     subject = np.concatenate([np.full(len(p[1]), i, dtype=np.int64) for i, p in enumerate(parts)])
@@ -288,7 +294,9 @@ def load_brain_tissue(
         subjects=SPLITS[split],
         slices=SLICES_PER_SUBJECT,
     )
-    data = cached(key, lambda: build_brain_tissue(split, plane, size_t, dims))
+    data = cached(key, lambda: build_brain_tissue(split, plane, size_t, dims),
+                  what=f"the brain tissue {split!r} split ({SPLITS[split]} subjects, "
+                       f"{dims}-D, {plane})")
     X, y = data["X"], data["y"].astype(np.int64)
     if return_subjects:
         return X, y, data["subject"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -61,13 +62,21 @@ def _write(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def cached(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Return the arrays stored under ``key``, building and storing them when missing or bad."""
+def cached(key: str, build: Callable[[], dict[str, np.ndarray]],
+           what: str | None = None) -> dict[str, np.ndarray]:
+    """Return the arrays stored under ``key``, building and storing them when missing or bad.
+
+    A build that takes more than a moment says so on stderr (``what`` names the data), once:
+    later calls read the cache.
+    """
     path = cache_path(key)
     if path.exists():
         arrays = _read(path, key)
         if arrays is not None:
             return arrays
+    if what:
+        print(f"uqseg: building {what} (first use only; cached in {cache_dir()})",
+              file=sys.stderr, flush=True)
     arrays = build()
     try:
         _write(path, key, arrays)

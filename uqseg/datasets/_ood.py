@@ -230,5 +230,6 @@ def load_ood(kind: str, *, size: tuple[int, int] = (128, 128), plane: str = "axi
     params: dict[str, object] = {"kind": kind, "size": list(size_t)}
     if kind in FAULT_SEVERITY or kind == "orientation":
         params["plane"] = plane
-    data = cached(cache_key("ood", **params), lambda: _build(kind, size_t, plane))
+    data = cached(cache_key("ood", **params), lambda: _build(kind, size_t, plane),
+                  what=f"the {kind!r} out-of-distribution images")
     return data["X"]
