@@ -23,6 +23,12 @@ tables in ``docs/calibration.md`` (the ``local-results`` and ``local-monai`` blo
 ``--models a.onnx b.onnx`` runs other networks; ``--no-write`` only prints.
 ``--objective-sweep``: only the top-label weight sweep and the class-wise local probe on the
 worst member and the ensemble -> ``local_calibration_objective.json``, ``local-objective``.
+
+Everything runs through the public API, except the class-wise local probe of
+``--objective-sweep``: it fits its own per-class map on the local calibrator's feature maps,
+which no public call returns, so it reads them from ``uqseg._local.local_features`` (with the
+calibrator's ``_scales()``). The local calibrator's scores come from its public
+``predict_proba``/``temperature_map`` (the network runs again on the test split).
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine_record, time_round_robin, write_doc_section, write_json  # noqa: E402
 
 from uqseg import EnsembleSegmenter, OnnxSegmenter, TemperatureCalibrator, datasets, metrics  # noqa: E402
-from uqseg._local import scaled_softmax  # noqa: E402
 from uqseg.uncertainty import softmax  # noqa: E402
 
 DOC = ROOT / "docs" / "calibration.md"
@@ -116,11 +121,9 @@ def evaluate(name, seg, data, repeats, n_time):
     t = time.perf_counter()
     local.fit(X_val, y_val)
     rec["fit_seconds"]["local"] = time.perf_counter() - t
-    # the test split's map from the logits already computed (predict_proba(X_te) would run
-    # the network again; the tests check that both paths agree)
-    lt = local._log_temperature(z_te, X_te)
-    tmap = np.exp(lt)
-    proba = scaled_softmax(z_te, np.exp(-lt))
+    # the public calls run the network on the test split again (its logits are deterministic)
+    tmap = local.temperature_map(X_te)
+    proba = local.predict_proba(X_te)
     rec["scores"]["local"] = scores(proba, y_te)
     rec["local_labels_changed"] = int((proba.argmax(axis=1) != raw_labels).sum())
     rec["local"] = {"feature_names": local.feature_names_, "coef": local.coef_.tolist(),
@@ -295,8 +298,7 @@ def objective_sweep(paths, data):
         for tw in TOP_WEIGHTS:
             cal = TemperatureCalibrator(seg, mode="local", top_label_weight=tw)
             cal.fit(X_val, y_val)
-            lt = cal._log_temperature(z_te, X_te)
-            row[f"top_label_weight={tw:g}"] = scores(scaled_softmax(z_te, np.exp(-lt)), y_te)
+            row[f"top_label_weight={tw:g}"] = scores(cal.predict_proba(X_te), y_te)
         scales = cal._scales()
         f_val = np.concatenate([local_features(z_val[i:i + 8], scales, X_val[i:i + 8])
                                 for i in range(0, len(z_val), 8)], axis=1)

@@ -61,16 +61,34 @@ def _models(folder: Path) -> list[str]:
     return paths
 
 
+def _gaussian_importance(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weights, highest at the window centre (as the segmenter's sliding window)."""
+    grids = []
+    for w in window:
+        x = np.arange(w, dtype=np.float64) - (w - 1) / 2
+        grids.append(np.exp(-0.5 * (x / max(w * sigma_scale, 1e-3)) ** 2))
+    imp = grids[0]
+    for g in grids[1:]:
+        imp = np.multiply.outer(imp, g)
+    return np.maximum(imp / imp.max(), 1e-3).astype(np.float32)
+
+
+def _window_starts(size: int, window: int, step: int) -> list[int]:
+    if size <= window:
+        return [0]
+    n = int(np.ceil((size - window) / step)) + 1
+    return sorted({min(i * step, size - window) for i in range(n)})
+
+
 def chunked_sliding_window(seg, X: np.ndarray) -> np.ndarray:
-    """Proposed fix for OnnxSegmenter._sliding_window: never hold all patches or their logits.
+    """Proposed fix for OnnxSegmenter's sliding window: never hold all patches or their logits.
 
-    Same windows, weights and normalisation; patches are cut, run and accumulated
-    ``batch_size`` at a time, so the extra memory is O(batch_size * window) instead of
-    O(n_windows * K * window).
+    Same windows, weights and normalisation; patches are cut, run (the public ``transform``
+    of window-sized patches) and accumulated ``batch_size`` at a time, so the extra memory is
+    O(batch_size * window) instead of O(n_windows * K * window). The window placement and the
+    Gaussian weights are this file's copies of the segmenter's; ``max_abs_diff_vs_transform``
+    checks them.
     """
-    from uqseg._segmenter_engine import gaussian_importance as _gaussian_importance
-    from uqseg._segmenter_engine import window_starts as _window_starts
-
     window = tuple(f if f is not None else s for s, f in zip(X.shape[2:], seg.input_shape_[1:],
                                                              strict=True))
     spatial = X.shape[2:]
@@ -89,7 +107,7 @@ def chunked_sliding_window(seg, X: np.ndarray) -> np.ndarray:
             slices = [tuple(slice(a, a + w) for a, w in zip(st, window, strict=True))
                       for st in chunk]
             patches = np.stack([X[i][(slice(None),) + sl] for sl in slices])
-            logits = seg._engine()._batched(patches, [seg.output_name_], None)[seg.output_name_]
+            logits = seg.transform(patches)
             for sl, lg in zip(slices, logits, strict=True):
                 lg *= imp
                 out[i][(slice(None),) + sl] += lg

@@ -39,20 +39,26 @@ MiB = 2**20
 
 
 def write_volume(path: Path, size: int, depth: int, seed: int = 0) -> int:
-    """A smooth float32 volume written slab by slab (this process stays small too)."""
+    """A smooth float32 volume, filled slab by slab into a disk-backed array and written by
+    the public ``uqseg.io.write_nifti`` (this process stays small too)."""
     sys.path.insert(0, str(ROOT))
-    from uqseg._slabwriter import SlabWriter
+    from uqseg.io import write_nifti
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
     body = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.16).astype(np.float32)
-    w = SlabWriter(path, (size, size, depth), np.float32, np.diag([0.7, 0.7, 1.0, 1.0]),
-                   axis=2, scratch=path.with_suffix(".raw"))
-    for k0 in range(0, depth, 16):
-        k1 = min(depth, k0 + 16)
-        noise = rng.standard_normal((size, size, k1 - k0), dtype=np.float32) * 20
-        w.write(k0, k1, body[..., None] * 1000 - 1000 + noise)
-    w.finish()
+    scratch = path.with_suffix(".raw")
+    # Fortran order: NIfTI's own, so the writer streams it without a transposed copy
+    vol = np.memmap(scratch, np.float32, "w+", shape=(size, size, depth), order="F")
+    try:
+        for k0 in range(0, depth, 16):
+            k1 = min(depth, k0 + 16)
+            noise = rng.standard_normal((size, size, k1 - k0), dtype=np.float32) * 20
+            vol[..., k0:k1] = body[..., None] * 1000 - 1000 + noise
+        write_nifti(path, vol, np.diag([0.7, 0.7, 1.0, 1.0]))
+    finally:
+        del vol
+        scratch.unlink(missing_ok=True)
     return size * size * depth * 4
 
 

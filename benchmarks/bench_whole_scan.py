@@ -4,7 +4,7 @@ another way.
 
 Cases: ``template`` (197 x 233 x 189 at 1 mm, RAS, uint8 as shipped) and ``psl`` (the same
 head resampled to axes P, S, L at 1.2 x 2 x 1.2 mm, float32; its reference labels come from
-the tissue maps resampled the same way, ``uqseg.datasets._scan.mni_scan``). Each case runs
+the tissue maps resampled the same way, ``uqseg.datasets.load_mni_scan``). Each case runs
 ``python -m uqseg.cli predict MEMBERS... SCAN --estimators OOD QUALITY`` in a fresh process
 under ``/usr/bin/time -v`` (peak RSS, wall time). ``template`` also runs with
 ``--no-preprocess`` (voxels as stored, slices along axis 2: what predict did before), and
@@ -66,10 +66,10 @@ def run_case(name: str, members: list[str], est: Path | None, tmp: Path,
              preprocess: bool = True) -> dict:
     import nibabel as nib
 
-    from uqseg.datasets._scan import mni_scan
+    from uqseg.datasets import load_mni_scan
 
     codes, spacing = CASES[name]
-    t1, labels, affine = mni_scan(codes, spacing)
+    t1, labels, affine = load_mni_scan(codes, spacing)
     scan = tmp / f"{name}.nii.gz"
     nib.save(nib.Nifti1Image(t1, affine), scan)
     out = tmp / f"out-{name}-{int(preprocess)}-{int(est is not None)}"

@@ -381,3 +381,27 @@ def test_public_names_and_no_torch():
         assert name in datasets.__all__ and hasattr(datasets, name)
     code = "import sys, uqseg.datasets; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_mni_scan_other_orientation_is_the_template_reindexed():
+    """Stored L, P, S at 1 mm, the template is its own voxels reversed along x and y: every
+    voxel lands on a template voxel (no interpolation error), and both affines put a voxel
+    and its reversed twin at the same world point."""
+    from uqseg.datasets._brain import load_template
+
+    t1, labels, aff = datasets.load_mni_scan()
+    assert aff[:3, :3].tolist() == np.eye(3).tolist() and t1.dtype == np.uint8
+    t1_lps, labels_lps, aff_lps = datasets.load_mni_scan("LPS")
+    assert t1_lps.shape == t1.shape
+    np.testing.assert_allclose(t1_lps, t1[::-1, ::-1].astype(np.float32), atol=1e-3)
+    # labels agree but where background (1 - gm - wm) and grey matter tie exactly in the
+    # template's 8-bit maps: float32 and float64 rounding break those ties differently
+    tpl = load_template()
+    gm, wm = (tpl[k].astype(int)[::-1, ::-1] for k in ("gm", "wm"))
+    tie = np.clip(255 - gm - wm, 0, 255) == gm
+    differ = labels_lps != labels[::-1, ::-1]
+    assert not (differ & ~tie).any() and differ.sum() < 1e-3 * differ.size
+    ijk = np.array([3, 50, 7, 1.0])
+    twin = np.array([t1.shape[0] - 1 - 3, t1.shape[1] - 1 - 50, 7, 1.0])
+    np.testing.assert_allclose(aff_lps @ ijk, aff @ twin)
+    assert set(np.unique(labels).tolist()) == {0, 1, 2}

@@ -46,6 +46,11 @@ def _take_features(res: dict, acc: dict, member: int) -> None:
         acc[FEATURE + name[len(pre):]] = res.pop(name)
 
 
+# Not the public uqseg.uncertainty.MemberAccumulator (float64 Welford, validating each add):
+# measured for issue 22 on 5 samples of (8, 3, 128, 128), every map, it took 122 ms and 21 MiB
+# against 30 ms and 10 MiB here (+13% on the 704 ms ensemble call of those 8 images, 2 CPU
+# cores), and it cannot take the entropies the kernel computes from the logits (per channel
+# for sigmoid members). The maps agree to 2e-7.
 class _Sums:
     """Weighted float32 running sums of samples (one chunk of images)."""
 
@@ -65,7 +70,6 @@ class _Sums:
         if self.need_h:
             h *= w
             self.h = h if self.h is None else np.add(self.h, h, out=self.h)
-
 
 
 def fuse_problem(ens) -> str | None:

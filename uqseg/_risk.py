@@ -68,9 +68,13 @@ def set_scores(proba: np.ndarray, score: str) -> np.ndarray:
 
 def _tail(hist: np.ndarray) -> np.ndarray:
     """``out[..., j] = sum_{b >= j} hist[..., b]`` for ``j = 0 .. n_bins + 1`` (int64)."""
-    h = np.asarray(hist, dtype=np.int64)
-    rev = np.cumsum(h[..., ::-1], axis=-1)[..., ::-1]
-    return np.concatenate([rev, np.zeros(h.shape[:-1] + (1,), np.int64)], axis=-1)
+    h = np.asarray(hist)
+    out = np.empty(h.shape[:-1] + (h.shape[-1] + 1,), np.int64)
+    out[..., -1] = 0
+    # the reversed cumulative sum written straight into the reversed view: no int64 copy of
+    # the input, no concatenation (recalibrate runs this on every class's histograms)
+    np.cumsum(h[..., ::-1], axis=-1, dtype=np.int64, out=out[..., -2::-1])
+    return out
 
 
 def loss_curves(true_hist: np.ndarray, all_hist: np.ndarray, risk: str):
@@ -239,11 +243,12 @@ def set_thresholds(set_true: np.ndarray, set_all: np.ndarray, n_voxels: np.ndarr
     """
     n_bins = set_true.shape[2] - 1
     k = set_true.shape[1]
-    miss = _tail(set_true)  # [..., Q + 1]: voxels of the class whose score index is > Q
     groups = [list(range(k))] if not mondrian else [[c] for c in range(k)]
     q = np.zeros(k, np.int64)
     for g in groups:
-        counts = miss[:, g, :].sum(axis=1)
+        # [:, Q + 1]: voxels of the group's classes whose score index is > Q (the tail is
+        # linear: summing the classes first is exact and K times cheaper)
+        counts = _tail(set_true[:, g, :].sum(axis=1, dtype=np.int64))
         denom = counts[:, 0].astype(np.float64)
         keep = denom > 0
         if not keep.any():
@@ -251,6 +256,7 @@ def set_thresholds(set_true: np.ndarray, set_all: np.ndarray, n_voxels: np.ndarr
         # index i = 0 is the full set (Q = n_bins): loss(i) = miss(Q + 1) / |voxels|
         i, _ = crc_index(counts[keep, ::-1] / denom[keep, None], alpha)
         q[g] = n_bins - i
-    inside = n_voxels[:, None] - np.take_along_axis(_tail(set_all), (q + 1)[None, :, None],
-                                                    axis=2)[..., 0]
+    outside = np.stack([set_all[:, c, q[c] + 1:].sum(axis=-1, dtype=np.int64)
+                        for c in range(k)], axis=1)
+    inside = n_voxels[:, None] - outside
     return q, float(inside.sum() / np.sum(n_voxels))

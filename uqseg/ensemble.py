@@ -11,22 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 from collections import OrderedDict
-from itertools import product
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from uqseg._ensemble_checks import (
+    check_agree,
+    check_kinds,
+    check_layers,
+    check_params,
+    check_weights,
+    fit_members,
+    flip_list,
+    member_passes,
+)
 from uqseg._ensemble_engine import (
     FEATURE,
     MAX_SPATIAL_DIVISOR,
     EnsembleEngine,
     fuse_problem,
 )
-from uqseg._inference import check_batch_size, check_maps
+from uqseg._inference import check_maps
 from uqseg._numeric import TINY
 from uqseg._validation import check_images
 from uqseg.metrics.uncertainty import segment_uncertainty as _segment_uncertainty
@@ -167,136 +175,14 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
-        check_batch_size(self.batch_size)
-        from uqseg.segmenter import PRECISIONS
-
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
-        for name in ("mc_samples", "cache_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, (int, np.integer))
-            or self.seed < 0
-        ):
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
-        if not (self.fuse == "auto" or self.fuse is True or self.fuse is False):
-            raise ValueError(f"fuse must be 'auto', True or False, got {self.fuse!r}")
-        output = getattr(self, "output", None)  # ensembles saved before the parameter
-        if output is not None and not (isinstance(output, str) and 0 < len(output) < 4096):
-            raise TypeError(f"output must be None or the name of a model output, got "
-                            f"{output!r}")
-        if getattr(self, "fused_stats", "auto") not in ("auto", "graph", "numpy"):
-            raise ValueError(f"fused_stats must be 'auto', 'graph' or 'numpy', got "
-                             f"{self.fused_stats!r}")
-        fm = self._feature_member
-        n = len(self.members) if isinstance(self.members, (list, tuple)) else 0
-        if isinstance(fm, bool) or not isinstance(fm, (int, np.integer)) or fm < 0 or (
-                n and fm >= n):
-            raise ValueError(f"feature_member must be the index of a member (0..{n - 1}), "
-                             f"got {fm!r}")
+        check_params(self)
 
     @property
     def _feature_member(self):
         return getattr(self, "feature_member", 0)  # ensembles saved before the parameter
 
-    def _fit_members(self, X=None) -> list[OnnxSegmenter]:
-        members = self.members
-        if isinstance(members, (str, os.PathLike, OnnxSegmenter)) or not isinstance(
-            members, (list, tuple)
-        ):
-            raise TypeError(
-                "members must be a list of ONNX paths or OnnxSegmenter objects, got "
-                f"{type(members).__name__}"
-            )
-        if len(members) == 0:
-            raise ValueError("members is empty: an ensemble needs at least one member")
-        fitted = []
-        for i, m in enumerate(members):
-            if isinstance(m, (str, os.PathLike)):
-                seg = OnnxSegmenter(
-                    m, backend=self.backend, device=self.device, batch_size=self.batch_size,
-                    precision=self.precision, output=getattr(self, "output", None))
-            elif isinstance(m, OnnxSegmenter):
-                seg = clone(m)
-            else:
-                raise TypeError(
-                    f"members[{i}] must be a path to an ONNX file or an "
-                    f"OnnxSegmenter, got {type(m).__name__}"
-                )
-            try:
-                seg.fit(X if seg.precision == "int8" else None)
-            except (ValueError, TypeError, FileNotFoundError) as exc:
-                raise type(exc)(f"member {i} ({seg.model}): {exc}") from exc
-            fitted.append(seg)
-        return fitted
-
-    @staticmethod
-    def _check_agree(members: list[OnnxSegmenter]) -> None:
-        first = members[0]
-
-        def fixed(seg):
-            return tuple(seg.input_shape_[1:])
-
-        checks = [
-            ("n_input_channels_", lambda s: s.n_input_channels_, "{} input channels"),
-            ("n_classes_", lambda s: s.n_classes_, "{} classes"),
-            ("spatial_dims_", lambda s: s.spatial_dims_, "{} spatial axes"),
-            ("input_shape_", fixed, "spatial input size {} (None = dynamic)"),
-            ("activation_", lambda s: s.activation_, "activation {!r}"),
-        ]
-        for i, seg in enumerate(members[1:], start=1):
-            for _, get, text in checks:
-                if get(seg) != get(first):
-                    raise ValueError(
-                        f"member {i} ({seg.model}) has {text.format(get(seg))}, member 0 "
-                        f"({first.model}) has {text.format(get(first))}; ensemble members "
-                        "must agree"
-                    )
-
-    def _check_weights(self, m: int) -> np.ndarray:
-        if self.weights is None:
-            return np.full(m, 1.0 / m)
-        w = np.asarray(self.weights)
-        if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
-            raise TypeError(f"weights must be numbers, got dtype {w.dtype}")
-        w = w.astype(np.float64).ravel()
-        if w.shape != (m,):
-            raise ValueError(f"weights must have one entry per member ({m}), got {w.size}")
-        if not np.all(np.isfinite(w)) or np.any(w <= 0):
-            raise ValueError(f"weights must be positive finite numbers, got {self.weights!r}")
-        return w / w.sum()
-
     def _flip_list(self, dims: int) -> list[tuple[int, ...]]:
-        if self.tta is None:
-            return [()]
-        if isinstance(self.tta, str):
-            if self.tta != "flips":
-                raise ValueError(
-                    f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}"
-                )
-            return [
-                tuple(a + 2 for a, on in zip(range(dims), bits, strict=True) if on)
-                for bits in product([0, 1], repeat=dims)
-            ]
-        if isinstance(self.tta, (list, tuple)):
-            flips = [()]
-            for item in self.tta:
-                t = tuple(item) if isinstance(item, (list, tuple)) else (item,)
-                if not t or any(
-                    isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not 0 <= a < dims
-                    for a in t
-                ):
-                    raise ValueError(f"tta flips name spatial axes 0..{dims - 1}; got {item!r}")
-                flip = tuple(sorted({int(a) + 2 for a in t}))
-                if flip not in flips:
-                    flips.append(flip)
-            return flips
-        raise ValueError(
-            f"tta must be None, 'flips' or a list of spatial-axis tuples; got {self.tta!r}"
-        )
+        return flip_list(self.tta, dims)
 
     def fit(self, X=None, y=None):
         """Fit copies of the members and check that they agree.
@@ -312,12 +198,12 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self
         """
         self._check_params()
-        members = self._fit_members(X)
-        self._check_agree(members)
+        members = fit_members(self, X)
+        check_agree(members)
         first = members[0]
         self.members_ = members
         self.n_members_ = len(members)
-        self.weights_ = self._check_weights(len(members))
+        self.weights_ = check_weights(self.weights, len(members))
         self.n_classes_ = int(first.n_classes_)
         self.activation_ = first.activation_
         feat = members[int(self._feature_member)]
@@ -333,21 +219,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
                 f"least common multiple of {self.spatial_divisor_}, above "
                 f"{MAX_SPATIAL_DIVISOR}: every image would be padded to a multiple of it")
         flips = self._flip_list(self.spatial_dims_)
-        mc = [s.mc_dropout_ is not None for s in members]
-        if self.mc_samples > 0:
-            if not any(mc):
-                raise ValueError(
-                    f"mc_samples={self.mc_samples} needs members that take an "
-                    f"mc_mask input; none of the {len(members)} members does"
-                )
-            for i, s in enumerate(members):
-                p = s.mc_dropout_.get("p") if s.mc_dropout_ else 0.0
-                if p is None or not 0 <= float(p) < 1:
-                    raise ValueError(
-                        f"member {i} ({s.model}) takes an mc_mask but its metadata "
-                        f"gives no valid dropout rate p (got {p!r})"
-                    )
-        passes = [self.mc_samples if (self.mc_samples > 0 and has) else 1 for has in mc]
+        passes = member_passes(self.mc_samples, members)
         self.member_samples_ = [int(t * len(flips)) for t in passes]
         self.n_samples_ = int(sum(self.member_samples_))
         self.sample_weights_ = np.concatenate(
@@ -444,26 +316,10 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
 
     @staticmethod
     def _check_kinds(kinds) -> tuple[str, ...]:
-        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-        bad = [k for k in kinds if k not in KINDS]
-        if bad:
-            raise ValueError(f"kind must be one of {KINDS}, got {bad[0]!r}")
-        return kinds
+        return check_kinds(kinds)
 
     def _check_layers(self, layers) -> tuple[str, ...]:
-        layers = (layers,) if isinstance(layers, str) else tuple(layers)
-        known = self.feature_layers_
-        if "auto" in layers:
-            if not known:
-                raise ValueError("the feature member has no candidate feature layer for "
-                                 "layers='auto'")
-            layers = tuple(dict.fromkeys(known[0] if ly == "auto" else ly for ly in layers))
-        bad = [ly for ly in layers if not isinstance(ly, str) or ly not in known]
-        if bad:
-            raise ValueError(f"layer {bad[0]!r} is not a feature layer of the feature member "
-                             f"(member {int(self._feature_member)}); "
-                             f"choose from {known[:12]}")
-        return layers
+        return check_layers(layers, self.feature_layers_, int(self._feature_member))
 
     @staticmethod
     def _copy(val):

@@ -6,6 +6,8 @@
   ultrasound, natural images from pydicom and scikit-image) and acquisition faults.
 - :func:`corrupt` / :data:`CORRUPTIONS`: image corruptions with a severity knob.
 - :func:`normalize_intensity`: the per-image robust intensity scaling every loader applies.
+- :func:`load_mni_scan`: the template as a whole scan in any orientation and voxel size, with
+  its labels (whole-scan checks of ``uqseg predict`` and of a model's preprocessing).
 - :func:`make_quality_set`: a labelled split widened with corrupted copies (a spread of
   segmentation quality, to fit :class:`uqseg.QualityRegressor`).
 - :func:`reference_models` / :func:`reference_model_info`: the shipped ONNX networks (the
@@ -20,6 +22,7 @@ from ._corrupt import CORRUPTIONS, corrupt
 from ._intensity import normalize_intensity
 from ._ood import OOD_KINDS, load_ood
 from ._quality_set import make_quality_set
+from ._scan import load_mni_scan
 from ._zoo import reference_model_info, reference_models
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "OOD_KINDS",
     "corrupt",
     "load_brain_tissue",
+    "load_mni_scan",
     "load_ood",
     "make_quality_set",
     "normalize_intensity",

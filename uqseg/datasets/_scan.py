@@ -1,6 +1,6 @@
 """The MNI template as a whole scan in any orientation and voxel size (tests, benchmarks).
 
-:func:`mni_scan` resamples the T1 template and its grey/white matter maps onto a new voxel
+:func:`load_mni_scan` resamples the T1 template and its grey/white matter maps onto a new voxel
 grid (axes in the order and directions of ``codes``, voxel size ``spacing``) covering the
 template's field of view, so a scan "stored another way" comes with its reference labels
 transformed the same way.
@@ -23,12 +23,37 @@ def template_affine() -> np.ndarray:
     return np.asarray(nib.load(template_dir() / _TEMPLATE.format("t1")).affine, dtype=float)
 
 
-def mni_scan(codes: str = "RAS", spacing=(1.0, 1.0, 1.0)):
-    """``(t1, labels, affine)`` of the template on a grid with axis ``codes`` and ``spacing``.
+def load_mni_scan(codes: str = "RAS", spacing=(1.0, 1.0, 1.0)):
+    """The MNI template as a whole scan stored with axis ``codes`` and voxel ``spacing``.
 
-    ``codes="RAS"`` with 1 mm spacing returns the template's own voxels (no interpolation).
-    Otherwise T1, GM and WM are sampled linearly and the labels are taken from the sampled
-    tissue maps (``labels_from_probabilities``), as the embedded data set does.
+    A scan "stored another way" with its reference labels transformed the same way (for
+    whole-scan checks of ``uqseg predict`` and a model's preprocessing). ``codes="RAS"`` with
+    1 mm spacing returns the template's own voxels (no interpolation). Otherwise T1, grey and
+    white matter are sampled linearly and the labels are taken from the sampled tissue maps,
+    as :func:`load_brain_tissue` does.
+
+    Parameters
+    ----------
+    codes : str, default="RAS"
+        Direction of each voxel axis, one of R/L, A/P, S/I per axis (nibabel's axis codes).
+    spacing : sequence of 3 floats, default=(1.0, 1.0, 1.0)
+        Voxel size in mm along each voxel axis.
+
+    Returns
+    -------
+    t1 : ndarray (X, Y, Z)
+        uint8 for the template's own grid, float32 when resampled.
+    labels : ndarray of uint8 (X, Y, Z)
+        0 background, 1 grey matter, 2 white matter.
+    affine : ndarray (4, 4)
+        Voxel index -> world mm (RAS+), covering the template's field of view.
+
+    Examples
+    --------
+    >>> from uqseg import datasets
+    >>> t1, labels, affine = datasets.load_mni_scan()
+    >>> t1.shape, sorted(set(labels.ravel().tolist()))
+    ((197, 233, 189), [0, 1, 2])
     """
     tpl = load_template()
     t_aff = template_affine()
@@ -56,3 +81,6 @@ def mni_scan(codes: str = "RAS", spacing=(1.0, 1.0, 1.0)):
         t1 = vals.pop("t1")  # float32, as a resampled scan is stored
         vals = {k: v / 255.0 for k, v in vals.items()}
     return t1, labels_from_probabilities(vals["gm"], vals["wm"]).astype(np.uint8), affine
+
+
+mni_scan = load_mni_scan  # the name tests used before it was public
