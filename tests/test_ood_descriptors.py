@@ -101,26 +101,31 @@ def test_reference_zoo_default_equals_the_previous_implementation(pins):
 # ---------------------------------------------------------------------- deprecated keywords
 @pytest.mark.parametrize("name", sorted(OLD_KEYWORDS))
 def test_old_keywords_warn_and_mean_the_same(tiny_2d, X_train, X_test, name):
+    old = SpectralOODDetector(tiny_2d, **OLD_KEYWORDS[name])
+    assert clone(old).get_params() == old.get_params()  # still parameters (deprecated)
     with pytest.warns(FutureWarning, match=r"deprecated.*pass descriptors=\["):
-        old = SpectralOODDetector(tiny_2d, **OLD_KEYWORDS[name])
-    new = SpectralOODDetector(tiny_2d, **CONFIGS[name])
-    assert repr(old) == repr(new)
-    assert old.get_params(deep=True).keys() == new.get_params(deep=True).keys()
-    np.testing.assert_array_equal(old.fit(X_train).score_samples(X_test),
-                                  new.fit(X_train).score_samples(X_test))
+        old.fit(X_train)
+    new = SpectralOODDetector(tiny_2d, **CONFIGS[name]).fit(X_train)
+    assert repr(old.descriptors_) == repr(new.descriptors_)
+    np.testing.assert_array_equal(old.score_samples(X_test), new.score_samples(X_test))
+    with pytest.warns(FutureWarning, match="deprecated"):
+        old.partial_fit(X_test)
 
 
-def test_old_keyword_errors(tiny_2d):
+def test_old_keyword_errors(tiny_2d, X_train):
     with pytest.raises(TypeError, match="unexpected keyword argument 'gird'"):
         SpectralOODDetector(tiny_2d, gird=8)
-    with warnings.catch_warnings(record=True) as w, pytest.raises(TypeError, match="not both"):
-        warnings.simplefilter("always")
-        SpectralOODDetector(tiny_2d, grid=8, descriptors=[Spectrum()])
-    assert not w  # refused before any warning
-    with pytest.raises(ValueError, match="descriptor must be one of"):
-        SpectralOODDetector(tiny_2d, descriptor="layout")
     with pytest.raises(TypeError, match="positional"):
         SpectralOODDetector(tiny_2d, "auto")  # keyword-only after the network
+    with warnings.catch_warnings(record=True) as w, pytest.raises(TypeError, match="not both"):
+        warnings.simplefilter("always")
+        SpectralOODDetector(tiny_2d, grid=8, descriptors=[Spectrum()]).fit(X_train)
+    assert not w  # refused, no advice to do what was done
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        SpectralOODDetector(tiny_2d, descriptor="layout").fit(X_train)
+    with pytest.warns(FutureWarning), pytest.raises(
+            ValueError, match=r"descriptors\[1\] \(Layout\): grid must be"):
+        SpectralOODDetector(tiny_2d, layout_grid=0).fit(X_train)
 
 
 # ---------------------------------------------------------------------- parameters
@@ -130,9 +135,12 @@ def test_nested_params_clone_and_set_params(tiny_2d, X_train):
     p = det.get_params()
     assert p["descriptors__0"] is sp and p["descriptors__0__grid"] == 8
     assert p["descriptors__1__n_components"] == 64
-    assert set(det.get_params(deep=False)) == {"estimator", "layer", "descriptors",
-                                               "contamination", "threshold", "combine",
-                                               "n_folds"}
+    assert set(det.get_params(deep=False)) == {
+        "estimator", "layer", "descriptors", "contamination", "threshold", "combine", "n_folds",
+        "grid", "n_neighbors", "normalize", "metric", "eps", "descriptor", "layout_layer",
+        "layout_grid", "layout_components", "layout_neighbors"}  # the last ten deprecated
+    assert repr(det) == (f"SpectralOODDetector(descriptors=[Spectrum(grid=8), Layout()],\n"
+                         f"                    estimator={tiny_2d!r})")
     c = clone(det)
     assert c.descriptors[0] is not sp and c.descriptors[0].get_params() == sp.get_params()
     det.set_params(descriptors__0__grid=4, descriptors__1__n_components=8, combine="max")
@@ -213,8 +221,8 @@ def test_folders_of_the_previous_implementation_load(name, pins, X_test, tmp_pat
     np.testing.assert_array_equal(det.score_samples(X_test), pins[f"saved/{name}"])
     back = uqseg.load(uqseg.save(det, tmp_path / "again"))
     np.testing.assert_array_equal(back.score_samples(X_test), pins[f"saved/{name}"])
-    assert "descriptor" not in json.loads((tmp_path / "again" / "manifest.json").read_text())[
-        "root"]["params"]
+    params = json.loads((tmp_path / "again" / "manifest.json").read_text())["root"]["params"]
+    assert params["grid"] == params["descriptor"] == "deprecated"  # not given
 
 
 def test_explicit_descriptors_round_trip(tiny_2d, X_train, X_test, tmp_path):
@@ -242,8 +250,7 @@ def _write(folder: Path, m: dict) -> None:
 @pytest.mark.parametrize("edit, key, match", [
     (lambda r: r["params"].update(descriptor="layout"), "estimator.descriptor",
      "expected one of"),
-    (lambda r: r["params"].update(descriptors=None), "estimator.descriptors",
-     "also holds the parameters of the earlier format"),
+    (lambda r: r["params"].update(descriptor=3), "estimator.descriptor", "expected one of"),
     (lambda r: r["params"].update(layout_grid=0), "estimator.descriptors[1]", "grid must be"),
     (lambda r: r["params"].update(metric="os.system"), "estimator.descriptors[0]",
      "metric"),
@@ -259,3 +266,13 @@ def test_tampered_folders_of_the_previous_format_are_refused(tmp_path, edit, key
     with pytest.raises((ValueError, TypeError), match=match) as info:
         uqseg.load(folder)
     assert str(info.value).startswith(key), str(info.value)
+
+
+def test_detector_with_old_keywords_round_trips(tiny_2d, X_train, X_test, tmp_path):
+    det = SpectralOODDetector(tiny_2d, layout_grid=2)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        det.fit(X_train)
+    back = uqseg.load(uqseg.save(det, tmp_path / "o"))  # loading warns of nothing
+    assert back.layout_grid == 2 and back.descriptors is None
+    assert repr(back.descriptors_) == "[Spectrum(), Layout(grid=2)]"
+    np.testing.assert_array_equal(back.score_samples(X_test), det.score_samples(X_test))

@@ -176,17 +176,15 @@ def spectral_fitted(est: Any, s: dict, w: str) -> None:
 
 # ---------------------------------------------------------------------------- format 1
 def migrate(raw: dict, w: str) -> dict:
-    """Format-1 parameters (``grid=``, ``layout_grid=``, ``descriptor=`` ...) -> the
-    ``descriptors`` list they meant, as manifest nodes (decoded and checked as any other)."""
+    """Format-1 parameters (no ``descriptors``; ``grid=``, ``layout_grid=``, ``descriptor=``
+    ...) -> the ``descriptors`` list they meant, as manifest nodes (decoded and checked as any
+    other)."""
     from uqseg.ood._spectral import DESCRIPTORS, OLD_KEYWORDS, OLD_LAYOUT, OLD_SPECTRUM
     from uqseg.persistence import _TAG
 
-    old = {k: raw[k] for k in OLD_KEYWORDS if k in raw}
-    if not old:
+    if "descriptors" in raw:  # today's format (the old keywords are deprecated parameters)
         return raw
-    if "descriptors" in raw:
-        raise ValueError(f"{w}.descriptors: the manifest also holds the parameters of the "
-                         f"earlier format ({', '.join(old)})")
+    old = {k: raw[k] for k in OLD_KEYWORDS if k in raw}
     kind = old.get("descriptor", "spectrum+layout")
     check_choice(kind, f"{w}.descriptor", DESCRIPTORS)
 

@@ -36,19 +36,11 @@ def legacy_descriptors(old: dict) -> list:
     return out
 
 
-def _from_deprecated(descriptors, old: dict) -> list:
-    unknown = [k for k in old if k not in OLD_KEYWORDS]
-    if unknown:
-        raise TypeError(f"SpectralOODDetector() got an unexpected keyword argument {unknown[0]!r}")
-    if descriptors is not None:
-        raise TypeError(f"pass descriptors=[...] or the deprecated keywords "
-                        f"{', '.join(old)}, not both")
-    new = legacy_descriptors(old)
-    warnings.warn(
-        f"SpectralOODDetector({', '.join(f'{k}=' for k in old)}...) is deprecated and will be "
-        f"removed in a future release; pass descriptors={new!r} (uqseg.ood.Spectrum, "
-        "uqseg.ood.Layout) instead", FutureWarning, stacklevel=3)
-    return new
+DEPRECATED = "deprecated"  # default of the old keywords: not given
+
+
+def _is_set(v) -> bool:
+    return not (isinstance(v, str) and v == DEPRECATED)
 
 
 class SpectralOODDetector(_BaseOODDetector):
@@ -108,11 +100,12 @@ class SpectralOODDetector(_BaseOODDetector):
         How several descriptors' z-scores make the score.
     n_folds : int, default=5
         Contiguous blocks for the cross-fitted training distances (at most ``n_train``).
-    **deprecated
-        The keywords of earlier versions (``grid``, ``n_neighbors``, ``normalize``, ``metric``,
-        ``eps``, ``descriptor``, ``layout_layer``, ``layout_grid``, ``layout_components``,
-        ``layout_neighbors``) still work with a ``FutureWarning``: they become the equivalent
-        ``descriptors`` list (``grid=8`` is ``descriptors=[Spectrum(grid=8), Layout()]``).
+    grid, n_neighbors, normalize, metric, eps, descriptor, layout_layer, layout_grid, \
+layout_components, layout_neighbors : deprecated
+        The keywords of earlier versions still work, with a ``FutureWarning`` at ``fit``, and
+        will be removed in a future release: they mean the equivalent ``descriptors`` list
+        (``grid=8`` is ``descriptors=[Spectrum(grid=8), Layout()]``, ``layout_grid=2`` is
+        ``[Spectrum(), Layout(grid=2)]``, ``descriptor="spectrum"`` is ``[Spectrum()]``).
 
     Attributes
     ----------
@@ -151,9 +144,11 @@ class SpectralOODDetector(_BaseOODDetector):
     _train_attr = None  # each fitted descriptor holds its own training rows (features_)
 
     def __init__(self, estimator, *, layer="auto", descriptors=None, contamination=0.05,
-                 threshold="contamination", combine="mean", n_folds=5, **deprecated):
-        if deprecated:  # the keywords of earlier versions, mapped onto descriptors
-            descriptors = _from_deprecated(descriptors, deprecated)
+                 threshold="contamination", combine="mean", n_folds=5, grid=DEPRECATED,
+                 n_neighbors=DEPRECATED, normalize=DEPRECATED, metric=DEPRECATED,
+                 eps=DEPRECATED, descriptor=DEPRECATED, layout_layer=DEPRECATED,
+                 layout_grid=DEPRECATED, layout_components=DEPRECATED,
+                 layout_neighbors=DEPRECATED):
         self.estimator = estimator
         self.layer = layer
         self.descriptors = descriptors
@@ -161,6 +156,27 @@ class SpectralOODDetector(_BaseOODDetector):
         self.threshold = threshold
         self.combine = combine
         self.n_folds = n_folds
+        self.grid = grid
+        self.n_neighbors = n_neighbors
+        self.normalize = normalize
+        self.metric = metric
+        self.eps = eps
+        self.descriptor = descriptor
+        self.layout_layer = layout_layer
+        self.layout_grid = layout_grid
+        self.layout_components = layout_components
+        self.layout_neighbors = layout_neighbors
+
+    def fit(self, X, y=None):
+        self._warn_deprecated()
+        return super().fit(X, y)
+
+    def partial_fit(self, X, y=None):
+        self._warn_deprecated()
+        return super().partial_fit(X, y)
+
+    fit.__doc__ = _BaseOODDetector.fit.__doc__
+    partial_fit.__doc__ = _BaseOODDetector.partial_fit.__doc__
 
     # ------------------------------------------------------------------ parameters
     def get_params(self, deep=True):
@@ -191,8 +207,25 @@ class SpectralOODDetector(_BaseOODDetector):
                 self.descriptors = descs
         return self
 
+    def _old_keywords(self) -> dict:
+        return {k: getattr(self, k) for k in OLD_KEYWORDS if _is_set(getattr(self, k))}
+
+    def _warn_deprecated(self) -> None:
+        old = self._old_keywords()
+        if old and self.descriptors is None:
+            warnings.warn(
+                f"SpectralOODDetector({', '.join(f'{k}=' for k in old)}...) is deprecated and "
+                f"will be removed in a future release; pass "
+                f"descriptors={legacy_descriptors(old)!r} (uqseg.ood.Spectrum, "
+                "uqseg.ood.Layout) instead", FutureWarning, stacklevel=3)
+
     def _descriptor_list(self) -> list:
-        descs = self.descriptors
+        descs, old = self.descriptors, self._old_keywords()
+        if old and descs is not None:
+            raise TypeError(f"pass descriptors=[...] or the deprecated keywords "
+                            f"{', '.join(old)}, not both")
+        if old:
+            return legacy_descriptors(old)
         if descs is None:
             return [Spectrum(), Layout()]
         if not isinstance(descs, (list, tuple)) or not descs or not all(
