@@ -518,7 +518,8 @@ def test_ensemble_arrays_are_checked(folder):
 @pytest.mark.parametrize("folder", ["ood"], indirect=True)
 @pytest.mark.parametrize(("key", "value"), [
     ("offset_", 1e6), ("offset_", NAN), ("threshold_", "x"), ("n_train_", 60),
-    ("descriptors_[0].layers_", ["dec2"]), ("descriptors_[0].layers_", []),
+    ("layers_", ["dec2"]), ("layers_", []), ("descriptors_[0].layers_", ["dec2"]),
+    ("descriptors_[0].layers_", []),
     ("descriptors_[1].layers_", ["bottleneck"]), ("descriptors_", []),
     ("estimator_", None), ("contamination", 0.9), ("n_folds", 1), ("combine", "sum"),
     ("descriptors", [1]), ("descriptors", "spectrum"),

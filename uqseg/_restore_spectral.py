@@ -117,7 +117,7 @@ def spectral_fitted(est: Any, s: dict, w: str) -> None:
         return
     if "n_spectral_" in s or isinstance(s.get("descriptors_"), np.ndarray):
         s = _from_format1(est, s, w)
-    check_keys(s, w, ("estimator_", "descriptors_", *_DERIVED))
+    check_keys(s, w, ("estimator_", "layers_", "descriptors_", *_DERIVED))
     check_instance(s["estimator_"], f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
     descs, want = s["descriptors_"], est._descriptor_list()
     if not isinstance(descs, list) or len(descs) != len(want):
@@ -127,6 +127,9 @@ def spectral_fitted(est: Any, s: dict, w: str) -> None:
     probe.__dict__.update(est.__dict__)
     run_own(probe._setup, w)
     seg = getattr(s["estimator_"], "feature_network_", s["estimator_"])
+    if not same(s["layers_"], probe.layers_):
+        raise ValueError(f"{w}.layers_: restored {_short(s['layers_'])}, the parameters and "
+                         f"network give {_short(probe.layers_)}")
     ch = _layer_channels(seg)
     n = None
     for i, (d, p) in enumerate(zip(descs, probe.descriptors_, strict=True)):
@@ -225,7 +228,7 @@ def _from_format1(est: Any, s: dict, w: str) -> dict:
         raise ValueError(f"{w}.layout_layer_: expected None without the layout part")
     for k in s:
         est.__dict__.pop(k, None)
-    new = {k: s[k] for k in ("estimator_", *_DERIVED)}
+    new = {k: s[k] for k in ("estimator_", "layers_", *_DERIVED)}
     new["descriptors_"] = descs
     est.__dict__.update(new)
     return new

@@ -114,7 +114,8 @@ layout_components, layout_neighbors : deprecated
         Fitted copies of ``descriptors``: each has ``layers_`` (resolved names) and the
         training images' rows ``features_`` (``Layout`` also its standardisation and axes).
     layers_ : list of str
-        Every feature layer read (one pass), in the descriptors' order.
+        ``layer`` resolved to names: the layers of every ``Spectrum`` whose own ``layer`` is
+        None (each descriptor's are in its ``layers_``).
     signatures_ : ndarray of shape (n_train, L)
         The first ``Spectrum``'s training signatures (``L`` = channels summed over layers).
     dist_stats_ : ndarray of shape (n_descriptors, 2)
@@ -260,6 +261,7 @@ layout_components, layout_neighbors : deprecated
         default = spectrum_layers(seg, self.layer)
         for d in descs:
             d._resolve(seg, default)
+        self.layers_ = default
         self.descriptors_ = descs
 
     # ------------------------------------------------------------------ features
@@ -268,10 +270,6 @@ layout_components, layout_neighbors : deprecated
         for d in self.descriptors_:
             names += [n for n in d.layers_ if n not in names]
         return names
-
-    @property
-    def layers_(self) -> list[str]:
-        return self._feature_names()
 
     def _features(self, X) -> dict:
         names = self._feature_names()
