@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import sklearn
+from sklearn.neighbors import NearestNeighbors
 
 from uqseg import datasets, metrics
 from uqseg.ensemble import EnsembleSegmenter
@@ -45,8 +46,8 @@ from uqseg.ood import (
     KNNOODDetector,
     MahalanobisOODDetector,
     SpectralOODDetector,
+    Spectrum,
     UncertaintyOODDetector,
-    _knn_distance,
     adaptive_avg_pool,
     singular_values,
 )
@@ -119,6 +120,12 @@ def layout_desc(F_tr, F, layer, grid, n_comp):
     m = min(n_comp, len(L_tr) // 4, int(np.sum(sv >= 1e-3 * sv[0])))
     W = vt[:m] * (np.sqrt(len(L_tr)) / sv[:m])[:, None]
     return ((L_tr - mu) / sd) @ W.T, ((flat(F[layer]) - mu) / sd) @ W.T
+
+
+def _knn_distance(train, query, k, metric):
+    """Distance of each query row to its k-th nearest training row."""
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(train)
+    return nn.kneighbors(query, n_neighbors=k)[0][:, k - 1]
 
 
 def xfit_distances(train, k):
@@ -358,9 +365,9 @@ def main(argv=None):
               f"tune {best['tune_mean']:.3f} held-out {best['held_out_mean']:.3f}", flush=True)
     detectors = {
         "spectral": SpectralOODDetector(seg),
-        "spectrum_only": SpectralOODDetector(seg, descriptor="spectrum"),
-        "spectral_karimi": SpectralOODDetector(seg, layer="decoder_last", grid=8,
-                                               descriptor="spectrum"),
+        "spectrum_only": SpectralOODDetector(seg, descriptors=[Spectrum()]),
+        "spectral_karimi": SpectralOODDetector(seg, layer="decoder_last",
+                                               descriptors=[Spectrum(grid=8)]),
         "mahalanobis": MahalanobisOODDetector(seg),
         "knn": KNNOODDetector(seg),
         "uncertainty_entropy": UncertaintyOODDetector(seg),
