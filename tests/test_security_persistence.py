@@ -571,7 +571,17 @@ def test_descriptors_must_be_descriptors(folder):
     _refused(folder, "estimator.descriptors[0]", TypeError)
     _edit(folder, lambda m: m["root"]["params"].update(descriptors=None))
     _edit(folder, lambda m: _node(m, "descriptors_").reverse())
-    _refused(folder, "estimator.descriptors_[0]", ValueError)
+    assert "not a fitted copy" in _refused(folder, "estimator.descriptors_[0]", ValueError)
+    _edit(folder, lambda m: _node(m, "descriptors_").reverse())
+
+    def param_is_the_fitted_one(m):  # the fitted copy made the parameter itself
+        m["root"]["params"]["descriptors"] = [_node(m, "descriptors_[0]"),
+                                              _node(m, "descriptors_[1]")]
+        m["root"]["fitted"]["descriptors_"] = [
+            {"__uqseg__": "ref", "id": n["id"]} for n in m["root"]["params"]["descriptors"]]
+
+    _edit(folder, param_is_the_fitted_one)
+    assert "itself" in _refused(folder, "estimator.descriptors_[0]", ValueError)
 
 
 @pytest.mark.parametrize("folder", ["qr"], indirect=True)

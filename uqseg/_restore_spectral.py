@@ -135,6 +135,8 @@ def spectral_fitted(est: Any, s: dict, w: str) -> None:
     for i, (d, p) in enumerate(zip(descs, probe.descriptors_, strict=True)):
         wi = f"{w}.descriptors_[{i}]"
         check_instance(d, wi, DESCRIPTOR_CLASSES)
+        if any(d is q for q in want):
+            raise ValueError(f"{wi}: is the object of descriptors[{i}] itself, not a fitted copy")
         if type(d) is not type(p) or not same(d.get_params(), p.get_params()):
             raise ValueError(f"{wi}: {_short(d)} is not a fitted copy of descriptors[{i}] "
                              f"({_short(p)})")

@@ -88,11 +88,6 @@ class _Descriptor(BaseEstimator):
     def _metric(self) -> str:
         return "euclidean"
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        return tags
-
 
 class Spectrum(_Descriptor):
     """Karimi & Gholipour's spectral signature of one or several feature layers.
