@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from uqseg import OnnxSegmenter, SpectralOODDetector, datasets, metrics
+from uqseg.ood import Layout, Spectrum
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ("bottleneck", "decoder_last")
@@ -86,14 +87,16 @@ def evaluate(path, X_tr, X_te, y_te) -> dict:
     ood = {k: datasets.load_ood(k) for k in datasets.OOD_KINDS}
     settings = {"structural": {}}
     for role in SINGLE:
-        settings[f"single:{role}"] = {"layer": role, "layout_layer": role}
+        settings[f"single:{role}"] = {"layer": role, "descriptors": [Spectrum(),
+                                                                     Layout(layer=role)]}
     out = {"dice": [float(d) for d in dice], "roles": seg.layer_roles_,
            "spatial_divisor": seg.spatial_divisor_, "settings": {}}
     for name, kw in settings.items():
         det = SpectralOODDetector(seg, **kw).fit(X_tr)
         s_in = det.score_samples(X_te)
         au = {k: float(metrics.ood_auroc(s_in, det.score_samples(v))) for k, v in ood.items()}
-        out["settings"][name] = {"layers": det.layers_, "layout_layer": det.layout_layer_,
+        out["settings"][name] = {"layers": det.layers_,
+                                 "layout_layer": det.descriptors_[1].layers_[0],
                                  "auroc": au, "mean_auroc": float(np.mean(list(au.values())))}
     return out
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import sklearn
+from sklearn.neighbors import NearestNeighbors
 
 from uqseg import datasets, metrics
 from uqseg.ensemble import EnsembleSegmenter
@@ -52,6 +53,7 @@ from uqseg.ood import (
     KNNOODDetector,
     MahalanobisOODDetector,
     SpectralOODDetector,
+    Spectrum,
     UncertaintyOODDetector,
     adaptive_avg_pool,
     singular_values,
@@ -130,8 +132,6 @@ def layout_desc(F_tr, F, layer, grid, n_comp):
 def _knn_distance(train, query, k, metric):
     """Distance of each query row to its k-th nearest training row (scikit-learn, brute force:
     the k-NN and spectral detectors' neighbour distance)."""
-    from sklearn.neighbors import NearestNeighbors
-
     nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(train)
     return nn.kneighbors(query, n_neighbors=k)[0][:, k - 1]
 
@@ -385,9 +385,9 @@ def main(argv=None):
               f"tune {best['tune_mean']:.3f} held-out {best['held_out_mean']:.3f}", flush=True)
     detectors = {
         "spectral": SpectralOODDetector(seg),
-        "spectrum_only": SpectralOODDetector(seg, descriptor="spectrum"),
-        "spectral_karimi": SpectralOODDetector(seg, layer="decoder_last", grid=8,
-                                               descriptor="spectrum"),
+        "spectrum_only": SpectralOODDetector(seg, descriptors=[Spectrum()]),
+        "spectral_karimi": SpectralOODDetector(seg, layer="decoder_last",
+                                               descriptors=[Spectrum(grid=8)]),
         "mahalanobis": MahalanobisOODDetector(seg),
         "knn": KNNOODDetector(seg),
         "uncertainty_entropy": UncertaintyOODDetector(seg),

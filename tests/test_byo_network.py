@@ -203,7 +203,7 @@ def test_estimators_with_default_settings(foreign, brain, name):
     ood = SpectralOODDetector(seg).fit(X)
     expected = [roles[r] for r in ("decoder_1/4", "decoder_1/2", "bottleneck") if r in roles]
     assert ood.layers_ == expected and len(ood.layers_) > 1
-    assert ood.layout_layer_ == roles["decoder_1/2"]
+    assert ood.descriptors_[1].layers_ == [roles["decoder_1/2"]]  # the layout's
     s = ood.score_samples(datasets.load_ood("ct")[:4, :, ::2, ::2])
     assert s.shape == (4,) and np.isfinite(s).all()
     assert MahalanobisOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]

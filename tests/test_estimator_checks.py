@@ -24,6 +24,7 @@ from uqseg import (
     TemperatureCalibrator,
     UncertaintyOODDetector,
 )
+from uqseg.ood import Layout, Spectrum
 from uqseg.quality_cnn import QualityCNN
 from uqseg.quality_features import QualityFeatures
 from uqseg.utils.estimator_checks import (
@@ -75,8 +76,9 @@ CASES = {
                                     {"check_dtype_int": INT_SCORES}),
     "TemperatureCalibrator-local-segmenter": (
         lambda p: TemperatureCalibrator(p["tiny_2d"], mode="local"), _images, {}),
-    "SpectralOODDetector": (lambda p: SpectralOODDetector(p["tiny_2d"], grid=4, n_folds=2),
-                            lambda: _images()[:1], {}),
+    "SpectralOODDetector": (lambda p: SpectralOODDetector(
+        p["tiny_2d"], descriptors=[Spectrum(grid=4), Layout()], n_folds=2),
+        lambda: _images()[:1], {}),
     "UncertaintyOODDetector": (lambda p: UncertaintyOODDetector(EnsembleSegmenter(p["members"])),
                                lambda: _images()[:1], {}),
     "MahalanobisOODDetector": (lambda p: MahalanobisOODDetector(p["tiny_2d"]),

@@ -14,8 +14,10 @@ from sklearn.exceptions import NotFittedError
 from uqseg.ensemble import EnsembleSegmenter
 from uqseg.ood import (
     KNNOODDetector,
+    Layout,
     MahalanobisOODDetector,
     SpectralOODDetector,
+    Spectrum,
     UncertaintyOODDetector,
     adaptive_avg_pool,
     spectral_signature,
@@ -63,8 +65,8 @@ def X_train():
 
 @pytest.fixture(scope="module")
 def spectral(tiny_2d, X_train):
-    return SpectralOODDetector(tiny_2d, layer="decoder_last", grid=8,
-                               descriptor="spectrum").fit(X_train)
+    return SpectralOODDetector(tiny_2d, layer="decoder_last",
+                               descriptors=[Spectrum(grid=8)]).fit(X_train)
 
 
 def direct_signature(feat, grid_pool, eps=1e-6):
@@ -102,7 +104,8 @@ def test_signature_equals_numpy_svd(spectral, tiny_2d, X_train):
 def test_signature_bottleneck_paths(tiny_2d, X_train, grid):
     # bottleneck (8 channels, 8x8): grid 2 -> 4 voxels < 8 channels (SVD, zero padded);
     # 8 and None -> 64 voxels (Gram eigenvalues)
-    det = SpectralOODDetector(tiny_2d, layer="bottleneck", grid=grid).fit(X_train)
+    det = SpectralOODDetector(tiny_2d, layer="bottleneck",
+                              descriptors=[Spectrum(grid=grid), Layout()]).fit(X_train)
     X = blobs(3, seed=8)
     feats = det.estimator_.run(X, layers=["bottleneck"])["bottleneck"]
 
@@ -158,8 +161,8 @@ def test_identical_image_scores_max(spectral, X_train):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_nearest_neighbour_vs_brute_force(tiny_2d, X_train, k):
-    det = SpectralOODDetector(tiny_2d, layer="decoder_last", n_neighbors=k,
-                              descriptor="spectrum").fit(X_train)
+    det = SpectralOODDetector(tiny_2d, layer="decoder_last",
+                              descriptors=[Spectrum(n_neighbors=k)]).fit(X_train)
     X = blobs(5, seed=11)
     D = cdist(det.signature(X), det.signatures_)
     np.testing.assert_allclose(det.score_samples(X), -np.sort(D, axis=1)[:, k - 1], atol=1e-7)
@@ -188,7 +191,7 @@ def test_predict_and_decision_function(spectral):
 
 
 def test_karimi_threshold(tiny_2d, X_train):
-    det = SpectralOODDetector(tiny_2d, threshold="karimi", descriptor="spectrum").fit(X_train)
+    det = SpectralOODDetector(tiny_2d, threshold="karimi", descriptors=[Spectrum()]).fit(X_train)
     d = xfit_kth(det.signatures_, 1)
     assert det.threshold_ == pytest.approx(d.mean() + 2.5 * d.std(), rel=1e-9)
     assert det.offset_ == pytest.approx(-(d.mean() + 2.5 * d.std()), rel=1e-9)
@@ -198,7 +201,8 @@ def test_partial_fit_equals_fit_on_union(tiny_2d, X_train):
     det = SpectralOODDetector(tiny_2d, contamination=0.1)
     det.partial_fit(X_train[:10]).partial_fit(X_train[10:])
     full = SpectralOODDetector(tiny_2d, contamination=0.1).fit(X_train)
-    np.testing.assert_allclose(det.descriptors_, full.descriptors_)
+    for a, b in zip(det.descriptors_, full.descriptors_, strict=True):
+        np.testing.assert_allclose(a.features_, b.features_)
     np.testing.assert_allclose(det.train_scores_, full.train_scores_, atol=1e-9)
     assert det.offset_ == pytest.approx(full.offset_)
 
@@ -215,7 +219,8 @@ def test_synthetic_shift_scores_lower(tiny_2d, X_train, layer):
 
 def test_3d_network(tiny_3d):
     X = blobs(12, size=(8, 8, 8), seed=2)
-    det = SpectralOODDetector(tiny_3d, layer="decoder_last", grid=4, descriptor="spectrum").fit(X)
+    det = SpectralOODDetector(tiny_3d, layer="decoder_last",
+                              descriptors=[Spectrum(grid=4)]).fit(X)
     assert det.signatures_.shape == (12, 4)
     feats = det.estimator_.run(X[:2], layers=["decoder_last"])["decoder_last"]
     pool = lambda f: f.reshape(4, 4, 2, 4, 2, 4, 2).mean(axis=(2, 4, 6))  # noqa: E731
@@ -246,7 +251,7 @@ def test_estimator_forms(tiny_2d, X_train):
     det = SpectralOODDetector(seg).fit(X_train)
     assert det.estimator is seg and not hasattr(seg, "n_classes_")  # cloned, not mutated
     assert det.layers_ == ["decoder_last", "bottleneck"]  # last decoder block and deepest
-    assert det.layout_layer_ == "decoder_last"
+    assert det.descriptors_[1].layers_ == ["decoder_last"]  # the layout's
     np.testing.assert_allclose(det.signatures_,
                                SpectralOODDetector(tiny_2d).fit(X_train).signatures_)
 
@@ -289,14 +294,15 @@ def direct_combined(path, X_train, X, k=1, n_comp=64, k_layout=1, combine="mean"
 
 @pytest.mark.parametrize("k, combine", [(1, "mean"), (2, "mean"), (1, "max")])
 def test_spectrum_layout_vs_direct(tiny_2d, X_train, k, combine):
-    det = SpectralOODDetector(tiny_2d, n_neighbors=k, combine=combine).fit(X_train)
-    assert det.descriptor == "spectrum+layout" and det.grid == 16 and det.layout_grid == 4
+    det = SpectralOODDetector(tiny_2d, descriptors=[Spectrum(n_neighbors=k), Layout()],
+                              combine=combine).fit(X_train)
+    assert det.descriptors_[0].grid == 16 and det.descriptors_[1].grid == 4
     X = np.concatenate([blobs(4, seed=31), np.rot90(blobs(3, seed=32), axes=(2, 3))])
     want, want_train, sig, W = direct_combined(tiny_2d, X_train, X, k=k, combine=combine)
     np.testing.assert_allclose(det.signature(X), sig, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(det.score_samples(X), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(det.train_scores_, want_train, rtol=1e-5, atol=1e-6)
-    assert det.layout_components_.shape == (len(W), 4 * 16)  # 4 channels x 4x4 cells
+    assert det.descriptors_[1].components_.shape == (len(W), 4 * 16)  # 4 channels x 4x4 cells
     assert det.offset_ == pytest.approx(np.percentile(want_train, 5))
 
 
@@ -314,10 +320,10 @@ def test_spectrum_blind_to_rotation_layout_not():
 
 
 def test_spectrum_only_is_the_paper(tiny_2d, X_train):
-    plain = SpectralOODDetector(tiny_2d, descriptor="spectrum").fit(X_train)
+    plain = SpectralOODDetector(tiny_2d, descriptors=[Spectrum()]).fit(X_train)
     both = SpectralOODDetector(tiny_2d).fit(X_train)
-    assert plain.layout_layer_ is None and plain.descriptors_.shape == (24, 12)
-    assert both.descriptors_.shape == (24, 12 + 4 * 16)
+    assert len(plain.descriptors_) == 1 and plain.signatures_.shape == (24, 12)
+    assert both.descriptors_[1].features_.shape == (24, 4 * 16)
     np.testing.assert_allclose(plain.signatures_, both.signatures_)
     X = blobs(3, seed=40)
     D = cdist(plain.signature(X), plain.signatures_)
@@ -420,18 +426,27 @@ def test_uncertainty_mutual_information(tiny_members, X_train):
 @pytest.mark.parametrize("params, match", [
     ({"contamination": 0.7}, "contamination must be"),
     ({"threshold": "mean"}, "threshold must be one of"),
-    ({"grid": 0}, "grid must be"),
-    ({"n_neighbors": 30}, "n_neighbors"),
-    ({"descriptor": "layout"}, "descriptor must be one of"),
-    ({"layout_grid": 0}, "layout_grid must be"),
-    ({"layout_components": 0}, "layout_components must be"),
-    ({"layout_layer": "nope"}, "layer 'nope' is not a feature layer"),
+    ({"descriptors": [Spectrum(grid=0)]}, r"descriptors\[0\] \(Spectrum\): grid must be"),
+    ({"descriptors": [Spectrum(n_neighbors=30)]},
+     r"descriptors\[0\] \(Spectrum\): n_neighbors=30 needs"),
+    ({"descriptors": [Spectrum(normalize="l1")]}, "normalize must be 'l2' or None"),
+    ({"descriptors": [Spectrum(eps=0)]}, "eps must be a positive number"),
+    ({"descriptors": [Spectrum(metric="nope")]}, "metric must be a scikit-learn"),
+    ({"descriptors": [Spectrum(), Layout(grid=0)]}, r"descriptors\[1\] \(Layout\): grid must"),
+    ({"descriptors": [Layout(n_components=0)]}, "n_components must be"),
+    ({"descriptors": [Spectrum(), Layout(layer="nope")]},
+     "layer 'nope' is not a feature layer"),
+    ({"descriptors": [Spectrum(layer="nope")]}, "layer 'nope' is not a feature layer"),
     # 24 images in 5 contiguous folds: at most 19 lie outside the largest fold
-    ({"layout_neighbors": 20}, r"layout_neighbors=20 needs at least 20 .* \(19 outside"),
+    ({"descriptors": [Spectrum(), Layout(n_neighbors=20)]},
+     r"descriptors\[1\] \(Layout\): n_neighbors=20 needs at least 20 .* \(19 outside"),
     ({"combine": "sum"}, "combine must be 'mean' or 'max'"),
     ({"n_folds": 1}, "n_folds must be at least 2"),
     ({"n_folds": 2.5}, "n_folds must be a positive integer"),
-    ({"layout_grid": (2, 2, 2)}, "layout_grid has 3 entries"),
+    ({"descriptors": [Spectrum(), Layout(grid=(2, 2, 2))]}, "grid has 3 entries"),
+    ({"descriptors": [Spectrum(grid=(2, 2, 2))]}, "grid has 3 entries"),
+    ({"layer": "bottleneck", "descriptors": [Spectrum(layer="decoder_last")]},
+     "set the layer in one place"),
 ])
 def test_spectral_parameter_errors(tiny_2d, X_train, params, match):
     with pytest.raises(ValueError, match=match):
@@ -452,7 +467,8 @@ def test_errors(tiny_2d, X_train):
         SpectralOODDetector(tiny_2d).fit(X_train).score_samples(bad)
     with pytest.raises(ValueError, match="mutual_information.*EnsembleSegmenter"):
         UncertaintyOODDetector(tiny_2d, score="mutual_information").fit(X_train)
-    SpectralOODDetector(tiny_2d, layout_neighbors=19).fit(X_train)  # 19 outside each fold
+    # 19 outside each fold
+    SpectralOODDetector(tiny_2d, descriptors=[Spectrum(), Layout(n_neighbors=19)]).fit(X_train)
     with pytest.raises(ValueError, match="score must be one of"):
         UncertaintyOODDetector(tiny_2d, score="variance").fit(X_train)
     with pytest.raises(ValueError, match="region must be one of"):
@@ -504,7 +520,8 @@ def test_reference_zoo_defaults_see_orientation_and_keep_false_alarms_low():
     X_tr, _ = datasets.load_brain_tissue("train")
     X_te, _ = datasets.load_brain_tissue("test")
     det = SpectralOODDetector(datasets.reference_models()[0]).fit(X_tr)
-    assert det.layers_ == ["dec1", "dec2", "bottleneck"] and det.layout_layer_ == "dec2"
+    assert det.layers_ == ["dec1", "dec2", "bottleneck"]
+    assert [d.layers_ for d in det.descriptors_] == [["dec1", "dec2", "bottleneck"], ["dec2"]]
     s_in = det.score_samples(X_te)
     # cross-fitted training scores: new subjects are not flagged far above contamination
     assert np.mean(s_in < det.offset_) <= 0.08

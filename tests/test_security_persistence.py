@@ -518,8 +518,11 @@ def test_ensemble_arrays_are_checked(folder):
 @pytest.mark.parametrize("folder", ["ood"], indirect=True)
 @pytest.mark.parametrize(("key", "value"), [
     ("offset_", 1e6), ("offset_", NAN), ("threshold_", "x"), ("n_train_", 60),
-    ("layers_", ["dec2"]), ("layers_", []), ("layout_layer_", None), ("n_spectral_", 1),
-    ("estimator_", None), ("contamination", 0.9), ("grid", [0]), ("metric", "os.system"),
+    ("layers_", ["dec2"]), ("layers_", []), ("descriptors_[0].layers_", ["dec2"]),
+    ("descriptors_[0].layers_", []),
+    ("descriptors_[1].layers_", ["bottleneck"]), ("descriptors_", []),
+    ("estimator_", None), ("contamination", 0.9), ("n_folds", 1), ("combine", "sum"),
+    ("descriptors", [1]), ("descriptors", "spectrum"),
 ])
 def test_ood_state_is_checked(folder, key, value):
     _set(folder, key, value)
@@ -528,14 +531,57 @@ def test_ood_state_is_checked(folder, key, value):
 
 @pytest.mark.parametrize("folder", ["ood"], indirect=True)
 @pytest.mark.parametrize(("key", "make"), [
-    ("descriptors_", lambda a: a[:, :-3]), ("descriptors_", lambda a: np.full_like(a, np.inf)),
-    ("descriptors_", lambda a: a.astype(np.int64)), ("descriptors_", lambda a: a[0]),
+    ("descriptors_[0].features_", lambda a: a[:, :-3]),
+    ("descriptors_[0].features_", lambda a: np.full_like(a, np.inf)),
+    ("descriptors_[0].features_", lambda a: a.astype(np.int64)),
+    ("descriptors_[0].features_", lambda a: a[0]),
+    ("descriptors_[1].features_", lambda a: a[:-1]),
+    ("descriptors_[1].features_", lambda a: a * 1.5),
     ("train_scores_", lambda a: -a), ("dist_stats_", lambda a: a * 2),
-    ("layout_components_", lambda a: a[:-1]), ("layout_scale_", lambda a: a * 0),
+    ("descriptors_[1].components_", lambda a: a[:-1]),
+    ("descriptors_[1].components_", lambda a: a * 1.01),
+    ("descriptors_[1].scale_", lambda a: a * 0), ("descriptors_[1].mean_", lambda a: a + 1),
 ])
 def test_ood_arrays_are_checked(folder, key, make):
     _set_array(folder, key, make(_get_array(folder, key)))
     _refused(folder, "estimator.")
+
+
+@pytest.mark.parametrize("folder", ["ood"], indirect=True)
+@pytest.mark.parametrize("name", ["uqseg.ood._descriptors.Spectrum", "uqseg.ood.Descriptor",
+                                  "uqseg.ood._descriptors._Descriptor", "uqseg.ood.SpectrumX",
+                                  "sklearn.preprocessing.StandardScaler", "os.system"])
+def test_descriptor_classes_are_allowlisted(folder, name):
+    _edit(folder, lambda m: _node(m, "descriptors_[0]").update({"class": name}))
+    msg = _refused(folder, "estimator.descriptors_[0]", ValueError)
+    assert "not on the allowlist" in msg
+
+
+@pytest.mark.parametrize("folder", ["ood"], indirect=True)
+def test_descriptors_must_be_descriptors(folder):
+    """An allowlisted class that is not a descriptor (the detector's own network) is refused
+    in the descriptor list and among the fitted descriptors; so is a Layout in a Spectrum's
+    place."""
+    def network_as_descriptor(m):
+        node = json.loads(json.dumps(m["root"]["params"]["estimator"]))
+        node["id"] = 99
+        m["root"]["params"]["descriptors"] = [node]
+
+    _edit(folder, network_as_descriptor)
+    _refused(folder, "estimator.descriptors[0]", TypeError)
+    _edit(folder, lambda m: m["root"]["params"].update(descriptors=None))
+    _edit(folder, lambda m: _node(m, "descriptors_").reverse())
+    assert "not a fitted copy" in _refused(folder, "estimator.descriptors_[0]", ValueError)
+    _edit(folder, lambda m: _node(m, "descriptors_").reverse())
+
+    def param_is_the_fitted_one(m):  # the fitted copy made the parameter itself
+        m["root"]["params"]["descriptors"] = [_node(m, "descriptors_[0]"),
+                                              _node(m, "descriptors_[1]")]
+        m["root"]["fitted"]["descriptors_"] = [
+            {"__uqseg__": "ref", "id": n["id"]} for n in m["root"]["params"]["descriptors"]]
+
+    _edit(folder, param_is_the_fitted_one)
+    assert "itself" in _refused(folder, "estimator.descriptors_[0]", ValueError)
 
 
 @pytest.mark.parametrize("folder", ["qr"], indirect=True)

@@ -78,8 +78,9 @@ def inspect_model(path) -> dict:
         try:
             det._setup()
             item = {"layers": list(det.layers_)}
-            if getattr(det, "layout_layer_", None) is not None:
-                item["layout_layer"] = det.layout_layer_
+            if hasattr(det, "descriptors_"):  # the default Spectrum and Layout
+                spectrum, layout = det.descriptors_
+                item = {"layers": spectrum.layers_, "layout_layer": layout.layers_[0]}
         except (ValueError, TypeError) as exc:
             item = {"error": str(exc)}
         defaults[cls.__name__] = item

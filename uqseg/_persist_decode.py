@@ -249,6 +249,8 @@ class _Decoder:
         ident = self._get(node, "id", int, where)
         raw_params = self._get(node, "params", dict, where)
         raw_fitted = self._get(node, "fitted", dict, where)
+        if spec.migrate is not None:  # parameters of a folder written by an earlier uqseg
+            raw_params = spec.migrate(raw_params, where)
         if ident in self.objects:
             raise ValueError(f"{where}: estimator #{ident} is defined twice")
         names = set(cls._get_param_names())

@@ -8,9 +8,10 @@ three ways, the strongest that applies:
 
 - derived from the model files alone (``OnnxSegmenter``, ``EnsembleSegmenter``): ``fit`` is run
   again on a clone and every restored attribute must equal what it gives;
-- derived from saved training data (the OOD detectors): the data are checked (shape, dtype,
-  finite, consistent with the network's layers), the statistics are recomputed from them and
-  every restored one must match;
+- derived from saved training data (the OOD detectors; the spectral detector and its
+  descriptors in :mod:`uqseg._restore_spectral`, which also migrates folders of the earlier
+  format): the data are checked (shape, dtype, finite, consistent with the network's layers),
+  the statistics are recomputed from them and every restored one must match;
 - learned (``TemperatureCalibrator``, ``QualityRegressor``): a declared type, shape, dtype
   and range per attribute, plus the relations between attributes.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from uqseg import _restore_spectral as _rs
 from uqseg._checks import (
     SEGMENTER_CLASSES,
     _short,
@@ -61,6 +63,8 @@ class Spec:
     # parameter -> node kinds allowed in the manifest; "members" style lists use ("list", kinds)
     node_kinds: dict[str, tuple] = field(default_factory=dict)
     fitted_node_kinds: dict[str, tuple] = field(default_factory=dict)
+    # raw manifest parameters of an older format -> today's (before any is decoded)
+    migrate: Callable[[dict, str], dict] | None = None
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -157,16 +161,11 @@ def _layer(v: Any, where: str) -> None:
 
 
 def _ood_params(est: Any, w: str) -> None:
-    from sklearn.neighbors import VALID_METRICS
-
     run_own(est._check_common, w)
     _estimator_param(est.estimator, f"{w}.estimator")
     if hasattr(est, "_setup_params"):
         run_own(est._setup_params, w)
         _layer(est.layer, f"{w}.layer")
-    if hasattr(est, "metric"):
-        check_choice(est.metric, f"{w}.metric", VALID_METRICS["brute"])
-        check_str(est.layout_layer, f"{w}.layout_layer")
     if hasattr(est, "SCORES"):
         check_choice(est.score, f"{w}.score", est.SCORES)
         check_choice(est.region, f"{w}.region", est.REGIONS)
@@ -293,22 +292,15 @@ def _layer_channels(seg: Any) -> dict:
     return {info.name: info.channels for info in graph.candidate_layers(proto)}
 
 
-_DERIVED = {
-    "SpectralOODDetector": ("dist_stats_", "layout_mean_", "layout_scale_",
-                            "layout_components_"),
-    "MahalanobisOODDetector": ("pca_mean_", "components_", "mean_", "precision_"),
-}
+_DERIVED = {"MahalanobisOODDetector": ("pca_mean_", "components_", "mean_", "precision_")}
 
 
 def _ood_fitted(est: Any, s: dict, w: str) -> None:
     if not s:
         return
     name, train = type(est).__name__, est._train_attr
-    derived = [k for k in _DERIVED.get(name, ())
-               if not (k.startswith("layout_") and est.descriptor == "spectrum")]
-    derived += ["train_scores_", "offset_", "threshold_", "n_train_"]
+    derived = [*_DERIVED.get(name, ()), "train_scores_", "offset_", "threshold_", "n_train_"]
     extra = ["layers_"] if hasattr(est, "_setup_params") else []
-    extra += ["layout_layer_", "n_spectral_"] if name == "SpectralOODDetector" else []
     check_keys(s, w, ("estimator_", train, *extra, *derived))
     check_instance(s["estimator_"], f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
     D = check_array(s[train], f"{w}.{train}", ndim=2)
@@ -319,7 +311,7 @@ def _ood_fitted(est: Any, s: dict, w: str) -> None:
         probe = object.__new__(type(est))  # _setup resolves the layers without touching est
         probe.__dict__.update(est.__dict__)
         run_own(probe._setup, w)
-        for key in extra[:2]:
+        for key in extra:
             if key in s and not same(s[key], getattr(probe, key)):
                 raise ValueError(f"{w}.{key}: restored {_short(s[key])}, the parameters and "
                                  f"network give {_short(getattr(probe, key))}")
@@ -329,18 +321,6 @@ def _ood_fitted(est: Any, s: dict, w: str) -> None:
             if all(ch.get(n) for n in s["layers_"]) else None
     elif D.shape[1] != 1:
         raise ValueError(f"{w}.{train}: expected one column, got shape {D.shape}")
-    if name == "SpectralOODDetector":
-        nsp = check_int(s["n_spectral_"], f"{w}.n_spectral_", 1, D.shape[1])
-        lay = s["layout_layer_"]
-        if (lay is None) != (nsp == D.shape[1]) or (width is not None and nsp != width):
-            raise ValueError(f"{w}.n_spectral_: {nsp} does not fit descriptors_ of width "
-                             f"{D.shape[1]} and the layers' channels")
-        if lay is not None and ch.get(lay):
-            g = est.layout_grid
-            cells = np.prod(g) if isinstance(g, (list, tuple)) else g ** seg.spatial_dims_
-            width = nsp + ch[lay] * int(cells)
-        else:
-            width = D.shape[1] if width is None else width + (D.shape[1] - nsp)
     if width is not None and D.shape[1] != width:
         raise ValueError(f"{w}.{train}: width {D.shape[1]} does not match the network's feature "
                          f"layers ({width})")
@@ -567,8 +547,12 @@ CHECKS: dict[str, Spec] = {
                                                     {"estimator_": (NONE, ESTIMATOR)}),
     **{f"uqseg.ood.{n}": Spec(_ood_params, _ood_fitted, {"estimator": _SEG_NODE},
                               {"estimator_": (ESTIMATOR,)})
-       for n in ("SpectralOODDetector", "UncertaintyOODDetector", "MahalanobisOODDetector",
-                 "KNNOODDetector")},
+       for n in ("UncertaintyOODDetector", "MahalanobisOODDetector", "KNNOODDetector")},
+    "uqseg.ood.SpectralOODDetector": Spec(_rs.spectral_params, _rs.spectral_fitted,
+                                          {"estimator": _SEG_NODE}, {"estimator_": (ESTIMATOR,)},
+                                          migrate=_rs.migrate),
+    **{name: Spec(_rs.descriptor_params, _rs.descriptor_fitted)
+       for name in _rs.DESCRIPTOR_CLASSES},
     "uqseg.quality.QualityRegressor": Spec(_qr_params, _qr_fitted,
                                            {"estimator": _SEG_NODE,
                                             "regressor": (NONE, *_SEG_NODE)},

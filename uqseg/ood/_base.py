@@ -92,7 +92,8 @@ def _structural_layers(seg, roles) -> list[str]:
 class _BaseOODDetector(OutlierMixin, BaseEstimator):
     """Fitting, thresholds and prediction shared by every detector.
 
-    Subclasses set ``_train_attr`` (the fitted array of training descriptors) and implement
+    Subclasses set ``_train_attr`` (the fitted array of training descriptors, or override
+    ``_store_train``) and implement
     ``_setup()`` (validate parameters, resolve layers), ``_descriptors(X)`` -> ``(N, L)``,
     ``_fit_model()`` (state from the training descriptors), ``_score(D)`` and
     ``_train_scores()`` (scores of the training images without themselves).
@@ -122,7 +123,7 @@ class _BaseOODDetector(OutlierMixin, BaseEstimator):
         self._check_common()
         self.estimator_ = _resolve_estimator(self.estimator, X)
         self._setup()
-        setattr(self, self._train_attr, self._descriptors(X))
+        self._store_train(self._descriptors(X))
         self._refit()
         return self
 
@@ -139,11 +140,14 @@ class _BaseOODDetector(OutlierMixin, BaseEstimator):
         if not hasattr(self, "offset_"):
             return self.fit(X, y)
         self._check_common()
-        new = self._descriptors(X)
-        setattr(self, self._train_attr,
-                np.concatenate([getattr(self, self._train_attr), new], axis=0))
+        self._store_train(self._descriptors(X), append=True)
         self._refit()
         return self
+
+    def _store_train(self, D, append=False):
+        """Keep the training descriptors ``D`` (appended to the earlier ones)."""
+        old = getattr(self, self._train_attr) if append else None
+        setattr(self, self._train_attr, D if old is None else np.concatenate([old, D], axis=0))
 
     def _refit(self):
         self._cache = {}

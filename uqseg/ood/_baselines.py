@@ -57,7 +57,7 @@ class UncertaintyOODDetector(_BaseOODDetector):
     SCORES = ("entropy", "max_softmax", "mutual_information")
     REGIONS = ("image", "foreground")
 
-    def __init__(self, estimator, score="entropy", region="image", contamination=0.05,
+    def __init__(self, estimator, *, score="entropy", region="image", contamination=0.05,
                  threshold="contamination"):
         self.estimator = estimator
         self.score = score
@@ -171,7 +171,7 @@ class MahalanobisOODDetector(_FeatureDetector):
     _train_attr = "features_"
     _N_FOLDS = 5
 
-    def __init__(self, estimator, layer="auto", n_components=None, contamination=0.05,
+    def __init__(self, estimator, *, layer="auto", n_components=None, contamination=0.05,
                  threshold="contamination"):
         self.estimator = estimator
         self.layer = layer
@@ -268,7 +268,7 @@ class KNNOODDetector(_FeatureDetector):
 
     _train_attr = "features_"
 
-    def __init__(self, estimator, layer="auto", k=5, contamination=0.05,
+    def __init__(self, estimator, *, layer="auto", k=5, contamination=0.05,
                  threshold="contamination"):
         self.estimator = estimator
         self.layer = layer
