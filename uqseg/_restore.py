@@ -216,8 +216,12 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
     check_keys(s, w, ("temperature_", "n_classes_", "n_voxels_fit_", "n_voxels_sampled_",
                       "nll_before_", "nll_after_", "ece_before_", "ece_after_", "n_iter_",
                       "estimator_", "sample_",
-                      *(("coef_", "intercept_", "feature_names_") if local else ())))
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2, 1 << 16)
+                      *(("coef_", "intercept_", "feature_names_") if local else ())),
+               ("activation_",))
+    check_choice(s.get("activation_", "softmax"), f"{w}.activation_", ("softmax", "sigmoid"))
+    sig = s.get("activation_") == "sigmoid"
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if sig else 2, 1 << 16)
+    rows, kt = (1, 2 * k) if sig else (k, k)  # sigmoid: one logit per entry, target 2 c + y
     lo, hi = (math.exp(b) for b in LOG_T_BOUNDS)
     lo, hi = lo * (1 - 1e-9), hi * (1 + 1e-9)
     if est.mode == "classwise":
@@ -241,20 +245,20 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
         raise ValueError(f"{w}.sample_: expected a dict of {', '.join(sorted(want))}")
     nb = len(CONFIDENCE_EDGES) + 1
     scores = check_array(smp["scores"], f"{w}.sample_['scores']", ndim=2)
-    if scores.shape[0] != k:
+    if scores.shape[0] != rows:
         raise ValueError(f"{w}.n_classes_: {k} but sample_['scores'] holds {scores.shape[0]} "
                          "classes")
     n = scores.shape[1]
     labels = check_array(smp["labels"], f"{w}.sample_['labels']", kinds="i", shape=(n,),
-                         lo=0, hi=k - 1)
+                         lo=0, hi=kt - 1)
     strata = check_array(smp["strata"], f"{w}.sample_['strata']", kinds="i", shape=(n,),
-                         lo=0, hi=k * nb - 1)
+                         lo=0, hi=kt * nb - 1)
     check_array(smp["keys"], f"{w}.sample_['keys']", shape=(n,), lo=0, hi=1)
-    counts = check_array(smp["counts"], f"{w}.sample_['counts']", kinds="i", shape=(k * nb,),
+    counts = check_array(smp["counts"], f"{w}.sample_['counts']", kinds="i", shape=(kt * nb,),
                          lo=0)
     if (strata // nb != labels).any():
         raise ValueError(f"{w}.sample_['strata']: does not match sample_['labels']")
-    if (np.bincount(strata, minlength=k * nb) > counts).any():
+    if (np.bincount(strata, minlength=kt * nb) > counts).any():
         raise ValueError(f"{w}.sample_['counts']: fewer voxels than the sample holds")
     if check_int(s["n_voxels_sampled_"], f"{w}.n_voxels_sampled_", 0) != n:
         raise ValueError(f"{w}.n_voxels_sampled_: {s['n_voxels_sampled_']} but the sample "
