@@ -145,3 +145,20 @@ def channel_objective(z, y, channel, w, n_channels, shared):
         return f, g
 
     return fun
+
+
+def sigmoid_objectives(sample, w, n_channels, shared, n_bins):
+    """For a sigmoid voxel sample (``scores`` ``(1, n)``, targets ``2 c + y``): the binary NLL
+    (:func:`channel_objective`), the ECE of one shared temperature (None per channel), and
+    ``ece_at(log_t)``, the pooled binary ECE at given log-temperatures (the masks ``z > 0``
+    never change, so it is the ECE of the two-class problems on ``[0, z / T_c]``)."""
+    z, y, ch = sample["scores"][0], sample["labels"] & 1, sample["labels"] >> 1
+    fun = channel_objective(z, y, ch, w, n_channels, shared)
+    ece = _ece_objective(two_class(z), y, w, n_bins) if shared else None
+
+    def ece_at(log_t):
+        a = np.exp(-np.asarray(log_t, np.float64)).reshape(-1)
+        scaled = z * (a[0] if shared else a[ch]).astype(np.float32)
+        return _ece_objective(two_class(scaled), y, w, n_bins)(0.0)
+
+    return fun, ece, ece_at

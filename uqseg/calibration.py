@@ -10,9 +10,6 @@ local map (:mod:`uqseg._local_fit`).
 
 from __future__ import annotations
 
-import numbers
-import os
-
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
@@ -21,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from uqseg import _local
 from uqseg._calibration_inputs import ScoreStream
+from uqseg._calibration_params import CalibratorParams
 from uqseg._local_fit import LOCAL_MIN_VOXELS_PER_PARAMETER, LocalMap
 from uqseg._temperature_objectives import (
     LOG_T_BOUNDS,
@@ -28,12 +26,10 @@ from uqseg._temperature_objectives import (
     _minimize_ece,
     _nll_and_grad,
     _objective,
-    channel_objective,
-    two_class,
+    sigmoid_objectives,
 )
 from uqseg._voxel_sample import CONFIDENCE_EDGES, VoxelSample, _water_fill
 from uqseg.metrics.calibration import CalibrationAccumulator
-from uqseg.segmenter import resolve_segmenter
 
 __all__ = ["TemperatureCalibrator"]
 # the names the tests and the loader import from here
@@ -41,7 +37,8 @@ _REEXPORTED = (CONFIDENCE_EDGES, LOCAL_MIN_VOXELS_PER_PARAMETER, LOG_T_BOUNDS, _
                _minimize_ece, _nll_and_grad, _objective, _water_fill)
 
 
-class TemperatureCalibrator(ScoreStream, VoxelSample, LocalMap, TransformerMixin, BaseEstimator):
+class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap,
+                            TransformerMixin, BaseEstimator):
     """Temperature scaling of a segmenter's logits, fitted by voxel-wise NLL (or ECE).
 
     ``softmax(z / T)`` with one temperature (``mode="global"``; never changes the predicted
@@ -186,86 +183,6 @@ class TemperatureCalibrator(ScoreStream, VoxelSample, LocalMap, TransformerMixin
         self.use_image = use_image
         self.top_label_weight = top_label_weight
 
-    # ------------------------------------------------------------------ parameters
-    def _check_params(self):
-        if self.mode not in ("global", "classwise", "local"):
-            raise ValueError("mode must be 'global' or 'classwise' (one temperature, one per "
-                             f"class) or 'local' (a map), got {self.mode!r}")
-        if self.objective not in ("nll", "ece"):
-            raise ValueError(f"objective must be 'nll' or 'ece', got {self.objective!r}")
-        if self.objective == "ece" and self.mode != "global":
-            raise ValueError("objective='ece' fits one global temperature; use mode='global' "
-                             "(class-wise temperatures are fitted by NLL)")
-        if self.input_kind not in ("logits", "proba"):
-            raise ValueError(f"input_kind must be 'logits' or 'proba', got {self.input_kind!r}")
-        if self.activation not in ("auto", "softmax", "sigmoid"):
-            raise ValueError("activation must be 'auto', 'softmax' or 'sigmoid' (what the scores "
-                             f"are logits of), got {self.activation!r}")
-        if self.roi not in (None, "foreground"):
-            raise ValueError(f"roi must be None or 'foreground', got {self.roi!r}")
-        for name, low in (("margin", 0), ("max_voxels", 1), ("batch_size", 1), ("n_bins", 1)):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {val!r}")
-        if self.ignore_index is not None and (
-                isinstance(self.ignore_index, bool)
-                or not isinstance(self.ignore_index, numbers.Integral)):
-            raise TypeError(f"ignore_index must be an integer or None, got {self.ignore_index!r}")
-        if self.random_state is not None and (
-                isinstance(self.random_state, bool)
-                or not isinstance(self.random_state, numbers.Integral)):
-            raise TypeError(f"random_state must be an integer or None, got {self.random_state!r}")
-        if not (isinstance(self.eps, numbers.Real) and 0 < self.eps < 1):
-            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
-        for name in ("alpha", "top_label_weight"):
-            a = getattr(self, name)
-            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a < np.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {a!r}")
-        sc = self.scales
-        if not isinstance(sc, (list, tuple)) or len(sc) > 4 or any(
-                isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.5 <= v <= 64
-                for v in sc) or len(set(map(float, sc))) != len(sc):
-            raise ValueError("scales must be a list of at most 4 distinct smoothing widths in "
-                             f"[0.5, 64] voxels, got {sc!r}")
-        if not isinstance(self.use_image, (bool, np.bool_)):
-            raise TypeError(f"use_image must be True or False, got {self.use_image!r}")
-
-    def _make_estimator(self, X):
-        est = self.estimator
-        if est is None:
-            return None
-        if not isinstance(est, (str, os.PathLike)) and not callable(
-                getattr(est, "transform", None)):
-            raise TypeError("estimator must be None, a path to an ONNX file or a segmenter with "
-                            f"transform(X) -> logits; got {type(est).__name__}")
-        seg = resolve_segmenter(est, X, requires=("transform",))
-        act = getattr(seg, "activation_", "softmax")
-        if act not in ("softmax", "sigmoid"):
-            raise ValueError(
-                f"the segmenter outputs probabilities (activation_={act!r}), not logits; pass "
-                "them as X with estimator=None and input_kind='proba'")
-        if self.activation != "auto" and self.activation != act:
-            raise ValueError(f"activation={self.activation!r} but the segmenter's outputs are "
-                             f"{act} logits (activation_={act!r}); use activation='auto'")
-        return seg
-
-    def _activation(self, k):
-        """What the scores (``k`` channels) are logits of: the fitted ``activation_``, else the
-        parameter, the estimator's, or by the channel count."""
-        act = getattr(self, "activation_", None)
-        if act is None:
-            act = self.activation if self.activation != "auto" else getattr(
-                getattr(self, "estimator_", None), "activation_",
-                "sigmoid" if k == 1 else "softmax")
-        if act == "softmax" and k < 2:
-            raise ValueError("softmax scores need at least 2 classes on axis 1, got 1; one "
-                             "channel is a sigmoid output (activation='sigmoid')")
-        if act == "sigmoid" and self.mode == "local":
-            raise NotImplementedError(
-                "mode='local' (a temperature map) calibrates softmax outputs only; for sigmoid "
-                "outputs use mode='classwise' (one temperature per channel) or 'global'")
-        return act
-
     # ------------------------------------------------------------------ fitting
     def _start(self, k, img):
         self.activation_ = self._activation(k)
@@ -301,7 +218,8 @@ class TemperatureCalibrator(ScoreStream, VoxelSample, LocalMap, TransformerMixin
             log_prev = np.log(np.atleast_1d(prev))
             x0 = log_prev.copy() if log_prev.size == dim else np.full(dim, log_prev.mean())
         if self._sigmoid():
-            fun, ece, ece_at = self._sigmoid_objectives(w, not classwise)
+            fun, ece, ece_at = sigmoid_objectives(smp, w, self.n_classes_, not classwise,
+                                                  int(self.n_bins))
         else:
             fun = _objective(smp["scores"], smp["labels"], w, classwise)
             ece = None if classwise else _ece_objective(smp["scores"], smp["labels"], w,
@@ -325,23 +243,6 @@ class TemperatureCalibrator(ScoreStream, VoxelSample, LocalMap, TransformerMixin
         self.n_voxels_sampled_ = int(smp["labels"].size)
         if self.mode == "local":
             self._solve_local(w)
-
-    def _sigmoid_objectives(self, w, shared):
-        """Binary NLL of the sampled (voxel, channel) entries, the ECE of one shared
-        temperature, and the pooled ECE at given log-temperatures (labels ``z > 0`` never
-        change, so this is the ECE of the two-class problems on ``[0, z / T_c]``)."""
-        smp = self.sample_
-        z, y, ch = smp["scores"][0], smp["labels"] & 1, smp["labels"] >> 1
-        fun = channel_objective(z, y, ch, w, self.n_classes_, shared)
-        nb = int(self.n_bins)
-        ece = _ece_objective(two_class(z), y, w, nb) if shared else None
-
-        def ece_at(log_t):
-            a = np.exp(-np.asarray(log_t, np.float64))
-            scaled = z * (a[0] if shared else a[ch]).astype(np.float32)
-            return _ece_objective(two_class(scaled), y, w, nb)(0.0)
-
-        return fun, ece, ece_at
 
     def fit(self, X, y):
         """Fit the temperature(s) on validation images (or scores) and labels.
