@@ -391,7 +391,8 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
                       "input_kind_", "regressor_", "feature_names_", "fit_report_", *opt))
     seg = s["estimator_"]
     check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    sig = q.is_sigmoid(seg)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if sig else 2)
     if k != seg.n_classes_:
         raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
     kind = s["uncertainty_kind_"]
@@ -400,7 +401,7 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
         else est.uncertainty
     check_choice(kind, f"{w}.uncertainty_kind_", (want,) if want in KINDS else KINDS)
     check_choice(s["input_kind_"], f"{w}.input_kind_", ("features", "maps"))
-    names = q.feature_names(k, kind, int(est.n_bins)) + \
+    names = q.feature_names(k, kind, int(est.n_bins), sig) + \
         (list(q.TYPICALITY_NAMES) if typ else []) + (q.atlas_names(k) if atl else [])
     if not same(s["feature_names_"], names):
         raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
@@ -444,12 +445,12 @@ def _fit_report(rep: Any, w: str) -> None:
 
 def _segmenter_and_kind(est: Any, s: dict, w: str) -> int:
     """Checks ``estimator_``, ``n_classes_`` and ``uncertainty_kind_``; returns the class count."""
-    from uqseg.quality_features import is_ensemble
+    from uqseg.quality_features import is_ensemble, is_sigmoid
     from uqseg.uncertainty import KINDS
 
     seg = s["estimator_"]
     check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if is_sigmoid(seg) else 2)
     if k != seg.n_classes_:
         raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
     want = ("mutual_information" if is_ensemble(seg) else "entropy") \
@@ -460,13 +461,14 @@ def _segmenter_and_kind(est: Any, s: dict, w: str) -> int:
 
 
 def _qf_fitted(est: Any, s: dict, w: str) -> None:
-    from uqseg.quality_features import feature_names
+    from uqseg.quality_features import feature_names, is_sigmoid
 
     if not s:
         return
     check_keys(s, w, ("estimator_", "uncertainty_kind_", "n_classes_", "feature_names_"))
     k = _segmenter_and_kind(est, s, w)
-    if not same(s["feature_names_"], feature_names(k, s["uncertainty_kind_"], int(est.n_bins))):
+    if not same(s["feature_names_"], feature_names(k, s["uncertainty_kind_"], int(est.n_bins),
+                                                   is_sigmoid(s["estimator_"]))):
         raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
 
 
