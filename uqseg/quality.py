@@ -310,36 +310,36 @@ class QualityRegressor(BaseEstimator):
                                  f"got shape {groups.shape}")
         est = self._resolve_estimator(X)
         kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__)
-        sig = is_sigmoid(est)
-        if sig and self._reads_maps():
+        sigm = is_sigmoid(est)
+        if sigm and self._reads_maps():
             raise ValueError("a sigmoid segmenter's quality is regressed on features: the "
                              "maps input (regressor_input='maps', an ONNX quality network) "
                              "reads softmax maps; use regressor_input='features'")
-        if sig and self.atlas is True:
+        if sigm and self.atlas is True:
             raise ValueError("atlas=True compares label maps of exclusive classes; a sigmoid "
                              "segmenter's overlapping masks have none (use atlas='auto')")
-        y = check_fit_targets(X, y, sig, getattr(est, "n_classes_", None))
+        y = check_fit_targets(X, y, sigm, getattr(est, "n_classes_", None))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
         for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_",
                      "atlas_blocks_", "_atlas_cache"):
             self.__dict__.pop(attr, None)
         typ = self.typicality_ = resolve_typicality(self.typicality, est, self._reads_maps())
-        use_atlas = not sig and resolve_atlas(self.atlas, X, groups, self._reads_maps())
+        use_atlas = not sigm and resolve_atlas(self.atlas, X, groups, self._reads_maps())
         pmaps, ymaps, ykeys = [], [], []
         if typ:
             self.typicality_layer_ = typicality_layer(est)
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
         for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
             k = proba.shape[1]
-            yb = chunk_labels(y, sl, k, sig)
+            yb = chunk_labels(y, sl, k, sigm)
             if reg is None:
                 self.n_classes_ = int(k)
                 self._runner = None
                 base = self._base_features()
                 reg, self.input_kind_ = resolve_regressor(self.regressor, self.regressor_input,
-                                                          k if sig else k - 1)
-            pred = proba >= 0.5 if sig else proba.argmax(axis=1)
+                                                          k if sigm else k - 1)
+            pred = proba >= 0.5 if sigm else proba.argmax(axis=1)
             targets.append(quality_targets(pred, yb, k, self.target, self.empty_score))
             feats.append(base.transform_maps(xb, proba, unc))
             if use_atlas:
