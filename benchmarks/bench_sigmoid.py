@@ -6,7 +6,8 @@ Trains a small two-label sigmoid U-Net with BCE on the embedded brain-tissue tra
 
 - ``TemperatureCalibrator``: pooled and per-channel ECE / NLL (``metrics.multilabel_report``)
   of the raw network, and of the same network made over-confident (logits x 4), before and
-  after global and per-channel (``mode="classwise"``) temperatures;
+  after global, per-channel (``mode="classwise"``) and local (a map per channel)
+  temperatures (local: scores as X, so without the image feature);
 - ``QualityRegressor``: Pearson r and MAE of predicted against true per-channel Dice on
   corrupted copies (``datasets.make_quality_set``, severities 0.5 and 1) of the test split.
 
@@ -98,10 +99,11 @@ def calibration(seg):
     for factor in (1.0, 4.0):
         name = "raw" if factor == 1 else "logits x4"
         row = {"uncalibrated": report(expit(factor * zt), tt)}
-        for mode in ("global", "classwise"):
+        for mode in ("global", "classwise", "local"):
             cal = TemperatureCalibrator(mode=mode, activation="sigmoid").fit(factor * zv, tv)
             row[mode] = report(cal.predict_proba(factor * zt), tt)
-            row[mode]["temperature"] = np.atleast_1d(cal.temperature_).round(4).tolist()
+            if mode != "local":
+                row[mode]["temperature"] = np.atleast_1d(cal.temperature_).round(4).tolist()
             assert (cal.predict(factor * zt) == (zt > 0)).all()  # masks unchanged
         out[name] = row
     return out
@@ -145,7 +147,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for net, row in res["calibration"].items():
         for mode, r in row.items():
-            t = ", ".join(f"{v:.3g}" for v in r.get("temperature", [1.0]))
+            t = ", ".join(f"{v:.3g}" for v in r.get("temperature", [np.nan]))
             print(f"| {net} | {mode} | {t} | {r['pooled']['ece']:.4f} | "
                   f"{r['pooled']['nll']:.4f} | {r['brain']['ece']:.4f} | "
                   f"{r['white_matter']['ece']:.4f} |")

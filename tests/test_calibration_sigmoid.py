@@ -133,13 +133,56 @@ def test_target_kind_mismatch_and_local_mode_errors():
         TemperatureCalibrator().fit(z, y)
     with pytest.raises(ValueError, match="holds labels in \\[0, 2\\]"):
         TemperatureCalibrator(activation="sigmoid").fit(z, y.astype(int) * 2)
-    with pytest.raises(NotImplementedError, match="mode='classwise'"):
-        TemperatureCalibrator(mode="local", activation="sigmoid").fit(z, y)
     with pytest.raises(ValueError, match="activation must be"):
         TemperatureCalibrator(activation="relu").fit(z, y)
     cal = TemperatureCalibrator(activation="sigmoid").fit(z, y)
     with pytest.raises(ValueError, match="fitted with 3"):
         cal.predict(z[:, :2])
+
+
+def margin_dependent(n, seed):
+    """Logits whose over-confidence grows with the margin, more in channel 1: the true
+    probability is ``sigmoid(z / s)`` with ``s = 1 + |z| / 2`` (channel 0) or ``1 + |z|``."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 2, 24, 24)).astype(np.float32) * 3
+    s = 1 + np.abs(z) * np.array([0.5, 1.0], np.float32).reshape(1, 2, 1, 1)
+    return z, rng.random(z.shape) < expit(z / s)
+
+
+def test_local_mode_maps_one_temperature_per_channel():
+    z, y = margin_dependent(6, 10)
+    zt, yt = margin_dependent(6, 11)
+    loc = TemperatureCalibrator(mode="local", activation="sigmoid", alpha=1e-4).fit(z, y)
+    assert loc.feature_names_[-1] == "channel[1]" and "class[1]" in loc.feature_names_
+    tmap = loc.temperature_map(zt)
+    assert tmap.shape == zt.shape and (tmap > 0).all()
+    # the fit's NLL is the binary NLL of sigmoid(z / T(x)) from the map (all entries kept)
+    u = z.astype(np.float64) / loc.temperature_map(z)
+    assert loc.nll_after_ == pytest.approx(float(np.mean(np.logaddexp(0, u) - y * u)), rel=1e-4)
+    np.testing.assert_allclose(loc.predict_proba(zt), expit(zt / tmap), atol=1e-5)
+    np.testing.assert_allclose(loc.transform(zt), zt / tmap, rtol=1e-4)
+    assert (loc.predict(zt) == (zt > 0)).all()  # masks never change
+    # over-confidence grows with the margin: the map follows it, and beats one T per channel
+    assert np.corrcoef(np.abs(zt).ravel(), tmap.ravel())[0, 1] > 0.5
+    cw = TemperatureCalibrator(mode="classwise", activation="sigmoid").fit(z, y)
+    assert loc.score(zt, yt) > cw.score(zt, yt) + 0.005
+    ece = [multilabel_report(c.predict_proba(zt), yt)["pooled"]["ece"] for c in (cw, loc)]
+    assert ece[1] < ece[0]
+
+
+def test_local_sigmoid_with_a_segmenter_saves_and_streams(sig_net, tmp_path):
+    path, X, y = sig_net
+    seg = OnnxSegmenter(path, activation="sigmoid")
+    cal = TemperatureCalibrator(seg, mode="local").fit(X[:8], y[:8])
+    assert "intensity[0]" in cal.feature_names_
+    uqseg.save(cal, tmp_path / "loc")
+    back = uqseg.load(tmp_path / "loc")
+    np.testing.assert_array_equal(back.predict_proba(X[8:]), cal.predict_proba(X[8:]))
+    part = TemperatureCalibrator(seg, mode="local")
+    part.partial_fit(X[:4], y[:4]).partial_fit(X[4:8], y[4:8])
+    np.testing.assert_allclose(part.temperature_map(X[8:]), cal.temperature_map(X[8:]),
+                               rtol=1e-2)
+    check_image_estimator(TemperatureCalibrator(seg, mode="local"), X[:6], y[:6])
 
 
 # ------------------------------------------------------------------ a sigmoid network

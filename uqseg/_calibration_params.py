@@ -90,8 +90,4 @@ class CalibratorParams:
         if act == "softmax" and k < 2:
             raise ValueError("softmax scores need at least 2 classes on axis 1, got 1; one "
                              "channel is a sigmoid output (activation='sigmoid')")
-        if act == "sigmoid" and self.mode == "local":
-            raise NotImplementedError(
-                "mode='local' (a temperature map) calibrates softmax outputs only; for sigmoid "
-                "outputs use mode='classwise' (one temperature per channel) or 'global'")
         return act

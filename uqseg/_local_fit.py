@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 from sklearn.exceptions import NotFittedError
 
 from uqseg import _local
-from uqseg._temperature_objectives import LOG_T_BOUNDS
+from uqseg._temperature_objectives import LOG_T_BOUNDS, two_class
 
 __all__ = ["LOCAL_MIN_VOXELS_PER_PARAMETER", "LocalMap"]
 
@@ -48,10 +48,44 @@ class LocalMap:
         if not hasattr(self, "coef_"):
             raise NotFittedError("mode='local' but no local map was fitted (mode was changed "
                                  "after fit); call fit")
-        lt = _local.log_temperature(z, self._scales(), self._image(z, img), self.coef_,
-                                    self.intercept_)
-        return np.clip(lt, *LOG_T_BOUNDS, out=lt)
+        img = self._image(z, img)
+        if not self._sigmoid():
+            lt = _local.log_temperature(z, self._scales(), img, self.coef_, self.intercept_)
+            return np.clip(lt, *LOG_T_BOUNDS, out=lt)
+        # sigmoid: one map per channel, from the channel's two-class problem (n, C, *spatial)
+        k = z.shape[1]
+        coef = np.asarray(self.coef_)
+        f0 = coef.size - (k - 1)
+        out = np.empty_like(z)
+        for c in range(k):
+            b = self.intercept_ + (float(coef[f0 + c - 1]) if c else 0.0)
+            out[:, c] = _local.log_temperature(self._two_class(z, c), self._scales(), img,
+                                               coef[:f0], b)
+        return np.clip(out, *LOG_T_BOUNDS, out=out)
 
+    @staticmethod
+    def _two_class(z, c):
+        """Channel ``c`` of sigmoid logits as two-class logits ``[0, z_c]`` ``(n, 2, ...)``."""
+        return np.stack([np.zeros_like(z[:, c]), z[:, c]], axis=1)
+
+    def _sigmoid_features(self, z, img, i, c):
+        """Local features ``(F, voxels)`` of channel ``c`` of image ``i`` (sigmoid outputs):
+        the two-class features plus the channel indicators."""
+        f = _local.local_features(self._two_class(z[i:i + 1], c), self._scales(),
+                                  None if img is None else img[i:i + 1])
+        f = f.reshape(f.shape[0], -1)
+        ind = np.zeros((z.shape[1] - 1, f.shape[1]), np.float32)
+        if c:
+            ind[c - 1] = 1
+        return np.concatenate([f, ind])
+
+    def _local_sample(self):
+        """The sample's scores ``(K, n)`` and targets as the local objective reads them
+        (sigmoid entries: the two-class problem on ``[0, z]`` and the indicator)."""
+        smp = self.sample_
+        if self._sigmoid():
+            return two_class(smp["scores"]), smp["labels"] & 1
+        return smp["scores"], smp["labels"]
 
     def _solve_local(self, w):
         """Fit ``log T = intercept_ + coef_ . features`` by penalised NLL, from the global
@@ -76,16 +110,16 @@ class LocalMap:
             x0 = np.zeros(n_par)
             x0[0] = np.log(self.temperature_)
         # the penalty's centre: the global NLL temperature (alpha -> inf gives global scaling)
-        fun = _local.local_objective(smp["scores"], fs, smp["labels"], w, float(self.alpha),
+        z, y = self._local_sample()
+        fun = _local.local_objective(z, fs, y, w, float(self.alpha),
                                      LOG_T_BOUNDS, float(self.top_label_weight),
                                      np.log(self.temperature_))
         res = minimize(fun, x0, jac=True, method="L-BFGS-B")
         v = res.x[1:]
         self.coef_ = v / sd
         self.intercept_ = float(res.x[0] - self.coef_ @ mu)
-        nll = _local.local_objective(smp["scores"], fs, smp["labels"], w, 0.0, LOG_T_BOUNDS)
+        nll = _local.local_objective(z, fs, y, w, 0.0, LOG_T_BOUNDS)
         self.nll_after_ = float(nll(res.x)[0])
-        self.ece_after_ = _local.local_ece(smp["scores"], fs, smp["labels"], w, res.x,
-                                           LOG_T_BOUNDS, int(self.n_bins))
+        self.ece_after_ = _local.local_ece(z, fs, y, w, res.x, LOG_T_BOUNDS, int(self.n_bins))
         self.n_iter_ = int(res.nit)
 

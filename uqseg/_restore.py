@@ -266,13 +266,13 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
     if check_int(s["n_voxels_fit_"], f"{w}.n_voxels_fit_", 0) != int(counts.sum()):
         raise ValueError(f"{w}.n_voxels_fit_: does not match sample_['counts']")
     if local:
-        _local_fitted(est, s, k, n, w)
+        _local_fitted(est, s, k, n, w, sig)
 
 
-def _local_fitted(est: Any, s: dict, k: int, n: int, w: str) -> None:
+def _local_fitted(est: Any, s: dict, k: int, n: int, w: str, sig: bool = False) -> None:
     """The local map: feature names that the parameters give, one finite coefficient per
     feature, and a feature row per sampled voxel."""
-    from uqseg._local import feature_names
+    from uqseg._local import feature_names, sigmoid_feature_names
 
     names = s["feature_names_"]
     check_str_list(names, f"{w}.feature_names_")
@@ -280,7 +280,8 @@ def _local_fitted(est: Any, s: dict, k: int, n: int, w: str) -> None:
     if c and (est.estimator is None or not est.use_image):
         raise ValueError(f"{w}.feature_names_: intensity features need an estimator and "
                          "use_image=True")
-    if not same(list(names), feature_names(k, tuple(float(v) for v in est.scales), c)):
+    names_of = sigmoid_feature_names if sig else feature_names
+    if not same(list(names), names_of(k, tuple(float(v) for v in est.scales), c)):
         raise ValueError(f"{w}.feature_names_: do not match the parameters (scales) and "
                          "n_classes_")
     f = len(names)

@@ -101,28 +101,34 @@ class VoxelSample:
                 conf = 1.0 / np.exp(zc - zc.max(axis=0)).sum(axis=0)
                 yield zc, yc.astype(np.int32), conf, fc
 
-    def _sigmoid_chunks(self, z, yb, mask):
-        """(logits (1, v), targets 2 c + y, confidences max(p, 1 - p), None) of the valid
-        (voxel, channel) entries, channel by channel."""
+    def _sigmoid_chunks(self, z, yb, mask, img):
+        """(logits (1, v), targets 2 c + y, confidences max(p, 1 - p), features or None) of
+        the valid (voxel, channel) entries, channel by channel."""
         n, k = z.shape[:2]
+        local = self.mode == "local"
+        if local:
+            img = self._image(z, img)
         z3, y3 = z.reshape(n, k, -1), yb.reshape(n, k, -1)
         m3 = None if mask is None else mask.reshape(n, k, -1)
         vox = z3.shape[2]
         for i in range(n):
             for c in range(k):
+                f2 = self._sigmoid_features(z, img, i, c) if local else None
                 for s in range(0, vox, _CHUNK):
                     zc, yc = z3[i, c, s:s + _CHUNK], y3[i, c, s:s + _CHUNK]
+                    fc = f2[:, s:s + _CHUNK] if local else None
                     if m3 is not None:
                         keep = m3[i, c, s:s + _CHUNK]
                         zc, yc = zc[keep], yc[keep]
+                        fc = fc[:, keep] if local else None
                     if yc.size == 0:
                         continue
                     conf = expit(np.abs(zc))
-                    yield zc[None], yc.astype(np.int32) + np.int32(2 * c), conf, None
+                    yield zc[None], yc.astype(np.int32) + np.int32(2 * c), conf, fc
 
     def _ingest(self, z, yb, mask, rng, img=None):
         """Add one batch's valid voxels to the sample (chunk by chunk, bounded memory)."""
-        chunks = self._sigmoid_chunks(z, yb, mask) if self._sigmoid() else \
+        chunks = self._sigmoid_chunks(z, yb, mask, img) if self._sigmoid() else \
             self._softmax_chunks(z, yb, mask, img)
         edges = np.asarray(CONFIDENCE_EDGES, np.float32)
         nb = edges.size + 1

@@ -55,7 +55,8 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
     (the two-class softmax problem on ``[0, z_c]``); the masks ``z_c > 0`` never change. The
     targets are then indicator arrays ``(N, C, *spatial)`` (a binary ``(N, *spatial)`` array
     for ``C = 1``), ``predict`` gives boolean masks and ``transform`` the scaled logits
-    ``z_c / T_c``. ``mode="local"`` is softmax-only (see docs/calibration.md).
+    ``z_c / T_c``. ``mode="local"`` fits one temperature map per channel: the features of
+    each channel's two-class problem plus a per-channel intercept.
 
     Parameters
     ----------
@@ -189,7 +190,8 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
         self.n_classes_ = int(k)
         if self.mode == "local":
             c = img.shape[1] if self._wants_image() and img is not None else 0
-            self.feature_names_ = _local.feature_names(k, self._scales(), c)
+            self.feature_names_ = (_local.sigmoid_feature_names if self._sigmoid() else
+                                   _local.feature_names)(k, self._scales(), c)
         self._reset_sample(k)
 
 
@@ -315,7 +317,7 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
     def _scale(self, z, img=None):
         if self.mode == "local":
             a = np.exp(-self._log_temperature(z, img))
-            return z * a[:, None]
+            return z * (a if self._sigmoid() else a[:, None])
         t = np.asarray(self.temperature_, np.float32)
         shape = (1, -1) + (1,) * (z.ndim - 2)
         return z / (t.reshape(shape) if t.ndim else t)
@@ -337,7 +339,7 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
                     np.full((z.shape[0], *z.shape[2:]), self.temperature_, np.float32)
                 outs.append(t)
                 continue
-            if self.mode == "local":  # class by class: cheaper than the generic softmax
+            if self.mode == "local" and not sig:  # class by class: cheaper than generic
                 a = np.exp(-self._log_temperature(z, img))
                 outs.append(_local.scaled_softmax(z, a, log=what == "logits"))
                 continue
@@ -380,7 +382,8 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
 
     def temperature_map(self, X):
         """The temperature at every voxel, float32 ``(N, *spatial)``: the fitted map in local
-        mode, the one global temperature everywhere in global mode.
+        mode, the one global temperature everywhere in global mode (sigmoid outputs in local
+        mode: one map per channel, ``(N, C, *spatial)``).
 
         Parameters
         ----------
@@ -474,8 +477,8 @@ class TemperatureCalibrator(CalibratorParams, ScoreStream, VoxelSample, LocalMap
         check_is_fitted(self)
         if self._sigmoid():
             tot = cnt = 0.0
-            for z, yb, mask, _ in self._pairs(X, y):
-                u = self._scale(z).astype(np.float64)
+            for z, yb, mask, img in self._pairs(X, y):
+                u = self._scale(z, img).astype(np.float64)
                 loss = np.logaddexp(0.0, u) - (yb == 1) * u  # softplus(u) - y u
                 tot += float(loss.sum() if mask is None else loss[mask].sum())
                 cnt += loss.size if mask is None else int(mask.sum())
