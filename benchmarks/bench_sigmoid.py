@@ -147,7 +147,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for net, row in res["calibration"].items():
         for mode, r in row.items():
-            t = ", ".join(f"{v:.3g}" for v in r.get("temperature", [np.nan]))
+            t = ", ".join(f"{v:.3g}" for v in r.get("temperature", [])) or (
+                "map" if mode == "local" else "1")
             print(f"| {net} | {mode} | {t} | {r['pooled']['ece']:.4f} | "
                   f"{r['pooled']['nll']:.4f} | {r['brain']['ece']:.4f} | "
                   f"{r['white_matter']['ece']:.4f} |")

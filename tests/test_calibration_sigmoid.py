@@ -236,6 +236,16 @@ def test_sigmoid_calibrator_saves_loads_and_passes_the_estimator_checks(sig_net,
     assert back.activation_ == "sigmoid"
     np.testing.assert_array_equal(back.temperature_, cal.temperature_)
     np.testing.assert_array_equal(back.predict_proba(X[8:]), cal.predict_proba(X[8:]))
+    # a folder whose activation_ disagrees with its segmenter's outputs is refused
+    import json
+
+    man = tmp_path / "cal" / "manifest.json"
+    doc = json.loads(man.read_text())
+    assert doc["root"]["fitted"]["activation_"] == "sigmoid"
+    doc["root"]["fitted"]["activation_"] = "softmax"
+    man.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="activation_: does not match"):
+        uqseg.load(tmp_path / "cal")
     check_image_estimator(TemperatureCalibrator(seg, mode="classwise"), X[:6], y[:6])
 
 

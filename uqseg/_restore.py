@@ -239,6 +239,8 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
         if sub is est or getattr(sub, "n_classes_", k) != k:
             raise ValueError(f"{w}.estimator_: gives {getattr(sub, 'n_classes_', '?')} classes, "
                              f"n_classes_ is {k}")
+        if getattr(sub, "activation_", "softmax") != s.get("activation_", "softmax"):
+            raise ValueError(f"{w}.activation_: does not match the estimator_'s outputs")
     smp = s["sample_"]
     want = {"scores", "labels", "strata", "keys", "counts"} | ({"features"} if local else set())
     if not isinstance(smp, dict) or set(smp) != want:
