@@ -273,3 +273,32 @@ def test_ensemble_pipeline_and_kind_mismatch_with_a_segmenter(sig_net, tmp_path)
     soft = OnnxSegmenter(path, activation="softmax")
     with pytest.raises(ValueError, match="exclusive classes: y must be class labels"):
         TemperatureCalibrator(soft).fit(X[:4], y[:4])
+
+
+def test_ece_objective_finds_the_grid_minimum_of_the_pooled_binary_ece():
+    z, y = synth(scales=(2.5, 1.5), seed=7)
+    cal = TemperatureCalibrator(activation="sigmoid", objective="ece").fit(z, y)
+    grid = np.exp(np.linspace(np.log(0.5), np.log(8), 161))
+    eces = [multilabel_report(expit(z / t), y, n_bins=15)["pooled"]["ece"] for t in grid]
+    assert cal.ece_after_ <= min(eces) + 1e-3
+    after = multilabel_report(cal.predict_proba(z), y, n_bins=15)["pooled"]["ece"]
+    assert after == pytest.approx(cal.ece_after_, abs=1e-3)
+
+
+def test_3d_scores_and_lists_of_differently_sized_images():
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(3, 2, 6, 8, 8)).astype(np.float32) * 3
+    y = rng.random(z.shape) < expit(z / 3)
+    cal = TemperatureCalibrator(mode="classwise", activation="sigmoid").fit(z, y)
+    np.testing.assert_allclose(cal.temperature_, [ref_temperature(z[:, c], y[:, c])
+                                                  for c in range(2)], rtol=1e-4)
+    # a list of images of two sizes: the same entries, the same temperatures
+    zs = [z[0], z[1, :, :4], z[2, :, 2:]]
+    ys = [y[0], y[1, :, :4], y[2, :, 2:]]
+    lst = TemperatureCalibrator(mode="classwise", activation="sigmoid").fit(zs, ys)
+    flat = np.concatenate([v.reshape(2, -1) for v in zs], axis=1)
+    flat_y = np.concatenate([v.reshape(2, -1) for v in ys], axis=1)
+    np.testing.assert_allclose(lst.temperature_, [ref_temperature(flat[c], flat_y[c])
+                                                  for c in range(2)], rtol=1e-4)
+    out = lst.predict_proba(zs)
+    assert [o.shape for o in out] == [v.shape for v in zs]
