@@ -212,3 +212,21 @@ def test_predicted_dice_follows_true_dice_on_a_trained_sigmoid_net(trained_sigmo
     # measured: r = 0.977 (brain), 0.894 (white matter); MAE 0.025, 0.083
     assert r[0] > 0.9 and r[1] > 0.8
     assert np.abs(pred - true).mean() < 0.1
+
+
+def test_per_channel_targets_dice_and_iou_from_the_definition():
+    from uqseg.quality_regressors import quality_targets
+
+    rng = np.random.default_rng(3)
+    m = rng.random((4, 2, 8, 8)) < 0.3
+    t = rng.random((4, 2, 8, 8)) < 0.3
+    m[0, 1] = t[0, 1] = False  # both empty: the empty score
+    for target in ("dice", "iou"):
+        got = quality_targets(m, t, 2, target, 0.7)
+        for i in range(4):
+            for c in range(2):
+                a, b = m[i, c], t[i, c]
+                inter, union = (a & b).sum(), (a | b).sum()
+                want = 0.7 if union == 0 else (
+                    2 * inter / (a.sum() + b.sum()) if target == "dice" else inter / union)
+                assert got[i, c] == pytest.approx(want)
