@@ -209,9 +209,13 @@ def test_estimators_with_default_settings(foreign, brain, name):
     assert MahalanobisOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert KNNOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert seg.activation_ == ACTIVATION.get(name, "softmax")
-    if seg.activation_ == "softmax":  # (sigmoid temperature scaling: not on main yet)
+    if seg.activation_ == "softmax":
         cal = TemperatureCalibrator(seg).fit(X, y)
-        assert np.isfinite(cal.temperature_).all()
+    else:  # indicator targets, one mask per channel: brain, white matter, grey matter
+        t = np.stack([y >= 1, y == 2, y == 1], axis=1)[:, :seg.n_classes_]
+        cal = TemperatureCalibrator(seg, mode="classwise").fit(X, t)
+        assert (cal.predict(X) == seg.predict(X)).all()
+    assert np.isfinite(cal.temperature_).all()
     with pytest.raises(ValueError, match="bottleneck = "):  # the error lists the structure
         SpectralOODDetector(seg, layer="add_169").fit(X[:4])
     # a role is accepted as a layer name

@@ -206,12 +206,7 @@ def test_estimators_around_sigmoid_networks(nets, X):
     soft = OnnxSegmenter(nets["ml0"]).fit()
     with pytest.raises(ValueError, match="exclusive classes: y must be class labels"):
         ConformalRiskController(soft, alpha=0.3).fit(Xf, y)
-    with pytest.raises(ValueError, match="QualityRegressor needs a softmax"):
-        QualityRegressor(seg).fit(Xf, y)
-    from uqseg import TemperatureCalibrator
-
-    with pytest.raises(ValueError, match="softmax logits over exclusive classes"):
-        TemperatureCalibrator(seg).fit(Xf, y)
+    assert QualityRegressor(seg).fit(Xf, y).predict(X).shape == (4, 3)  # Dice per channel
 
 
 @pytest.mark.parametrize("score", ["entropy", "max_softmax", "mutual_information"])

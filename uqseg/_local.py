@@ -50,6 +50,14 @@ def feature_names(n_classes: int, scales, n_image_channels: int = 0) -> list[str
     return names
 
 
+def sigmoid_feature_names(n_channels: int, scales, n_image_channels: int = 0) -> list[str]:
+    """Names of the local features of sigmoid outputs: those of one channel's two-class
+    problem on ``[0, z_c]`` (``class[1]``: the channel's mask), then ``channel[c]`` for
+    ``c >= 1`` (one intercept per channel: a temperature map per channel)."""
+    return feature_names(2, scales, n_image_channels) + [
+        f"channel[{c}]" for c in range(1, n_channels)]
+
+
 # ---------------------------------------------------------------------- building blocks
 def _margin_labels(z):
     """log margin (float32) and argmax (int16) of logits ``(n, K, *spatial)``.

@@ -215,8 +215,12 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
     check_keys(s, w, ("temperature_", "n_classes_", "n_voxels_fit_", "n_voxels_sampled_",
                       "nll_before_", "nll_after_", "ece_before_", "ece_after_", "n_iter_",
                       "estimator_", "sample_",
-                      *(("coef_", "intercept_", "feature_names_") if local else ())))
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2, 1 << 16)
+                      *(("coef_", "intercept_", "feature_names_") if local else ())),
+               ("activation_",))
+    check_choice(s.get("activation_", "softmax"), f"{w}.activation_", ("softmax", "sigmoid"))
+    sig = s.get("activation_") == "sigmoid"
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if sig else 2, 1 << 16)
+    rows, kt = (1, 2 * k) if sig else (k, k)  # sigmoid: one logit per entry, target 2 c + y
     lo, hi = (math.exp(b) for b in LOG_T_BOUNDS)
     lo, hi = lo * (1 - 1e-9), hi * (1 + 1e-9)
     if est.mode == "classwise":
@@ -234,26 +238,28 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
         if sub is est or getattr(sub, "n_classes_", k) != k:
             raise ValueError(f"{w}.estimator_: gives {getattr(sub, 'n_classes_', '?')} classes, "
                              f"n_classes_ is {k}")
+        if getattr(sub, "activation_", "softmax") != s.get("activation_", "softmax"):
+            raise ValueError(f"{w}.activation_: does not match the estimator_'s outputs")
     smp = s["sample_"]
     want = {"scores", "labels", "strata", "keys", "counts"} | ({"features"} if local else set())
     if not isinstance(smp, dict) or set(smp) != want:
         raise ValueError(f"{w}.sample_: expected a dict of {', '.join(sorted(want))}")
     nb = len(CONFIDENCE_EDGES) + 1
     scores = check_array(smp["scores"], f"{w}.sample_['scores']", ndim=2)
-    if scores.shape[0] != k:
+    if scores.shape[0] != rows:
         raise ValueError(f"{w}.n_classes_: {k} but sample_['scores'] holds {scores.shape[0]} "
                          "classes")
     n = scores.shape[1]
     labels = check_array(smp["labels"], f"{w}.sample_['labels']", kinds="i", shape=(n,),
-                         lo=0, hi=k - 1)
+                         lo=0, hi=kt - 1)
     strata = check_array(smp["strata"], f"{w}.sample_['strata']", kinds="i", shape=(n,),
-                         lo=0, hi=k * nb - 1)
+                         lo=0, hi=kt * nb - 1)
     check_array(smp["keys"], f"{w}.sample_['keys']", shape=(n,), lo=0, hi=1)
-    counts = check_array(smp["counts"], f"{w}.sample_['counts']", kinds="i", shape=(k * nb,),
+    counts = check_array(smp["counts"], f"{w}.sample_['counts']", kinds="i", shape=(kt * nb,),
                          lo=0)
     if (strata // nb != labels).any():
         raise ValueError(f"{w}.sample_['strata']: does not match sample_['labels']")
-    if (np.bincount(strata, minlength=k * nb) > counts).any():
+    if (np.bincount(strata, minlength=kt * nb) > counts).any():
         raise ValueError(f"{w}.sample_['counts']: fewer voxels than the sample holds")
     if check_int(s["n_voxels_sampled_"], f"{w}.n_voxels_sampled_", 0) != n:
         raise ValueError(f"{w}.n_voxels_sampled_: {s['n_voxels_sampled_']} but the sample "
@@ -261,13 +267,13 @@ def _cal_fitted(est: Any, s: dict, w: str) -> None:
     if check_int(s["n_voxels_fit_"], f"{w}.n_voxels_fit_", 0) != int(counts.sum()):
         raise ValueError(f"{w}.n_voxels_fit_: does not match sample_['counts']")
     if local:
-        _local_fitted(est, s, k, n, w)
+        _local_fitted(est, s, k, n, w, sig)
 
 
-def _local_fitted(est: Any, s: dict, k: int, n: int, w: str) -> None:
+def _local_fitted(est: Any, s: dict, k: int, n: int, w: str, sig: bool = False) -> None:
     """The local map: feature names that the parameters give, one finite coefficient per
     feature, and a feature row per sampled voxel."""
-    from uqseg._local import feature_names
+    from uqseg._local import feature_names, sigmoid_feature_names
 
     names = s["feature_names_"]
     check_str_list(names, f"{w}.feature_names_")
@@ -275,7 +281,8 @@ def _local_fitted(est: Any, s: dict, k: int, n: int, w: str) -> None:
     if c and (est.estimator is None or not est.use_image):
         raise ValueError(f"{w}.feature_names_: intensity features need an estimator and "
                          "use_image=True")
-    if not same(list(names), feature_names(k, tuple(float(v) for v in est.scales), c)):
+    names_of = sigmoid_feature_names if sig else feature_names
+    if not same(list(names), names_of(k, tuple(float(v) for v in est.scales), c)):
         raise ValueError(f"{w}.feature_names_: do not match the parameters (scales) and "
                          "n_classes_")
     f = len(names)
@@ -367,7 +374,8 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
                       "input_kind_", "regressor_", "feature_names_", "fit_report_", *opt))
     seg = s["estimator_"]
     check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    sig = q.is_sigmoid(seg)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if sig else 2)
     if k != seg.n_classes_:
         raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
     kind = s["uncertainty_kind_"]
@@ -376,7 +384,7 @@ def _qr_fitted(est: Any, s: dict, w: str) -> None:
         else est.uncertainty
     check_choice(kind, f"{w}.uncertainty_kind_", (want,) if want in KINDS else KINDS)
     check_choice(s["input_kind_"], f"{w}.input_kind_", ("features", "maps"))
-    names = q.feature_names(k, kind, int(est.n_bins)) + \
+    names = q.feature_names(k, kind, int(est.n_bins), sig) + \
         (list(q.TYPICALITY_NAMES) if typ else []) + (q.atlas_names(k) if atl else [])
     if not same(s["feature_names_"], names):
         raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
@@ -420,12 +428,12 @@ def _fit_report(rep: Any, w: str) -> None:
 
 def _segmenter_and_kind(est: Any, s: dict, w: str) -> int:
     """Checks ``estimator_``, ``n_classes_`` and ``uncertainty_kind_``; returns the class count."""
-    from uqseg.quality_features import is_ensemble
+    from uqseg.quality_features import is_ensemble, is_sigmoid
     from uqseg.uncertainty import KINDS
 
     seg = s["estimator_"]
     check_instance(seg, f"{w}.estimator_", SEGMENTER_CLASSES, fitted=True)
-    k = check_int(s["n_classes_"], f"{w}.n_classes_", 2)
+    k = check_int(s["n_classes_"], f"{w}.n_classes_", 1 if is_sigmoid(seg) else 2)
     if k != seg.n_classes_:
         raise ValueError(f"{w}.n_classes_: {k} but estimator_ gives {seg.n_classes_} classes")
     want = ("mutual_information" if is_ensemble(seg) else "entropy") \
@@ -436,13 +444,14 @@ def _segmenter_and_kind(est: Any, s: dict, w: str) -> int:
 
 
 def _qf_fitted(est: Any, s: dict, w: str) -> None:
-    from uqseg.quality_features import feature_names
+    from uqseg.quality_features import feature_names, is_sigmoid
 
     if not s:
         return
     check_keys(s, w, ("estimator_", "uncertainty_kind_", "n_classes_", "feature_names_"))
     k = _segmenter_and_kind(est, s, w)
-    if not same(s["feature_names_"], feature_names(k, s["uncertainty_kind_"], int(est.n_bins))):
+    if not same(s["feature_names_"], feature_names(k, s["uncertainty_kind_"], int(est.n_bins),
+                                                   is_sigmoid(s["estimator_"]))):
         raise ValueError(f"{w}.feature_names_: do not match the parameters and n_classes_")
 
 

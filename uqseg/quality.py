@@ -41,12 +41,13 @@ from uqseg.quality_features import (
     check_n_bins,
     check_uncertainty,
     chunks,
+    is_sigmoid,
     maps_input,
     resolve_uncertainty,
 )
 from uqseg.quality_regressors import (
     QualityNetwork,
-    check_fit_labels,
+    check_fit_targets,
     check_quality_output,
     chunk_labels,
     default_regressor,
@@ -105,6 +106,13 @@ class QualityRegressor(BaseEstimator):
     the prediction and its uncertainty. Where a class is absent from both the prediction and
     the truth, Dice is undefined (NaN); the target is then ``empty_score`` (default 1: the
     network correctly found nothing).
+
+    Sigmoid (binary or multi-label) segmenters: every channel is a structure, its mask
+    ``p_c >= 0.5``; the targets ``y`` are indicator arrays ``(N, C, *spatial)`` (a binary
+    ``(N, *spatial)`` array for ``C = 1``), the features are per channel (the channel's
+    Bernoulli probabilities and its own uncertainty map) and :meth:`predict` gives ``(N, C)``,
+    one Dice per channel. The maps input (ONNX quality networks) and the atlas features need a
+    softmax segmenter.
 
     Parameters
     ----------
@@ -280,7 +288,8 @@ class QualityRegressor(BaseEstimator):
         ----------
         X : array of shape (N, C, *spatial) or list of (C, *spatial) arrays
         y : array of int, shape (N, *spatial), or list of (*spatial) arrays
-            True labels in ``[0, K)``.
+            True labels in ``[0, K)``; for a sigmoid segmenter 0/1 indicator arrays
+            ``(N, C, *spatial)`` (or a list of ``(C, *spatial)``).
         groups : array-like of shape (N,), optional
             Source (or subject) of each image, e.g. ``info["source"]`` of
             :func:`make_quality_set`. Turns on the atlas features (``atlas="auto"``), whose
@@ -301,29 +310,37 @@ class QualityRegressor(BaseEstimator):
                                  f"got shape {groups.shape}")
         est = self._resolve_estimator(X)
         kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__)
-        y = check_fit_labels(X, y)
+        sigm = is_sigmoid(est)
+        if sigm and self._reads_maps():
+            raise ValueError("a sigmoid segmenter's quality is regressed on features: the "
+                             "maps input (regressor_input='maps', an ONNX quality network) "
+                             "reads softmax maps; use regressor_input='features'")
+        if sigm and self.atlas is True:
+            raise ValueError("atlas=True compares label maps of exclusive classes; a sigmoid "
+                             "segmenter's overlapping masks have none (use atlas='auto')")
+        y = check_fit_targets(X, y, sigm, getattr(est, "n_classes_", None))
         self.estimator_ = est
         self.uncertainty_kind_ = kind
         for attr in ("reference_signatures_", "typicality_layer_", "atlas_maps_",
                      "atlas_blocks_", "_atlas_cache"):
             self.__dict__.pop(attr, None)
         typ = self.typicality_ = resolve_typicality(self.typicality, est, self._reads_maps())
-        use_atlas = resolve_atlas(self.atlas, X, groups, self._reads_maps())
+        use_atlas = not sigm and resolve_atlas(self.atlas, X, groups, self._reads_maps())
         pmaps, ymaps, ykeys = [], [], []
         if typ:
             self.typicality_layer_ = typicality_layer(est)
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
         for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
             k = proba.shape[1]
-            yb = chunk_labels(y, sl, k)
+            yb = chunk_labels(y, sl, k, sigm)
             if reg is None:
                 self.n_classes_ = int(k)
                 self._runner = None
                 base = self._base_features()
                 reg, self.input_kind_ = resolve_regressor(self.regressor, self.regressor_input,
-                                                          k - 1)
-            targets.append(quality_targets(proba.argmax(axis=1), yb, k, self.target,
-                                           self.empty_score))
+                                                          k if sigm else k - 1)
+            pred = proba >= 0.5 if sigm else proba.argmax(axis=1)
+            targets.append(quality_targets(pred, yb, k, self.target, self.empty_score))
             feats.append(base.transform_maps(xb, proba, unc))
             if use_atlas:
                 pmaps.append(atlas_maps(proba.argmax(axis=1), k))
@@ -427,7 +444,8 @@ class QualityRegressor(BaseEstimator):
 
         Returns
         -------
-        ndarray of shape (N, K - 1), values in ``[0, 1]``
+        ndarray of shape (N, K - 1), values in ``[0, 1]`` (``(N, C)`` for a sigmoid
+        segmenter: one per channel)
         """
         check_is_fitted(self)
         X = check_images(X)

@@ -127,7 +127,8 @@ class QualityCNN(BaseEstimator):
         self._check_params()
         X = check_images(X)
         est = resolve_segmenter(self.estimator, X, requires=("predict_proba",))
-        kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__)
+        kind = resolve_uncertainty(est, self.uncertainty, type(self).__name__,
+                                   sigmoid_ok=False)
         y = check_fit_labels(X, y)
         self.estimator_, self.uncertainty_kind_ = est, kind
         self._net = None

@@ -45,15 +45,24 @@ def check_n_bins(n_bins) -> None:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
 
 
-def resolve_uncertainty(est, uncertainty: str, who: str) -> str:
+def is_sigmoid(est) -> bool:
+    """Whether segmenter ``est`` outputs independent per-channel (sigmoid) probabilities."""
+    return getattr(est, "activation_", "softmax") == "sigmoid"
+
+
+def resolve_uncertainty(est, uncertainty: str, who: str, sigmoid_ok: bool = True) -> str:
     """The uncertainty kind for segmenter ``est`` (``"auto"``: mutual information for an
-    ensemble, entropy otherwise); the segmenter must be a softmax one."""
-    if getattr(est, "activation_", "softmax") != "softmax":
+    ensemble, entropy otherwise); the segmenter must output softmax (or, where
+    ``sigmoid_ok``, sigmoid) probabilities."""
+    act = getattr(est, "activation_", "softmax")
+    if act not in (("softmax", "sigmoid") if sigmoid_ok else ("softmax",)):
         raise ValueError(
-            f"{who} needs a softmax (multi-class) segmenter; this one's outputs "
-            f"are activation_={est.activation_!r} (independent per-channel probabilities "
-            "or given probabilities), which its Dice targets and features do not model "
-            "yet. SpectralOODDetector and ConformalRiskController take such networks")
+            f"{who} needs a softmax (multi-class){' or sigmoid' if sigmoid_ok else ''} "
+            f"segmenter; this one's outputs are activation_={act!r}, which its targets and "
+            "features do not model. " + (
+                "Given probabilities: wrap the network with activation='softmax' or "
+                "'sigmoid' on its logits" if sigmoid_ok else
+                "QualityRegressor (features) takes sigmoid networks"))
     ensemble = is_ensemble(est)
     kind = ("mutual_information" if ensemble else "entropy") if uncertainty == "auto" \
         else uncertainty
@@ -75,7 +84,8 @@ def chunks(X):
 
 
 def _unc_scale(kind: str, n_classes: int) -> float:
-    """Largest possible value of an uncertainty map: histograms and CNN inputs use [0, 1]."""
+    """Largest possible value of an uncertainty map: histograms and CNN inputs use [0, 1]
+    (``n_classes=2`` for the binary maps of sigmoid channels)."""
     return 0.25 if kind == "variance" else float(np.log(n_classes))
 
 
@@ -98,8 +108,9 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the table
-def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
-    """Names of the columns of :func:`quality_features`, in order.
+def feature_names(n_classes: int, kind: str, n_bins: int, sigmoid: bool = False) -> list[str]:
+    """Names of the columns of :func:`quality_features`, in order: per foreground class
+    ``c1 .. c{K-1}`` (softmax), or per channel ``ch0 .. ch{C-1}`` (``sigmoid``).
 
     Examples
     --------
@@ -110,7 +121,9 @@ def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
     per_class = ["volume", "self_dice", "soft_volume_ratio", "mean_proba", "seg_binary_entropy",
                  "boundary_binary_entropy", f"seg_{kind}", f"boundary_{kind}", "boundary_fraction",
                  "log_components", "mean_intensity", "std_intensity"]
-    names = [f"{f}_c{c}" for c in range(1, n_classes) for f in per_class]
+    structures = [f"ch{c}" for c in range(n_classes)] if sigmoid else \
+        [f"c{c}" for c in range(1, n_classes)]
+    names = [f"{f}_{c}" for c in structures for f in per_class]
     names += ["foreground_fraction", f"mean_{kind}", f"foreground_{kind}",
               "foreground_max_proba"]
     if kind != "entropy":  # else the same column as mean_entropy
@@ -120,24 +133,31 @@ def feature_names(n_classes: int, kind: str, n_bins: int) -> list[str]:
 
 
 def quality_features(X: np.ndarray, proba: np.ndarray, uncertainty: np.ndarray, kind: str,
-                     n_bins: int = 8) -> np.ndarray:
+                     n_bins: int = 8, sigmoid: bool = False) -> np.ndarray:
     """Per-image quality features from images, probabilities and an uncertainty map.
+
+    Softmax probabilities: the structures are the foreground classes ``1 .. K-1`` of the
+    argmax. ``sigmoid``: every channel ``c`` is a structure, its mask ``p_c >= 0.5``, its
+    uncertainty the channel's own map; the image-level columns read the union of the masks
+    and the channel mean of the maps (binary maps: histogram scale ``log 2``).
 
     Parameters
     ----------
     X : ndarray of shape (N, C, *spatial)
     proba : ndarray of shape (N, K, *spatial)
-        Softmax probabilities (for an ensemble, the mean over members).
-    uncertainty : ndarray of shape (N, *spatial)
-        The uncertainty map of kind ``kind``.
+        Softmax (or sigmoid) probabilities (for an ensemble, the mean over members).
+    uncertainty : ndarray of shape (N, *spatial), or (N, K, *spatial) for sigmoid outputs
+        The uncertainty map of kind ``kind`` (per channel for sigmoid outputs).
     kind : str
         One of :data:`uqseg.uncertainty.KINDS`: names the columns and sets the histogram's
         scale (``log K``, or 0.25 for variance).
     n_bins : int, default=8
+    sigmoid : bool, default=False
+        Whether ``proba`` holds independent per-channel probabilities.
 
     Returns
     -------
-    ndarray of float64, shape (N, len(feature_names(K, kind, n_bins)))
+    ndarray of float64, shape (N, len(feature_names(K, kind, n_bins, sigmoid)))
 
     Examples
     --------
@@ -148,14 +168,17 @@ def quality_features(X: np.ndarray, proba: np.ndarray, uncertainty: np.ndarray, 
     0.25
     """
     n, k = proba.shape[:2]
-    unc = uncertainty
+    per_channel = sigmoid and np.ndim(uncertainty) == proba.ndim
+    unc = uncertainty.mean(axis=1) if per_channel else uncertainty
     # tissue intensities inside each predicted class: a changed contrast shows up here
     img = np.asarray(X, dtype=np.float64).mean(axis=1)
-    pred = proba.argmax(axis=1)
+    masks = proba >= 0.5 if sigmoid else None
+    pred = None if sigmoid else proba.argmax(axis=1)
     n_vox = float(np.prod(proba.shape[2:]))
     cols = []
-    for c in range(1, k):
-        seg = pred == c
+    for c in range(k) if sigmoid else range(1, k):
+        seg = masks[:, c] if sigmoid else pred == c
+        u = uncertainty[:, c] if per_channel else unc
         bnd = _boundary(seg)
         p = proba[:, c].astype(np.float64)
         size = seg.reshape(n, -1).sum(axis=1).astype(np.float64)
@@ -173,14 +196,14 @@ def quality_features(X: np.ndarray, proba: np.ndarray, uncertainty: np.ndarray, 
             _masked_mean(p, seg),
             _masked_mean(h, seg),
             _masked_mean(h, bnd),
-            _masked_mean(unc, seg),
-            _masked_mean(unc, bnd),
+            _masked_mean(u, seg),
+            _masked_mean(u, bnd),
             np.divide(bnd.reshape(n, -1).sum(axis=1), size, out=np.zeros(n), where=size > 0),
             np.log1p(n_comp),
             _masked_mean(img, seg),
             np.sqrt(np.maximum(_masked_mean(img**2, seg) - _masked_mean(img, seg) ** 2, 0)),
         ]
-    fg = pred > 0
+    fg = masks.any(axis=1) if sigmoid else pred > 0
     # the histogram region includes a one-voxel rim: errors sit on the predicted border
     region = ndimage.binary_dilation(fg, _batch_structure(fg.ndim - 1))
     cols += [
@@ -190,8 +213,9 @@ def quality_features(X: np.ndarray, proba: np.ndarray, uncertainty: np.ndarray, 
         _masked_mean(proba.max(axis=1), fg),
     ]
     if kind != "entropy":
-        cols.append(entropy(proba).reshape(n, -1).mean(axis=1))
-    scale = _unc_scale(kind, k)
+        h = binary_entropy(proba).mean(axis=1) if sigmoid else entropy(proba)
+        cols.append(h.reshape(n, -1).mean(axis=1))
+    scale = _unc_scale(kind, 2 if sigmoid else k)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     scaled = np.clip(unc / scale, 0.0, 1.0)
     hist = np.zeros((n, n_bins))
@@ -319,7 +343,7 @@ class QualityFeatures(TransformerMixin, BaseEstimator):
 
     def _set_fitted(self, est, kind: str, n_classes: int) -> QualityFeatures:
         self.estimator_, self.uncertainty_kind_, self.n_classes_ = est, kind, n_classes
-        self.feature_names_ = feature_names(n_classes, kind, int(self.n_bins))
+        self.feature_names_ = feature_names(n_classes, kind, int(self.n_bins), is_sigmoid(est))
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -349,7 +373,7 @@ class QualityFeatures(TransformerMixin, BaseEstimator):
         ----------
         X : ndarray of shape (N, C, *spatial)
         proba : ndarray of shape (N, K, *spatial)
-        uncertainty : ndarray of shape (N, *spatial)
+        uncertainty : ndarray of shape (N, *spatial) ((N, K, *spatial) for sigmoid outputs)
             The map of kind ``uncertainty_kind_``, e.g. ``uqseg.assess(...)[kind]``.
 
         Returns
@@ -362,11 +386,13 @@ class QualityFeatures(TransformerMixin, BaseEstimator):
             raise ValueError(f"proba must have shape (N, {self.n_classes_}, *spatial), got "
                              f"{proba.shape}")
         uncertainty = np.asarray(uncertainty)
-        if uncertainty.shape != (proba.shape[0], *proba.shape[2:]):
-            raise ValueError(f"uncertainty must have shape {(proba.shape[0], *proba.shape[2:])}"
-                             f" (one map per image), got {uncertainty.shape}")
+        sig = is_sigmoid(self.estimator_)
+        want = proba.shape if sig else (proba.shape[0], *proba.shape[2:])
+        if uncertainty.shape != want:
+            raise ValueError(f"uncertainty must have shape {want} (one map per "
+                             f"{'channel' if sig else 'image'}), got {uncertainty.shape}")
         return quality_features(np.asarray(X), proba, uncertainty, self.uncertainty_kind_,
-                                int(self.n_bins))
+                                int(self.n_bins), sig)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """Names of the columns of :meth:`transform` (``input_features`` is ignored: the

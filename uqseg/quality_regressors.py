@@ -129,9 +129,56 @@ def check_fit_labels(X, y):
     return check_labels(y, shapes=(X.shape[0], *X.shape[2:]))
 
 
-def chunk_labels(y, sl: slice, k: int) -> np.ndarray:
-    """The labels of chunk ``sl``, checked to lie in ``[0, k)``."""
+def check_fit_targets(X, y, sigmoid: bool, n_channels=None):
+    """``y`` checked against images ``X``: class labels (softmax segmenters, as
+    :func:`check_fit_labels`) or 0/1 indicator arrays ``(N, C, *spatial)`` (sigmoid; binary
+    ``(N, *spatial)`` labels for ``C = 1`` gain the channel axis). Each kind given for the
+    other is an error that says which is expected."""
+    ndim = X[0].ndim if isinstance(X, list) else X.ndim - 1  # of one image
+    items = list(y) if isinstance(y, (list, tuple)) else None
+    first = np.asarray(items[0] if items else y)
+    indicator = first.ndim == (ndim if items is not None else ndim + 1)
+    if not sigmoid:
+        if indicator:
+            raise ValueError(
+                "the segmenter outputs softmax probabilities over exclusive classes: y must be "
+                f"class labels (N, *spatial); got indicator targets of shape {first.shape}")
+        return check_fit_labels(X, y)
+    if not indicator:
+        if n_channels != 1:
+            raise ValueError(
+                f"the segmenter outputs {n_channels} independent sigmoid channels: y must be "
+                "indicator targets (N, C, *spatial), one 0/1 mask per channel; got class "
+                f"labels of shape {first.shape}")
+        y = check_fit_labels(X, y)
+        return [v[None] for v in y] if isinstance(y, list) else y[:, None]
+    if isinstance(X, list):
+        if items is None:
+            raise TypeError("X is a list of images, so y must be a list of indicator arrays")
+        out = [check_labels(np.asarray(v)[None], n_classes=2, name=f"y[{i}] (indicators)")[0]
+               for i, v in enumerate(items)]
+        for i, (v, x) in enumerate(zip(out, X, strict=False)):
+            if v.shape[1:] != x.shape[1:]:
+                raise ValueError(f"y[{i}] has shape {v.shape}, expected (C, *{x.shape[1:]})")
+        if len(out) != len(X):
+            raise ValueError(f"y has {len(out)} indicator arrays for {len(X)} images")
+        return out
+    arr = check_labels(y, n_classes=2, name="y (indicators)")
+    if arr.shape[0] != X.shape[0] or arr.shape[2:] != X.shape[2:]:
+        raise ValueError(f"y has shape {arr.shape}, expected ({X.shape[0]}, C, "
+                         f"*{X.shape[2:]})")
+    return arr
+
+
+def chunk_labels(y, sl: slice, k: int, sigmoid: bool = False) -> np.ndarray:
+    """The labels of chunk ``sl``, checked to lie in ``[0, k)`` (``sigmoid``: indicators
+    with ``k`` channels)."""
     yb = np.asarray(y[sl] if not isinstance(y, list) else y[sl.start:sl.stop])
+    if sigmoid:
+        if yb.shape[1] != k:
+            raise ValueError(f"y holds indicator targets for {yb.shape[1]} channels but the "
+                             f"segmenter outputs {k}")
+        return yb.astype(bool)
     hi = int(yb.max())
     if yb.min() < 0 or hi >= k:
         raise ValueError(f"y holds labels in [{int(yb.min())}, {hi}] but the segmenter "
@@ -141,7 +188,15 @@ def chunk_labels(y, sl: slice, k: int) -> np.ndarray:
 
 def quality_targets(pred, y, k: int, target: str, empty_score: float) -> np.ndarray:
     """True per-class Dice (or IoU) ``(N, K - 1)``; ``empty_score`` where a class is absent from
-    prediction and truth alike (NaN)."""
+    prediction and truth alike (NaN). Boolean masks and indicators ``(N, C, *spatial)``
+    (sigmoid outputs) give one per channel, ``(N, C)``."""
+    if pred.dtype == np.bool_ and pred.ndim == np.ndim(y):
+        axes = tuple(range(2, pred.ndim))
+        inter = (pred & y).sum(axis=axes, dtype=np.float64)
+        tot = pred.sum(axis=axes, dtype=np.float64) + y.sum(axis=axes, dtype=np.float64)
+        den = tot if target == "dice" else tot - inter
+        num = 2 * inter if target == "dice" else inter
+        return np.divide(num, den, out=np.full(den.shape, float(empty_score)), where=den > 0)
     fn = dice_score if target == "dice" else iou_score
     return np.nan_to_num(fn(pred, y, n_classes=k), nan=float(empty_score))
 
