@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import numbers
 import os
+import sys
 
 import numpy as np
 from scipy.special import expit, logit
@@ -330,7 +331,14 @@ class QualityRegressor(BaseEstimator):
         if typ:
             self.typicality_layer_ = typicality_layer(est)
         feats, targets, maps, onnx_pred, k, reg, sigs = [], [], [], [], None, None, []
+        from tqdm.auto import tqdm
+
+        # a bar in a terminal or notebook only (disable=None); the regressor's fit is the
+        # last step
+        bar = tqdm(total=len(X) + 1, desc="QualityRegressor.fit: segment", unit="img",
+                   file=sys.stderr, leave=False, disable=None)
         for sl, xb, proba, unc, sig in self._maps(X, signatures=typ):
+            bar.update(len(xb))
             k = proba.shape[1]
             yb = chunk_labels(y, sl, k, sigm)
             if reg is None:
@@ -357,6 +365,7 @@ class QualityRegressor(BaseEstimator):
                 onnx_pred.append(self._predict_maps(m))
             elif self.input_kind_ == "maps":
                 maps.append(maps_input(xb, proba, unc, kind))
+        bar.set_description("QualityRegressor.fit: regressor")
         self.feature_names_ = list(base.feature_names_)
         T = np.concatenate(targets)
         F = np.concatenate(feats)
@@ -389,6 +398,8 @@ class QualityRegressor(BaseEstimator):
             self.regressor_ = reg.fit(F, Tt if Tt.shape[1] > 1 else Tt.ravel())
             pred = self._predict_features(F)
         self.fit_report_ = quality_report(pred, T)
+        bar.update(1)
+        bar.close()
         return self
 
     def _network(self) -> QualityNetwork:
