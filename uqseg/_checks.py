@@ -212,3 +212,21 @@ def refit_compare(est: Any, state: dict, where: str) -> None:
                              f"files give {_short(value)}")
 
 
+# what a restored estimator's ``estimator`` parameter may be (besides a model path)
+_SCORERS = SEGMENTER_CLASSES + ("uqseg.calibration.TemperatureCalibrator",
+                                "sklearn.pipeline.Pipeline")
+
+
+def _estimator_param(v: Any, where: str, *, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if not isinstance(v, (str, os.PathLike)):
+        check_instance(v, where, _SCORERS)
+
+
+def _layer_channels(seg: Any) -> dict:
+    from uqseg.backends import graph
+    from uqseg.backends._model import read_model
+
+    proto, _ = read_model(seg.model)
+    return {info.name: info.channels for info in graph.candidate_layers(proto)}
