@@ -18,15 +18,23 @@ from typing import Any
 
 import numpy as np
 
+from uqseg._distributed_files import (  # noqa: F401  (public home: uqseg.distributed)
+    _SUFFIXES,
+    _absolute_stem,
+    _stem,
+    _suffix,
+    _write_map,
+    map_stems,
+    read_image,
+)
 from uqseg._optional import import_optional
+from uqseg._scan_scoring import ROLES, preprocessing_of, score_scan
 from uqseg._validation import check_images
 
 OUTPUTS = ("labels", "volumes", "uncertainty", "uncertainty_map", "ood", "quality")
 DEFAULT_OUTPUTS = ("labels", "uncertainty", "ood", "quality")
-ROLES = ("segmenter", "ood", "quality")
 _NEEDS = {"labels": "segmenter", "volumes": "segmenter", "uncertainty": "segmenter",
           "uncertainty_map": "segmenter", "ood": "ood", "quality": "quality"}
-_SUFFIXES = (".npy", ".npz", ".nii", ".nii.gz")
 MAP_FORMATS = ("auto", "npy", "nifti")
 ON_ERROR = ("raise", "record")
 
@@ -136,199 +144,6 @@ def score_images(roles: dict[str, Any], images: list[np.ndarray],
         for row, q in zip(rows, np.asarray(qual), strict=True):
             row["quality"] = np.asarray(q, dtype=np.float32)
     return rows
-
-
-def preprocessing_of(roles: dict[str, Any]):
-    """The preprocessing description the networks behind ``roles`` carry, or None.
-
-    Looks through the segmenter (a Pipeline's first step, a calibrator's segmenter) and then
-    the OOD and quality estimators' segmenters.
-    """
-    def find(obj, depth=0):
-        if obj is None or depth > 4:
-            return None
-        try:
-            prep = getattr(obj, "preprocessing_", None)
-        except (AttributeError, ValueError):
-            prep = None
-        if prep is not None:
-            return prep
-        steps = getattr(obj, "steps", None)
-        if isinstance(steps, list) and steps:
-            return find(steps[0][1], depth + 1)
-        return find(getattr(obj, "estimator_", None), depth + 1)
-
-    for role in ROLES:
-        prep = find(roles.get(role))
-        if prep is not None:
-            return prep
-    return None
-
-
-def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
-               outputs: tuple[str, ...] = DEFAULT_OUTPUTS, preprocessing=None) -> dict[str, Any]:
-    """Score one whole scan through the models' preprocessing; outputs in the scan's grid.
-
-    The scan goes through :func:`uqseg.preprocessing.preprocess` (the description the models
-    carry, or ``preprocessing``), the estimators run on the model-space images in one pass
-    (:func:`uqseg.assess` when they share the segmenter's networks), and the maps are brought
-    back with :class:`~uqseg.preprocessing.Inverse`: ``labels`` (argmax of the probabilities
-    brought back, background outside the crop), ``uncertainty_map`` (entropy, zero outside),
-    ``volumes`` (voxels per class in the scan's grid), ``uncertainty`` (mean entropy over the
-    scan's voxels). As in ``uqseg predict``, OOD and quality estimators score only the images
-    the description marks as scored (foreground after preprocessing): ``ood`` is the volume's
-    score (the mean of its scored images' ``score_samples``; NaN when none is scored),
-    ``quality`` the volume's predicted Dice per foreground class (the scored images' predicted
-    Dice weighted by their predicted volume; without a segmenter role, their mean);
-    ``n_scored`` says how many images were scored.
-
-    Parameters
-    ----------
-    roles : dict
-        ``{"segmenter": ..., "ood": ..., "quality": ...}`` (see :func:`score_dataset`).
-    data : array (X, Y, Z)
-        The scan's voxels, in its own orientation and spacing.
-    affine : array (4, 4)
-        Voxel index -> world mm (RAS+).
-    outputs : tuple of str
-        From ``OUTPUTS``.
-    preprocessing : Preprocessing, dict or JSON str, optional
-        Default: the description the networks carry (a ValueError when they carry none).
-    """
-    from uqseg._predict_volume import _volume_summary
-    from uqseg.preprocessing import preprocess
-
-    prep = preprocessing if preprocessing is not None else preprocessing_of(roles)
-    if prep is None:
-        raise ValueError("the networks carry no preprocessing description (uqseg inspect "
-                         "--set, or uqseg.preprocessing.set_preprocessing); score images "
-                         "already in the model's space with score_images")
-    if data.ndim == 4 and data.shape[0] == 1:
-        data = data[0]  # read_image's channel axis
-    X, inv = preprocess(data, affine, prep)
-    scored = inv.scored
-    want_seg = any(_NEEDS[o] == "segmenter" for o in outputs)
-    if want_seg and "segmenter" not in roles:
-        raise ValueError("labels, volumes and uncertainty need a segmenter role")
-    ood = roles.get("ood") if "ood" in outputs else None
-    quality = roles.get("quality") if "quality" in outputs else None
-    seg = roles.get("segmenter")
-    done: dict[str, Any] = {}
-    if want_seg and _assessable(seg):
-        from uqseg._assess import assess
-
-        done = assess(X, seg, ood=ood if scored.any() else None,
-                      quality=quality if scored.any() else None, maps=("entropy",))
-    elif want_seg:
-        done = {"proba": seg.predict_proba(X)}
-    row: dict[str, Any] = {"n_scored": int(scored.sum())}
-    slice_voxels = None
-    if want_seg:
-        from uqseg.uncertainty import entropy
-
-        proba = done["proba"]
-        k = proba.shape[1]
-        slice_voxels = np.stack([np.bincount(p.argmax(0).ravel(), minlength=k)
-                                 for p in proba]) if inv.two_d else None
-        h = done["entropy"] if "entropy" in done else entropy(proba)
-        p_scan = inv.invert(proba, "proba")
-        labels = p_scan.argmax(axis=-1).astype(np.uint8 if k <= 256 else np.uint16)
-        del p_scan
-        if "labels" in outputs:
-            row["labels"] = labels
-        if "volumes" in outputs:
-            row["volumes"] = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
-        if "uncertainty" in outputs or "uncertainty_map" in outputs:
-            h_scan = inv.invert(h, "map")
-            if "uncertainty" in outputs:
-                row["uncertainty"] = float(h_scan.mean(dtype=np.float64))
-            if "uncertainty_map" in outputs:
-                row["uncertainty_map"] = h_scan.astype(np.float16)
-    if ood is not None:
-        s = done["ood_score"][scored] if "ood_score" in done else (
-            np.asarray(ood.score_samples(X[scored])) if scored.any() else np.zeros(0))
-        row["ood"] = float(np.mean(s)) if len(s) else float("nan")
-    if quality is not None:
-        q = done["quality"][scored] if "quality" in done else (
-            np.asarray(quality.predict(X[scored])) if scored.any() else None)
-        if q is None or slice_voxels is None:
-            # volume weighting needs the predicted labels per image; else the plain mean
-            row["quality"] = (np.full(quality.n_classes_ - 1, np.nan, np.float32)
-                              if q is None else np.nanmean(q, axis=0).astype(np.float32))
-        else:
-            summary = _volume_summary(quality, "quality", [q], inv, slice_voxels)
-            row["quality"] = np.array([np.nan if v is None else v for v in
-                                       summary["volume_predicted_quality"]], dtype=np.float32)
-    return row
-
-
-# ---------------------------------------------------------------------------- files
-def _suffix(path: str) -> str:
-    low = path.lower()
-    return next((s for s in _SUFFIXES if low.endswith(s)), "")
-
-
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """One image as float32 ``(C, *spatial)`` and its affine, by :func:`uqseg.io.read_image`.
-
-    ``.npy``/``.npz`` files hold ``(C, *spatial)`` like one item of ``X`` (the affine is None
-    unless an ``.npz`` carries one); NIfTI files and DICOM series folders hold the spatial axes,
-    with channels (if any) on the last axis. Truncated or corrupt files are a ValueError naming
-    them.
-    """
-    from uqseg.io import read_image as read
-
-    vol = read(path)
-    data = vol.data.astype(np.float32, copy=False)
-    if vol.kind == "numpy":
-        return data, vol.affine if vol.meta.get("affine_given") else None
-    data = data[None] if data.ndim <= 3 else np.moveaxis(data, -1, 0)
-    return data, vol.affine
-
-
-def map_stems(paths: list[str]) -> list[str]:
-    """Output stems that keep each file's folder relative to the inputs' common folder.
-
-    ``a/scan.nii.gz`` and ``b/scan.nii.gz`` give ``a/scan`` and ``b/scan`` (not ``scan``
-    twice). Raises ValueError when two inputs still map to the same stem (``x.nii`` and
-    ``x.npy`` in one folder).
-    """
-    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    root = os.path.commonpath(dirs) if dirs else ""
-    stems = [os.path.normpath(os.path.join(os.path.relpath(d, root), _stem(p)))
-             for d, p in zip(dirs, paths, strict=True)]
-    seen: dict[str, str] = {}
-    for stem, p in zip(stems, paths, strict=True):
-        if stem in seen:
-            raise ValueError(f"inputs {seen[stem]!r} and {p!r} would write their maps to the "
-                             f"same names ({stem}_*); rename one of them")
-        seen[stem] = p
-    return stems
-
-
-def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    return name[:-len(_suffix(name))] if _suffix(name) else name
-
-
-def _absolute_stem(path: str) -> str:
-    """A Ray Dataset's paths are not known up front: keep the whole absolute folder."""
-    folder = os.path.splitdrive(os.path.dirname(os.path.abspath(path)))[1].lstrip(os.sep)
-    return os.path.join(folder, _stem(path))
-
-
-def _write_map(arr: np.ndarray, stem: Path, fmt: str, affine: np.ndarray | None) -> str:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "nifti":
-        import nibabel as nib
-
-        out = str(stem) + ".nii.gz"
-        data = arr.astype(np.float32) if arr.dtype == np.float16 else arr  # NIfTI-1 has no fp16
-        nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), out)
-        return out
-    out = str(stem) + ".npy"
-    np.save(out, arr)
-    return out
 
 
 def _describe(ident, path, exc: BaseException) -> str:
