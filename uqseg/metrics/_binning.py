@@ -143,12 +143,9 @@ def ceil_multiplier(n_bins: int):
     up = np.nextafter(e, np.float32(2))
     j = np.arange(1, n_bins, dtype=np.float32)
     m = np.float32(n_bins)
-    top = np.ceil(m * np.float32([1.0, 1 + 1e-6]))
-    if np.all(np.ceil(e * m) <= j) and np.all(np.ceil(up * m) >= j + 1) and np.array_equal(
-        top, [n_bins, n_bins + 1]
-    ):
-        return m
-    return None
+    one, top = np.ceil(m * np.float32([1.0, 1 + 1e-6]))  # 1 + 1e-6 still passes validation
+    ok = np.all(np.ceil(e * m) <= j) and np.all(np.ceil(up * m) >= j + 1)
+    return m if ok and one == n_bins and top <= n_bins + 1 else None
 
 
 @functools.lru_cache(maxsize=8)
