@@ -3,8 +3,10 @@
 One block of ``b`` images by ``v`` voxels arrives as ``K`` contiguous class planes. The kernels
 take the top-label confidence and label with a few passes over the planes, bin the confidences
 exactly like ``np.searchsorted`` on the bin edges (in the data's dtype) and histogram them with
-a single ``np.bincount``: where the time of the streaming ECE goes (measured, 1e7 voxels of
-3 classes) is the histogram, then the binning, then the class maximum.
+one scatter of packed weights. For float32 and 2, 3, 5, 7 or 15 bins the binning, packing and
+scatter are fused (:func:`fused_histogram`); otherwise :func:`uniform_bins` and
+:func:`packed_histogram` (or :func:`separate_histogram`). Where the time goes is in
+``docs/benchmarks.md`` ("Memory bandwidth (issue 21)").
 """
 
 from __future__ import annotations
