@@ -165,7 +165,7 @@ def _scatter_runs(col, w, q: int, n_col: int):
     """``(runs, n_col)`` sums of ``w`` by column ``col`` within each run of ``2**q`` voxels."""
     n = col.size
     n_run = ((n - 1) >> q) + 1
-    if _SCATTER_OK[0]:
+    if _SCATTER_OK[0] and n < 2**31:  # int32 row pointers
         # the private loop does not check bounds: an index outside would write anywhere
         if col.size and (int(col.min()) < 0 or int(col.max()) >= n_col):
             raise ValueError("histogram column out of range")  # pragma: no cover
