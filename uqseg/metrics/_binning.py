@@ -168,7 +168,7 @@ def _scatter_runs(col, w, q: int, n_col: int):
     if _SCATTER_OK[0] and n < 2**31:  # int32 row pointers
         # the private loop does not check bounds: an index outside would write anywhere
         if col.size and (int(col.min()) < 0 or int(col.max()) >= n_col):
-            raise ValueError("histogram column out of range")  # pragma: no cover
+            raise ValueError("histogram column out of range")
         out = np.zeros((n_run, n_col))
         try:
             _csr_todense(n_run, n_col, _run_starts(n, q), col.astype(np.int32), w, out)
