@@ -385,3 +385,80 @@ def test_confidence_just_above_one_goes_to_the_last_bin():
                                                                                      abs=1e-6)
     conf, acc, count = reliability_curve(p, np.array([[0]]), n_bins=15)
     assert count[-1] == 1 and count.sum() == 1
+
+
+@pytest.mark.parametrize("nb", [1, 2, 3, 7, 15])
+def test_fused_histogram_equals_searchsorted_and_two_bincounts(nb):
+    from uqseg.metrics import _binning as bn
+
+    m = bn.ceil_multiplier(nb)
+    assert m == nb
+    e = np.linspace(0.0, 1.0, nb + 1).astype(np.float32)
+    near = np.concatenate([np.nextafter(e, -np.inf), e, np.nextafter(e, np.inf)])
+    rng = np.random.default_rng(nb)
+    conf = np.concatenate([near, rng.random(40_000), [1 + 5e-7, 1 + 1e-6, 1.0]])
+    conf = conf.astype(np.float32)
+    conf = conf[(conf > 0.01) & (conf <= np.float32(1 + 1e-6))]
+    correct = rng.random(conf.size) < 0.7
+    q = bn.packed_run_log2(conf)
+    b = np.searchsorted(e[1:-1], conf, side="left")  # the definition of the bins
+    c_ref, s_ref = bn.separate_histogram(b, correct, conf, nb)
+    c, s = bn.fused_histogram(conf, correct, nb, q, m)
+    np.testing.assert_array_equal(c, c_ref)
+    np.testing.assert_array_equal(s, s_ref)
+
+
+def test_fused_histogram_bincount_fallback_is_the_same(monkeypatch):
+    from uqseg.metrics import _binning as bn
+
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(1 / 3, 1, 30_000).astype(np.float32)
+    correct = rng.random(conf.size) < conf
+    q = bn.packed_run_log2(conf)
+    c1, s1 = bn.fused_histogram(conf, correct, 15, q, bn.ceil_multiplier(15))
+    monkeypatch.setattr(bn, "_SCATTER_OK", [False])  # as if scipy's private loop were gone
+    c2, s2 = bn.fused_histogram(conf, correct, 15, q, bn.ceil_multiplier(15))
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_ceil_multiplier_refuses_bin_counts_it_cannot_bin_exactly():
+    from uqseg.metrics import _binning as bn
+
+    # 10 bins: 10 * x rounds an edge's float32 neighbour onto the edge
+    e = np.linspace(0.0, 1.0, 11).astype(np.float32)[1:-1]
+    up = np.nextafter(e, np.float32(2))
+    assert np.any(np.ceil(up * np.float32(10)) < np.arange(2, 11))
+    assert bn.ceil_multiplier(10) is None
+    assert bn.ceil_multiplier(100) is None  # columns would not fit int8
+
+
+def test_scatter_refuses_out_of_range_columns():
+    from uqseg.metrics import _binning as bn
+
+    if not bn._SCATTER_OK[0]:
+        pytest.skip("scipy's csr_todense is not available")
+    with pytest.raises(ValueError, match="out of range"):
+        bn._scatter_runs(np.array([0, 40], np.int8), np.ones(2), 8, 34)
+
+
+@pytest.mark.parametrize("nb", [10, 15])
+def test_accumulator_float32_equals_float64_binning_reference(nb):
+    # the fused float32 path (15 bins) and the searchsorted path (10 bins) against a direct
+    # reference: float32 edges, (lo, hi] bins, argmax correctness
+    from uqseg.metrics.calibration import CalibrationAccumulator
+
+    rng = np.random.default_rng(nb)
+    z = (3 * rng.standard_normal((5, 3, 64, 64))).astype(np.float32)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = rng.integers(0, 3, (5, 64, 64))
+    acc = CalibrationAccumulator(nb, scores=False, chunk_size=3000).update(p, y)
+    conf = p.max(1).ravel()
+    correct = (p.argmax(1) == y).ravel()
+    e = np.linspace(0, 1, nb + 1).astype(np.float32)
+    b = np.searchsorted(e[1:-1], conf, side="left")
+    count = np.bincount(b, minlength=nb)
+    gap = np.abs(np.bincount(b, conf.astype(np.float64), nb) - np.bincount(b, correct, nb))
+    np.testing.assert_array_equal(acc.reliability_curve()[2], count)
+    assert acc.ece == pytest.approx(gap.sum() / conf.size, rel=1e-12, abs=1e-15)

@@ -3,8 +3,10 @@
 One block of ``b`` images by ``v`` voxels arrives as ``K`` contiguous class planes. The kernels
 take the top-label confidence and label with a few passes over the planes, bin the confidences
 exactly like ``np.searchsorted`` on the bin edges (in the data's dtype) and histogram them with
-a single ``np.bincount``: where the time of the streaming ECE goes (measured, 1e7 voxels of
-3 classes) is the histogram, then the binning, then the class maximum.
+one scatter of packed weights. For float32 and 2, 3, 5, 7 or 15 bins the binning, packing and
+scatter are fused (:func:`fused_histogram`); otherwise :func:`uniform_bins` and
+:func:`packed_histogram` (or :func:`separate_histogram`). Where the time goes is in
+``docs/benchmarks.md`` ("Memory bandwidth (issue 21)").
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ def top_label(planes, work_dtype):
         step = np.empty_like(pred)
         for c in range(2, k):
             np.greater(planes[c], conf, out=flag)
-            # pred = where(flag, c, pred) in integer arithmetic (a masked copy is 50x slower)
-            np.subtract(small(c), pred, out=step)
-            step *= flag.view(np.int8) if small is np.int8 else flag
-            pred += step
+            # pred = where(flag, c, pred) as max(pred, c * flag): c exceeds every earlier label
+            # (integer arithmetic; a masked copy is 50x slower)
+            np.multiply(flag.view(np.int8) if small is np.int8 else flag, small(c), out=step)
+            np.maximum(pred, step, out=pred)
             np.maximum(conf, planes[c], out=conf)
     return conf, pred
 
@@ -102,12 +104,10 @@ def packed_histogram(b, correct, conf, n_bins: int, q: int):
     runs of ``2**q`` voxels with bins of their own. Exact, so the result equals
     :func:`separate_histogram` bit for bit at about half the cost.
     """
-    idx = np.left_shift(b, 1)
-    idx += correct
-    idx += _run_offsets(b.size, q, n_bins)
+    col = np.left_shift(b, 1)
+    col += correct
     x = float(2 ** (q + 1))  # above any run's confidence sum (< 2**q * (1 + 1e-6))
-    s = np.bincount(idx, weights=np.add(conf, np.float64(x)),
-                    minlength=2 * n_bins * (((b.size - 1) >> q) + 1))
+    s = _scatter_runs(col, np.add(conf, np.float64(x)), q, 2 * n_bins)
     s = s.reshape(-1, n_bins, 2)
     counts = np.floor(s * (1.0 / x))
     s -= counts * x
@@ -120,3 +120,88 @@ def separate_histogram(b, correct, conf, n_bins: int):
     b2 += correct
     counts = np.bincount(b2, minlength=2 * n_bins).reshape(n_bins, 2)
     return counts, np.bincount(b, weights=conf, minlength=n_bins)
+
+
+# ---------------------------------------------------------------- fused float32 path
+try:  # scipy's sparse-to-dense scatter: the histogram loop without bincount's extra passes
+    from scipy.sparse._sparsetools import csr_todense as _csr_todense
+except ImportError:  # pragma: no cover - private scipy module moved: bincount below
+    _csr_todense = None
+
+
+@functools.lru_cache(maxsize=16)
+def ceil_multiplier(n_bins: int):
+    """``float32(n_bins)`` when ``ceil(float32(n_bins * x)) - 1 == searchsorted(e, x)`` for
+    every float32 ``x`` in ``(0, 1 + 1e-6]`` (``e`` the float32 inner edges), else None (then
+    :func:`uniform_bins` bins).
+
+    ``x -> ceil(fl(m * x))`` is non-decreasing, so agreeing on each edge and on the next float32
+    above it is agreeing everywhere: checked here exactly. It holds for 2, 3, 5, 7 and 15 bins
+    (not for 10 or 20, where the rounded product of an edge's neighbour lands on the edge).
+    """
+    if n_bins > 61:  # column indices (below 2 * n_bins + 4) must fit int8
+        return None
+    e = np.linspace(0.0, 1.0, n_bins + 1).astype(np.float32)[1:-1]
+    up = np.nextafter(e, np.float32(2))
+    j = np.arange(1, n_bins, dtype=np.float32)
+    m = np.float32(n_bins)
+    one, top = np.ceil(m * np.float32([1.0, 1 + 1e-6]))  # 1 + 1e-6 still passes validation
+    ok = np.all(np.ceil(e * m) <= j) and np.all(np.ceil(up * m) >= j + 1)
+    return m if ok and one == n_bins and top <= n_bins + 1 else None
+
+
+@functools.lru_cache(maxsize=8)
+def _run_starts(n: int, q: int):
+    """Row pointers of runs of ``2**q`` voxels (read-only, cached per block shape)."""
+    ptr = np.minimum(np.arange(((n - 1) >> q) + 2, dtype=np.int64) << q, n).astype(np.int32)
+    ptr.flags.writeable = False
+    return ptr
+
+
+_SCATTER_OK = [_csr_todense is not None]
+
+
+def _scatter_runs(col, w, q: int, n_col: int):
+    """``(runs, n_col)`` sums of ``w`` by column ``col`` within each run of ``2**q`` voxels."""
+    n = col.size
+    n_run = ((n - 1) >> q) + 1
+    if _SCATTER_OK[0] and n < 2**31:  # int32 row pointers
+        # the private loop does not check bounds: an index outside would write anywhere
+        if col.size and (int(col.min()) < 0 or int(col.max()) >= n_col):
+            raise ValueError("histogram column out of range")
+        out = np.zeros((n_run, n_col))
+        try:
+            _csr_todense(n_run, n_col, _run_starts(n, q), col.astype(np.int32), w, out)
+            return out
+        except (TypeError, ValueError):  # pragma: no cover - private signature changed
+            _SCATTER_OK[0] = False
+    idx = col.astype(np.intp)
+    idx += _run_offsets(n, q, n_col // 2)
+    return np.bincount(idx, weights=w, minlength=n_run * n_col).reshape(n_run, n_col)
+
+
+def fused_histogram(conf, correct, n_bins: int, q: int, m):
+    """:func:`packed_histogram` of :func:`uniform_bins` for float32 confidences in ``[0, 1]``
+    (``m`` from :func:`ceil_multiplier`), in fewer passes, equal bit for bit.
+
+    Column ``ceil(m * conf)`` (0: confidence 0, ``n_bins + 1``: just above 1), shifted by
+    ``n_bins + 2`` when correct, is the voxel's cell: the end columns fold into the end bins.
+    """
+    t = conf * m
+    np.ceil(t, out=t)
+    col = t.astype(np.int8)
+    shift = np.multiply(correct.view(np.int8), np.int8(n_bins + 2))
+    col += shift
+    x = float(2 ** (q + 1))  # above any run's confidence sum (< 2**q * (1 + 1e-6))
+    w = conf.astype(np.float64)
+    w += x
+    s = _scatter_runs(col, w, q, 2 * n_bins + 4)
+    counts = np.floor(s * (1.0 / x))
+    s -= counts * x
+    counts = counts.sum(axis=0).reshape(2, n_bins + 2)
+    sums = s.sum(axis=0).reshape(2, n_bins + 2).sum(axis=0)
+    counts[:, 1] += counts[:, 0]
+    counts[:, n_bins] += counts[:, n_bins + 1]
+    sums[1] += sums[0]
+    sums[n_bins] += sums[n_bins + 1]
+    return counts[:, 1:n_bins + 1].T, sums[1:n_bins + 1]

@@ -19,6 +19,8 @@ import numpy as np
 from uqseg._numeric import softmax
 from uqseg._validation import check_labels, check_scores
 from uqseg.metrics._binning import (
+    ceil_multiplier,
+    fused_histogram,
     packed_histogram,
     packed_run_log2,
     rows_look_valid,
@@ -259,12 +261,14 @@ class CalibrationAccumulator:
         n_kept = conf.size
         if n_kept == 0:
             return
-        b = self._bins(conf)
         q = packed_run_log2(conf)
-        if q is not None:  # one bincount gives counts, correct counts and confidence sums
-            counts, conf_sums = packed_histogram(b, correct, conf, self.n_bins, q)
+        m = ceil_multiplier(self.n_bins) if self._uniform and q is not None else None
+        if m is not None:  # float32 (packable): binning, packing and histogram fused
+            counts, conf_sums = fused_histogram(conf, correct, self.n_bins, q, m)
+        elif q is not None:  # one bincount gives counts, correct counts and confidence sums
+            counts, conf_sums = packed_histogram(self._bins(conf), correct, conf, self.n_bins, q)
         else:
-            counts, conf_sums = separate_histogram(b, correct, conf, self.n_bins)
+            counts, conf_sums = separate_histogram(self._bins(conf), correct, conf, self.n_bins)
         self._count += counts.sum(axis=1)
         self._acc += counts[:, 1]
         self._conf += conf_sums
