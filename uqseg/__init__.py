@@ -20,6 +20,8 @@ _LAZY = {
     "MahalanobisOODDetector": "uqseg.ood",
     "KNNOODDetector": "uqseg.ood",
     "QualityRegressor": "uqseg.quality",
+    "QualityFeatures": "uqseg.quality_features",
+    "QualityCNN": "uqseg.quality_cnn",
     "ConformalRiskController": "uqseg.conformal",
     "assess": "uqseg._assess",  # a private module: the name uqseg.assess is the function
     "save": "uqseg.persistence",
