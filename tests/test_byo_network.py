@@ -54,6 +54,118 @@ class DeepSupervisionUNet(nn.Module):
         return self.head_half(d2), self.head(d1)
 
 
+class PlainConvUNetLike(nn.Module):
+    """The layout of nnU-Net v2's ``PlainConvUNet`` (dynamic_network_architectures): stages of
+    two conv-InstanceNorm-LeakyReLU blocks, the first conv of a stage strided (no pooling),
+    transposed-conv upsampling, a 1x1 segmentation layer per decoder stage. With
+    ``deep_supervision`` the outputs are listed full resolution first, as nnU-Net does."""
+
+    def __init__(self, k=3, features=(8, 16, 32, 64), strides=(1, 2, 2, 2),
+                 deep_supervision=True):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+
+        def stage(i, o, stride):
+            return nn.Sequential(*(nn.Sequential(
+                nn.Conv2d(i if j == 0 else o, o, 3, stride if j == 0 else 1, 1),
+                nn.InstanceNorm2d(o, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
+                for j in range(2)))
+
+        self.encoder = nn.Module()
+        self.encoder.stages = nn.ModuleList(
+            stage(features[s - 1] if s else 1, f, st)
+            for s, (f, st) in enumerate(zip(features, strides, strict=True)))
+        self.decoder = nn.Module()
+        up = list(range(len(features) - 1, 0, -1))  # from the bottom up
+        self.decoder.transpconvs = nn.ModuleList(
+            nn.ConvTranspose2d(features[s], features[s - 1], strides[s], strides[s]) for s in up)
+        self.decoder.stages = nn.ModuleList(
+            stage(2 * features[s - 1], features[s - 1], 1) for s in up)
+        self.decoder.seg_layers = nn.ModuleList(nn.Conv2d(features[s - 1], k, 1) for s in up)
+
+    def forward(self, x):
+        skips = []
+        for st in self.encoder.stages:
+            x = st(x)
+            skips.append(x)
+        lres, seg = skips[-1], []
+        dec = self.decoder
+        for s in range(len(dec.stages)):
+            x = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
+            if self.deep_supervision or s == len(dec.stages) - 1:
+                seg.append(dec.seg_layers[s](x))
+            lres = x
+        seg = seg[::-1]
+        return tuple(seg) if self.deep_supervision else seg[0]
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``."""
+
+    def __init__(self, i, o, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o)
+        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None if stride == 1 and i == o else nn.Sequential(
+            nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + idt)
+
+
+class SmpLayoutUnet(nn.Module):
+    """The layout of ``segmentation_models_pytorch.Unet(encoder_name="resnet18")`` at an
+    eighth of its width (smp itself needs a torchvision build matching torch): a ResNet-18
+    encoder (7x7 stride-2 stem, max pooling, four stages of two basic blocks), decoder blocks
+    that upsample (nearest) to the skip's size, concatenate it and apply two conv-BN-ReLU, the
+    last block with no skip, and a 3x3 segmentation head. Divisor 32."""
+
+    def __init__(self, k=3, widths=(8, 8, 16, 32, 64), decoder=(32, 16, 8, 4, 2)):
+        super().__init__()
+        cbr = lambda i, o: nn.Sequential(  # noqa: E731
+            nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+        self.encoder = nn.Module()
+        e = self.encoder
+        e.conv1, e.bn1 = nn.Conv2d(1, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0])
+        e.relu, e.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        for n in range(1, 5):
+            i, o, st = widths[max(n - 1, 1)], widths[n], 1 if n == 1 else 2
+            setattr(e, f"layer{n}", nn.Sequential(_BasicBlock(i, o, st), _BasicBlock(o, o, 1)))
+        skips = (widths[3], widths[2], widths[1], widths[0], 0)
+        ins = (widths[4], *decoder[:-1])
+        self.decoder = nn.Module()
+        self.decoder.blocks = nn.ModuleList(
+            nn.Sequential(cbr(i + s, o), cbr(o, o)) for i, s, o in zip(ins, skips, decoder,
+                                                                      strict=True))
+        self.segmentation_head = nn.Conv2d(decoder[-1], k, 3, padding=1)
+
+    def forward(self, x):
+        e = self.encoder
+        f0 = e.relu(e.bn1(e.conv1(x)))
+        f1 = e.layer1(e.maxpool(f0))
+        f2 = e.layer2(f1)
+        f3 = e.layer3(f2)
+        x = e.layer4(f3)
+        for blk, skip in zip(self.decoder.blocks, (f3, f2, f1, f0, None), strict=True):
+            if skip is None:
+                x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            else:
+                x = torch.cat([nn.functional.interpolate(x, size=skip.shape[2:],
+                                                         mode="nearest"), skip], 1)
+            x = blk(x)
+        return self.segmentation_head(x)
+
+
+def _smp_unet():
+    smp = pytest.importorskip(
+        "segmentation_models_pytorch",
+        reason="segmentation_models_pytorch is not installed (it needs timm and a torchvision "
+               "build matching the installed torch)")
+    return smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=3)
+
+
 def _monai_unet():
     monai = pytest.importorskip("monai")
     return monai.networks.nets.UNet(spatial_dims=2, in_channels=1, out_channels=3,
@@ -68,6 +180,10 @@ def _monai_basic_unet():
 
 
 _PLAIN = {"bottleneck": "bott", "decoder_1/2": "dec2", "decoder_last": "dec1"}
+_NNUNET = {"bottleneck": "encoder.stages.3", "decoder_1/4": "decoder.stages.0",
+           "decoder_1/2": "decoder.stages.1", "decoder_last": "decoder.stages.2"}
+_SMP = {"bottleneck": "encoder.layer4", "decoder_1/4": "decoder.blocks.2",
+        "decoder_1/2": "decoder.blocks.3", "decoder_last": "decoder.blocks.4"}
 # name -> (builder, output names, divisor, {role: module path whose output it is})
 REGISTRY = {
     "monai_unet": (_monai_unet, ["out"], 8, {}),
@@ -80,7 +196,15 @@ REGISTRY = {
                            ["prob"], 4, _PLAIN),
     "softmax_end": (lambda: DeepSupervisionUNet(3, heads=False, final=nn.Softmax(dim=1)),
                     ["prob"], 4, _PLAIN),
+    "nnunet_style": (PlainConvUNetLike, ["seg", "seg_1_2", "seg_1_4"], 8, _NNUNET),
+    "nnunet_style_no_ds": (lambda: PlainConvUNetLike(deep_supervision=False), ["seg"], 8,
+                           _NNUNET),
+    "smp_layout": (SmpLayoutUnet, ["mask"], 32, _SMP),
+    "smp_unet": (_smp_unet, ["mask"], 32, _SMP),
 }
+# the segmentation output when it is not the last output listed
+SEG_OUTPUT = {"sigmoid_multilabel": "/head/Conv_output_0", "softmax_end": "/head/Conv_output_0",
+              "nnunet_style": "seg"}
 ACTIVATION = {"sigmoid_binary": "sigmoid", "sigmoid_multilabel": "sigmoid"}
 
 
@@ -141,8 +265,7 @@ def test_divisor_and_roles_found_by_structure(foreign, name):
     seg = OnnxSegmenter(path).fit()
     assert seg.spatial_divisor_ == divisor  # product of the strides to the bottleneck
     # the full-resolution output, or the logits before the graph's own Softmax/Sigmoid
-    assert seg.output_name_ == (outputs[-1] if name not in ("sigmoid_multilabel", "softmax_end")
-                                else "/head/Conv_output_0")
+    assert seg.output_name_ == SEG_OUTPUT.get(name, outputs[-1])
     roles = seg.layer_roles_
     assert {"bottleneck", "decoder_1/2", "decoder_last"} <= set(roles)
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)
