@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 
 from uqseg import (
+    EnsembleSegmenter,
     KNNOODDetector,
     MahalanobisOODDetector,
     OnnxSegmenter,
+    QualityRegressor,
     SpectralOODDetector,
     TemperatureCalibrator,
     datasets,
@@ -332,9 +334,16 @@ def test_estimators_with_default_settings(foreign, brain, name):
     assert MahalanobisOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert KNNOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert seg.activation_ == ACTIVATION.get(name, "softmax")
-    if seg.activation_ == "softmax":  # (sigmoid temperature scaling: not on main yet)
+    ens = EnsembleSegmenter([seg, OnnxSegmenter(path, tta="flips")]).fit()
+    k = seg.n_classes_
+    mi = ens.uncertainty(X[:2], kind="mutual_information")
+    assert mi.shape == ((2, k, 64, 64) if seg.activation_ == "sigmoid" else (2, 64, 64))
+    assert np.isfinite(mi).all() and mi.min() >= 0
+    if seg.activation_ == "softmax":  # (sigmoid temperature scaling and quality: not on main yet)
         cal = TemperatureCalibrator(seg).fit(X, y)
         assert np.isfinite(cal.temperature_).all()
+        q = QualityRegressor(seg).fit(X, y).predict(X[:3])
+        assert q.shape == (3, k - 1) and ((q >= 0) & (q <= 1)).all()
     with pytest.raises(ValueError, match="bottleneck = "):  # the error lists the structure
         SpectralOODDetector(seg, layer="add_169").fit(X[:4])
     # a role is accepted as a layer name
@@ -428,7 +437,6 @@ def test_ensemble_of_deep_supervision_members(foreign):
     on the full-resolution head (reference: the mean of the torch heads' softmax)."""
     from scipy.special import softmax
 
-    from uqseg import EnsembleSegmenter
 
     model, path = foreign("deep_supervision")
     ens = EnsembleSegmenter([path, path]).fit()
