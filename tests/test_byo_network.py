@@ -437,7 +437,6 @@ def test_ensemble_of_deep_supervision_members(foreign):
     on the full-resolution head (reference: the mean of the torch heads' softmax)."""
     from scipy.special import softmax
 
-
     model, path = foreign("deep_supervision")
     ens = EnsembleSegmenter([path, path]).fit()
     assert not ens.fused_
