@@ -65,7 +65,6 @@ class PlainConvUNetLike(nn.Module):
     def __init__(self, k=3, features=(8, 16, 32, 64), strides=(1, 2, 2, 2),
                  deep_supervision=True):
         super().__init__()
-        self.deep_supervision = deep_supervision
 
         def stage(i, o, stride):
             return nn.Sequential(*(nn.Sequential(
@@ -78,6 +77,7 @@ class PlainConvUNetLike(nn.Module):
             stage(features[s - 1] if s else 1, f, st)
             for s, (f, st) in enumerate(zip(features, strides, strict=True)))
         self.decoder = nn.Module()
+        self.decoder.deep_supervision = deep_supervision  # nnU-Net's switch lives there
         up = list(range(len(features) - 1, 0, -1))  # from the bottom up
         self.decoder.transpconvs = nn.ModuleList(
             nn.ConvTranspose2d(features[s], features[s - 1], strides[s], strides[s]) for s in up)
@@ -94,11 +94,11 @@ class PlainConvUNetLike(nn.Module):
         dec = self.decoder
         for s in range(len(dec.stages)):
             x = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
-            if self.deep_supervision or s == len(dec.stages) - 1:
+            if dec.deep_supervision or s == len(dec.stages) - 1:
                 seg.append(dec.seg_layers[s](x))
             lres = x
         seg = seg[::-1]
-        return tuple(seg) if self.deep_supervision else seg[0]
+        return tuple(seg) if dec.deep_supervision else seg[0]
 
 
 class _BasicBlock(nn.Module):
@@ -419,7 +419,7 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
 
     blocks = [textwrap.dedent(b) for _, b in re.findall(
         r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)]
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     for block in blocks:
@@ -430,6 +430,20 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
     assert ns["seg"].layer_roles_["bottleneck"] == "/down_4/convs/conv_1/adn/A/LeakyRelu_output_0"
     seg = OnnxSegmenter(str(tmp_path / "renamed.onnx")).fit()  # the Identity block's name
     assert "bottleneck" in seg.feature_layers_
+    assert ns["qr"].predict(ns["X"][:2]).shape == (2, 2)
+    # the nnU-Net-style section: what it says it prints, and the four estimators fitted
+    assert out.count("seg 8 ['bottleneck', 'decoder_1/2', 'decoder_1/4', 'decoder_last']") == 2
+    assert ns["nn_ood"].layers_ == [ns["nn_seg"].layer_roles_[r]
+                                    for r in ("decoder_1/4", "decoder_1/2", "bottleneck")]
+    assert np.isfinite(ns["nn_cal"].temperature_).all() and ns["nn_mi"].shape == (2, 64, 64)
+    assert ns["nn_qr"].predict(ns["Xn"][:2]).shape == (2, 2)
+    ds = OnnxSegmenter(str(tmp_path / "nnunet_ds.onnx")).fit()  # the heads: full res first
+    x = ns["Xn"][:2]
+    with torch.no_grad():
+        ns["net"].deep_supervision = True
+        heads = [t.numpy() for t in ns["net"](torch.from_numpy(x))]
+    assert [h.shape[2] for h in heads] == [64, 32, 16]
+    np.testing.assert_allclose(ds.transform(x), heads[0], rtol=1e-4, atol=1e-4)
 
 
 def test_ensemble_of_deep_supervision_members(foreign):
