@@ -464,3 +464,46 @@ def test_ensemble_of_deep_supervision_members(foreign):
         EnsembleSegmenter([path], output="nope").fit()
     with pytest.raises(TypeError, match="output must be None"):
         EnsembleSegmenter([path], output=3).fit()
+
+
+# ---------------------------------------------------------------------- the results benchmark
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_byo_estimators.py"
+    spec = importlib.util.spec_from_file_location("_bench_byo_estimators", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_targets_dice_and_doc_table(tmp_path):
+    b = _bench()
+    y = np.array([[[0, 1, 2, 2], [1, 0, 2, 0]]])
+    np.testing.assert_array_equal(b.targets(y, "binary"), y == 2)
+    ml = b.targets(y, "multilabel")  # tissue overlaps GM and WM
+    assert ml.shape == (1, 3, 2, 4) and (ml[:, 0] == (ml[:, 1] | ml[:, 2])).all()
+
+    class Masks:  # a segmenter stand-in: fixed masks
+        def predict(self, X):
+            return np.array([[[[1, 1, 1, 0], [0, 0, 1, 0]], [[0] * 4, [0] * 4],
+                              [[1, 0, 0, 0], [0, 0, 0, 0]]]], bool)
+
+    d = b.dice_per_image(Masks(), None, ml, "multilabel")
+    # tissue: |P|=4, |T|=5, |P & T|=3; GM: P empty, T 2 voxels; WM: P {0}, T 3 voxels, no overlap
+    np.testing.assert_allclose(d, [[6 / 9, 0.0, 0.0]])
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{b.BEGIN}\nold\n{b.END}\nend\n")
+    res = {"networks": {"x": {"description": "net", "training": "1 epoch", "activation":
+                              "sigmoid", "dice": [0.5], "ece_before": 0.1, "ece_after": b.NA,
+                              "ood": {"mean_auroc": 0.9}, "quality": b.NA}}}
+    assert b.write_doc_table(b.table(res), doc)
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    row = text.splitlines()[4]
+    assert row == (f"| net | 1 epoch | sigmoid | 0.500 | 0.1000 | {b.NA} | 0.900 | {b.NA} | "
+                   f"{b.NA} |")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not b.write_doc_table("t", plain) and plain.read_text() == "no markers\n"
