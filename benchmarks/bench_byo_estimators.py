@@ -257,7 +257,16 @@ def main(argv=None):
     raw = {s: datasets.load_brain_tissue(s) for s in ("train", "val", "test")}
     res = {"epochs": args.epochs, "resolution": [128, 128], "python": platform.python_version(),
            "torch": torch.__version__, "networks": {}}
+    if args.only and args.out.exists():  # a partial run updates the rows it measures
+        res["networks"] = json.loads(args.out.read_text())["networks"]
     nets = networks()
+    order = [*nets, "zoo_member_00"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every network: an interrupted run keeps what it measured
+        res["networks"] = {k: res["networks"][k] for k in order if k in res["networks"]}
+        args.out.write_text(json.dumps(res, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.cache or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -275,6 +284,7 @@ def main(argv=None):
             r.update(description=desc, kind=kind, training=f"{args.epochs} epochs, 128 x 128",
                      train_s=round(train_s, 1), eval_s=round(time.perf_counter() - t0 - train_s, 1))
             res["networks"][name] = r
+            save()
             print(name, json.dumps({k: r[k] for k in ("dice", "ece_before", "ece_after")}),
                   r["ood"]["mean_auroc"], r["quality"], flush=True)
     if not args.only or "zoo_member_00" in args.only:
@@ -283,8 +293,7 @@ def main(argv=None):
         r.update(description="zoo member 0 (uqseg's exporter, named layers)", kind="classes",
                  training="100 epochs, 128 x 128")
         res["networks"]["zoo_member_00"] = r
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+        save()
     text = table(res)
     print(text)
     if args.write_doc and not write_doc_table(text, ROOT / "docs/byo_network.md"):
