@@ -82,7 +82,7 @@ def networks() -> dict:
         "monai_basicunet": (lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=3,
                                               features=(8, 8, 16, 16, 32, 8)),
                             "classes", ["out"], "MONAI BasicUNet"),
-        "nnunet_style": (lambda: t.PlainConvUNetLike(3, features=(16, 32, 64, 128)), "classes",
+        "nnunet_style": (lambda: t.PlainConvUNetLike(3), "classes",
                          ["seg", "seg_1_2", "seg_1_4"], "nnU-Net-style PlainConvUNet, deep "
                          "supervision"),
     }
