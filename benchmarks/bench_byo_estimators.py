@@ -27,7 +27,8 @@ Writes ``benchmarks/results/byo_estimators.json`` and prints the markdown table 
 
 Usage::
 
-    python benchmarks/bench_byo_estimators.py                  # 8 epochs, about 40 min
+    python benchmarks/bench_byo_estimators.py --write-doc      # 8 epochs, about 75 min
+                                                               # on 2 busy CPU cores
     python benchmarks/bench_byo_estimators.py --epochs 1 --only monai_unet   # smoke run
 """
 
