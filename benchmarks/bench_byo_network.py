@@ -9,6 +9,10 @@ metadata), and fits ``SpectralOODDetector`` on the train split with
 - ``single:<role>``: one structural layer (``bottleneck`` or ``decoder_last``), the layout part
   on the same layer (what a one-layer fallback would give),
 
+- other structural choices (``--more``): decoder tensors with the last one instead of or
+  besides the bottleneck, the layout part on ``decoder_last``, and for ``BasicUNet`` the
+  concatenations of upsampled and skip tensors inside its ``upcat`` blocks,
+
 scored with the test split as in-distribution against every ``datasets.OOD_KINDS``. The zoo's
 first member is measured the same way (its structural layers are its named ones). Test Dice
 says how trained each network is; the zoo was trained for 100 epochs, these for ``--epochs``.
@@ -19,6 +23,7 @@ Usage::
 
     python benchmarks/bench_byo_network.py          # about 15 min on 2 busy CPU cores
     python benchmarks/bench_byo_network.py --quick  # one epoch, about 7 min
+    python benchmarks/bench_byo_network.py --more --cache /tmp/byo   # + the other choices
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ from uqseg.ood import Layout, Spectrum
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE = ("bottleneck", "decoder_last")
+# --more: {name: (roles of the spectral part or None = default, layout role or None = default)}
+MORE = {"1/4+1/2+last": (("decoder_1/4", "decoder_1/2", "decoder_last"), None),
+        "1/2+last": (("decoder_1/2", "decoder_last"), None),
+        "1/4+1/2+bottleneck+last": (("decoder_1/4", "decoder_1/2", "bottleneck",
+                                     "decoder_last"), None),
+        "default, layout on last": (None, "decoder_last")}
+# tensors inside MONAI BasicUNet's upcat blocks: cat([skip, upsampled])
+UPCAT = ["/upcat_3/Concat_1_output_0", "/upcat_2/Concat_1_output_0"]
 
 
 def _nets():
@@ -81,7 +94,7 @@ def export(net, path):
     return str(path)
 
 
-def evaluate(path, X_tr, X_te, y_te) -> dict:
+def evaluate(path, X_tr, X_te, y_te, more=False) -> dict:
     seg = OnnxSegmenter(path).fit()
     dice = metrics.dice_score(seg.predict(X_te), y_te, n_classes=3).mean(axis=0)
     ood = {k: datasets.load_ood(k) for k in datasets.OOD_KINDS}
@@ -89,6 +102,20 @@ def evaluate(path, X_tr, X_te, y_te) -> dict:
     for role in SINGLE:
         settings[f"single:{role}"] = {"layer": role, "descriptors": [Spectrum(),
                                                                      Layout(layer=role)]}
+
+    def kw(roles, layout=None):
+        return {**({"layer": list(roles)} if roles else {}),
+                **({"descriptors": [Spectrum(), Layout(layer=layout)]} if layout else {})}
+
+    if more:
+        for name, (roles, layout) in MORE.items():
+            settings[name] = kw(roles, layout)
+        if all(t in seg.feature_layers_ for t in UPCAT):
+            b = seg.layer_roles_["bottleneck"]
+            settings["upcat concat 1/4+1/2+bottleneck"] = kw([*UPCAT, b])
+            settings["upcat concat 1/4+1/2+bottleneck, layout on concat 1/2"] = kw(
+                [*UPCAT, b], UPCAT[1])
+            settings["upcat concat 1/4+1/2, layout on concat 1/2"] = kw(UPCAT, UPCAT[1])
     out = {"dice": [float(d) for d in dice], "roles": seg.layer_roles_,
            "spatial_divisor": seg.spatial_divisor_, "settings": {}}
     for name, kw in settings.items():
@@ -106,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="one epoch (smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/byo_network.json")
+    ap.add_argument("--more", action="store_true", help="also the other structural choices")
+    ap.add_argument("--cache", type=Path, help="keep/reuse the trained ONNX files here "
+                    "(<network>_e<epochs>.onnx)")
     args = ap.parse_args(argv)
     if args.quick:
         args.epochs = 1
@@ -122,22 +152,31 @@ def main(argv=None):
     res = {"epochs": args.epochs, "python": platform.python_version(),
            "torch": torch.__version__, "networks": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.cache or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for name, build in _nets().items():
             t0 = time.perf_counter()
-            net = train(build, X_tr, y_tr, args.epochs)
-            path = export(net, Path(tmp) / f"{name}.onnx")
-            res["networks"][name] = evaluate(path, X_tr, X_te, y_te)
-            res["networks"][name]["train_s"] = round(time.perf_counter() - t0, 1)
+            path = folder / f"{name}_e{args.epochs}.onnx"
+            if not path.exists():
+                export(train(build, X_tr, y_tr, args.epochs), path)
+            train_s = time.perf_counter() - t0
+            res["networks"][name] = evaluate(str(path), X_tr, X_te, y_te, args.more)
+            res["networks"][name]["train_s"] = round(train_s, 1)
             print(name, json.dumps({k: v["mean_auroc"] for k, v in
                                     res["networks"][name]["settings"].items()}), flush=True)
-    res["networks"]["zoo_member_00"] = evaluate(datasets.reference_models()[0], X_tr, X_te, y_te)
+    res["networks"]["zoo_member_00"] = evaluate(datasets.reference_models()[0], X_tr, X_te, y_te,
+                                                args.more)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
-    print("| network | test Dice (GM, WM) | " + " | ".join(
-        res["networks"]["zoo_member_00"]["settings"]) + " |")
-    for name, r in res["networks"].items():
-        print(f"| {name} | {r['dice'][0]:.3f}, {r['dice'][1]:.3f} | " + " | ".join(
-            f"{s['mean_auroc']:.3f}" for s in r["settings"].values()) + " |")
+    names = list(dict.fromkeys(k for r in res["networks"].values() for k in r["settings"]))
+    print("| setting | " + " | ".join(res["networks"]) + " |")
+    print("|---" * (len(res["networks"]) + 1) + "|")
+    print("| test Dice (GM, WM) | " + " | ".join(
+        f"{r['dice'][0]:.3f}, {r['dice'][1]:.3f}" for r in res["networks"].values()) + " |")
+    for k in names:
+        print(f"| {k} | " + " | ".join(
+            f"{r['settings'][k]['mean_auroc']:.3f} (noise {r['settings'][k]['auroc']['noise']:.2f})"
+            if k in r["settings"] else "" for r in res["networks"].values()) + " |")
 
 
 if __name__ == "__main__":

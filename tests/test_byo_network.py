@@ -12,9 +12,11 @@ import onnxruntime as ort
 import pytest
 
 from uqseg import (
+    EnsembleSegmenter,
     KNNOODDetector,
     MahalanobisOODDetector,
     OnnxSegmenter,
+    QualityRegressor,
     SpectralOODDetector,
     TemperatureCalibrator,
     datasets,
@@ -54,6 +56,118 @@ class DeepSupervisionUNet(nn.Module):
         return self.head_half(d2), self.head(d1)
 
 
+class PlainConvUNetLike(nn.Module):
+    """The layout of nnU-Net v2's ``PlainConvUNet`` (dynamic_network_architectures): stages of
+    two conv-InstanceNorm-LeakyReLU blocks, the first conv of a stage strided (no pooling),
+    transposed-conv upsampling, a 1x1 segmentation layer per decoder stage. With
+    ``deep_supervision`` the outputs are listed full resolution first, as nnU-Net does."""
+
+    def __init__(self, k=3, features=(8, 16, 32, 64), strides=(1, 2, 2, 2),
+                 deep_supervision=True):
+        super().__init__()
+
+        def stage(i, o, stride):
+            return nn.Sequential(*(nn.Sequential(
+                nn.Conv2d(i if j == 0 else o, o, 3, stride if j == 0 else 1, 1),
+                nn.InstanceNorm2d(o, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
+                for j in range(2)))
+
+        self.encoder = nn.Module()
+        self.encoder.stages = nn.ModuleList(
+            stage(features[s - 1] if s else 1, f, st)
+            for s, (f, st) in enumerate(zip(features, strides, strict=True)))
+        self.decoder = nn.Module()
+        self.decoder.deep_supervision = deep_supervision  # nnU-Net's switch lives there
+        up = list(range(len(features) - 1, 0, -1))  # from the bottom up
+        self.decoder.transpconvs = nn.ModuleList(
+            nn.ConvTranspose2d(features[s], features[s - 1], strides[s], strides[s]) for s in up)
+        self.decoder.stages = nn.ModuleList(
+            stage(2 * features[s - 1], features[s - 1], 1) for s in up)
+        self.decoder.seg_layers = nn.ModuleList(nn.Conv2d(features[s - 1], k, 1) for s in up)
+
+    def forward(self, x):
+        skips = []
+        for st in self.encoder.stages:
+            x = st(x)
+            skips.append(x)
+        lres, seg = skips[-1], []
+        dec = self.decoder
+        for s in range(len(dec.stages)):
+            x = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
+            if dec.deep_supervision or s == len(dec.stages) - 1:
+                seg.append(dec.seg_layers[s](x))
+            lres = x
+        seg = seg[::-1]
+        return tuple(seg) if dec.deep_supervision else seg[0]
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``."""
+
+    def __init__(self, i, o, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o)
+        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None if stride == 1 and i == o else nn.Sequential(
+            nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + idt)
+
+
+class SmpLayoutUnet(nn.Module):
+    """The layout of ``segmentation_models_pytorch.Unet(encoder_name="resnet18")`` at an
+    eighth of its width (smp itself needs a torchvision build matching torch): a ResNet-18
+    encoder (7x7 stride-2 stem, max pooling, four stages of two basic blocks), decoder blocks
+    that upsample (nearest) to the skip's size, concatenate it and apply two conv-BN-ReLU, the
+    last block with no skip, and a 3x3 segmentation head. Divisor 32."""
+
+    def __init__(self, k=3, widths=(8, 8, 16, 32, 64), decoder=(32, 16, 8, 4, 2)):
+        super().__init__()
+        cbr = lambda i, o: nn.Sequential(  # noqa: E731
+            nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+        self.encoder = nn.Module()
+        e = self.encoder
+        e.conv1, e.bn1 = nn.Conv2d(1, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0])
+        e.relu, e.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        for n in range(1, 5):
+            i, o, st = widths[max(n - 1, 1)], widths[n], 1 if n == 1 else 2
+            setattr(e, f"layer{n}", nn.Sequential(_BasicBlock(i, o, st), _BasicBlock(o, o, 1)))
+        skips = (widths[3], widths[2], widths[1], widths[0], 0)
+        ins = (widths[4], *decoder[:-1])
+        self.decoder = nn.Module()
+        self.decoder.blocks = nn.ModuleList(
+            nn.Sequential(cbr(i + s, o), cbr(o, o)) for i, s, o in zip(ins, skips, decoder,
+                                                                      strict=True))
+        self.segmentation_head = nn.Conv2d(decoder[-1], k, 3, padding=1)
+
+    def forward(self, x):
+        e = self.encoder
+        f0 = e.relu(e.bn1(e.conv1(x)))
+        f1 = e.layer1(e.maxpool(f0))
+        f2 = e.layer2(f1)
+        f3 = e.layer3(f2)
+        x = e.layer4(f3)
+        for blk, skip in zip(self.decoder.blocks, (f3, f2, f1, f0, None), strict=True):
+            if skip is None:
+                x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            else:
+                x = torch.cat([nn.functional.interpolate(x, size=skip.shape[2:],
+                                                         mode="nearest"), skip], 1)
+            x = blk(x)
+        return self.segmentation_head(x)
+
+
+def _smp_unet():
+    smp = pytest.importorskip(
+        "segmentation_models_pytorch",
+        reason="segmentation_models_pytorch is not installed (it needs timm and a torchvision "
+               "build matching the installed torch)")
+    return smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=3)
+
+
 def _monai_unet():
     monai = pytest.importorskip("monai")
     return monai.networks.nets.UNet(spatial_dims=2, in_channels=1, out_channels=3,
@@ -68,6 +182,10 @@ def _monai_basic_unet():
 
 
 _PLAIN = {"bottleneck": "bott", "decoder_1/2": "dec2", "decoder_last": "dec1"}
+_NNUNET = {"bottleneck": "encoder.stages.3", "decoder_1/4": "decoder.stages.0",
+           "decoder_1/2": "decoder.stages.1", "decoder_last": "decoder.stages.2"}
+_SMP = {"bottleneck": "encoder.layer4", "decoder_1/4": "decoder.blocks.2",
+        "decoder_1/2": "decoder.blocks.3", "decoder_last": "decoder.blocks.4"}
 # name -> (builder, output names, divisor, {role: module path whose output it is})
 REGISTRY = {
     "monai_unet": (_monai_unet, ["out"], 8, {}),
@@ -80,7 +198,15 @@ REGISTRY = {
                            ["prob"], 4, _PLAIN),
     "softmax_end": (lambda: DeepSupervisionUNet(3, heads=False, final=nn.Softmax(dim=1)),
                     ["prob"], 4, _PLAIN),
+    "nnunet_style": (PlainConvUNetLike, ["seg", "seg_1_2", "seg_1_4"], 8, _NNUNET),
+    "nnunet_style_no_ds": (lambda: PlainConvUNetLike(deep_supervision=False), ["seg"], 8,
+                           _NNUNET),
+    "smp_layout": (SmpLayoutUnet, ["mask"], 32, _SMP),
+    "smp_unet": (_smp_unet, ["mask"], 32, _SMP),
 }
+# the segmentation output when it is not the last output listed
+SEG_OUTPUT = {"sigmoid_multilabel": "/head/Conv_output_0", "softmax_end": "/head/Conv_output_0",
+              "nnunet_style": "seg"}
 ACTIVATION = {"sigmoid_binary": "sigmoid", "sigmoid_multilabel": "sigmoid"}
 
 
@@ -141,8 +267,7 @@ def test_divisor_and_roles_found_by_structure(foreign, name):
     seg = OnnxSegmenter(path).fit()
     assert seg.spatial_divisor_ == divisor  # product of the strides to the bottleneck
     # the full-resolution output, or the logits before the graph's own Softmax/Sigmoid
-    assert seg.output_name_ == (outputs[-1] if name not in ("sigmoid_multilabel", "softmax_end")
-                                else "/head/Conv_output_0")
+    assert seg.output_name_ == SEG_OUTPUT.get(name, outputs[-1])
     roles = seg.layer_roles_
     assert {"bottleneck", "decoder_1/2", "decoder_last"} <= set(roles)
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)
@@ -209,13 +334,21 @@ def test_estimators_with_default_settings(foreign, brain, name):
     assert MahalanobisOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert KNNOODDetector(seg).fit(X).layers_ == [roles["bottleneck"]]
     assert seg.activation_ == ACTIVATION.get(name, "softmax")
+    ens = EnsembleSegmenter([seg, OnnxSegmenter(path, tta="flips")]).fit()
+    k = seg.n_classes_
+    mi = ens.uncertainty(X[:2], kind="mutual_information")
+    assert mi.shape == ((2, k, 64, 64) if seg.activation_ == "sigmoid" else (2, 64, 64))
+    assert np.isfinite(mi).all() and mi.min() >= 0
     if seg.activation_ == "softmax":
+        t, n_q = y, k - 1
         cal = TemperatureCalibrator(seg).fit(X, y)
     else:  # indicator targets, one mask per channel: brain, white matter, grey matter
-        t = np.stack([y >= 1, y == 2, y == 1], axis=1)[:, :seg.n_classes_]
+        t, n_q = np.stack([y >= 1, y == 2, y == 1], axis=1)[:, :k], k
         cal = TemperatureCalibrator(seg, mode="classwise").fit(X, t)
         assert (cal.predict(X) == seg.predict(X)).all()
     assert np.isfinite(cal.temperature_).all()
+    q = QualityRegressor(seg).fit(X, t).predict(X[:3])
+    assert q.shape == (3, n_q) and ((q >= 0) & (q <= 1)).all()
     with pytest.raises(ValueError, match="bottleneck = "):  # the error lists the structure
         SpectralOODDetector(seg, layer="add_169").fit(X[:4])
     # a role is accepted as a layer name
@@ -291,7 +424,7 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
 
     blocks = [textwrap.dedent(b) for _, b in re.findall(
         r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)]
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     for block in blocks:
@@ -302,14 +435,26 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
     assert ns["seg"].layer_roles_["bottleneck"] == "/down_4/convs/conv_1/adn/A/LeakyRelu_output_0"
     seg = OnnxSegmenter(str(tmp_path / "renamed.onnx")).fit()  # the Identity block's name
     assert "bottleneck" in seg.feature_layers_
+    assert ns["qr"].predict(ns["X"][:2]).shape == (2, 2)
+    # the nnU-Net-style section: what it says it prints, and the four estimators fitted
+    assert out.count("seg 8 ['bottleneck', 'decoder_1/2', 'decoder_1/4', 'decoder_last']") == 2
+    assert ns["nn_ood"].layers_ == [ns["nn_seg"].layer_roles_[r]
+                                    for r in ("decoder_1/4", "decoder_1/2", "bottleneck")]
+    assert np.isfinite(ns["nn_cal"].temperature_).all() and ns["nn_mi"].shape == (2, 64, 64)
+    assert ns["nn_qr"].predict(ns["Xn"][:2]).shape == (2, 2)
+    ds = OnnxSegmenter(str(tmp_path / "nnunet_ds.onnx")).fit()  # the heads: full res first
+    x = ns["Xn"][:2]
+    with torch.no_grad():
+        ns["net"].deep_supervision = True
+        heads = [t.numpy() for t in ns["net"](torch.from_numpy(x))]
+    assert [h.shape[2] for h in heads] == [64, 32, 16]
+    np.testing.assert_allclose(ds.transform(x), heads[0], rtol=1e-4, atol=1e-4)
 
 
 def test_ensemble_of_deep_supervision_members(foreign):
     """Members whose segmentation is not the first output: the ensemble runs them unfused,
     on the full-resolution head (reference: the mean of the torch heads' softmax)."""
     from scipy.special import softmax
-
-    from uqseg import EnsembleSegmenter
 
     model, path = foreign("deep_supervision")
     ens = EnsembleSegmenter([path, path]).fit()
@@ -324,3 +469,46 @@ def test_ensemble_of_deep_supervision_members(foreign):
         EnsembleSegmenter([path], output="nope").fit()
     with pytest.raises(TypeError, match="output must be None"):
         EnsembleSegmenter([path], output=3).fit()
+
+
+# ---------------------------------------------------------------------- the results benchmark
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_byo_estimators.py"
+    spec = importlib.util.spec_from_file_location("_bench_byo_estimators", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_targets_dice_and_doc_table(tmp_path):
+    b = _bench()
+    y = np.array([[[0, 1, 2, 2], [1, 0, 2, 0]]])
+    np.testing.assert_array_equal(b.targets(y, "binary"), y == 2)
+    ml = b.targets(y, "multilabel")  # tissue overlaps GM and WM
+    assert ml.shape == (1, 3, 2, 4) and (ml[:, 0] == (ml[:, 1] | ml[:, 2])).all()
+
+    class Masks:  # a segmenter stand-in: fixed masks
+        def predict(self, X):
+            return np.array([[[[1, 1, 1, 0], [0, 0, 1, 0]], [[0] * 4, [0] * 4],
+                              [[1, 0, 0, 0], [0, 0, 0, 0]]]], bool)
+
+    d = b.dice_per_image(Masks(), None, ml, "multilabel")
+    # tissue: |P|=4, |T|=5, |P & T|=3; GM: P empty, T 2 voxels; WM: P {0}, T 3 voxels, no overlap
+    np.testing.assert_allclose(d, [[6 / 9, 0.0, 0.0]])
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{b.BEGIN}\nold\n{b.END}\nend\n")
+    res = {"networks": {"x": {"description": "net", "training": "1 epoch", "activation":
+                              "sigmoid", "dice": [0.5], "ece_before": 0.1, "ece_after": b.NA,
+                              "ood": {"mean_auroc": 0.9}, "quality": b.NA}}}
+    assert b.write_doc_table(b.table(res), doc)
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    row = text.splitlines()[4]
+    assert row == (f"| net | 1 epoch | sigmoid | 0.500 | 0.1000 | {b.NA} | 0.900 | {b.NA} | "
+                   f"{b.NA} |")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not b.write_doc_table("t", plain) and plain.read_text() == "no markers\n"
