@@ -276,3 +276,67 @@ def test_image_scorer_preprocesses_whole_scans_only(prep_members, tiny_members,
     uqseg.save(EnsembleSegmenter(tiny_members[:1]).fit(), tmp_path / "plain")
     with pytest.raises(ValueError, match="carry no preprocessing"):
         ImageScorer(str(tmp_path / "plain"), ("volumes",), preprocess=True)
+
+
+# ---------------------------------------------------------------------- sigmoid networks
+@pytest.fixture()
+def sigmoid_members(tmp_path):
+    """Two tiny 3-channel multi-label (sigmoid) networks carrying TINY_PREP."""
+    import onnx
+    from onnx_models import make_unet_like
+
+    out = []
+    for i in range(2):
+        m = make_unet_like(n_classes=3, seed=30 + i)
+        onnx.helper.set_model_props(m, {"uqseg.activation": "sigmoid"})
+        path = tmp_path / f"sig{i}.onnx"
+        onnx.save(m, path)
+        set_preprocessing(path, TINY_PREP)
+        out.append(str(path))
+    return out
+
+
+def test_sigmoid_network_masks_and_maps_per_channel(sigmoid_members, tmp_path, capsys):
+    """Whole scan, sigmoid outputs: a mask and maps per channel, nothing outside the crop,
+    as predict_proba brought back channel by channel; score_scan gives the same."""
+    from uqseg.distributed import score_scan
+
+    data = _blob(seed=5)
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    code, _, err = run(["predict", *sigmoid_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--no-progress"], capsys)
+    assert code == 0, err
+    ens = EnsembleSegmenter(sigmoid_members).fit()
+    assert ens.activation_ == "sigmoid"
+    X, inv = preprocess(data, PERMUTED, TINY_PREP)
+    proba, maps = ens.predict_with_uncertainty(X)
+    want = inv.invert(proba, "channels")
+    inside = inv.invert(np.ones((len(X), *X.shape[2:])), "map") > 0
+    assert want.shape == (*data.shape, 3) and (want[~inside] == 0).all()
+    seg = np.asarray(nib.load(tmp_path / "o" / "scan_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(seg, want >= 0.5)
+    for name, kind in (("proba", None), ("entropy", "entropy"), ("mi", "mutual_information")):
+        ref = want if kind is None else inv.invert(maps[kind], "channels")
+        img = np.asarray(nib.load(tmp_path / "o" / f"scan_{name}.nii.gz").dataobj)
+        np.testing.assert_allclose(img, ref, atol=1e-5)
+    report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
+    assert report["activation"] == "sigmoid"
+    assert report["class_voxels"] == (want >= 0.5).reshape(-1, 3).sum(0).tolist()
+    row = score_scan({"segmenter": ens}, data, PERMUTED, ("labels", "volumes", "uncertainty"))
+    np.testing.assert_array_equal(row["labels"], seg)
+    assert row["volumes"].tolist() == report["class_voxels"]
+    assert row["uncertainty"] == pytest.approx(report["mean_entropy"], rel=1e-4)
+
+
+def test_sigmoid_network_slice_by_slice(sigmoid_members, tmp_path, capsys):
+    data = _blob(seed=6)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "scan.nii.gz")
+    code, _, err = run(["predict", *sigmoid_members, tmp_path / "scan.nii.gz", "--out",
+                        tmp_path / "o", "--no-preprocess", "--no-progress"], capsys)
+    assert code == 0, err
+    seg = np.asarray(nib.load(tmp_path / "o" / "scan_seg.nii.gz").dataobj)
+    ent = np.asarray(nib.load(tmp_path / "o" / "scan_entropy.nii.gz").dataobj)
+    assert seg.shape == ent.shape == (*data.shape, 3) and seg.dtype == np.uint8
+    report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
+    assert report["class_voxels"] == seg.reshape(-1, 3).sum(0).tolist()
+    assert report["mean_entropy"] == pytest.approx(float(ent.mean()), rel=1e-4)

@@ -315,6 +315,9 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
         dtypes[mask_key(d)] = np.uint8
     channels_of = {"proba": ens.n_classes_, **{mask_key(d): len(est.classes_)
                                                for d, est in risks}}
+    sig = getattr(ens, "activation_", "softmax") == "sigmoid"
+    if sig:  # independent channels: a mask and uncertainty maps per channel
+        channels_of.update({k: ens.n_classes_ for k in ("seg", *(MAP_NAMES[k] for k in kinds))})
     spatial = vol.data.shape[:3] if layout == "slices" else None
     n = spatial[axis] if layout == "slices" else 1
     if layout == "slices":
@@ -327,6 +330,7 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
     class_voxels = np.zeros(ens.n_classes_, dtype=np.int64)
     mask_voxels = {d.name: np.zeros(len(est.classes_), dtype=np.int64) for d, est in risks}
     entropy_sum, scores = 0.0, {d.name: [] for d, _, _ in plan.estimators}
+    n_spatial = 0
     whole = {}
     try:
         for s0, s1 in tqdm(_slab_ranges(n, per), desc=f"segment {source.name}", unit="slab",
@@ -336,8 +340,14 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
             if normalize:
                 X = normalize_intensity(X)
             proba, maps, shared = assess_batch(ens, X, kinds, plan.estimators)
-            seg = proba.argmax(axis=1).astype(np.uint8)
-            class_voxels += np.bincount(seg.ravel(), minlength=ens.n_classes_)
+            n_spatial += proba.size // proba.shape[1]
+            if sig:  # masks as EnsembleSegmenter.predict gives them
+                seg = (proba >= 0.5).astype(np.uint8)
+                class_voxels += seg.sum(axis=tuple(i for i in range(seg.ndim) if i != 1),
+                                        dtype=np.int64)
+            else:
+                seg = proba.argmax(axis=1).astype(np.uint8)
+                class_voxels += np.bincount(seg.ravel(), minlength=ens.n_classes_)
             entropy_sum += float(maps["entropy"].sum(dtype=np.float64))
             arrays = {"seg": seg, "proba": proba, **{MAP_NAMES[k]: maps[k] for k in kinds}}
             for d, est, kind in plan.estimators:
@@ -365,11 +375,13 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
     finally:
         for w in writers.values():
             w.close()
-    n_vox = int(class_voxels.sum())
+    # mean over voxels (and, for sigmoid outputs, over channels)
+    n_vox = n_spatial * (ens.n_classes_ if sig else 1)
     report = {
         "input": str(source), "input_kind": vol.kind, "models": [str(m) for m in plan.models],
         "n_samples": int(ens.n_samples_), "layout": layout, "axis": axis,
         "normalized": bool(normalize), "shape": list(vol.data.shape),
+        "activation": getattr(ens, "activation_", "softmax"),
         "class_voxels": class_voxels.tolist(), "mean_entropy": entropy_sum / max(n_vox, 1),
         "outputs": [str(final) for _, final in staged],
     }

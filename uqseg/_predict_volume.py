@@ -72,9 +72,12 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
     finals = plan.outputs(source)
     k_cls = ens.n_classes_
     kinds = ("entropy", "mutual_information") if ens.n_samples_ > 1 else ("entropy",)
-    # model-space outputs, disk-backed: (K, *model_shape) and model_shape per map
+    # sigmoid outputs: independent channels, a mask and maps per channel, nothing outside
+    sig = getattr(ens, "activation_", "softmax") == "sigmoid"
+    chan = (k_cls,) if sig else ()
+    # model-space outputs, disk-backed: (K, *model_shape) and ([K,] *model_shape) per map
     proba_m = _scratch(work, "proba_model", (k_cls, *inv.model_shape), np.float32)
-    maps_m = {k: _scratch(work, f"{MAP_NAMES[k]}_model", inv.model_shape, np.float32)
+    maps_m = {k: _scratch(work, f"{MAP_NAMES[k]}_model", (*chan, *inv.model_shape), np.float32)
               for k in kinds}
     n_img = X.shape[0]
     per = max(1, SLAB_VOXELS // max(1, int(np.prod(X.shape[2:])))) if inv.two_d else 1
@@ -90,13 +93,19 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
         # one pass for the maps and the estimators (scores of unscored slices are dropped)
         proba, maps, shared = assess_batch(ens, xb, kinds, plan.estimators if scored.any()
                                            else [])
-        seg = proba.argmax(axis=1)
-        for i in range(len(xb)):
-            slice_voxels[s0 + i] = np.bincount(seg[i].ravel(), minlength=k_cls)
+        if sig:
+            slice_voxels[s0:s1] = (proba >= 0.5).reshape(len(xb), k_cls, -1).sum(axis=2)
+        else:
+            seg = proba.argmax(axis=1)
+            for i in range(len(xb)):
+                slice_voxels[s0 + i] = np.bincount(seg[i].ravel(), minlength=k_cls)
         if inv.two_d:
             proba_m[:, s0:s1] = np.moveaxis(proba, 0, 1)
             for k in kinds:
-                maps_m[k][s0:s1] = maps[k]
+                if sig:
+                    maps_m[k][:, s0:s1] = np.moveaxis(maps[k], 0, 1)
+                else:
+                    maps_m[k][s0:s1] = maps[k]
         else:
             proba_m[:] = proba[0]
             for k in kinds:
@@ -116,7 +125,7 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
                     continue
                 fn = est.score_samples if kind == "ood" else est.predict
                 scores[d.name].append(np.asarray(fn(xb[scored])))
-        del proba, maps, seg
+        del proba, maps
     keys = ["seg", "proba", *(MAP_NAMES[k] for k in kinds)]
     dtypes = {"seg": np.uint8, "proba": np.float32, "entropy": np.float32, "mi": np.float32}
     channels = {"proba": k_cls}
@@ -126,6 +135,8 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
         channels[mask_key(d)] = len(est.classes_)
     shape = inv.shape
     out_affine = np.asarray(affine, dtype=np.float64)
+    if sig:
+        channels.update({k: k_cls for k in ("seg", *(MAP_NAMES[k] for k in kinds))})
     writers = {k: SlabWriter(work / f"{k.replace(':', '_')}.nii.gz", shape, dtypes[k],
                              out_affine, axis=2, n_classes=channels.get(k),
                              scratch=work / f"{k.replace(':', '_')}.raw") for k in keys}
@@ -135,16 +146,22 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
     per_in = max(1, SLAB_VOXELS // max(1, shape[0] * shape[1]))
     try:
         for z0, z1 in _slab_ranges(shape[2], per_in):
-            p = inv.invert_volume(proba_m, "proba", start=z0, stop=z1, axis=2)
-            # labels = argmax of the probabilities brought back: seg and proba agree voxel by
-            # voxel (nearest-neighbour labels would step at model-pixel edges)
-            seg = p.argmax(axis=-1).astype(np.uint8)
-            class_voxels += np.bincount(seg.ravel(), minlength=k_cls)
+            p = inv.invert_volume(proba_m, "channels" if sig else "proba", start=z0, stop=z1,
+                                  axis=2)
+            # labels = argmax (masks: p >= 0.5) of the probabilities brought back: seg and
+            # proba agree voxel by voxel (nearest-neighbour labels would step at pixel edges)
+            if sig:
+                seg = (p >= 0.5).astype(np.uint8)
+                class_voxels += seg.reshape(-1, k_cls).sum(axis=0, dtype=np.int64)
+            else:
+                seg = p.argmax(axis=-1).astype(np.uint8)
+                class_voxels += np.bincount(seg.ravel(), minlength=k_cls)
             writers["seg"].write(z0, z1, seg)
             writers["proba"].write(z0, z1, p)
             del p, seg
             for k in kinds:
-                m = inv.invert_volume(maps_m[k], "map", start=z0, stop=z1, axis=2)
+                m = inv.invert_volume(maps_m[k], "channels" if sig else "map", start=z0,
+                                      stop=z1, axis=2)
                 if k == "entropy":
                     entropy_sum += float(m.sum(dtype=np.float64))
                 writers[MAP_NAMES[k]].write(z0, z1, m)
@@ -158,11 +175,13 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
         for w in writers.values():
             w.close()
     del proba_m, maps_m, masks_m
-    n_vox = int(class_voxels.sum())
+    # mean entropy over voxels (and, for sigmoid outputs, channels)
+    n_vox = int(np.prod(shape)) * (k_cls if sig else 1)
     not_scored = np.flatnonzero(~inv.scored)
     report = {
         "input": str(source), "input_kind": vol.kind, "models": [str(m) for m in plan.models],
         "n_samples": int(ens.n_samples_), "layout": "preprocessed", "axis": None,
+        "activation": getattr(ens, "activation_", "softmax"),
         "normalized": True, "shape": list(vol.data.shape),
         "class_voxels": class_voxels.tolist(), "mean_entropy": entropy_sum / max(n_vox, 1),
         "outputs": [str(final) for _, final in staged],
@@ -182,7 +201,8 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
     if plan.estimators:
         report["estimators"] = {
             d.name: _risk_summary(est, mask_voxels[d.name], finals[mask_key(d)])
-            if kind == "risk" else _volume_summary(est, kind, scores[d.name], inv, slice_voxels)
+            if kind == "risk" else _volume_summary(est, kind, scores[d.name], inv, slice_voxels,
+                                                   first=0 if sig else 1)
             for d, est, kind in plan.estimators}
     (work / "scores.json").write_text(json.dumps(report, indent=2))
     staged.append((work / "scores.json", finals["scores"]))
@@ -197,8 +217,9 @@ def _why_not_scored(prep) -> str:
             "images, so OOD and quality estimators do not score them")
 
 
-def _volume_summary(est, kind, chunks, inv, slice_voxels) -> dict:
-    """Per-slice scores of the scored slices plus per-volume figures."""
+def _volume_summary(est, kind, chunks, inv, slice_voxels, first=1) -> dict:
+    """Per-slice scores of the scored slices plus per-volume figures; ``slice_voxels`` columns
+    ``first:`` are the scored classes (1: softmax, background first; 0: sigmoid channels)."""
     base = {"type": type(est).__name__, "n_scored": int(inv.scored.sum())}
     if not chunks:
         return {**base, "note": "no slice has foreground to score"}
@@ -212,8 +233,9 @@ def _volume_summary(est, kind, chunks, inv, slice_voxels) -> dict:
                 # per volume: the mean score of its scored slices against the same offset
                 "volume_score": mean, "volume_inlier": bool(mean >= est.offset_)}
     values = np.asarray(values, dtype=np.float64)
-    weights = slice_voxels[inv.scored][:, 1:1 + values.shape[1]].astype(np.float64)
-    fg_all = slice_voxels[:, 1:1 + values.shape[1]].sum(axis=0).astype(np.float64)
+    cols = slice(first, first + values.shape[1])
+    weights = slice_voxels[inv.scored][:, cols].astype(np.float64)
+    fg_all = slice_voxels[:, cols].sum(axis=0).astype(np.float64)
     ok = np.isfinite(values) & (weights > 0)
     w = np.where(ok, weights, 0.0)
     # a volume's Dice = 2 TP / (|pred| + |truth|); with |truth| ~ |pred| per slice,

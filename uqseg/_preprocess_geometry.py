@@ -207,32 +207,35 @@ class Inverse:
         arr : ndarray
             ``(N, H, W)`` / ``(N, K, H, W)`` for a 2-D model, ``(1, D, H, W)`` /
             ``(1, K, D, H, W)`` for a 3-D one (as the model returns them).
-        kind : {"labels", "proba", "map"}
+        kind : {"labels", "proba", "map", "channels"}
             "labels": nearest neighbour, background (0) outside the crop. "proba": linear,
             class probabilities (class axis 1) with background (class 0 = 1) outside.
-            "map": linear, 0 outside (uncertainty).
+            "map": linear, 0 outside (uncertainty). "channels": linear per channel (axis 1),
+            0 outside (sigmoid probabilities, per-channel maps).
         start, stop, axis : int
             Only scan slices ``start:stop`` along voxel ``axis`` (streaming).
 
         Returns
         -------
         ndarray
-            ``shape`` (with ``stop - start`` on ``axis``); classes last for "proba".
+            ``shape`` (with ``stop - start`` on ``axis``); classes last for "proba" and
+            "channels".
         """
         return self.invert_volume(self.to_volume(arr), kind, start=start, stop=stop, axis=axis)
 
     def invert_volume(self, vol, kind: str = "map", *, start: int = 0, stop: int | None = None,
                       axis: int = 2) -> np.ndarray:
         """:meth:`invert` for outputs already in model-volume form: ``model_shape``, or
-        ``(K, *model_shape)`` for "proba" (e.g. a disk-backed array filled chunk by chunk)."""
-        if kind not in ("labels", "proba", "map"):
-            raise ValueError(f"kind must be 'labels', 'proba' or 'map', got {kind!r}")
+        ``(K, *model_shape)`` for "proba" and "channels" (e.g. a disk-backed array filled chunk
+        by chunk)."""
+        if kind not in ("labels", "proba", "map", "channels"):
+            raise ValueError(f"kind must be 'labels', 'proba', 'map' or 'channels', got {kind!r}")
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
         stop = self.shape[axis] if stop is None else stop
         if not 0 <= start < stop <= self.shape[axis]:
             raise ValueError(f"need 0 <= start < stop <= {self.shape[axis]}, got {start}, {stop}")
-        classes = kind == "proba"
+        classes = kind in ("proba", "channels")
         want = (*(["K"] if classes else []), *self.model_shape)
         if np.ndim(vol) != len(want) or tuple(np.shape(vol)[-3:]) != tuple(self.model_shape):
             raise ValueError(f"kind {kind!r} needs outputs of shape {want}, got "
@@ -259,5 +262,6 @@ class Inverse:
         out = np.empty((*out_shape, vol.shape[0]), dtype=np.float32)
         for k in range(vol.shape[0]):
             v = np.ascontiguousarray(vol[k], dtype=np.float32)
-            out[..., k] = one(v, 1.0 if k == 0 else 0.0)  # outside the crop: background
+            # outside the crop: background (softmax class 0), or nothing (independent channels)
+            out[..., k] = one(v, 1.0 if k == 0 and kind == "proba" else 0.0)
         return out

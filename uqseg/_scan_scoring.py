@@ -102,23 +102,35 @@ def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
         done = {"proba": seg.predict_proba(X)}
     row: dict[str, Any] = {"n_scored": int(scored.sum())}
     slice_voxels = None
+    # sigmoid outputs: independent channels, a mask and a map per channel (channels last)
+    sig = getattr(seg, "activation_", "softmax") == "sigmoid"
     if want_seg:
         from uqseg.uncertainty import entropy
 
         proba = done["proba"]
         k = proba.shape[1]
-        slice_voxels = np.stack([np.bincount(p.argmax(0).ravel(), minlength=k)
-                                 for p in proba]) if inv.two_d else None
-        h = done["entropy"] if "entropy" in done else entropy(proba)
-        p_scan = inv.invert(proba, "proba")
-        labels = p_scan.argmax(axis=-1).astype(np.uint8 if k <= 256 else np.uint16)
-        del p_scan
+        if sig:
+            slice_voxels = (proba >= 0.5).reshape(len(proba), k, -1).sum(axis=2) \
+                if inv.two_d else None
+            q = np.clip(proba, 1e-12, 1 - 1e-12)
+            h = done["entropy"] if "entropy" in done else \
+                -(q * np.log(q) + (1 - q) * np.log1p(-q))
+            labels = (inv.invert(proba, "channels") >= 0.5).astype(np.uint8)
+            volumes = labels.reshape(-1, k).sum(axis=0, dtype=np.int64)
+        else:
+            slice_voxels = np.stack([np.bincount(p.argmax(0).ravel(), minlength=k)
+                                     for p in proba]) if inv.two_d else None
+            h = done["entropy"] if "entropy" in done else entropy(proba)
+            p_scan = inv.invert(proba, "proba")
+            labels = p_scan.argmax(axis=-1).astype(np.uint8 if k <= 256 else np.uint16)
+            del p_scan
+            volumes = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
         if "labels" in outputs:
             row["labels"] = labels
         if "volumes" in outputs:
-            row["volumes"] = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
+            row["volumes"] = volumes
         if "uncertainty" in outputs or "uncertainty_map" in outputs:
-            h_scan = inv.invert(h, "map")
+            h_scan = inv.invert(h, "channels" if sig else "map")
             if "uncertainty" in outputs:
                 row["uncertainty"] = float(h_scan.mean(dtype=np.float64))
             if "uncertainty_map" in outputs:
@@ -135,7 +147,8 @@ def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
             row["quality"] = (np.full(quality.n_classes_ - 1, np.nan, np.float32)
                               if q is None else np.nanmean(q, axis=0).astype(np.float32))
         else:
-            summary = _volume_summary(quality, "quality", [q], inv, slice_voxels)
+            summary = _volume_summary(quality, "quality", [q], inv, slice_voxels,
+                                      first=0 if sig else 1)
             row["quality"] = np.array([np.nan if v is None else v for v in
                                        summary["volume_predicted_quality"]], dtype=np.float32)
     return row
