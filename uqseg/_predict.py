@@ -301,6 +301,7 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
     from uqseg._slabwriter import SlabWriter
     from uqseg.datasets import normalize_intensity
     from uqseg.io import read_image, write_nifti
+    from uqseg.quality_features import is_sigmoid
 
     vol = read_image(source)
     finals = plan.outputs(source)
@@ -315,7 +316,7 @@ def _predict_one(plan, ens, source, work, *, axis, normalize, batch_size, progre
         dtypes[mask_key(d)] = np.uint8
     channels_of = {"proba": ens.n_classes_, **{mask_key(d): len(est.classes_)
                                                for d, est in risks}}
-    sig = getattr(ens, "activation_", "softmax") == "sigmoid"
+    sig = is_sigmoid(ens)
     if sig:  # independent channels: a mask and uncertainty maps per channel
         channels_of.update({k: ens.n_classes_ for k in ("seg", *(MAP_NAMES[k] for k in kinds))})
     spatial = vol.data.shape[:3] if layout == "slices" else None

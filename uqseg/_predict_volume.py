@@ -29,6 +29,7 @@ from uqseg._predict import (
     assess_batch,
     mask_key,
 )
+from uqseg.quality_features import is_sigmoid
 
 
 def _scan(source, vol, spacing):
@@ -48,6 +49,15 @@ def _scan(source, vol, spacing):
                              "S) or store a 4x4 'affine' in an .npz")
         affine = np.diag([*map(float, spacing), 1.0])
     return data, affine
+
+
+def image_class_voxels(proba, sig: bool) -> np.ndarray:
+    """Predicted voxels per class of each image ``(N, K)``: argmax labels, or the masks
+    ``p >= 0.5`` of independent (sigmoid) channels."""
+    n, k = proba.shape[:2]
+    if sig:
+        return (proba >= 0.5).reshape(n, k, -1).sum(axis=2)
+    return np.stack([np.bincount(p.argmax(0).ravel(), minlength=k) for p in proba])
 
 
 def _scratch(work, name, shape, dtype):
@@ -73,7 +83,7 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
     k_cls = ens.n_classes_
     kinds = ("entropy", "mutual_information") if ens.n_samples_ > 1 else ("entropy",)
     # sigmoid outputs: independent channels, a mask and maps per channel, nothing outside
-    sig = getattr(ens, "activation_", "softmax") == "sigmoid"
+    sig = is_sigmoid(ens)
     chan = (k_cls,) if sig else ()
     # model-space outputs, disk-backed: (K, *model_shape) and ([K,] *model_shape) per map
     proba_m = _scratch(work, "proba_model", (k_cls, *inv.model_shape), np.float32)
@@ -93,12 +103,7 @@ def predict_preprocessed(plan, ens, prep, source, work, *, spacing=None, progres
         # one pass for the maps and the estimators (scores of unscored slices are dropped)
         proba, maps, shared = assess_batch(ens, xb, kinds, plan.estimators if scored.any()
                                            else [])
-        if sig:
-            slice_voxels[s0:s1] = (proba >= 0.5).reshape(len(xb), k_cls, -1).sum(axis=2)
-        else:
-            seg = proba.argmax(axis=1)
-            for i in range(len(xb)):
-                slice_voxels[s0 + i] = np.bincount(seg[i].ravel(), minlength=k_cls)
+        slice_voxels[s0:s1] = image_class_voxels(proba, sig)
         if inv.two_d:
             proba_m[:, s0:s1] = np.moveaxis(proba, 0, 1)
             for k in kinds:

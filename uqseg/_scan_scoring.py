@@ -74,8 +74,10 @@ def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
         Default: the description the networks carry (a ValueError when they carry none).
     """
     from uqseg._inference import is_protocol
-    from uqseg._predict_volume import _volume_summary
+    from uqseg._predict_volume import _volume_summary, image_class_voxels
+    from uqseg.metrics.uncertainty import binary_entropy
     from uqseg.preprocessing import preprocess
+    from uqseg.quality_features import is_sigmoid
 
     prep = preprocessing if preprocessing is not None else preprocessing_of(roles)
     if prep is None:
@@ -103,23 +105,18 @@ def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
     row: dict[str, Any] = {"n_scored": int(scored.sum())}
     slice_voxels = None
     # sigmoid outputs: independent channels, a mask and a map per channel (channels last)
-    sig = getattr(seg, "activation_", "softmax") == "sigmoid"
+    sig = is_sigmoid(seg)
     if want_seg:
         from uqseg.uncertainty import entropy
 
         proba = done["proba"]
         k = proba.shape[1]
+        slice_voxels = image_class_voxels(proba, sig) if inv.two_d else None
         if sig:
-            slice_voxels = (proba >= 0.5).reshape(len(proba), k, -1).sum(axis=2) \
-                if inv.two_d else None
-            q = np.clip(proba, 1e-12, 1 - 1e-12)
-            h = done["entropy"] if "entropy" in done else \
-                -(q * np.log(q) + (1 - q) * np.log1p(-q))
+            h = done["entropy"] if "entropy" in done else binary_entropy(proba)
             labels = (inv.invert(proba, "channels") >= 0.5).astype(np.uint8)
             volumes = labels.reshape(-1, k).sum(axis=0, dtype=np.int64)
         else:
-            slice_voxels = np.stack([np.bincount(p.argmax(0).ravel(), minlength=k)
-                                     for p in proba]) if inv.two_d else None
             h = done["entropy"] if "entropy" in done else entropy(proba)
             p_scan = inv.invert(proba, "proba")
             labels = p_scan.argmax(axis=-1).astype(np.uint8 if k <= 256 else np.uint16)
@@ -144,7 +141,8 @@ def score_scan(roles: dict[str, Any], data: np.ndarray, affine: np.ndarray,
             np.asarray(quality.predict(X[scored])) if scored.any() else None)
         if q is None or slice_voxels is None:
             # volume weighting needs the predicted labels per image; else the plain mean
-            row["quality"] = (np.full(quality.n_classes_ - 1, np.nan, np.float32)
+            n_out = quality.n_classes_ - (0 if is_sigmoid(quality.estimator_) else 1)
+            row["quality"] = (np.full(n_out, np.nan, np.float32)
                               if q is None else np.nanmean(q, axis=0).astype(np.float32))
         else:
             summary = _volume_summary(quality, "quality", [q], inv, slice_voxels,
