@@ -236,23 +236,17 @@ class ImageScorer:
         stems = [str(s) for s in batch["stem"]] if "stem" in batch else [
             _absolute_stem(p) if p is not None else str(i) for p, i in zip(paths, ids,
                                                                              strict=True)]
-        images, affines, errors = [None] * n, [None] * n, [None] * n
+        images, affines, errors, scans = [None] * n, [None] * n, [None] * n, []
         for i in range(n):
             try:
                 if "image" in batch:
                     images[i] = np.asarray(batch["image"][i], dtype=np.float32)
                 else:
                     images[i], affines[i] = read_image(paths[i])
+                if self._is_scan(images[i], affines[i]):
+                    scans.append(i)
             except Exception as exc:
                 self._fail(errors, i, ids[i], paths[i], exc)
-        scans = []
-        for i in range(n):
-            if errors[i] is None:
-                try:
-                    if self._is_scan(images[i], affines[i]):
-                        scans.append(i)
-                except ValueError as exc:
-                    self._fail(errors, i, ids[i], paths[i], exc)
         # model-space images together, whole scans one by one through the preprocessing
         rows: list[dict | None] = [None] * n
         self._score(images, [i for i in range(n) if errors[i] is None and i not in scans],
