@@ -53,6 +53,7 @@ from uqseg.quality_regressors import (
     chunk_labels,
     default_regressor,
     flag_quality,
+    predict_regressor,
     quality_targets,
     resolve_regressor,
 )
@@ -414,7 +415,8 @@ class QualityRegressor(BaseEstimator):
                                     self.n_classes_)
 
     def _predict_features(self, F: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.regressor_.predict(F), dtype=np.float64).reshape(F.shape[0], -1)
+        out = np.asarray(predict_regressor(self.regressor_, F), dtype=np.float64)
+        out = out.reshape(F.shape[0], -1)
         if self.target_transform == "logit":
             out = expit(out)
         return np.clip(out, 0.0, 1.0)

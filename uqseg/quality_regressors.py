@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 from sklearn.base import BaseEstimator, clone
-from sklearn.ensemble import ExtraTreesRegressor, VotingRegressor
+from sklearn.ensemble import ExtraTreesRegressor, RandomForestRegressor, VotingRegressor
 from sklearn.linear_model import RidgeCV
 from sklearn.multioutput import MultiOutputRegressor
 from sklearn.pipeline import make_pipeline
@@ -26,7 +26,13 @@ from uqseg._network import OnnxNetwork
 from uqseg._validation import check_labels
 from uqseg.metrics.segmentation import dice_score, iou_score
 
-__all__ = ["QualityNetwork", "check_quality_output", "default_regressor", "resolve_regressor"]
+__all__ = [
+    "QualityNetwork",
+    "check_quality_output",
+    "default_regressor",
+    "predict_regressor",
+    "resolve_regressor",
+]
 
 
 def default_regressor() -> VotingRegressor:
@@ -66,6 +72,39 @@ def resolve_regressor(regressor, regressor_input: str, n_out: int):
         if not get_tags(reg).target_tags.multi_output:
             reg = MultiOutputRegressor(reg)
     return reg, kind
+
+
+def predict_regressor(reg, F: np.ndarray) -> np.ndarray:
+    """``reg.predict(F)``, bit for bit, with the forests read tree by tree.
+
+    scikit-learn's forest ``predict`` validates and dispatches every tree through joblib: for the
+    few rows of one batch that costs ~10x the trees' own work (the default regressor holds
+    300 trees per output). Forests, voting and multi-output wrappers of exactly scikit-learn's
+    classes are read here through each tree's public ``tree_.apply`` / ``tree_.value``, summed
+    in scikit-learn's order; anything else (subclasses included) runs its own ``predict``.
+    """
+    kind = type(reg)
+    if kind is MultiOutputRegressor:
+        return np.column_stack([predict_regressor(e, F) for e in reg.estimators_])
+    if kind is VotingRegressor:
+        weights = None if reg.weights is None else \
+            [w for (_, est), w in zip(reg.estimators, reg.weights, strict=True) if est != "drop"]
+        preds = np.asarray([predict_regressor(e, F) for e in reg.estimators_]).T
+        return np.average(preds, axis=1, weights=weights)
+    if kind in (ExtraTreesRegressor, RandomForestRegressor):
+        F = np.asarray(F)
+        if F.ndim != 2 or F.shape[1] != reg.n_features_in_ or F.dtype.kind != "f" \
+                or not (np.abs(F) <= np.finfo(np.float32).max).all():
+            return reg.predict(F)  # its own errors (NaN fails the comparison too)
+        X = np.ascontiguousarray(F, dtype=np.float32)
+        single = reg.n_outputs_ == 1
+        y = np.zeros(len(X) if single else (len(X), reg.n_outputs_))
+        for tree in reg.estimators_:
+            value = tree.tree_.value[tree.tree_.apply(X)]
+            y += value[:, 0, 0] if single else value[:, :, 0]
+        y /= len(reg.estimators_)
+        return y
+    return reg.predict(F)
 
 
 def check_quality_output(out, n_images: int, n_classes: int) -> np.ndarray:
