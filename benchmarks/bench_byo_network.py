@@ -62,7 +62,17 @@ def _nets():
                                    num_res_units=1),
         "monai_basicunet": lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=3,
                                              features=(8, 8, 16, 16, 32, 8)),
+        # the two guesses for BasicUNet's gap (--nets): batch instead of instance norm, wider
+        "monai_basicunet_batchnorm": lambda: BasicUNet(
+            spatial_dims=2, in_channels=1, out_channels=3, features=(8, 8, 16, 16, 32, 8),
+            norm=("batch", {"affine": True})),
+        "monai_basicunet_wide": lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=3,
+                                                  features=(16, 16, 32, 32, 64, 16)),
     }
+
+
+DEFAULT_NETS = ("monai_unet", "monai_basicunet")
+ALL_NETS = (*DEFAULT_NETS, "monai_basicunet_batchnorm", "monai_basicunet_wide")
 
 
 def train(build, X, y, epochs: int, seed: int = 0):
@@ -134,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one epoch (smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/byo_network.json")
     ap.add_argument("--more", action="store_true", help="also the other structural choices")
+    ap.add_argument("--nets", nargs="+", default=list(DEFAULT_NETS), choices=ALL_NETS,
+                    help="networks to train (default: %(default)s)")
     ap.add_argument("--cache", type=Path, help="keep/reuse the trained ONNX files here "
                     "(<network>_e<epochs>.onnx)")
     args = ap.parse_args(argv)
@@ -154,7 +166,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.cache or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, build in _nets().items():
+        for name in args.nets:
+            build = _nets()[name]
             t0 = time.perf_counter()
             path = folder / f"{name}_e{args.epochs}.onnx"
             if not path.exists():
