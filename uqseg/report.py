@@ -143,6 +143,10 @@ def _examples_masks(plt, image, truth, prediction, uncertainty, uncertainty_kind
         raise ValueError(f"{len(names)} class_names for {c} channels")
     names += [f"channel {k}" for k in range(len(names), c)]
     colours = [plt.get_cmap("tab10")(k % 10) for k in range(c)]
+    # overlapping channels share boundaries (foreground and grey matter): later channels
+    # dashed and narrower, so the line below shows through their gaps
+    widths = [1.0 + (c - 1 - k) / max(c - 1, 1) for k in range(c)]
+    styles = ["solid" if k == 0 else (k % 3, (3, 2)) for k in range(c)]
     fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
     titles = ["image", "truth", "prediction", "error (any channel)",
               uncertainty_kind.replace("_", " ")]
@@ -157,7 +161,8 @@ def _examples_masks(plt, image, truth, prediction, uncertainty, uncertainty_kind
                 for k in range(c):
                     if masks[k].any() and not masks[k].all():  # a contour needs both sides
                         ax.contour(masks[k].astype(np.float32), levels=[0.5],
-                                   colors=[colours[k]], linewidths=1.0)
+                                   colors=[colours[k]], linewidths=widths[k],
+                                   linestyles=[styles[k]])
             if col == 3:
                 ax.imshow(error, cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
                 ax.set_xlabel(f"{error.mean():.1%} wrong", fontsize=8)
@@ -168,7 +173,8 @@ def _examples_masks(plt, image, truth, prediction, uncertainty, uncertainty_kind
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[col], fontsize=9)
-    handles = [Line2D([], [], color=colours[k], label=names[k]) for k in range(c)]
+    handles = [Line2D([], [], color=colours[k], lw=widths[k], ls=styles[k],
+                      label=names[k]) for k in range(c)]
     fig.legend(handles=handles, loc="lower center", ncol=c, fontsize=8, frameon=False,
                title="channels (contours of truth, prediction)", title_fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
