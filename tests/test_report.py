@@ -269,3 +269,12 @@ def test_report_says_when_the_network_is_sigmoid(tmp_path):
     html = write_report(tmp_path, summary, {"quality": figure_data["quality"]}).read_text()
     assert "Sigmoid network: channels foreground (foreground (label &gt; 0))" in html
     assert "one panel per sigmoid channel" in html
+
+
+def test_demo_refuses_a_softmax_class_count_the_data_does_not_have(tmp_path, make_model):
+    from uqseg import demo
+
+    path = make_model("four_classes", n_classes=4)
+    with pytest.raises(ValueError, match="4 softmax classes; the embedded data has 3 labels"):
+        demo.run_demo(tmp_path, models=[path], quick=True, progress=False)
+    assert not (tmp_path / "summary.json").exists()
