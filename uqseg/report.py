@@ -317,7 +317,9 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
     out : str or path-like
         Folder (created).
     summary : dict
-        As :func:`uqseg.demo.run_demo` returns (numbers for the tables).
+        As :func:`uqseg.demo.run_demo` returns (numbers for the tables); a non-empty
+        ``sigmoid_channels`` (names, convention) marks a sigmoid network's run, said in the
+        text and the captions.
     figure_data : dict
         ``reliability`` (see :func:`reliability_figure`), ``examples`` (keys of
         :func:`examples_figure`), ``ood_scores`` (see :func:`ood_histograms_figure`),
