@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("uqseg-demo"),
                    help="output folder (default ./uqseg-demo)")
     d.add_argument("--models", nargs="+", metavar="MODEL.onnx",
-                   help="ONNX models to use instead of the shipped reference zoo")
+                   help="ONNX models to use instead of the shipped reference zoo: softmax "
+                        "with 3 classes, or sigmoid with 1 (foreground), 2 (grey, white "
+                        "matter) or 3 (foreground, grey, white matter) channels")
     d.add_argument("--quick", action="store_true",
                    help="small subsets everywhere (a smoke run in seconds; numbers are rough)")
     d.add_argument("--no-report", action="store_true",

@@ -19,6 +19,12 @@ Calibration metrics (ECE, NLL) are computed inside the foreground bounding box g
 voxels (:func:`uqseg.metrics.foreground_roi`: Mehrtash et al.'s segment-level metrics), so
 the easy background does not dominate. Subset sizes are in :data:`FULL` / :data:`QUICK` and
 printed with the table.
+
+Sigmoid networks (binary or multi-label) run every step too: their channels are matched to
+the embedded labels by count (:mod:`uqseg._demo_outputs`: 1 channel = foreground, ``K - 1``
+= one-vs-rest per foreground label, ``K`` = foreground then each label), calibration metrics
+pool the channels' binary problems, Dice and predicted quality are per channel, and the
+report's uncertainty maps are summed over channels.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uqseg.uncertainty import softmax
+from uqseg._demo_outputs import outputs_for
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "format_table", "run_demo"]
 
@@ -90,28 +96,11 @@ def _chunks(fn, X, desc: str, progress: bool, chunk: int = 32):
     return np.concatenate(out)
 
 
-def _calibration(proba, y, mask) -> dict:
-    from uqseg import metrics
-
-    return {
-        "ece": metrics.expected_calibration_error(proba, y, mask=mask),
-        "nll": metrics.negative_log_likelihood(proba, y, mask=mask),
-        "brier": metrics.brier_score(proba, y, mask=mask),
-    }
-
-
-def _curve(proba, y, mask) -> dict:
-    from uqseg import metrics
-
-    conf, acc, count = metrics.reliability_curve(proba, y, mask=mask)
-    return {"confidence": conf, "accuracy": acc, "count": count,
-            "ece": metrics.expected_calibration_error(proba, y, mask=mask)}
-
-
-def _dice(pred, y, n_classes) -> np.ndarray:
-    from uqseg import metrics
-
-    return np.nanmean(metrics.dice_score(pred, y, n_classes=n_classes), axis=0)
+def _dice(outputs, pred, t) -> np.ndarray:
+    """Mean over images of the per-image Dice of each class (channel), NaN ones left out."""
+    with np.errstate(all="ignore"):
+        d = outputs.image_dice(pred, t)
+    return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in d.T])
 
 
 def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = "auto",
@@ -165,36 +154,38 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     X_te, y_te = datasets.load_brain_tissue("test")
     X_te, y_te = _every(X_te, cfg.n_test, y_te)
     ens = EnsembleSegmenter(paths, backend=backend, device=device, batch_size=batch_size).fit()
-    K = ens.n_classes_
+    o = outputs_for(ens, len(CLASS_NAMES) + 1, CLASS_NAMES, names)  # softmax or sigmoid
+    t_val, t_te = o.targets(y_val), o.targets(y_te)  # labels, or indicator channels
     roi_val = metrics.foreground_roi(y_val, margin=ROI_MARGIN)
     roi_te = metrics.foreground_roi(y_te, margin=ROI_MARGIN)
 
     # 1. members on val and test ------------------------------------------------------------
     member_rows, worst, worst_ece = [], None, -1.0
-    val_sum = np.zeros((len(X_val), K, *X_val.shape[2:]), np.float32)
+    val_sum = None
     seconds_single = 0.0
     logits_val_worst = logits_te_worst = None
     for name, seg in zip(names, ens.members_, strict=True):
         z_val = _chunks(seg.transform, X_val, f"{name} on val", progress)
-        p_val = softmax(z_val)
-        val_sum += p_val
-        ece_val = metrics.expected_calibration_error(p_val, y_val, mask=roi_val)
+        p_val = o.proba(z_val)
+        val_sum = p_val.astype(np.float32) if val_sum is None else val_sum + p_val
+        ece_val = o.ece(p_val, t_val, roi_val)
         t0 = time.perf_counter()
         z_te = _chunks(seg.transform, X_te, f"{name} on test", progress)
         seconds_single += time.perf_counter() - t0
-        p_te = softmax(z_te)
+        p_te = o.proba(z_te)
         member_rows.append({"name": name, "val_ece": ece_val,
-                            "test_dice": _dice(p_te.argmax(1), y_te, K).tolist(),
-                            **_calibration(p_te, y_te, roi_te)})
+                            "test_dice": _dice(o, o.pred(p_te), t_te).tolist(),
+                            **o.calibration(p_te, t_te, roi_te)})
         if ece_val > worst_ece:
             worst, worst_ece, logits_val_worst, logits_te_worst = name, ece_val, z_val, z_te
     val_ens = val_sum / len(paths)
 
     # 2. temperature scaling ----------------------------------------------------------------
-    cal = TemperatureCalibrator().fit(logits_val_worst, y_val)
-    p_before = softmax(logits_te_worst)
+    cal = TemperatureCalibrator(activation=o.activation).fit(logits_val_worst, t_val)
+    p_before = o.proba(logits_te_worst)
     p_after = cal.predict_proba(logits_te_worst)
-    cal_ens = TemperatureCalibrator(input_kind="proba").fit(val_ens, y_val)
+    cal_ens = TemperatureCalibrator(input_kind="proba", activation=o.activation).fit(val_ens,
+                                                                                     t_val)
 
     # 3. the ensemble on test (timed, after a warm-up that builds the sessions) -------------
     ens.predict_with_uncertainty(X_te[:2])
@@ -207,13 +198,13 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     seconds_ens = time.perf_counter() - t0
     p_ens = np.concatenate([p for p, _ in parts])
     unc_kind = "mutual_information" if ens.n_samples_ > 1 else "entropy"
-    unc_ens = np.concatenate([m[unc_kind] for _, m in parts])
+    unc_ens = np.concatenate([o.map(m[unc_kind]) for _, m in parts])  # sigmoid: channel sum
     del parts
     p_ens_cal = cal_ens.predict_proba(p_ens)
-    pred_ens = p_ens.argmax(1)
+    pred_ens = o.pred(p_ens)
 
     # 3b. conformal risk control: thresholds on val, realised false-negative rate on test --
-    conformal = _conformal(ConformalRiskController, val_ens, y_val, p_ens, pred_ens, y_te)
+    conformal = _conformal(ConformalRiskController, val_ens, t_val, p_ens, pred_ens, t_te)
 
     # 4. OOD ------------------------------------------------------------------------------------
     X_fit = _every(X_tr, cfg.n_train_ood)
@@ -245,7 +236,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
                                                 seed=0)
     t0 = time.perf_counter()
     with _bar(1, f"fit quality regressor ({len(Xq_fit)} images)", progress) as bar:
-        qr = QualityRegressor(ens).fit(Xq_fit, yq_fit, groups=info_fit["source"])
+        qr = QualityRegressor(ens).fit(Xq_fit, o.targets(yq_fit), groups=info_fit["source"])
         bar.update(1)
     Xt, yt = _every(X_te, cfg.n_quality_test, y_te)
     Xq_te, yq_te, info_te = make_quality_set(Xt, yt, severities=cfg.quality_test_severities,
@@ -254,7 +245,7 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     with _bar(len(Xq_te), "quality on test", progress) as bar:
         for i in range(0, len(Xq_te), 32):
             xb = Xq_te[i:i + 32]
-            true_q.append(metrics.dice_score(ens.predict(xb), yq_te[i:i + 32], n_classes=K))
+            true_q.append(o.image_dice(ens.predict(xb), o.targets(yq_te[i:i + 32])))
             pred_q.append(qr.predict(xb))
             bar.update(len(xb))
     true_q, pred_q = np.concatenate(true_q), np.concatenate(pred_q)
@@ -273,18 +264,23 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
                                                             ood_sets.items()},
                  "quality_fit": len(Xq_fit), "quality_test": len(Xq_te)},
         "config": {**asdict(cfg), "quick": bool(quick)},
+        "activation": o.activation,
+        "sigmoid_channels": None if o.convention is None else {
+            "names": o.names, "convention": o.convention,
+            "calibration": "channels pooled, each a binary problem [1 - p, p]",
+            "uncertainty_map": f"{unc_kind} summed over channels"},
         "calibration_region": f"foreground bounding box + {ROI_MARGIN} voxels",
         "members": member_rows,
-        "test_dice": {"ensemble": _dice(pred_ens, y_te, K).tolist(),
+        "test_dice": {"ensemble": _dice(o, pred_ens, t_te).tolist(),
                       "members_mean": np.mean([r["test_dice"] for r in member_rows],
                                               axis=0).tolist(),
-                      "classes": list(CLASS_NAMES[:K - 1])},
+                      "classes": o.names},
         "temperature_scaling": {
             "member": worst, "temperature": np.atleast_1d(cal.temperature_).tolist(),
-            "before": _calibration(p_before, y_te, roi_te),
-            "after": _calibration(p_after, y_te, roi_te)},
-        "ensemble": {"single_mean": single, "ensemble": _calibration(p_ens, y_te, roi_te),
-                     "ensemble_calibrated": _calibration(p_ens_cal, y_te, roi_te),
+            "before": o.calibration(p_before, t_te, roi_te),
+            "after": o.calibration(p_after, t_te, roi_te)},
+        "ensemble": {"single_mean": single, "ensemble": o.calibration(p_ens, t_te, roi_te),
+                     "ensemble_calibrated": o.calibration(p_ens_cal, t_te, roi_te),
                      "ensemble_temperature": np.atleast_1d(cal_ens.temperature_).tolist()},
         "conformal": conformal,
         "ood_auroc": ood_auroc,
@@ -300,14 +296,15 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
 
     figure_data = {
         "reliability": {
-            f"{worst} (T = 1)": _curve(p_before, y_te, roi_te),
-            f"{worst} + temperature": _curve(p_after, y_te, roi_te),
-            "ensemble": _curve(p_ens, y_te, roi_te),
-            "ensemble + temperature": _curve(p_ens_cal, y_te, roi_te),
+            f"{worst} (T = 1)": o.curve(p_before, t_te, roi_te),
+            f"{worst} + temperature": o.curve(p_after, t_te, roi_te),
+            "ensemble": o.curve(p_ens, t_te, roi_te),
+            "ensemble + temperature": o.curve(p_ens_cal, t_te, roi_te),
         },
-        "examples": _examples(X_te, y_te, pred_ens, unc_ens, unc_kind, cfg.n_examples),
+        "examples": _examples(X_te, y_te, t_te, pred_ens, unc_ens, unc_kind, cfg.n_examples,
+                              o),
         "ood_scores": ood_scores,
-        "quality": {"true": true_q, "predicted": pred_q, "classes": list(CLASS_NAMES[:K - 1]),
+        "quality": {"true": true_q, "predicted": pred_q, "classes": o.names,
                     "corruption": np.asarray(info_te["corruption"])},
     }
     report_path = None
@@ -327,37 +324,47 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
 
 
 def _conformal(cls, p_val, y_val, p_te, pred_te, y_te) -> dict:
-    """FNR-controlled masks fitted on val, their realised FNR on test (argmax's beside)."""
-    out = {"risk": "fnr", "alpha": CRC_ALPHA}
+    """FNR-controlled masks fitted on val, their realised FNR on test (argmax's beside).
+
+    Indicator targets ``(N, C, *spatial)`` (sigmoid outputs): one mask per channel, the
+    ``p >= 0.5`` masks ``pred_te`` beside."""
+    indicator = np.ndim(y_te) == np.ndim(p_te)
+    out = {"risk": "fnr", "alpha": CRC_ALPHA, "baseline": "p >= 0.5" if indicator else "argmax"}
     try:
         crc = cls(risk="fnr", alpha=CRC_ALPHA).fit(p_val, y_val)
     except ValueError as exc:  # e.g. too few val images with --quick
         return {**out, "error": str(exc)}
     masks = crc.predict(p_te)
     out.update({"classes": crc.classes_.tolist(), "lambda": crc.lambda_.tolist(),
-                "test_fnr": [], "argmax_fnr": [], "test_images": [],
+                "test_fnr": [], "baseline_fnr": [], "test_images": [],
                 "mask_to_truth_volume": []})
     n = len(y_te)
     for i, c in enumerate(crc.classes_):
-        truth = (y_te == c).reshape(n, -1)
+        truth = (y_te[:, c] if indicator else y_te == c).reshape(n, -1)
         has, size = truth.sum(1) > 0, truth.sum(1)
-        for key, m in (("test_fnr", masks[:, i]), ("argmax_fnr", pred_te == c)):
+        for key, m in (("test_fnr", masks[:, i]),
+                       ("baseline_fnr", pred_te[:, c] if indicator else pred_te == c)):
             tp = (m.reshape(n, -1) & truth).sum(1)
             out[key].append(float(np.mean(1 - tp[has] / size[has])) if has.any() else None)
         out["test_images"].append(int(has.sum()))
         out["mask_to_truth_volume"].append(float(masks[:, i].sum() / max(size.sum(), 1)))
+    if not indicator:
+        out["argmax_fnr"] = out["baseline_fnr"]  # the name summary.json had before sigmoid
     return out
 
 
-def _examples(X, y, pred, unc, unc_kind, n) -> dict:
-    """The ``n`` test images with the most foreground, evenly spread over the split."""
+def _examples(X, y, t, pred, unc, unc_kind, n, outputs) -> dict:
+    """The ``n`` test images with the most foreground, evenly spread over the split; truth
+    ``t`` and ``pred`` are label maps, or ``(n, C, H, W)`` masks of sigmoid channels."""
     fg = (y > 0).reshape(len(y), -1).mean(axis=1)
     candidates = np.argsort(-fg)[: max(3 * n, n)]
     idx = np.sort(candidates[np.linspace(0, len(candidates) - 1, n).round().astype(int)])
     idx = np.unique(idx)
-    return {"image": X[idx, 0], "truth": y[idx], "prediction": pred[idx],
-            "uncertainty": unc[idx], "uncertainty_kind": unc_kind, "index": idx,
-            "class_names": ["background", *CLASS_NAMES]}
+    sig = outputs.convention is not None
+    return {"image": X[idx, 0], "truth": t[idx], "prediction": pred[idx],
+            "uncertainty": unc[idx], "index": idx,
+            "uncertainty_kind": f"{unc_kind}, sum over channels" if sig else unc_kind,
+            "class_names": list(outputs.names) if sig else ["background", *CLASS_NAMES]}
 
 
 def _json_default(obj):
@@ -381,8 +388,14 @@ def format_table(s: dict) -> str:
     lines = [
         f"uqseg demo: {s['n_members']} models; test {d['test']} slices, val {d['val']}; "
         f"calibration metrics inside the {s['calibration_region']}",
+    ]
+    sig = s.get("sigmoid_channels")
+    if sig:
+        lines.append(f"sigmoid network, {len(sig['names'])} channel(s): {sig['convention']}; "
+                     "calibration metrics pool the channels' binary problems")
+    lines += [
         "",
-        f"{'test Dice (' + cls + ')':<44}"
+        f"{'test Dice (' + cls + ')':<43} "
         f"ensemble {' / '.join(_fmt(v) for v in dice['ensemble'])}, "
         f"mean member {' / '.join(_fmt(v) for v in dice['members_mean'])}",
         f"{'ECE worst member ' + ts['member']:<44}"
@@ -415,7 +428,9 @@ def format_table(s: dict) -> str:
         head = f"{'FNR-controlled masks (alpha ' + _fmt(c['alpha'], 2) + ')':<44}"
         lines += ["", head + f"not calibrated: {c['error']}" if "error" in c else head +
                   f"test FNR {' / '.join(_fmt(v) for v in c['test_fnr'])} "
-                  f"(argmax {' / '.join(_fmt(v) for v in c['argmax_fnr'])}), mask/truth "
+                  f"({c.get('baseline', 'argmax')} "
+                  f"{' / '.join(_fmt(v) for v in c.get('baseline_fnr', c.get('argmax_fnr')))}),"
+                  " mask/truth "
                   f"volume {' / '.join(_fmt(v, 2) for v in c['mask_to_truth_volume'])}"]
     lines += [
         "",

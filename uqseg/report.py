@@ -77,16 +77,22 @@ def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="unc
     Parameters
     ----------
     image : array (n, H, W)
-    truth, prediction : int arrays (n, H, W)
+    truth, prediction : int arrays (n, H, W), or boolean masks (n, C, H, W)
+        Label maps (softmax networks), or one mask per channel (sigmoid networks: binary or
+        overlapping multi-label), drawn as one coloured contour per channel on the image.
     uncertainty : array (n, H, W)
     uncertainty_kind : str
         Title of the last column.
     class_names : sequence of str, optional
-        Names of the labels ``0 .. K-1`` for the colour legend (default "class k").
+        Names of the labels ``0 .. K-1`` (masks: of the channels) for the colour legend
+        (default "class k" / "channel c").
     """
     plt = _plt()
     from matplotlib.patches import Patch
 
+    if np.ndim(truth) == np.ndim(image) + 1 or np.ndim(prediction) == np.ndim(image) + 1:
+        return _examples_masks(plt, image, truth, prediction, uncertainty, uncertainty_kind,
+                               class_names)
     n = len(image)
     n_classes = int(max(np.max(truth), np.max(prediction))) + 1
     fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
@@ -116,6 +122,61 @@ def examples_figure(image, truth, prediction, uncertainty, uncertainty_kind="unc
                for k in range(n_classes)]
     fig.legend(handles=handles, loc="lower center", ncol=n_classes, fontsize=8,
                frameon=False, title="labels (truth, prediction)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def _examples_masks(plt, image, truth, prediction, uncertainty, uncertainty_kind,
+                    class_names):
+    """:func:`examples_figure` for per-channel masks: contours on the image, errors of any
+    channel."""
+    from matplotlib.lines import Line2D
+
+    image, truth, prediction = (np.asarray(a) for a in (image, truth, prediction))
+    if truth.shape != prediction.shape or truth.ndim != image.ndim + 1 \
+            or truth.shape[:1] + truth.shape[2:] != image.shape:
+        raise ValueError(f"per-channel masks must both be (n, C, H, W) for images {image.shape}"
+                         f", got truth {truth.shape} and prediction {prediction.shape}")
+    n, c = truth.shape[:2]
+    names = list(class_names or [])
+    if len(names) > c:
+        raise ValueError(f"{len(names)} class_names for {c} channels")
+    names += [f"channel {k}" for k in range(len(names), c)]
+    colours = [plt.get_cmap("tab10")(k % 10) for k in range(c)]
+    # overlapping channels share boundaries (foreground and grey matter): later channels
+    # dashed and narrower, so the line below shows through their gaps
+    widths = [1.0 + (c - 1 - k) / max(c - 1, 1) for k in range(c)]
+    styles = ["solid" if k == 0 else (k % 3, (3, 2)) for k in range(c)]
+    fig, axes = plt.subplots(n, 5, figsize=(11, 2.3 * n), squeeze=False)
+    titles = ["image", "truth", "prediction", "error (any channel)",
+              uncertainty_kind.replace("_", " ")]
+    for r in range(n):
+        error = (prediction[r].astype(bool) != truth[r].astype(bool)).any(axis=0)
+        for col in range(5):
+            ax = axes[r, col]
+            if col < 3:
+                ax.imshow(image[r], cmap="gray", interpolation="nearest")
+            if col in (1, 2):
+                masks = (truth if col == 1 else prediction)[r].astype(bool)
+                for k in range(c):
+                    if masks[k].any() and not masks[k].all():  # a contour needs both sides
+                        ax.contour(masks[k].astype(np.float32), levels=[0.5],
+                                   colors=[colours[k]], linewidths=widths[k],
+                                   linestyles=[styles[k]])
+            if col == 3:
+                ax.imshow(error, cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_xlabel(f"{error.mean():.1%} wrong", fontsize=8)
+            if col == 4:
+                im = ax.imshow(uncertainty[r], cmap="magma", interpolation="nearest")
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("nats", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[col], fontsize=9)
+    handles = [Line2D([], [], color=colours[k], lw=widths[k], ls=styles[k],
+                      label=names[k]) for k in range(c)]
+    fig.legend(handles=handles, loc="lower center", ncol=c, fontsize=8, frameon=False,
+               title="channels (contours of truth, prediction)", title_fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
@@ -188,19 +249,25 @@ def ood_histograms_figure(scores: dict, auroc: dict | None = None):
 
 
 def quality_scatter_figure(true, predicted, classes=None, groups=None):
-    """Predicted against true Dice, one panel per foreground class.
+    """Predicted against true Dice, one panel per foreground class (or sigmoid channel).
 
     Parameters
     ----------
-    true, predicted : arrays (N, K - 1)
+    true, predicted : arrays (N, K - 1), or (N, C) for a sigmoid network's channels
     classes : list of str, optional
+        One name per column (default "class k").
     groups : array of str (N,), optional
         Colour points by group (e.g. the corruption kind).
     """
     plt = _plt()
     true, predicted = np.atleast_2d(np.asarray(true)), np.atleast_2d(np.asarray(predicted))
+    if true.shape != predicted.shape:
+        raise ValueError(f"true {true.shape} and predicted {predicted.shape} Dice differ in "
+                         "shape")
     k = true.shape[1]
-    classes = classes or [f"class {i + 1}" for i in range(k)]
+    classes = list(classes) if classes else [f"class {i + 1}" for i in range(k)]
+    if len(classes) != k:
+        raise ValueError(f"{len(classes)} classes for {k} columns of Dice")
     fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 4.2), squeeze=False)
     for j, ax in enumerate(axes[0]):
         if groups is None:
@@ -250,7 +317,9 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
     out : str or path-like
         Folder (created).
     summary : dict
-        As :func:`uqseg.demo.run_demo` returns (numbers for the tables).
+        As :func:`uqseg.demo.run_demo` returns (numbers for the tables); a non-empty
+        ``sigmoid_channels`` (names, convention) marks a sigmoid network's run, said in the
+        text and the captions.
     figure_data : dict
         ``reliability`` (see :func:`reliability_figure`), ``examples`` (keys of
         :func:`examples_figure`), ``ood_scores`` (see :func:`ood_histograms_figure`),
@@ -268,11 +337,14 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
     _plt()  # fail early with the install hint when matplotlib is missing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    sig = bool(summary.get("sigmoid_channels"))  # a sigmoid network: per-channel masks
     figures = []
     if "reliability" in figure_data:
         figures.append(("Reliability diagrams", reliability_figure(figure_data["reliability"]),
                         "Top-label accuracy against confidence on the test images, inside "
-                        "the foreground region, before and after temperature scaling."))
+                        "the foreground region, before and after temperature scaling"
+                        + (", the sigmoid channels pooled (each channel's voxels a binary "
+                           "problem)." if sig else ".")))
     if "examples" in figure_data:
         ex = figure_data["examples"]
         figures.append(("Predictions and uncertainty",
@@ -281,7 +353,9 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
                                                                   "uncertainty"),
                                         ex.get("class_names")),
                         "Test slices: image, ground truth, ensemble prediction, its errors and "
-                        "the ensemble's voxel-wise uncertainty."))
+                        "the ensemble's voxel-wise uncertainty"
+                        + (" (one contour per sigmoid channel, p >= 0.5; the channels' "
+                           "uncertainty maps summed)." if sig else ".")))
     if "temperature" in figure_data:
         t = figure_data["temperature"]
         figures.append(("Local temperature", temperature_figure(t["image"], t["temperature"]),
@@ -296,7 +370,8 @@ def write_report(out, summary: dict, figure_data: dict, filename: str = "report.
         figures.append(("Predicted against true Dice",
                         quality_scatter_figure(q["true"], q["predicted"], q.get("classes"),
                                                q.get("corruption")),
-                        "QualityRegressor on corrupted test images (held-out severities)."))
+                        "QualityRegressor on corrupted test images (held-out severities)"
+                        + (", one panel per sigmoid channel." if sig else ".")))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>uqseg report</title>"
              f"<style>{_CSS}</style></head><body><h1>uqseg report</h1>"]
     parts.append(_summary_html(summary))
@@ -323,6 +398,11 @@ def _plain(obj):
 
 def _summary_html(s: dict) -> str:
     parts = []
+    if s.get("sigmoid_channels"):
+        sc = s["sigmoid_channels"]
+        parts.append("<p>Sigmoid network: channels " + html.escape(", ".join(sc["names"]))
+                     + " (" + html.escape(sc["convention"]) + "); calibration metrics pool "
+                     "the channels' binary problems.</p>")
     if "members" in s:
         rows = [[m["name"], " / ".join(_f(v) for v in m["test_dice"]), _f(m["val_ece"], 4),
                  _f(m["ece"], 4), _f(m["nll"], 4)] for m in s["members"]]
@@ -352,12 +432,14 @@ def _summary_html(s: dict) -> str:
     elif "conformal" in s:
         c = s["conformal"]
         names = s.get("test_dice", {}).get("classes") or [str(k) for k in c["classes"]]
+        base = c.get("baseline", "argmax")
         rows = [[name, _f(lam), _f(fnr), _f(arg), _f(vol, 2), n] for name, lam, fnr, arg, vol, n
-                in zip(names, c["lambda"], c["test_fnr"], c["argmax_fnr"],
+                in zip(names, c["lambda"], c["test_fnr"],
+                       c.get("baseline_fnr", c.get("argmax_fnr")),
                        c["mask_to_truth_volume"], c["test_images"], strict=False)]
         parts.append(f"<h2>Conformal risk control (false-negative rate ≤ {_f(c['alpha'], 2)})"
                      "</h2>" + _table(rows, ["class", "threshold λ", "test FNR",
-                                             "argmax FNR", "mask / truth volume",
+                                             f"{base} FNR", "mask / truth volume",
                                              "test images"]))
     if "ood_auroc" in s:
         dets = list(s["ood_auroc"])
