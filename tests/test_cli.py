@@ -389,3 +389,27 @@ def test_train_label_files_must_match(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((8, 8), np.float32))
     code, _, err = run(["train", "--images", tmp_path / "x.npy", "--no-progress"], capsys)
     assert code == 2 and "--labels" in err
+
+
+def test_demo_activation_option_reads_logits_as_sigmoid(tmp_path, capsys):
+    """Three-channel logits without a Sigmoid node or metadata are softmax unless
+    ``--activation sigmoid`` says otherwise (then: foreground, then each label)."""
+    import onnx
+    from onnx_models import make_unet_like
+
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"ml{seed}.onnx"
+        onnx.save(make_unet_like(n_classes=3, metadata=False, seed=seed), path)
+        paths.append(str(path))
+    for activation, want in (("auto", "softmax"), ("sigmoid", "sigmoid")):
+        out = tmp_path / activation
+        code, _, err = run(["demo", "--quick", "--no-progress", "--no-report", "--models",
+                            *paths, "--activation", activation, "--out", out], capsys)
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["activation"] == want
+        assert (summary["sigmoid_channels"] is None) == (want == "softmax")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--models", *paths, "--activation", "relu"])
+    assert exc.value.code == 2 and "--activation" in capsys.readouterr().err

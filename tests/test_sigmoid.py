@@ -274,3 +274,26 @@ def test_multilabel_report_against_brute_force():
         multilabel_report(p, t.astype(int) * 2)
     one = multilabel_report(p[:, :1], t[:, 0])  # binary target for one channel
     assert one["channel 0"]["dice"] == pytest.approx(r["a"]["dice"])
+
+
+@pytest.mark.parametrize("fuse", [False, "auto"])
+def test_ensemble_activation_reaches_path_members(nets, X, fuse, tmp_path):
+    names = ["ml0", "ml1", "ml2"]
+    ens = EnsembleSegmenter([nets[n] for n in names], fuse=fuse, activation="sigmoid").fit()
+    assert ens.activation_ == "sigmoid"
+    assert all(m.activation == "sigmoid" for m in ens.members_)
+    P = np.stack([expit(raw(nets[n], X).astype(np.float64)) for n in names])
+    proba, maps = ens.predict_with_uncertainty(X)
+    np.testing.assert_allclose(proba, P.mean(axis=0), atol=1e-6)
+    eh = np.mean([_bern_h(p) for p in P], axis=0)
+    np.testing.assert_allclose(maps["mutual_information"],
+                               np.maximum(_bern_h(P.mean(axis=0)) - eh, 0), atol=1e-5)
+    # a member given as a segmenter keeps its own activation: here they disagree
+    with pytest.raises(ValueError, match="activation 'softmax'.*activation 'sigmoid'"):
+        EnsembleSegmenter([nets["ml0"], OnnxSegmenter(nets["ml1"])], activation="sigmoid").fit()
+    with pytest.raises(ValueError, match="activation must be one of"):
+        EnsembleSegmenter([nets["ml0"]], activation="tanh").fit()
+    uqseg.save(ens, tmp_path / "ens")
+    back = uqseg.load(tmp_path / "ens")
+    assert back.activation == "sigmoid"
+    np.testing.assert_allclose(back.predict_proba(X), proba, atol=1e-6)

@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.base import clone
 
 from uqseg._inference import check_batch_size
+from uqseg._model_interface import ACTIVATIONS
 from uqseg.segmenter import PRECISIONS, OnnxSegmenter
 from uqseg.uncertainty import KINDS
 
@@ -21,6 +22,10 @@ def check_params(ens) -> None:
     check_batch_size(ens.batch_size)
     if ens.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {ens.precision!r}; choose one of {PRECISIONS}")
+    activation = getattr(ens, "activation", "auto")
+    if not (isinstance(activation, str) and activation in ("auto", *ACTIVATIONS)):
+        raise ValueError(f"activation must be one of {('auto', *ACTIVATIONS)}, got "
+                         f"{activation!r}")
     for name in ("mc_samples", "cache_size"):
         v = getattr(ens, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -65,7 +70,8 @@ def fit_members(ens, X=None) -> list[OnnxSegmenter]:
         if isinstance(m, (str, os.PathLike)):
             seg = OnnxSegmenter(
                 m, backend=ens.backend, device=ens.device, batch_size=ens.batch_size,
-                precision=ens.precision, output=getattr(ens, "output", None))
+                precision=ens.precision, output=getattr(ens, "output", None),
+                activation=getattr(ens, "activation", "auto"))  # saved before the parameter
         elif isinstance(m, OnnxSegmenter):
             seg = clone(m)
         else:

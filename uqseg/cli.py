@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small subsets everywhere (a smoke run in seconds; numbers are rough)")
     d.add_argument("--no-report", action="store_true",
                    help="skip report.html (print the table and write summary.json only)")
+    d.add_argument("--activation", choices=("auto", "softmax", "sigmoid", "none"),
+                   default="auto",
+                   help="how --models' outputs are read (default auto: a trailing Softmax/"
+                        "Sigmoid node or uqseg.activation metadata, else one channel = "
+                        "sigmoid, several = softmax)")
     _add_runtime_args(d)
 
     p = sub.add_parser(
@@ -245,7 +250,8 @@ def _cmd_demo(args) -> int:
             raise UsageError(f"model {m!r} does not exist")
     demo.run_demo(out=args.out, models=args.models, quick=args.quick, backend=args.backend,
                   device=args.device, batch_size=args.batch_size,
-                  progress=not args.no_progress, report=not args.no_report)
+                  progress=not args.no_progress, report=not args.no_report,
+                  activation=args.activation)
     return EXIT_OK
 
 

@@ -105,7 +105,8 @@ def _dice(outputs, pred, t) -> np.ndarray:
 
 def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = "auto",
              device: str = "auto", batch_size="auto", progress: bool = True,
-             report: bool = True, stream=None, config: DemoConfig | None = None) -> dict:
+             report: bool = True, stream=None, config: DemoConfig | None = None,
+             activation: str = "auto") -> dict:
     """Run the demo and write ``summary.json`` (and ``report.html``) into ``out``.
 
     Parameters
@@ -127,6 +128,9 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
         Where the table goes (default ``sys.stdout``).
     config : DemoConfig, optional
         Overrides the subset sizes.
+    activation : {"auto", "softmax", "sigmoid", "none"}, default="auto"
+        How the models' outputs are read (``EnsembleSegmenter(activation=...)``): needed for a
+        multi-channel sigmoid network with neither a ``Sigmoid`` node nor metadata.
 
     Returns
     -------
@@ -153,7 +157,8 @@ def run_demo(out="uqseg-demo", models=None, quick: bool = False, backend: str = 
     X_val, y_val = _every(X_val, cfg.n_val, y_val)
     X_te, y_te = datasets.load_brain_tissue("test")
     X_te, y_te = _every(X_te, cfg.n_test, y_te)
-    ens = EnsembleSegmenter(paths, backend=backend, device=device, batch_size=batch_size).fit()
+    ens = EnsembleSegmenter(paths, backend=backend, device=device, batch_size=batch_size,
+                            activation=activation).fit()
     o = outputs_for(ens, len(CLASS_NAMES) + 1, CLASS_NAMES, names)  # softmax or sigmoid
     t_val, t_te = o.targets(y_val), o.targets(y_te)  # labels, or indicator channels
     roi_val = metrics.foreground_roi(y_val, margin=ROI_MARGIN)

@@ -105,6 +105,9 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         The member whose feature maps :meth:`run` gives (and so the feature-based OOD
         detectors and the quality regressor's typicality read): its deterministic, unflipped
         pass, from the fused graph when it runs.
+    activation : {"auto", "softmax", "sigmoid", "none"}, default="auto"
+        Passed to the members given as paths (``OnnxSegmenter(activation=...)``); members
+        given as segmenters keep their own. Every member must resolve to the same one.
 
     Attributes
     ----------
@@ -157,6 +160,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         output=None,
         feature_member=0,
         fused_stats="auto",
+        activation="auto",
     ):
         self.members = members
         self.tta = tta
@@ -172,6 +176,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         self.output = output
         self.feature_member = feature_member
         self.fused_stats = fused_stats
+        self.activation = activation
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self):
