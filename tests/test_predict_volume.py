@@ -340,3 +340,32 @@ def test_sigmoid_network_slice_by_slice(sigmoid_members, tmp_path, capsys):
     report = json.loads((tmp_path / "o" / "scan_scores.json").read_text())
     assert report["class_voxels"] == seg.reshape(-1, 3).sum(0).tolist()
     assert report["mean_entropy"] == pytest.approx(float(ent.mean()), rel=1e-4)
+
+
+def test_activation_option_reads_logits_as_sigmoid(sigmoid_members, tmp_path, capsys):
+    """The same networks without their activation metadata: softmax by default (labels),
+    per-channel masks with ``--activation sigmoid``, equal to the metadata's run."""
+    import onnx
+
+    bare = []
+    for i, path in enumerate(sigmoid_members):
+        m = onnx.load(path)
+        kept = [p for p in m.metadata_props if p.key != "uqseg.activation"]
+        del m.metadata_props[:]
+        m.metadata_props.extend(kept)
+        bare.append(tmp_path / f"bare{i}.onnx")
+        onnx.save(m, bare[-1])
+    data = _blob(seed=5)
+    nib.save(nib.Nifti1Image(data, PERMUTED), tmp_path / "scan.nii.gz")
+    runs = {"meta": (sigmoid_members, []), "auto": (bare, []),
+            "flag": (bare, ["--activation", "sigmoid"])}
+    seg, report = {}, {}
+    for name, (models, extra) in runs.items():
+        code, _, err = run(["predict", *models, tmp_path / "scan.nii.gz", "--out",
+                            tmp_path / name, "--no-progress", *extra], capsys)
+        assert code == 0, err
+        seg[name] = np.asarray(nib.load(tmp_path / name / "scan_seg.nii.gz").dataobj)
+        report[name] = json.loads((tmp_path / name / "scan_scores.json").read_text())
+    assert report["auto"]["activation"] == "softmax" and seg["auto"].shape == data.shape
+    assert report["flag"]["activation"] == "sigmoid" and seg["flag"].shape == (*data.shape, 3)
+    np.testing.assert_array_equal(seg["flag"], seg["meta"])

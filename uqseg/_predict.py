@@ -153,18 +153,19 @@ def _check_writable(out: Path) -> None:
 
 def run_predict(plan: Plan, *, tta=False, mc_samples=0, axis=None, normalize=True,
                 backend="auto", device="auto", batch_size="auto", progress=True,
-                preprocess=True, spacing=None) -> list[Path]:
+                preprocess=True, spacing=None, activation="auto") -> list[Path]:
     """Segment every input of ``plan``; returns the published paths.
 
     With ``preprocess`` (default) and models that carry a ``uqseg.preprocessing``
     description, every 3-D input goes through it and the maps come back in its grid;
     ``spacing`` (mm, 3 floats) gives the voxel size of NumPy inputs stored without an affine.
+    ``activation`` is ``EnsembleSegmenter``'s.
     """
     from uqseg.ensemble import EnsembleSegmenter
 
     ens = EnsembleSegmenter(list(plan.models), tta="flips" if tta else None,
                             mc_samples=mc_samples, backend=backend, device=device,
-                            batch_size=batch_size).fit()
+                            batch_size=batch_size, activation=activation).fit()
     prep = ens.preprocessing_ if preprocess else None
     if prep is not None:
         if axis is not None:

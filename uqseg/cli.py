@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: refuse and write nothing)")
     p.add_argument("--tta", action="store_true", help="test-time flips (every spatial axis)")
+    p.add_argument("--activation", choices=("auto", "softmax", "sigmoid", "none"),
+                   default="auto",
+                   help="how the models' outputs are read (default auto: a trailing Softmax/"
+                        "Sigmoid node or uqseg.activation metadata, else one channel = "
+                        "sigmoid, several = softmax)")
     p.add_argument("--mc-samples", type=_non_negative_int, default=0, metavar="N",
                    help="MC-dropout passes for members exported with an mc_mask input")
     p.add_argument("--axis", type=int, default=None, choices=(0, 1, 2),
@@ -281,7 +286,7 @@ def _cmd_predict(args) -> int:
         plan, tta=args.tta, mc_samples=args.mc_samples, axis=args.axis,
         normalize=not args.no_normalize, backend=args.backend, device=args.device,
         batch_size=args.batch_size, progress=not args.no_progress,
-        preprocess=not args.no_preprocess, spacing=args.spacing)
+        preprocess=not args.no_preprocess, spacing=args.spacing, activation=args.activation)
     for path in written:
         print(path)
     return EXIT_OK
