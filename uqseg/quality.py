@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import run
+from uqseg._rows import map_rows
 from uqseg._validation import check_images
 from uqseg.metrics.quality import quality_report
 from uqseg.quality_atlas import (
@@ -350,7 +351,7 @@ class QualityRegressor(BaseEstimator):
                                                           k if sigm else k - 1)
             pred = proba >= 0.5 if sigm else proba.argmax(axis=1)
             targets.append(quality_targets(pred, yb, k, self.target, self.empty_score))
-            feats.append(base.transform_maps(xb, proba, unc))
+            feats.append(map_rows(base.transform_maps, xb, proba, unc))
             if use_atlas:
                 pmaps.append(atlas_maps(proba.argmax(axis=1), k))
                 ymaps.append(atlas_maps(yb, k))
@@ -438,7 +439,7 @@ class QualityRegressor(BaseEstimator):
                                for _, x, p, u, s in self._maps(X, signatures=True)])
 
     def _row_features(self, xb, proba, unc, sig):
-        F = self._base_features().transform_maps(xb, proba, unc)
+        F = map_rows(self._base_features().transform_maps, xb, proba, unc)
         if sig is not None:
             F = np.hstack([F, self._typicality(sig)])
         if getattr(self, "atlas_", False):
