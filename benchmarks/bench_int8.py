@@ -67,6 +67,26 @@ def _quality(seg, data):
             "ood_auroc_mean": float(np.mean(list(auroc.values()))), "ood_auroc": auroc}
 
 
+def render(rows: dict) -> list[str]:
+    """The docs table of ``rows`` (int8.json's)."""
+    table = ["| network | int8 speed-up (95% CI) | labels agree (fit) | Dice GM / WM fp32 → "
+             "int8 | ECE after TS fp32 → int8 | spectral OOD AUROC fp32 → int8 |",
+             "|---|---:|---:|---|---|---|"]
+    for name, r in rows.items():
+        cells = [f"{r['speedup']:.2f}× ({r['speedup_ci95'][0]:.2f}–{r['speedup_ci95'][1]:.2f})",
+                 f"{100 * r['drift']['label_agreement']:.2f}%"]
+        if "fp32" in r:
+            a, b = r["fp32"], r["int8"]
+            cells += [f"{a['dice'][0]:.4f} / {a['dice'][1]:.4f} → "
+                      f"{b['dice'][0]:.4f} / {b['dice'][1]:.4f}",
+                      f"{a['ece_ts']:.4f} → {b['ece_ts']:.4f} ({b['ece_ts'] / a['ece_ts']:.2f}×)",
+                      f"{a['ood_auroc_mean']:.3f} → {b['ood_auroc_mean']:.3f}"]
+        else:
+            cells += ["(untrained: speed only)"] * 3
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    return table
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -78,7 +98,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--width32-label", default=None, help="row name of --width32")
     ap.add_argument("--update", action="store_true",
                     help="keep the rows of the existing int8.json that this run does not make")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the docs table from the existing int8.json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        record = json.loads((RESULTS / "int8.json").read_text())
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "bench:int8",
+                          "\n".join(render(record["rows"])))
+        return record
 
     X_tr, _ = datasets.load_brain_tissue("train")
     X_val, y_val = datasets.load_brain_tissue("val")
@@ -119,21 +146,7 @@ def main(argv=None) -> dict:
               "machine": machine_record(["numpy", "onnxruntime", "onnx"])}
     write_json(RESULTS / "int8.json", record)
 
-    table = ["| network | int8 speed-up (95% CI) | labels agree (fit) | Dice GM / WM fp32 → "
-             "int8 | ECE after TS fp32 → int8 | spectral OOD AUROC fp32 → int8 |",
-             "|---|---:|---:|---|---|---|"]
-    for name, r in rows.items():
-        cells = [f"{r['speedup']:.2f}× ({r['speedup_ci95'][0]:.2f}–{r['speedup_ci95'][1]:.2f})",
-                 f"{100 * r['drift']['label_agreement']:.2f}%"]
-        if "fp32" in r:
-            a, b = r["fp32"], r["int8"]
-            cells += [f"{a['dice'][0]:.4f} / {a['dice'][1]:.4f} → "
-                      f"{b['dice'][0]:.4f} / {b['dice'][1]:.4f}",
-                      f"{a['ece_ts']:.4f} → {b['ece_ts']:.4f} ({b['ece_ts'] / a['ece_ts']:.2f}×)",
-                      f"{a['ood_auroc_mean']:.3f} → {b['ood_auroc_mean']:.3f}"]
-        else:
-            cells += ["(untrained: speed only)"] * 3
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = render(rows)
     print("\n".join(table))
     if args.render:
         write_doc_section(ROOT / "docs" / "benchmarks.md", "bench:int8", "\n".join(table))
