@@ -1,7 +1,7 @@
 """Per-image work on a batch split over threads.
 
-The quality features and the atlas agreement are computed image by image from arrays already
-in memory; most of their time is in numpy reductions, BLAS and ufuncs, which release the GIL.
+The quality features are computed image by image from arrays already in memory; most of their
+time is in numpy reductions and ufuncs, which release the GIL.
 After the network pass the cores are idle, so splitting the batch's rows over threads shortens
 the wall time of that serial tail (``uqseg.assess``, ``QualityRegressor.predict``); every row
 is computed exactly as before, so the result is the same, bit for bit.
@@ -30,7 +30,8 @@ def map_rows(fn, *arrays, threads: int | None = None) -> np.ndarray:
     """``fn(*arrays)`` computed on row blocks in threads and stacked along axis 0.
 
     ``fn`` must treat each row (axis 0) independently and return an array with one row per
-    input row; ``None`` entries of ``arrays`` are passed through unchanged.
+    input row; ``None`` entries of ``arrays`` are passed through unchanged. (Matrix products
+    do not qualify: BLAS rounds a row differently with the number of rows.)
     """
     n = next(len(a) for a in arrays if a is not None)
     k = min(threads or usable_cpus(), MAX_THREADS, n // MIN_ROWS_PER_THREAD)
