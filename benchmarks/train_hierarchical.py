@@ -65,7 +65,7 @@ def render(result: dict) -> str:
     unet_label = f"U-Net, dropout {p}, deterministic" if mc else "U-Net"
     seeds = sorted(r["seed"] for r in result["runs"]["unet"])
     lines = [
-        f"Test split, {len(seeds)} seeds, {cfg['size'][0]}x{cfg['size'][1]} slices, "
+        f"Test split, {len(seeds)} seed{'s' * (len(seeds) > 1)}, {cfg['size'][0]}x{cfg['size'][1]} slices, "
         f"width {cfg['width']} depth {cfg['depth']}, {cfg['epochs']} epochs, "
         f"T = {cfg['samples']} samples, kl_weight = {cfg['kl_weight']}.",
         "",
@@ -89,10 +89,13 @@ def render(result: dict) -> str:
             f"{pm(r[kind + '_image_r_unc_vs_1_minus_dice'])} |"
         )
     shifted = [k[len("entropy_") : -len("_ratio")] for k in u if k.endswith("_ratio")]
-    cols = [("U-Net entropy", u, "entropy")]
+    cols = [("U-Net entropy", u, "entropy", "unet")]
     if mc:
-        cols += [("MC dropout entropy", mc, "entropy"), ("MC dropout MI", mc, "mi")]
-    cols += [("hier. entropy", h, "entropy"), ("hier. MI", h, "mi")]
+        cols += [
+            ("MC dropout entropy", mc, "entropy", "unet_mc"),
+            ("MC dropout MI", mc, "mi", "unet_mc"),
+        ]
+    cols += [("hier. entropy", h, "entropy", "hierarchical"), ("hier. MI", h, "mi", "hierarchical")]
     lines += [
         "",
         "Mean uncertainty per image on shifted images relative to the test images (ratio > 1: "
@@ -109,9 +112,21 @@ def render(result: dict) -> str:
         )
     for name in shifted:
         cells = [
-            f"{pm(r[f'{k}_{name}_ratio'], 2)} / {pm(r[f'{k}_{name}_auroc'], 2)}" for _, r, k in cols
+            f"{pm(r[f'{k}_{name}_ratio'], 2)} / {pm(r[f'{k}_{name}_auroc'], 2)}"
+            for _, r, k, _ in cols
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "seed_seconds" in result:
+        # per seed: mean over the shifted sets; then mean ± std over seeds
+        cells = []
+        for _, _, k, arm in cols:
+            rows = result["runs"][arm]
+            ratio = mean_std(
+                [np.mean([r[f"ood_{k}"][n]["ratio_to_test"] for n in shifted]) for r in rows]
+            )
+            auc = mean_std([np.mean([r[f"ood_{k}"][n]["auroc"] for n in shifted]) for r in rows])
+            cells.append(f"{pm(ratio, 2)} / {pm(auc, 2)}")
+        lines.append(f"| mean over the {len(shifted)} sets | " + " | ".join(cells) + " |")
     if "seed_seconds" in result:
         runs = result["runs"]
         names = [("unet", unet_label)]
