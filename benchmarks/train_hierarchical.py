@@ -65,7 +65,8 @@ def render(result: dict) -> str:
     unet_label = f"U-Net, dropout {p}, deterministic" if mc else "U-Net"
     seeds = sorted(r["seed"] for r in result["runs"]["unet"])
     lines = [
-        f"Test split, {len(seeds)} seed{'s' * (len(seeds) > 1)}, {cfg['size'][0]}x{cfg['size'][1]} slices, "
+        f"Test split, {len(seeds)} seed{'s' * (len(seeds) > 1)}, "
+        f"{cfg['size'][0]}x{cfg['size'][1]} slices, "
         f"width {cfg['width']} depth {cfg['depth']}, {cfg['epochs']} epochs, "
         f"T = {cfg['samples']} samples, kl_weight = {cfg['kl_weight']}.",
         "",
