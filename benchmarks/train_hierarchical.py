@@ -246,7 +246,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 RUN_ONLY = {"seeds", "out", "doc_section", "render_only", "merge", "threads", "note"}
 
 
-def merge(paths: list[str], note: str | None = None) -> dict:
+def merge(paths: list[str], out: str, note: str | None = None) -> dict:
     """Combine result files of one configuration run with different seeds."""
     if len(paths) < 2:
         raise SystemExit("--merge needs at least two result files")
@@ -283,7 +283,7 @@ def merge(paths: list[str], note: str | None = None) -> dict:
         seed_seconds |= r.get("seed_seconds", {})
     result = {
         "benchmark": ref["benchmark"],
-        "config": ref["config"] | {"seeds": sorted(seen)},
+        "config": ref["config"] | {"seeds": sorted(seen), "out": str(out), "merge": None},
         "merged_from": [str(p) for p in paths],
         "runs": runs,
         "summary_mean_std": summarize(runs),
@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.render_only or args.merge:
         if args.merge:
-            result = merge(args.merge, args.note)
+            result = merge(args.merge, args.out, args.note)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
         else:
