@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.base import clone
 
 from uqseg._inference import check_batch_size
-from uqseg._model_interface import ACTIVATIONS
+from uqseg._model_interface import check_activation
 from uqseg.segmenter import PRECISIONS, OnnxSegmenter
 from uqseg.uncertainty import KINDS
 
@@ -22,10 +22,7 @@ def check_params(ens) -> None:
     check_batch_size(ens.batch_size)
     if ens.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {ens.precision!r}; choose one of {PRECISIONS}")
-    activation = getattr(ens, "activation", "auto")
-    if not (isinstance(activation, str) and activation in ("auto", *ACTIVATIONS)):
-        raise ValueError(f"activation must be one of {('auto', *ACTIVATIONS)}, got "
-                         f"{activation!r}")
+    check_activation(getattr(ens, "activation", "auto"))  # saved before the parameter: auto
     for name in ("mc_samples", "cache_size"):
         v = getattr(ens, name)
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:

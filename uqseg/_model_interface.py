@@ -19,11 +19,17 @@ from uqseg.backends._checks import (
 )
 from uqseg.backends._model import image_input_names, read_model
 
-__all__ = ["ACTIVATIONS", "MC_MASK", "PRECISIONS", "ModelOutputError", "layer_help",
-           "read_interface", "resolve_device"]
+__all__ = ["ACTIVATIONS", "MC_MASK", "PRECISIONS", "ModelOutputError", "check_activation",
+           "layer_help", "read_interface", "resolve_device"]
 
 MC_MASK = "mc_mask"
 PRECISIONS = (*backends.PRECISIONS, "int8")
+
+
+def check_activation(value) -> None:
+    """``activation=`` of a segmenter or an ensemble: "auto" or one of :data:`ACTIVATIONS`."""
+    if not (isinstance(value, str) and value in ("auto", *ACTIVATIONS)):
+        raise ValueError(f"activation must be one of {('auto', *ACTIVATIONS)}, got {value!r}")
 
 
 def resolve_device(backend: str, device: str) -> str:

@@ -13,10 +13,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import by_shape, check_batch_size, check_maps
 from uqseg._model_interface import (
-    ACTIVATIONS,
     MC_MASK,
     PRECISIONS,
     ModelOutputError,
+    check_activation,
     layer_help,
     read_interface,
     resolve_device,
@@ -132,9 +132,7 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
             raise TypeError(
                 f"model must be a path to an ONNX file, got {type(self.model).__name__}")
         check_batch_size(self.batch_size)
-        if self.activation not in ("auto", *ACTIVATIONS):
-            raise ValueError(f"activation must be one of {('auto', *ACTIVATIONS)}, got "
-                             f"{self.activation!r}")
+        check_activation(self.activation)
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap!r}")
         # unknown names fail here, before any work
