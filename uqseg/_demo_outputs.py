@@ -119,10 +119,10 @@ class SigmoidOutputs(SoftmaxOutputs):
 
     def image_dice(self, pred, t) -> np.ndarray:
         """Per image and channel ``(N, C)``, NaN where mask and target are both empty."""
-        axes = tuple(range(2, pred.ndim))
-        inter = (pred & t).sum(axis=axes, dtype=np.float64)
-        tot = pred.sum(axis=axes, dtype=np.float64) + t.sum(axis=axes, dtype=np.float64)
-        return np.divide(2 * inter, tot, out=np.full(tot.shape, np.nan), where=tot > 0)
+        from uqseg.quality_regressors import quality_targets
+
+        return quality_targets(np.asarray(pred, bool), np.asarray(t, bool), self.c, "dice",
+                               np.nan)
 
     @staticmethod
     def pooled(p, t, roi):
