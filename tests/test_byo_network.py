@@ -183,15 +183,17 @@ def _monai_basic_unet():
 
 _PLAIN = {"bottleneck": "bott", "decoder_1/2": "dec2", "decoder_last": "dec1"}
 _NNUNET = {"bottleneck": "encoder.stages.3", "decoder_1/4": "decoder.stages.0",
-           "decoder_1/2": "decoder.stages.1", "decoder_last": "decoder.stages.2"}
+           "decoder_1/2": "decoder.stages.1", "decoder_last": "decoder.stages.2",
+           "stem": "encoder.stages.0.0.0"}  # instance-normalised: the first conv found too
 _SMP = {"bottleneck": "encoder.layer4", "decoder_1/4": "decoder.blocks.2",
         "decoder_1/2": "decoder.blocks.3", "decoder_last": "decoder.blocks.4"}
 # name -> (builder, output names, divisor, {role: module path whose output it is})
 REGISTRY = {
-    "monai_unet": (_monai_unet, ["out"], 8, {}),
+    "monai_unet": (_monai_unet, ["out"], 8, {"stem": "model.0.residual"}),
     "monai_basicunet": (_monai_basic_unet, ["out"], 16,
                         {"bottleneck": "down_4", "decoder_1/4": "upcat_3",
-                         "decoder_1/2": "upcat_2", "decoder_last": "upcat_1"}),
+                         "decoder_1/2": "upcat_2", "decoder_last": "upcat_1",
+                         "stem": "conv_0.conv_0.conv"}),
     "deep_supervision": (DeepSupervisionUNet, ["aux_half", "seg"], 4, _PLAIN),
     "sigmoid_binary": (lambda: DeepSupervisionUNet(1, heads=False), ["prob"], 4, _PLAIN),
     "sigmoid_multilabel": (lambda: DeepSupervisionUNet(3, heads=False, final=nn.Sigmoid()),
@@ -273,7 +275,9 @@ def test_divisor_and_roles_found_by_structure(foreign, name):
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)
     feats = seg.run(x, layers=list(roles.values()))
     want = {"bottleneck": 64 // divisor, "decoder_1/4": 16, "decoder_1/2": 32,
-            "decoder_last": 64}
+            "decoder_last": 64, "stem": 32 if name == "monai_unet" else 64}
+    # the stem only where the maps are normalised per image (instance norm)
+    assert ("stem" in roles) == ("stem" in modules)
     for role, tensor in roles.items():
         assert feats[tensor].shape[2:] == (want[role],) * 2, role
     # the tensors are the torch blocks' outputs, value for value
@@ -326,7 +330,8 @@ def test_estimators_with_default_settings(foreign, brain, name):
     seg = OnnxSegmenter(path).fit()
     roles = seg.layer_roles_
     ood = SpectralOODDetector(seg).fit(X)
-    expected = [roles[r] for r in ("decoder_1/4", "decoder_1/2", "bottleneck") if r in roles]
+    expected = [roles[r] for r in ("decoder_1/4", "decoder_1/2", "bottleneck", "stem")
+                if r in roles]
     assert ood.layers_ == expected and len(ood.layers_) > 1
     assert ood.descriptors_[1].layers_ == [roles["decoder_1/2"]]  # the layout's
     s = ood.score_samples(datasets.load_ood("ct")[:4, :, ::2, ::2])
@@ -377,7 +382,8 @@ def test_inspect_reports_structure(foreign, capsys):
     assert roles["bottleneck"]["shape_at_probe"] == [1, 32, 48, 48]
     assert roles["decoder_1/4"]["resolution"] == "1/4"
     assert info["defaults"]["SpectralOODDetector"]["layers"] == [
-        roles[r]["name"] for r in ("decoder_1/4", "decoder_1/2", "bottleneck")]
+        roles[r]["name"] for r in ("decoder_1/4", "decoder_1/2", "bottleneck", "stem")]
+    assert roles["stem"]["name"] == "/conv_0/conv_0/conv/Conv_output_0"  # before InstanceNorm
     assert main(["inspect", path]) == 0
     assert "spatial divisor: 16 (from graph)" in capsys.readouterr().out
 
@@ -431,15 +437,16 @@ def test_byo_doc_runs(tmp_path, monkeypatch, capsys):
         exec(compile(block, "byo_network.md", "exec"), ns)  # noqa: S102
     out = capsys.readouterr().out
     assert "spatial divisor: 16 (from graph)" in out
-    assert len(ns["ood"].layers_) == 3 and ns["proba"].shape == (1, 3, 130, 130)
+    assert len(ns["ood"].layers_) == 4 and ns["proba"].shape == (1, 3, 130, 130)
     assert ns["seg"].layer_roles_["bottleneck"] == "/down_4/convs/conv_1/adn/A/LeakyRelu_output_0"
     seg = OnnxSegmenter(str(tmp_path / "renamed.onnx")).fit()  # the Identity block's name
     assert "bottleneck" in seg.feature_layers_
     assert ns["qr"].predict(ns["X"][:2]).shape == (2, 2)
     # the nnU-Net-style section: what it says it prints, and the four estimators fitted
-    assert out.count("seg 8 ['bottleneck', 'decoder_1/2', 'decoder_1/4', 'decoder_last']") == 2
+    assert out.count("seg 8 ['bottleneck', 'decoder_1/2', 'decoder_1/4', 'decoder_last', "
+                     "'stem']") == 2
     assert ns["nn_ood"].layers_ == [ns["nn_seg"].layer_roles_[r]
-                                    for r in ("decoder_1/4", "decoder_1/2", "bottleneck")]
+                                    for r in ("decoder_1/4", "decoder_1/2", "bottleneck", "stem")]
     assert np.isfinite(ns["nn_cal"].temperature_).all() and ns["nn_mi"].shape == (2, 64, 64)
     assert ns["nn_qr"].predict(ns["Xn"][:2]).shape == (2, 2)
     ds = OnnxSegmenter(str(tmp_path / "nnunet_ds.onnx")).fit()  # the heads: full res first

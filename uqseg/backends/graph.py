@@ -166,7 +166,12 @@ def expose(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> onnx.M
 # ---------------------------------------------------------------------- structure
 #: roles found by structure: the zoo's named layers have the same meaning
 #: (bottleneck; decoder blocks at 1/4 and 1/2 of the input resolution; last decoder block)
-ROLES = ("bottleneck", "decoder_1/4", "decoder_1/2", "decoder_last")
+#: ``stem``: the first convolution's output, found only when the network normalises each image's
+#: maps (instance or group normalisation), which removes its intensity scale from every later
+#: tensor; the stem is the one tensor that keeps it
+ROLES = ("bottleneck", "decoder_1/4", "decoder_1/2", "decoder_last", "stem")
+# per-image normalisations (torch exports GroupNorm as a reshaped InstanceNormalization)
+_PER_IMAGE_NORMS = {"InstanceNormalization", "GroupNormalization", "LayerNormalization"}
 # spatial sizes the structure is probed at: two, to tell tensors whose size follows the
 # input's (feature maps) from those that do not (global pooling, attention weights)
 _PROBES = (768, 1536)
@@ -323,6 +328,13 @@ def structure(model: onnx.ModelProto, output: str | None = None) -> Structure | 
                 at = [n for n in at if n != pre]
                 if at and level < deepest:
                     roles[role] = at[-1]
+            if any(producer[t][1].op_type in _PER_IMAGE_NORMS for t in anc):
+                stem = next((n for node in graph.node if node.op_type == "Conv"
+                             for n in node.output[:1] if n in anc and n in factors
+                             and n not in roles.values() and (shapes[0][n][1] or 2) >= 2),
+                            None)
+                if stem is not None:
+                    roles["stem"] = stem
     divisor = None
     if "bottleneck" in roles:
         per_axis = [f for f, fx in zip(factors[roles["bottleneck"]], fixed, strict=True)

@@ -66,7 +66,8 @@ def spectrum_layers(seg, layer) -> list[str]:
             if len(layer) < 2:
                 layer = _structural_layers(seg, ("decoder_1/4", "decoder_1/2", "bottleneck",
                                                  "decoder_last"))
-            layer = layer or "auto"
+            # a network normalising each image keeps its intensity scale only in the stem
+            layer = (layer + _structural_layers(seg, ("stem",))) if layer else "auto"
     return _resolve_layers(seg, layer, PREFERRED)
 
 
