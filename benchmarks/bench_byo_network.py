@@ -5,13 +5,16 @@ Trains tiny MONAI ``UNet`` and ``BasicUNet`` for a few epochs on the embedded br
 metadata), and fits ``SpectralOODDetector`` on the train split with
 
 - ``structural``: the library default (``decoder_1/4``, ``decoder_1/2``, ``bottleneck`` found
-  from the graph, layout part on ``decoder_1/2``),
+  from the graph, and the ``stem`` where the network normalises per image; layout part on
+  ``decoder_1/2``),
 - ``single:<role>``: one structural layer (``bottleneck`` or ``decoder_last``), the layout part
   on the same layer (what a one-layer fallback would give),
 
 - other structural choices (``--more``): decoder tensors with the last one instead of or
   besides the bottleneck, the layout part on ``decoder_last``, and for ``BasicUNet`` the
-  concatenations of upsampled and skip tensors inside its ``upcat`` blocks,
+  concatenations of upsampled and skip tensors inside its ``upcat`` blocks, and on
+  instance-normalised networks the default without the stem, or the stem as a descriptor of
+  its own (its own spectrum, and layout),
 
 scored with the test split as in-distribution against every ``datasets.OOD_KINDS``. The zoo's
 first member is measured the same way (its structural layers are its named ones). Test Dice
@@ -120,6 +123,15 @@ def evaluate(path, X_tr, X_te, y_te, more=False) -> dict:
     if more:
         for name, (roles, layout) in MORE.items():
             settings[name] = kw(roles, layout)
+        stem = seg.layer_roles_.get("stem")
+        if stem is not None:  # instance-normalised: the stem with or without its own parts
+            r = seg.layer_roles_
+            three = [r[k] for k in ("decoder_1/4", "decoder_1/2", "bottleneck") if k in r]
+            settings["1/4, 1/2, bottleneck without the stem"] = kw(three)
+            settings["stem as its own spectrum"] = {"descriptors": [
+                Spectrum(layer=three), Spectrum(layer=stem), Layout()]}
+            settings["stem as its own spectrum and layout"] = {"descriptors": [
+                Spectrum(layer=three), Spectrum(layer=stem), Layout(), Layout(layer=stem)]}
         if all(t in seg.feature_layers_ for t in UPCAT):
             b = seg.layer_roles_["bottleneck"]
             settings["upcat concat 1/4+1/2+bottleneck"] = kw([*UPCAT, b])
@@ -133,7 +145,9 @@ def evaluate(path, X_tr, X_te, y_te, more=False) -> dict:
         s_in = det.score_samples(X_te)
         au = {k: float(metrics.ood_auroc(s_in, det.score_samples(v))) for k, v in ood.items()}
         out["settings"][name] = {"layers": det.layers_,
-                                 "layout_layer": det.descriptors_[1].layers_[0],
+                                 "descriptor_layers": [d.layers_ for d in det.descriptors_],
+                                 "layout_layer": next(d for d in det.descriptors_
+                                                     if isinstance(d, Layout)).layers_[0],
                                  "auroc": au, "mean_auroc": float(np.mean(list(au.values())))}
     return out
 

@@ -17,6 +17,9 @@ through ``uqseg.OnnxSegmenter``.
 
     python benchmarks/train_multitask.py                 # small: minutes on 2 CPU cores
     python benchmarks/train_multitask.py --size 96 96 --width 16 --steps 600
+    # one process per seed, then one table:
+    python benchmarks/train_multitask.py --seeds 0 --out s0.json --no-doc ...
+    python benchmarks/train_multitask.py --merge s0.json s1.json s2.json
 """
 
 from __future__ import annotations
@@ -130,7 +133,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--doc-section", default="multitask", help="marker name of the docs table")
     ap.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
+    ap.add_argument("--no-doc", action="store_true", help="leave the docs table alone")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine per-seed result files of one configuration into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        return finish(merge(args.merge), args)
     if args.render_only:
         result = json.loads(Path(args.out).read_text())
         write_doc_section(args.doc_section, render(result))
@@ -250,6 +258,24 @@ def main(argv=None) -> dict:
                         "proba_max_abs_diff_vs_torch": float(np.abs(p - ref).max()),
                         **task_scores(p, yt, TASKS[n]["classes"]),
                     }
+    result = {
+        "benchmark": "training_multitask",
+        "config": vars(args)
+        | {"tasks": TASKS, "train_sizes": dict(zip(names, sizes, strict=True))},
+        "dataset_probabilities": dict(
+            zip(names, dataset_probabilities(sizes).tolist(), strict=True)
+        ),
+        "joint_draws_last_seed": None if draws is None else dict(zip(names, draws, strict=True)),
+        "runs": runs,
+        "summary_mean_std": summarise(runs, names),
+        "onnx_seed0_joint": onnx_check,
+        "seconds": time.perf_counter() - t0,
+    }
+    return finish(result, args)
+
+
+def summarise(runs: dict, names: list[str]) -> dict:
+    """Mean and standard deviation over seeds per arm, data set and score."""
     summary: dict = {}
     for arm, rows in runs.items():
         summary[arm] = {}
@@ -260,23 +286,37 @@ def main(argv=None) -> dict:
             for k in ("dice", "ece", "nll"):
                 v = np.array([r[n][k] for r in rows])
                 summary[arm][n][k] = [float(v.mean()), float(v.std(ddof=1) if len(v) > 1 else 0)]
-    result = {
-        "benchmark": "training_multitask",
-        "config": vars(args)
-        | {"tasks": TASKS, "train_sizes": dict(zip(names, sizes, strict=True))},
-        "dataset_probabilities": dict(
-            zip(names, dataset_probabilities(sizes).tolist(), strict=True)
-        ),
-        "joint_draws_last_seed": None if draws is None else dict(zip(names, draws, strict=True)),
-        "runs": runs,
-        "summary_mean_std": summary,
-        "onnx_seed0_joint": onnx_check,
-        "seconds": time.perf_counter() - t0,
-    }
+    return summary
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from runs of the same configuration on different seeds (one process per
+    seed spreads a run over cores); the ONNX check is the first file's."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    keep = ("seeds", "out", "merge", "threads", "no_doc")
+    for p in parts[1:]:
+        a = {k: v for k, v in first["config"].items() if k not in keep}
+        b = {k: v for k, v in p["config"].items() if k not in keep}
+        if a != b:
+            raise SystemExit(f"cannot merge runs of different configurations: {a} vs {b}")
+    runs = {arm: [r for p in parts for r in p["runs"][arm]] for arm in first["runs"]}
+    seeds = [r["seed"] for r in next(iter(runs.values()))]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"the runs repeat a seed: {seeds}")
+    names = list(TASKS)
+    return first | {"config": first["config"] | {"seeds": seeds}, "runs": runs,
+                    "summary_mean_std": summarise(runs, names),
+                    "seconds_per_process": [p["seconds"] for p in parts],
+                    "seconds": max(p["seconds"] for p in parts)}
+
+
+def finish(result: dict, args) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    write_doc_section(args.doc_section, render(result))
-    for arm, s in summary.items():
+    if not args.no_doc:
+        write_doc_section(args.doc_section, render(result))
+    for arm, s in result["summary_mean_std"].items():
         for n, v in s.items():
             print(
                 f"{arm:9s} {n:22s} "
