@@ -181,6 +181,13 @@ def _monai_basic_unet():
                                          features=(8, 8, 16, 16, 32, 8))
 
 
+def _monai_segresnet():
+    """GroupNorm throughout: torch exports it as a reshaped InstanceNormalization."""
+    monai = pytest.importorskip("monai")
+    return monai.networks.nets.SegResNet(spatial_dims=2, in_channels=1, out_channels=3,
+                                         init_filters=8)
+
+
 _PLAIN = {"bottleneck": "bott", "decoder_1/2": "dec2", "decoder_last": "dec1"}
 _NNUNET = {"bottleneck": "encoder.stages.3", "decoder_1/4": "decoder.stages.0",
            "decoder_1/2": "decoder.stages.1", "decoder_last": "decoder.stages.2",
@@ -194,6 +201,10 @@ REGISTRY = {
                         {"bottleneck": "down_4", "decoder_1/4": "upcat_3",
                          "decoder_1/2": "upcat_2", "decoder_last": "upcat_1",
                          "stem": "conv_0.conv_0.conv"}),
+    "monai_segresnet": (_monai_segresnet, ["out"], 8,
+                        {"bottleneck": "down_layers.3", "decoder_1/4": "up_layers.0",
+                         "decoder_1/2": "up_layers.1", "decoder_last": "conv_final.1",
+                         "stem": "convInit.conv"}),
     "deep_supervision": (DeepSupervisionUNet, ["aux_half", "seg"], 4, _PLAIN),
     "sigmoid_binary": (lambda: DeepSupervisionUNet(1, heads=False), ["prob"], 4, _PLAIN),
     "sigmoid_multilabel": (lambda: DeepSupervisionUNet(3, heads=False, final=nn.Sigmoid()),

@@ -85,8 +85,10 @@ class OnnxSegmenter(TransformerMixin, BaseEstimator):
         Tensors found by the graph's structure (shapes probed at a fixed input size):
         ``"bottleneck"`` (lowest resolution, the deepest encoder output), ``"decoder_1/4"`` and
         ``"decoder_1/2"`` (decoder blocks at 1/4 and 1/2 of the input resolution, after
-        upsampling) and ``"decoder_last"`` (the last full-resolution decoder tensor); a role the
-        network does not have is absent. The feature-based detectors use them by default when
+        upsampling), ``"decoder_last"`` (the last full-resolution decoder tensor) and, in a
+        network that normalises each image's maps (instance or group norm), ``"stem"`` (the
+        first convolution's output, before any normalisation); a role the network does not
+        have is absent. The feature-based detectors use them by default when
         the model names no layer.
     spatial_divisor_ : int
         Dynamic-size inputs are padded to a multiple of this (then cropped back): the

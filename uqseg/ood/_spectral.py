@@ -83,9 +83,11 @@ class SpectralOODDetector(_BaseOODDetector):
         (either one alone if only one is there); else, for a network whose layers have no such
         names, the same blocks found from the graph's structure (the segmenter's
         ``layer_roles_``: decoder tensors at 1/4 and 1/2 of the input resolution and the
-        bottleneck; with fewer than two of them, the last decoder tensor too); else the
-        model's preferred layer. A role name (``"bottleneck"``, ``"decoder_1/4"``,
-        ``"decoder_1/2"``, ``"decoder_last"``) may be given for its tensor.
+        bottleneck; with fewer than two of them, the last decoder tensor too; and the
+        ``"stem"`` where the network normalises each image, whose later tensors have lost
+        the intensity scale that shows noise and blur); else the model's preferred layer. A
+        role name (``"bottleneck"``, ``"decoder_1/4"``, ``"decoder_1/2"``,
+        ``"decoder_last"``, ``"stem"``) may be given for its tensor.
     descriptors : list of Spectrum or Layout, default=None
         The descriptors combined (``None``: ``[Spectrum(), Layout()]``). They are cloned at
         ``fit``; their parameters are reachable as ``descriptors__<i>__<name>`` in
