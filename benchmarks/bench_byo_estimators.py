@@ -13,7 +13,7 @@ settings:
 - ``QualityRegressor`` fitted on the validation split: Pearson r and mean absolute error of
   its predicted per-image, per-class Dice against the true Dice on the test split.
 
-Networks: MONAI ``UNet`` and ``BasicUNet``, an nnU-Net-style ``PlainConvUNet`` layout
+Networks: MONAI ``UNet``, ``BasicUNet`` and ``SegResNet``, an nnU-Net-style ``PlainConvUNet`` layout
 (trained with deep supervision, exported with its heads), the layout of
 ``segmentation_models_pytorch.Unet`` with a ResNet-18 encoder (smp itself is used when it
 imports), a binary sigmoid MONAI ``UNet`` (white matter) and a three-channel multi-label one
@@ -86,6 +86,8 @@ def networks() -> dict:
         "nnunet_style": (lambda: t.PlainConvUNetLike(3), "classes",
                          ["seg", "seg_1_2", "seg_1_4"], "nnU-Net-style PlainConvUNet, deep "
                          "supervision"),
+        "monai_segresnet": (t._monai_segresnet, "classes", ["out"],
+                            "MONAI SegResNet (GroupNorm)"),
     }
     if importlib.util.find_spec("segmentation_models_pytorch") is not None:
         nets["smp_unet"] = (t._smp_unet, "classes", ["mask"], "smp Unet (resnet18)")

@@ -57,7 +57,7 @@ UPCAT = ["/upcat_3/Concat_1_output_0", "/upcat_2/Concat_1_output_0"]
 
 
 def _nets():
-    from monai.networks.nets import BasicUNet, UNet
+    from monai.networks.nets import BasicUNet, SegResNet, UNet
 
     return {
         "monai_unet": lambda: UNet(spatial_dims=2, in_channels=1, out_channels=3,
@@ -69,13 +69,17 @@ def _nets():
         "monai_basicunet_batchnorm": lambda: BasicUNet(
             spatial_dims=2, in_channels=1, out_channels=3, features=(8, 8, 16, 16, 32, 8),
             norm=("batch", {"affine": True})),
+        # GroupNorm (exported as reshaped instance normalisation), residual blocks
+        "monai_segresnet": lambda: SegResNet(spatial_dims=2, in_channels=1, out_channels=3,
+                                             init_filters=8),
         "monai_basicunet_wide": lambda: BasicUNet(spatial_dims=2, in_channels=1, out_channels=3,
                                                   features=(16, 16, 32, 32, 64, 16)),
     }
 
 
 DEFAULT_NETS = ("monai_unet", "monai_basicunet")
-ALL_NETS = (*DEFAULT_NETS, "monai_basicunet_batchnorm", "monai_basicunet_wide")
+ALL_NETS = (*DEFAULT_NETS, "monai_basicunet_batchnorm", "monai_basicunet_wide",
+            "monai_segresnet")
 
 
 def train(build, X, y, epochs: int, seed: int = 0):
