@@ -169,14 +169,24 @@ def main(argv=None) -> dict:
         }
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    # validation curves (mean foreground Dice every eval_every steps) and the step kept:
+    # whether a network's validation Dice had plateaued
+    curves: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+
+    def fit(arm, run_seed, task, net, *a, **k):
+        h = fit_multitask(net, *a, **k)
+        curves[arm].append({"seed": run_seed, "task": task, "best_step": h["best_step"],
+                            "val_dice": [round(float(v), 4) for v in h["val_dice"]]})
+        return h
+
     draws, onnx_check = None, {}
     for seed in args.seeds:
         if "single_long" in runs:  # one network per data set with the joint network's steps
             row = {}
             for n in names:
                 net = new_net(seed)
-                fit_multitask(
-                    net,
+                fit(
+                    "single_long", seed, n, net,
                     [data[n]["train"]],
                     [data[n]["val"]],
                     steps=len(names) * args.steps,
@@ -189,8 +199,8 @@ def main(argv=None) -> dict:
         single = {}
         for n in names if {"single", "finetune"} & set(runs) else []:
             net = new_net(seed)
-            fit_multitask(
-                net,
+            fit(
+                "single", seed, n, net,
                 [data[n]["train"]],
                 [data[n]["val"]],
                 steps=args.steps,
@@ -202,8 +212,8 @@ def main(argv=None) -> dict:
         if "single" in runs:
             runs["single"].append({"seed": seed, **{n: evaluate(single[n])[n] for n in names}})
         joint = new_net(seed) if "joint" in runs else None
-        h = joint and fit_multitask(
-            joint,
+        h = joint and fit(
+            "joint", seed, "all", joint,
             [data[n]["train"] for n in names],
             [data[n]["val"] for n in names],
             steps=len(names) * args.steps,
@@ -217,8 +227,8 @@ def main(argv=None) -> dict:
         ft_row = {}
         for n in names[1:] if "finetune" in runs else []:
             net = copy.deepcopy(single[names[0]])
-            fit_multitask(
-                net,
+            fit(
+                "finetune", seed, n, net,
                 [data[n]["train"]],
                 [data[n]["val"]],
                 steps=args.steps,
@@ -267,6 +277,7 @@ def main(argv=None) -> dict:
         ),
         "joint_draws_last_seed": None if draws is None else dict(zip(names, draws, strict=True)),
         "runs": runs,
+        "validation_curves": curves,
         "summary_mean_std": summarise(runs, names),
         "onnx_seed0_joint": onnx_check,
         "seconds": time.perf_counter() - t0,
@@ -301,11 +312,14 @@ def merge(paths: list[str]) -> dict:
         if a != b:
             raise SystemExit(f"cannot merge runs of different configurations: {a} vs {b}")
     runs = {arm: [r for p in parts for r in p["runs"][arm]] for arm in first["runs"]}
+    curves = {arm: [c for p in parts for c in p.get("validation_curves", {}).get(arm, [])]
+              for arm in first["runs"]}
     seeds = [r["seed"] for r in next(iter(runs.values()))]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"the runs repeat a seed: {seeds}")
     names = list(TASKS)
     return first | {"config": first["config"] | {"seeds": seeds}, "runs": runs,
+                    "validation_curves": curves,
                     "summary_mean_std": summarise(runs, names),
                     "seconds_per_process": [p["seconds"] for p in parts],
                     "seconds": max(p["seconds"] for p in parts)}
