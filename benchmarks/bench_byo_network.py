@@ -6,15 +6,15 @@ metadata), and fits ``SpectralOODDetector`` on the train split with
 
 - ``structural``: the library default (``decoder_1/4``, ``decoder_1/2``, ``bottleneck`` found
   from the graph, and the ``stem`` where the network normalises per image; layout part on
-  ``decoder_1/2``),
+  ``decoder_1/2``, on ``decoder_last`` where there is a stem),
 - ``single:<role>``: one structural layer (``bottleneck`` or ``decoder_last``), the layout part
   on the same layer (what a one-layer fallback would give),
 
 - other structural choices (``--more``): decoder tensors with the last one instead of or
   besides the bottleneck, the layout part on ``decoder_last``, and for ``BasicUNet`` the
   concatenations of upsampled and skip tensors inside its ``upcat`` blocks, and on
-  instance-normalised networks the default without the stem, or the stem as a descriptor of
-  its own (its own spectrum, and layout),
+  instance-normalised networks the default with the layout on ``decoder_1/2``, without the
+  stem, or with the stem as a descriptor of its own (its own spectrum, and layout),
 
 scored with the test split as in-distribution against every ``datasets.OOD_KINDS``. The zoo's
 first member is measured the same way (its structural layers are its named ones). Test Dice
@@ -131,11 +131,14 @@ def evaluate(path, X_tr, X_te, y_te, more=False) -> dict:
         if stem is not None:  # instance-normalised: the stem with or without its own parts
             r = seg.layer_roles_
             three = [r[k] for k in ("decoder_1/4", "decoder_1/2", "bottleneck") if k in r]
-            settings["1/4, 1/2, bottleneck without the stem"] = kw(three)
-            settings["stem as its own spectrum"] = {"descriptors": [
-                Spectrum(layer=three), Spectrum(layer=stem), Layout()]}
-            settings["stem as its own spectrum and layout"] = {"descriptors": [
-                Spectrum(layer=three), Spectrum(layer=stem), Layout(), Layout(layer=stem)]}
+            half = r["decoder_1/2"]
+            settings["default, layout on 1/2"] = kw(None, half)
+            settings["1/4, 1/2, bottleneck without the stem (1/2)"] = kw(three, half)
+            settings["stem as its own spectrum (1/2)"] = {"descriptors": [
+                Spectrum(layer=three), Spectrum(layer=stem), Layout(layer=half)]}
+            settings["stem as its own spectrum and layout (1/2)"] = {"descriptors": [
+                Spectrum(layer=three), Spectrum(layer=stem), Layout(layer=half),
+                Layout(layer=stem)]}
         if all(t in seg.feature_layers_ for t in UPCAT):
             b = seg.layer_roles_["bottleneck"]
             settings["upcat concat 1/4+1/2+bottleneck"] = kw([*UPCAT, b])

@@ -379,7 +379,7 @@ def layer_help(model: onnx.ModelProto, limit: int = 8) -> str:
     elif cands:
         parts.append(f"candidate feature layers: {cands[:limit]}")
     parts.append("pass a tensor name or a role ('bottleneck', 'decoder_1/4', 'decoder_1/2', "
-                 "'decoder_last'); to name layers for good, write the metadata "
+                 "'decoder_last', 'stem'); to name layers for good, write the metadata "
                  "(uqseg inspect MODEL.onnx --set 'feature_layers=[\"NAME\", ...]' --out "
                  "NEW.onnx) or add Identity nodes with readable output names "
                  "(docs/byo_network.md)")

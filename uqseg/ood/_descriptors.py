@@ -192,7 +192,8 @@ class Layout(_Descriptor):
     layer : str, default="auto"
         ``"auto"``: ``"dec2"`` (the decoder block before the last) when exported, else
         ``"decoder_last"``, else the structural decoder tensor at 1/2 resolution or the last
-        decoder tensor, else the first layer of the detector's ``layer``. A role name
+        decoder tensor (the last one first in a network with a ``stem`` role, i.e. one that
+        normalises each image), else the first layer of the detector's ``layer``. A role name
         (``"decoder_1/2"``, ...) may be given for its tensor.
     grid : int or tuple of int, default=4
         Cells per spatial axis.
@@ -231,9 +232,12 @@ class Layout(_Descriptor):
     def _resolve(self, seg, default_layers: list[str]) -> None:
         ll = self.layer
         if ll == "auto":
+            # per-image normalised networks (a stem was found): the last decoder block,
+            # measured better there (docs/byo_network.md); else the block at 1/2
+            roles = ("decoder_last", "decoder_1/2") if _structural_layers(seg, ("stem",)) \
+                else ("decoder_1/2", "decoder_last")
             ll = next((n for n in AUTO_LAYOUT if n in seg.feature_layers_), None) \
-                or next(iter(_structural_layers(seg, ("decoder_1/2", "decoder_last"))),
-                        default_layers[0])
+                or next(iter(_structural_layers(seg, roles)), default_layers[0])
         self.layers_ = _resolve_layers(seg, ll, PREFERRED)[:1]
 
     def _extract(self, feats: dict) -> np.ndarray:
