@@ -82,9 +82,22 @@ ALL_NETS = (*DEFAULT_NETS, "monai_basicunet_batchnorm", "monai_basicunet_wide",
             "monai_segresnet")
 
 
-def train(build, X, y, epochs: int, seed: int = 0):
+def train(build, X, y, epochs: int, seed: int = 0, loss: str = "ce"):
+    """Adam, batches of 16; ``loss`` "ce" (cross-entropy) or "dicece" (MONAI's ``DiceCELoss``
+    on the softmax, MONAI's usual segmentation recipe)."""
     import torch
 
+    if loss == "dicece":
+        from monai.losses import DiceCELoss
+
+        crit = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def objective(out, target):
+            return crit(out, target[:, None])
+    elif loss == "ce":
+        objective = torch.nn.functional.cross_entropy
+    else:
+        raise ValueError(f"loss must be 'ce' or 'dicece', got {loss!r}")
     torch.manual_seed(seed)
     net = build()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -94,8 +107,7 @@ def train(build, X, y, epochs: int, seed: int = 0):
     for _ in range(epochs):
         for idx in np.array_split(rng.permutation(len(X)), max(1, len(X) // 16)):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(Xt[idx]), yt[idx])
-            loss.backward()
+            objective(net(Xt[idx]), yt[idx]).backward()
             opt.step()
     return net.eval()
 

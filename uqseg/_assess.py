@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import available_maps, check_maps, is_protocol, run
+from uqseg._numeric import one_blas_thread
 from uqseg._validation import check_images
 
 __all__ = ["assess"]
@@ -95,23 +96,24 @@ def assess(X, segmenter, *, ood=None, quality=None, maps=DEFAULT_MAPS) -> dict:
             layers += [ly for ly in plan[0] if ly not in layers]
             need_kinds += [k for k in plan[1] if k not in need_kinds]
 
-    out = run(segmenter, X, layers=layers, maps=need_kinds)
-    result = {"proba": out["proba"], **{k: out[k] for k in kinds}}
-    passes = 1
-    if ood is not None:
-        if plan_ood is None:
-            score = np.asarray(ood.score_samples(X), dtype=np.float64)
-            passes += 1
-        else:
-            score = np.asarray(ood._score(plan_ood[2](out)), dtype=np.float64)
-        result["ood_score"] = score
-        result["is_outlier"] = score - ood.offset_ < 0
-    if quality is not None:
-        if plan_q is None:
-            result["quality"] = quality.predict(X)
-            passes += 1
-        else:
-            result["quality"] = plan_q[2](X, out)
+    with one_blas_thread():  # BLAS workers spinning between batches slow the network
+        out = run(segmenter, X, layers=layers, maps=need_kinds)
+        result = {"proba": out["proba"], **{k: out[k] for k in kinds}}
+        passes = 1
+        if ood is not None:
+            if plan_ood is None:
+                score = np.asarray(ood.score_samples(X), dtype=np.float64)
+                passes += 1
+            else:
+                score = np.asarray(ood._score(plan_ood[2](out)), dtype=np.float64)
+            result["ood_score"] = score
+            result["is_outlier"] = score - ood.offset_ < 0
+        if quality is not None:
+            if plan_q is None:
+                result["quality"] = quality.predict(X)
+                passes += 1
+            else:
+                result["quality"] = plan_q[2](X, out)
     result["passes"] = passes
     return result
 

@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import run
+from uqseg._numeric import one_blas_thread
 from uqseg._rows import map_rows
 from uqseg._validation import check_images
 from uqseg.metrics.quality import quality_report
@@ -463,8 +464,9 @@ class QualityRegressor(BaseEstimator):
         """
         check_is_fitted(self)
         X = check_images(X)
-        return np.concatenate([self._predict_outputs(xb, p, u, s)
-                               for _, xb, p, u, s in self._maps(X, signatures=True)])
+        with one_blas_thread():
+            return np.concatenate([self._predict_outputs(xb, p, u, s)
+                                   for _, xb, p, u, s in self._maps(X, signatures=True)])
 
     def _predict_outputs(self, xb, proba, unc, sig) -> np.ndarray:
         """Predicted quality from one pass's probabilities, uncertainty map and typicality

@@ -11,6 +11,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.validation import check_is_fitted
 
 from uqseg._inference import feature_segmenter, run
+from uqseg._numeric import one_blas_thread
 from uqseg.segmenter import resolve_segmenter
 
 THRESHOLDS = ("contamination", "karimi")
@@ -123,8 +124,9 @@ class _BaseOODDetector(OutlierMixin, BaseEstimator):
         self._check_common()
         self.estimator_ = _resolve_estimator(self.estimator, X)
         self._setup()
-        self._store_train(self._descriptors(X))
-        self._refit()
+        with one_blas_thread():
+            self._store_train(self._descriptors(X))
+            self._refit()
         return self
 
     def partial_fit(self, X, y=None):
@@ -140,8 +142,9 @@ class _BaseOODDetector(OutlierMixin, BaseEstimator):
         if not hasattr(self, "offset_"):
             return self.fit(X, y)
         self._check_common()
-        self._store_train(self._descriptors(X), append=True)
-        self._refit()
+        with one_blas_thread():
+            self._store_train(self._descriptors(X), append=True)
+            self._refit()
         return self
 
     def _store_train(self, D, append=False):
@@ -173,7 +176,8 @@ class _BaseOODDetector(OutlierMixin, BaseEstimator):
         ndarray of shape (N,)
         """
         check_is_fitted(self)
-        return self._score(self._descriptors(X))
+        with one_blas_thread():
+            return self._score(self._descriptors(X))
 
     def decision_function(self, X) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for outliers."""

@@ -8,6 +8,9 @@ import numpy as np
 
 
 # ---------------------------------------------------------------------- array helpers
+#: windows up to this long are summed as strided slices (numpy reduces a short inner axis
+#: slowly: 5.1 -> 1.2 ms for 32 maps of 32 x 32 x 32 pooled to 16); longer ones by a mean
+_SLICE_WINDOW = 4
 def adaptive_avg_pool(features: np.ndarray, grid) -> np.ndarray:
     """Average-pool ``(N, C, *spatial)`` maps to a fixed grid (as torch's adaptive pooling).
 
@@ -37,7 +40,17 @@ def adaptive_avg_pool(features: np.ndarray, grid) -> np.ndarray:
         n = f.shape[ax]
         if n == g:
             continue
-        if n % g == 0:  # equal windows: a reshape and a mean, no cumulative sums
+        if n % g == 0 and n // g <= _SLICE_WINDOW:  # short equal windows: strided sums
+            k = n // g
+            idx = [slice(None)] * f.ndim
+            idx[ax] = slice(0, None, k)
+            acc = f[tuple(idx)].astype(np.float64)
+            for j in range(1, k):
+                idx[ax] = slice(j, None, k)
+                acc += f[tuple(idx)]
+            f = acc * (1.0 / k) if k > 1 else acc
+            continue
+        if n % g == 0:  # long equal windows: a reshape and a mean, no cumulative sums
             f = f.reshape(f.shape[:ax] + (g, n // g) + f.shape[ax + 1:]).mean(
                 axis=ax + 1, dtype=np.float64)
             continue
