@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 from common import (
@@ -41,6 +42,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=32, help="test slices per call")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--block", type=int, default=3,
+                    help="consecutive calls per turn, timed after one untimed call of the same "
+                         "kind (a call's busy-waiting threads slow whatever runs next)")
     ap.add_argument("--render", action="store_true", help="update docs/benchmarks.md")
     args = ap.parse_args(argv)
 
@@ -66,10 +70,22 @@ def main(argv=None) -> dict:
         det.score_samples(X)
         qr.predict(X)
 
+    def assess_blas_threads():  # what uqseg's one-thread BLAS limit buys
+        mods = (uqseg._assess, uqseg.ood._base, uqseg.quality)
+        old = [m.one_blas_thread for m in mods]
+        for m in mods:
+            m.one_blas_thread = contextlib.nullcontext
+        try:
+            uqseg.assess(X, ens, ood=det, quality=qr)
+        finally:
+            for m, o in zip(mods, old, strict=True):
+                m.one_blas_thread = o
+
     calls = {"predict_proba": lambda: ens.predict_proba(X),
              "assess": lambda: uqseg.assess(X, ens, ood=det, quality=qr),
-             "separate": separate}
-    t = time_round_robin(calls, repeats=args.repeats, warmup=1)
+             "separate": separate,
+             "assess_blas_threads": assess_blas_threads}
+    t = time_round_robin(calls, repeats=args.repeats, warmup=1, block=args.block)
     base = t["predict_proba"]["times_s"]
     rows = {}
     for name, rec in t.items():
@@ -100,7 +116,10 @@ def main(argv=None) -> dict:
     table.append("")
     table.append(f"{len(X)} test slices of {X.shape[2]}×{X.shape[3]}, {ens.n_members_} members "
                  f"({'fused' if ens.fused_ else 'separate'} graph), {args.repeats} interleaved "
-                 "rounds (CPU: process CPU time of the same calls, all threads); `assess` vs "
+                 f"rounds of {args.block} consecutive calls each, after one untimed call "
+                 "(CPU: process CPU time of the same calls, all threads); "
+                 "`assess_blas_threads`: `assess` with BLAS free to use its own threads "
+                 "(uqseg keeps it on one); `assess` vs "
                  "the separate calls: largest difference "
                  + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ".")
     print("\n".join(table))

@@ -143,7 +143,7 @@ def evaluate(name, seg, data, repeats, n_time):
                                "local": lambda: local.predict_proba(Xs),
                                "plain_no_spin": lambda: seg2.predict_proba(Xs),
                                "local_no_spin": lambda: local2.predict_proba(Xs)},
-                              repeats=repeats, warmup=1)
+                              repeats=repeats, warmup=1, block=3)
     rec["timing"] = timing
     rec["timing_images"] = int(len(Xs))
     rec["cost_ratio"] = timing["local"]["median_s"] / timing["plain"]["median_s"]
@@ -210,9 +210,9 @@ def table(recs, worst):
     return "\n".join(lines)
 
 
-def monai_networks(seeds, epochs, tmp):
-    """MONAI UNets trained on the train split (one per seed), exported to ONNX in ``tmp``;
-    None without torch/monai."""
+def monai_networks(seeds, epochs, tmp, loss="ce"):
+    """MONAI UNets trained on the train split (one per seed) with ``loss`` ("ce" or MONAI's
+    "dicece"), exported to ONNX in ``tmp``; None without torch/monai."""
     try:
         import monai  # noqa: F401
         import torch
@@ -226,11 +226,12 @@ def monai_networks(seeds, epochs, tmp):
     out = []
     for seed in range(seeds):
         t = time.perf_counter()
-        net = train(_nets()["monai_unet"], X_tr, y_tr, epochs, seed=seed)
-        path = export(net, Path(tmp) / f"monai_unet_s{seed}.onnx")
-        print(f"monai_unet seed {seed}: trained {epochs} epochs in "
+        net = train(_nets()["monai_unet"], X_tr, y_tr, epochs, seed=seed, loss=loss)
+        name = f"monai_unet_s{seed}" if loss == "ce" else f"monai_unet_{loss}_s{seed}"
+        path = export(net, Path(tmp) / f"{name}.onnx")
+        print(f"{name}: trained {epochs} epochs ({loss}) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
-        out.append((f"monai_unet_s{seed}", path))
+        out.append((name, path))
     return out
 
 
@@ -376,6 +377,9 @@ def main(argv=None):
     ap.add_argument("--monai-seeds", type=int, default=3,
                     help="MONAI UNets trained and scored (0: none)")
     ap.add_argument("--monai-epochs", type=int, default=20)
+    ap.add_argument("--monai-losses", nargs="+", default=["ce", "dicece"],
+                    choices=["ce", "dicece"],
+                    help="training losses of the MONAI UNets (dicece: MONAI's DiceCELoss)")
     ap.add_argument("--objective-sweep", action="store_true",
                     help="only the top-label weight sweep and the class-wise local probe -> "
                          "local_calibration_objective.json and the local-objective docs block")
@@ -434,10 +438,14 @@ def main(argv=None):
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            for name, path in monai_networks(args.monai_seeds, args.monai_epochs, tmp) or []:
-                rec, _ = evaluate(name, OnnxSegmenter(path).fit(), data, 3, args.time_images)
-                rec["epochs"] = args.monai_epochs
-                monai.append(rec)
+            for loss in args.monai_losses:
+                for name, path in monai_networks(args.monai_seeds, args.monai_epochs, tmp,
+                                                 loss) or []:
+                    rec, _ = evaluate(name, OnnxSegmenter(path).fit(), data, 3,
+                                      args.time_images)
+                    rec["epochs"] = args.monai_epochs
+                    rec["loss"] = loss
+                    monai.append(rec)
                 s = rec["scores"]
                 print(f"{name}: " + "  ".join(f"{m} {s[m]['ece']:.4f}/{s[m]['nll']:.4f}"
                                                for m in METHODS), flush=True)
@@ -477,7 +485,8 @@ def main(argv=None):
     text = ("Test split, fitted on val; each cell is ECE / NLL. Predict cost: "
             "`cal.predict_proba(X)` over `seg.predict_proba(X)` on the first "
             f"{args.time_images} test images ({args.time_images // 2} for the ensemble), median "
-            f"of {args.repeats} round-robin runs; in brackets the same ratio for the global "
+            f"of {args.repeats} round-robin turns of 3 consecutive calls (each timed after one of "
+            "its own kind, as in a stream); in brackets the same ratio for the global "
             "calibrator, whose extra work is one division: how far timing noise alone moves "
             "the ratio. Last column: local over plain when ONNX Runtime's worker threads do not "
             "spin after each call (`session.intra_op.allow_spinning=0`, both sides).\n\n"
@@ -498,15 +507,21 @@ def main(argv=None):
     if monai:
         t = [targets(r) for r in monai]
         mt = (f"MONAI `UNet` (channels 8-16-32-64, one residual unit), trained "
-              f"{args.monai_epochs} epochs with cross-entropy on the train split, one network per "
-              "seed, exported with `torch.onnx.export`; fitted on val, scored on test; each cell "
-              "is ECE / NLL (predict cost: 3 round-robin runs).\n\n"
-              + table(monai, None)
-              + f"\n\nMean over {len(t)} seeds: local ECE "
-              f"{np.mean([x['ece_vs_raw'] for x in t]):.2f}x raw, "
-              f"{np.mean([x['ece_vs_global'] for x in t]):.2f}x global; NLL below global on "
-              f"{sum(x['nll_local'] < x['nll_global'] for x in t)} of {len(t)}; accuracy "
-              f"targets met on {sum(x['met'] for x in t)} of {len(t)}.")
+              f"{args.monai_epochs} epochs on the train split with cross-entropy "
+              "(`monai_unet_s*`) or MONAI's `DiceCELoss` (`monai_unet_dicece_s*`, MONAI's usual "
+              "segmentation recipe), one network per seed, exported with `torch.onnx.export`; "
+              "fitted on val, scored on test; each cell is ECE / NLL (predict cost: 3 "
+              "round-robin turns of 3 calls).\n\n" + table(monai, None) + "\n")
+        for loss in args.monai_losses:
+            t = [targets(r) for r in monai if r.get("loss") == loss]
+            if not t:
+                continue
+            label = {"ce": "cross-entropy", "dicece": "`DiceCELoss`"}[loss]
+            mt += (f"\n{label}: mean over {len(t)} seeds local ECE "
+                   f"{np.mean([x['ece_vs_raw'] for x in t]):.2f}x raw, "
+                   f"{np.mean([x['ece_vs_global'] for x in t]):.2f}x global; NLL below global "
+                   f"on {sum(x['nll_local'] < x['nll_global'] for x in t)} of {len(t)}; "
+                   f"accuracy targets met on {sum(x['met'] for x in t)} of {len(t)}.")
         write_doc_section(DOC, "local-monai", mt)
     print(f"wrote {OUT}, {FIG}")
     print(f"wall {wall / 60:.1f} min")

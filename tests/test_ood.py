@@ -527,3 +527,35 @@ def test_reference_zoo_defaults_see_orientation_and_keep_false_alarms_low():
     assert np.mean(s_in < det.offset_) <= 0.08
     for kind, floor in (("orientation", 0.95), ("bias", 0.95), ("ct", 0.99)):
         assert metrics.ood_auroc(s_in, det.score_samples(datasets.load_ood(kind))) >= floor
+
+
+@pytest.mark.parametrize("shape,grid", [((2, 3, 32, 32), 16), ((2, 3, 64, 64), 16),
+                                        ((1, 2, 12, 8), 4), ((1, 2, 8, 12, 16), 4),
+                                        ((2, 2, 30, 33), 8)])
+def test_adaptive_avg_pool_short_and_long_windows_match_means(shape, grid):
+    f = np.random.default_rng(0).random(shape, dtype=np.float32)
+    want = f.astype(np.float64)
+    for ax in range(2, f.ndim):  # window means one axis at a time, as torch's adaptive pool
+        n = want.shape[ax]
+        cells = []
+        for i in range(grid):
+            lo, hi = (i * n) // grid, -((-(i + 1) * n) // grid)
+            cells.append(np.take(want, np.arange(lo, hi), axis=ax).mean(axis=ax))
+        want = np.stack(cells, axis=ax)
+    got = adaptive_avg_pool(f, grid)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
+def test_one_blas_thread_limits_and_restores():
+    from threadpoolctl import threadpool_info
+
+    from uqseg._numeric import one_blas_thread
+
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    before = [i["num_threads"] for i in blas]
+    with one_blas_thread():
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before

@@ -179,3 +179,41 @@ def test_quality_modules_do_not_import_backends():
                 [f"{node.module}.{a.name}" for a in node.names] \
                 if isinstance(node, ast.ImportFrom) and node.module else []
             assert not any(n.startswith("uqseg.backends") for n in names), (path.name, names)
+
+
+@pytest.mark.parametrize("shape", [(4, 10, 12), (3, 1, 8), (2, 5, 6, 7), (2, 1, 1), (3, 9, 9)])
+def test_boundary_components_and_region_means_against_scipy(shape):
+    from scipy import ndimage
+
+    from uqseg.quality_features import _boundary, _components, _Region
+
+    rng = np.random.default_rng(len(shape) * 10 + shape[1])
+    mask = rng.random(shape) > 0.45
+    mask[0] = False  # an empty image: means are 0, no components
+    face = ndimage.generate_binary_structure(len(shape) - 1, 1)
+    eroded = np.stack([ndimage.binary_erosion(m, face) for m in mask])
+    np.testing.assert_array_equal(_boundary(mask), mask & ~eroded)
+    np.testing.assert_array_equal(_components(mask),
+                                  [ndimage.label(m, face)[1] for m in mask])
+    values = rng.normal(size=shape).astype(np.float32)
+    region = _Region(mask)
+    def means(masks):
+        return [float(v[m].mean(dtype=np.float64)) if m.any() else 0.0
+                for v, m in zip(values, masks, strict=True)]
+
+    want = means(mask)
+    np.testing.assert_allclose(region.mean(values), want, rtol=1e-12)
+    sub = _boundary(mask)
+    np.testing.assert_allclose(region.mean_of(region.take(values), region.take(sub)), means(sub),
+                               rtol=1e-12)
+
+
+def test_argmax_labels_first_maximum_like_numpy():
+    from uqseg.quality_features import _argmax_max, argmax_labels
+
+    rng = np.random.default_rng(3)
+    p = rng.integers(0, 3, size=(4, 5, 6, 7)).astype(np.float32)  # many ties
+    lab, top = _argmax_max(p)
+    np.testing.assert_array_equal(argmax_labels(p), p.argmax(axis=1))
+    np.testing.assert_array_equal(lab, p.argmax(axis=1))
+    np.testing.assert_array_equal(top, p.max(axis=1))

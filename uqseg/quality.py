@@ -41,6 +41,7 @@ from uqseg.quality_atlas import (
 )
 from uqseg.quality_features import (
     QualityFeatures,
+    argmax_labels,
     check_n_bins,
     check_uncertainty,
     chunks,
@@ -350,11 +351,11 @@ class QualityRegressor(BaseEstimator):
                 base = self._base_features()
                 reg, self.input_kind_ = resolve_regressor(self.regressor, self.regressor_input,
                                                           k if sigm else k - 1)
-            pred = proba >= 0.5 if sigm else proba.argmax(axis=1)
+            pred = proba >= 0.5 if sigm else argmax_labels(proba)
             targets.append(quality_targets(pred, yb, k, self.target, self.empty_score))
             feats.append(map_rows(base.transform_maps, xb, proba, unc))
             if use_atlas:
-                pmaps.append(atlas_maps(proba.argmax(axis=1), k))
+                pmaps.append(atlas_maps(argmax_labels(proba), k))
                 ymaps.append(atlas_maps(yb, k))
                 ykeys += [label_key(v) for v in yb]
             if typ:
@@ -444,7 +445,7 @@ class QualityRegressor(BaseEstimator):
         if sig is not None:
             F = np.hstack([F, self._typicality(sig)])
         if getattr(self, "atlas_", False):
-            maps = atlas_maps(proba.argmax(axis=1), self.n_classes_)
+            maps = atlas_maps(argmax_labels(proba), self.n_classes_)
             # as at fit time, one block of references is always missing (averaged over blocks)
             F = np.hstack([F, atlas_agreement(maps, self.atlas_maps_, bank=self._atlas_bank(),
                                               blocks=self.atlas_blocks_)])

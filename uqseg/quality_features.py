@@ -95,16 +95,89 @@ def _batch_structure(nd: int) -> np.ndarray:
 
 
 def _boundary(seg: np.ndarray) -> np.ndarray:
-    """Inner boundary of a batch of masks ``(n, *sp)`` (face neighbours, image border outside)."""
-    return seg & ~ndimage.binary_erosion(seg, _batch_structure(seg.ndim - 1))
+    """Inner boundary of a batch of masks ``(n, *sp)``: voxels of the mask with a face
+    neighbour outside it (the image border counts as outside); what ``seg &
+    ~binary_erosion(seg)`` gives, in a few slice comparisons."""
+    inner = seg.copy()
+    for ax in range(1, seg.ndim):
+        idx = [slice(None)] * seg.ndim
+
+        def at(sl, ax=ax, idx=idx):
+            idx[ax] = sl
+            return tuple(idx)
+
+        inner[at(slice(1, None))] &= seg[at(slice(None, -1))]
+        inner[at(slice(None, -1))] &= seg[at(slice(1, None))]
+        inner[at(0)] = False
+        inner[at(-1)] = False
+    return seg & ~inner
 
 
-def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean of ``values`` over ``mask`` per image (axis 0 is the image); 0 where empty."""
-    axes = tuple(range(1, values.ndim))
-    count = mask.sum(axis=axes)
-    total = np.where(mask, values, 0).sum(axis=axes, dtype=np.float64)
-    return np.divide(total, count, out=np.zeros(len(count)), where=count > 0)
+def _argmax_max(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class axis argmax (the first maximum, as ``ndarray.argmax``) and max of ``(n, K, ...)``
+    probabilities, one pass per class (numpy reduces a short class axis slowly)."""
+    best = proba[:, 0].copy()
+    label = np.zeros(best.shape, np.int16)
+    for c in range(1, proba.shape[1]):
+        better = proba[:, c] > best
+        label[better] = c
+        np.maximum(best, proba[:, c], out=best)
+    return label, best
+
+
+def argmax_labels(proba: np.ndarray) -> np.ndarray:
+    """``proba.argmax(axis=1)`` (int16), one pass per class."""
+    return _argmax_max(proba)[0]
+
+
+class _Region:
+    """The voxels of a per-image mask ``(n, *sp)``: per-image means of values there by one
+    gather and a per-image sum (float64), instead of full-size masked temporaries."""
+
+    def __init__(self, mask: np.ndarray):
+        self.n = mask.shape[0]
+        self.flat = mask.reshape(self.n, -1)
+        self.count = self.flat.sum(axis=1)
+        self.image = np.repeat(np.arange(self.n), self.count)
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """The region's voxels of ``values`` ``(n, *sp)``, image by image."""
+        return values.reshape(self.n, -1)[self.flat]
+
+    def mean_of(self, vals: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+        """Per-image mean of the region's voxel values ``vals`` (from :meth:`take`), over the
+        voxels where ``where`` (a sub-region, boolean over the region's voxels); 0 where
+        empty."""
+        if where is None:
+            count = self.count
+        else:
+            vals = vals[where]
+            count = np.bincount(self.image[where], minlength=self.n)
+        return self.sums(vals, count) / np.maximum(count, 1)
+
+    @staticmethod
+    def sums(vals: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """Sums (float64) of consecutive runs of ``count[i]`` values: the voxels of image
+        ``i``, stored image after image."""
+        out = np.zeros(len(count))
+        full = count > 0
+        if full.any():
+            starts = np.cumsum(count) - count
+            out[full] = np.add.reduceat(vals, starts[full], dtype=np.float64)
+        return out
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        return self.mean_of(self.take(values))
+
+
+def _components(seg: np.ndarray) -> np.ndarray:
+    """Connected components (face neighbours) per image of a batch of masks, in one
+    labelling: labels run in scan order, so each image's count is the rise of the running
+    maximum label."""
+    face = _batch_structure(seg.ndim - 1)
+    lab, _ = ndimage.label(seg, np.pad(face, [(1, 1)] + [(0, 0)] * (seg.ndim - 1)))
+    top = np.maximum.accumulate(lab.reshape(lab.shape[0], -1).max(axis=1))
+    return np.diff(top, prepend=0).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- the table
@@ -173,44 +246,51 @@ def quality_features(X: np.ndarray, proba: np.ndarray, uncertainty: np.ndarray, 
     # tissue intensities inside each predicted class: a changed contrast shows up here
     img = np.asarray(X, dtype=np.float64).mean(axis=1)
     masks = proba >= 0.5 if sigmoid else None
-    pred = None if sigmoid else proba.argmax(axis=1)
+    pred, top = (None, proba.max(axis=1)) if sigmoid else _argmax_max(proba)
     n_vox = float(np.prod(proba.shape[2:]))
     cols = []
     for c in range(k) if sigmoid else range(1, k):
         seg = masks[:, c] if sigmoid else pred == c
         u = uncertainty[:, c] if per_channel else unc
         bnd = _boundary(seg)
+        region = _Region(seg)
+        on_bnd = region.take(bnd)  # the boundary as a part of the mask
         p = proba[:, c].astype(np.float64)
-        size = seg.reshape(n, -1).sum(axis=1).astype(np.float64)
+        pv = region.take(p)
+        size = region.count.astype(np.float64)
         soft = p.reshape(n, -1).sum(axis=1)
-        overlap = np.where(seg, p, 0).reshape(n, -1).sum(axis=1)
+        overlap = region.sums(pv, region.count)
         # Dice of the hard prediction against the model's own soft one: 1 when both are empty
         denom = soft + size
         self_dice = np.divide(2 * overlap, denom, out=np.ones(n), where=denom > 1e-6)
-        h = binary_entropy(p)
-        n_comp = np.array([ndimage.label(s)[1] for s in seg], dtype=np.float64)
+        hv = binary_entropy(pv)  # only where it is averaged: the mask and its boundary
+        uv = region.take(u)
+        iv = region.take(img)
+        mean_img = region.mean_of(iv)
         cols += [
             size / n_vox,
             self_dice,
             np.minimum(np.divide(soft, size, out=np.zeros(n), where=size > 0), 10.0),
-            _masked_mean(p, seg),
-            _masked_mean(h, seg),
-            _masked_mean(h, bnd),
-            _masked_mean(u, seg),
-            _masked_mean(u, bnd),
-            np.divide(bnd.reshape(n, -1).sum(axis=1), size, out=np.zeros(n), where=size > 0),
-            np.log1p(n_comp),
-            _masked_mean(img, seg),
-            np.sqrt(np.maximum(_masked_mean(img**2, seg) - _masked_mean(img, seg) ** 2, 0)),
+            region.mean_of(pv),
+            region.mean_of(hv),
+            region.mean_of(hv, on_bnd),
+            region.mean_of(uv),
+            region.mean_of(uv, on_bnd),
+            np.divide(np.bincount(region.image[on_bnd], minlength=n), size,
+                      out=np.zeros(n), where=size > 0),
+            np.log1p(_components(seg)),
+            mean_img,
+            np.sqrt(np.maximum(region.mean_of(iv ** 2) - mean_img ** 2, 0)),
         ]
     fg = masks.any(axis=1) if sigmoid else pred > 0
     # the histogram region includes a one-voxel rim: errors sit on the predicted border
     region = ndimage.binary_dilation(fg, _batch_structure(fg.ndim - 1))
+    fg_region = _Region(fg)
     cols += [
         fg.reshape(n, -1).mean(axis=1),
         unc.reshape(n, -1).mean(axis=1),
-        _masked_mean(unc, fg),
-        _masked_mean(proba.max(axis=1), fg),
+        fg_region.mean(unc),
+        fg_region.mean(top),
     ]
     if kind != "entropy":
         h = binary_entropy(proba).mean(axis=1) if sigmoid else entropy(proba)
