@@ -129,3 +129,26 @@ def test_inference_quick(tmp_path):
         assert v[name]["max_abs_diff_vs_first"] < 1e-3  # same network everywhere
     assert "skipped" in v["ort_cuda"] or v["ort_cuda"]["images_per_s"] > 0
     assert r["configs"]["2d32"]["flops_per_image"] > 0
+
+
+def test_ood_overhead_times_both_blas_settings_and_restores_the_limit():
+    from uqseg import OnnxSegmenter, datasets
+    from uqseg.ood import _base
+
+    bench = _load("bench_ood")
+    limit = _base.one_blas_thread
+    seg = OnnxSegmenter(datasets.reference_models()[0]).fit()
+    X, _ = datasets.load_brain_tissue("val")
+    res = bench.overhead(seg, X[:12], X[:4], repeats=1)
+    assert _base.one_blas_thread is limit  # the free-BLAS variant put it back
+    for key in ("transform_s", "score_samples_s", "score_samples_blas_threads_s"):
+        assert res[key] > 0
+    assert res["overhead"] == pytest.approx(res["score_samples_s"] / res["transform_s"] - 1)
+    assert len(res["score_samples_all_s"]) == bench.BLOCK
+    table = bench.tables({"evaluation": {"spectral": {
+        "kinds": {k: {"auroc": 1.0, "aupr": 1.0, "fpr95": 0.0, "flagged": 1.0}
+                  for k in datasets.OOD_KINDS},
+        "test_flagged": 0.05, "karimi": {"test_flagged": 0.0,
+                                         **{k: 1.0 for k in datasets.OOD_KINDS}}}},
+        "ablation": [], "overhead": res})["overhead"]
+    assert f"{100 * res['overhead']:+.1f}%" in table
