@@ -102,3 +102,48 @@ def test_warns_when_int8_does_not_pay(tiny_2d, X, monkeypatch):
     monkeypatch.setattr(segmod, "INT8_MIN_SPEEDUP", 1e9)  # no network is that much faster
     with pytest.warns(UserWarning, match="it does not pay for this network"):
         OnnxSegmenter(tiny_2d, precision="int8").fit(X)
+
+
+def _upsampling_model(with_bias: bool) -> onnx.ModelProto:
+    """x -> ConvTranspose(k=2, s=2) -> y, and x -> ConvTranspose(k=3, s=2, pads) -> z, which
+    stays (its kernel is not its stride)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(size=(3, 4, 2, 2)).astype(np.float32), "w")
+    v = numpy_helper.from_array(rng.normal(size=(3, 2, 3, 3)).astype(np.float32), "v")
+    b = numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"] + (["b"] if with_bias else []), ["y"],
+                              strides=[2, 2], kernel_shape=[2, 2], name="up"),
+             helper.make_node("ConvTranspose", ["x", "v"], ["z"], strides=[2, 2],
+                              kernel_shape=[3, 3], pads=[1, 1, 0, 0], name="up_padded")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 10, 12]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2, 10, 12])], [w, v, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_upsampling_rewritten_as_depth_to_space_gives_the_same_outputs(with_bias):
+    import onnxruntime as ort
+
+    from uqseg.backends.quantize import _upsampling_as_depth_to_space
+
+    model = _upsampling_model(with_bias)
+    new, count = _upsampling_as_depth_to_space(model)
+    onnx.checker.check_model(new)
+    assert count == 1
+    assert sorted(n.op_type for n in new.graph.node) == ["Conv", "ConvTranspose", "DepthToSpace"]
+    producer = {o: n.op_type for n in new.graph.node for o in n.output}
+    assert producer["y"] == "DepthToSpace" and producer["z"] == "ConvTranspose"  # names kept
+    assert {i.name for i in new.graph.initializer} >= {"v"} and "w" not in {
+        i.name for i in new.graph.initializer}
+    x = np.random.default_rng(2).normal(size=(2, 3, 5, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(new.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert _upsampling_as_depth_to_space(new)[1] == 0  # nothing left to rewrite
