@@ -147,3 +147,19 @@ def test_upsampling_rewritten_as_depth_to_space_gives_the_same_outputs(with_bias
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     assert _upsampling_as_depth_to_space(new)[1] == 0  # nothing left to rewrite
+
+
+def test_mask_multiplies_stay_float32(tiny_mc, X):
+    from uqseg.backends.quantize import _fed_by_other_inputs
+
+    proto = onnx.load(tiny_mc)
+    image = proto.graph.input[0].name
+    names = _fed_by_other_inputs(proto, image)
+    by_name = {n.name: n for n in proto.graph.node}
+    assert names and all(by_name[n].op_type == "Mul" for n in names)
+    seg = OnnxSegmenter(tiny_mc, precision="int8").fit(X)
+    q = onnx.load(seg.quantized_model_)
+    ops = {n.name: n.op_type for n in q.graph.node}
+    assert all(ops.get(n) == "Mul" for n in names)  # not replaced by a quantised multiply
+    # and the MC-dropout ensemble of passes still runs on the int8 graph
+    assert seg.predict_proba(X[:2]).shape[0] == 2
