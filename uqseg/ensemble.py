@@ -301,7 +301,7 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
         kinds = self._check_kinds(kinds)
         X = self._check_X(X)
         want = frozenset(kinds) | _DEFAULT | {FEATURE + ly for ly in self._check_layers(layers)}
-        use_cache = self.cache_size > 0 and not (self.seed is None and self.mc_samples > 0)
+        use_cache = self._caching()
         if not hasattr(self, "_lock"):
             self._reset()
         key = self._key(X) if use_cache else None
@@ -326,8 +326,13 @@ class EnsembleSegmenter(TransformerMixin, BaseEstimator):
     def _check_layers(self, layers) -> tuple[str, ...]:
         return check_layers(layers, self.feature_layers_, int(self._feature_member))
 
-    @staticmethod
-    def _copy(val):
+    def _caching(self) -> bool:
+        return self.cache_size > 0 and not (self.seed is None and self.mc_samples > 0)
+
+    def _copy(self, val):
+        """What a caller may modify: a copy of a cached result, else the result itself."""
+        if not self._caching():
+            return val
         return [v.copy() for v in val] if isinstance(val, list) else val.copy()
 
     # ------------------------------------------------------------------ public inference

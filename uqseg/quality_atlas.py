@@ -74,11 +74,16 @@ def atlas_maps(labels, n_classes: int) -> np.ndarray:
         parts.append(adaptive_avg_pool(onehot, ATLAS_GRID).astype(np.float32))
     maps = np.concatenate(parts)
     centre = (ATLAS_GRID - 1) / 2
-    for i, m in enumerate(maps):
-        fg = m.sum(axis=0)
-        if fg.sum() > 0:
-            cy, cx = ndimage.center_of_mass(fg)
-            maps[i] = ndimage.shift(m, (0, centre - cy, centre - cx), order=1, mode="constant")
+    # foreground centroids of all maps at once (what ndimage.center_of_mass gives per map)
+    fg = maps.sum(axis=1, dtype=np.float64)
+    total = fg.sum(axis=(1, 2))
+    ys, xs = np.arange(fg.shape[1], dtype=np.float64), np.arange(fg.shape[2], dtype=np.float64)
+    safe = np.where(total > 0, total, 1.0)
+    cy = fg.sum(axis=2) @ ys / safe
+    cx = fg.sum(axis=1) @ xs / safe
+    for i in np.flatnonzero(total > 0):
+        maps[i] = ndimage.shift(maps[i], (0, centre - cy[i], centre - cx[i]), order=1,
+                                mode="constant")
     return maps
 
 
@@ -145,7 +150,12 @@ def atlas_agreement(maps: np.ndarray, atlas: np.ndarray, exclude: np.ndarray | N
     if blocks is None:
         return best(dice)
     cols = np.tile(np.asarray(blocks), n_angles)
-    return np.mean([best(dice[:, cols != b]) for b in np.unique(blocks)], axis=0)
+    # the best over the other blocks' columns = the best of the other blocks' own bests
+    # (maxima are exact): each column is read once, not once per block
+    ids = np.unique(blocks)
+    own = np.stack([best(dice[:, cols == b]) for b in ids], axis=1)  # (n, B, K)
+    return np.mean([own[:, np.arange(len(ids)) != i].max(axis=1) for i in range(len(ids))],
+                   axis=0)
 
 
 def atlas_cross_fit(pred_maps, label_maps, label_keys, groups=None):
