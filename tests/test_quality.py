@@ -626,3 +626,21 @@ def test_atlas_auto_and_errors(tiny_2d, tiny_3d):
         QualityRegressor(tiny_2d, regressor=Ridge(), atlas=True).fit(X, two, groups=[7] * 4)
     with pytest.raises(ValueError, match="atlas must be 'auto', True or False"):
         QualityRegressor(tiny_2d, atlas="yes").fit(X, one)
+
+
+def test_atlas_agreement_blocks_is_the_mean_of_leave_one_block_out_bests():
+    from uqseg.quality import atlas_agreement, atlas_maps
+    from uqseg.quality_atlas import ATLAS_ANGLES
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, size=(9, 40, 36))
+    labels[2] = 0  # an empty prediction
+    ref = atlas_maps(labels[3:], 3)
+    blocks = np.array([0, 0, 1, 2, 2, 1])
+    got = atlas_agreement(atlas_maps(labels[:3], 3), ref, blocks=blocks)
+    # by definition: for each block, the agreement with the references outside it
+    want = np.mean([atlas_agreement(atlas_maps(labels[:3], 3), ref,
+                                    exclude=np.tile(blocks == b, (3, 1)))
+                    for b in np.unique(blocks)], axis=0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=0)
+    assert len(ATLAS_ANGLES) > 1 and got.shape == (3, 3)
