@@ -559,3 +559,21 @@ def test_one_blas_thread_limits_and_restores():
     with one_blas_thread():
         assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+
+
+def test_one_blas_thread_nested_uses_restore_the_callers_setting():
+    from threadpoolctl import threadpool_info
+
+    from uqseg._numeric import one_blas_thread
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    with one_blas_thread():
+        with one_blas_thread():  # e.g. assess -> score_samples
+            assert set(blas_threads()) == {1}
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before

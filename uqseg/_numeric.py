@@ -93,11 +93,13 @@ _BLAS = None
 
 
 def one_blas_thread():
-    """Context (and decorator) keeping BLAS/LAPACK on one thread for uqseg's small products
-    and eigen-decompositions between inference batches. OpenBLAS's workers busy-wait after
-    each call and take the cores ONNX Runtime's next batch needs (measured: the spectral
-    detector's ``score_samples`` 137 ms -> 90 ms for 32 slices of which inference is 67 ms);
-    matrices this small gain nothing from more threads."""
+    """Context manager keeping BLAS/LAPACK on one thread for uqseg's small products and
+    eigen-decompositions between inference batches. OpenBLAS's workers busy-wait after each
+    call and take the cores ONNX Runtime's next batch needs (measured: the spectral detector's
+    ``score_samples`` 137 ms -> 90 ms for 32 slices of which inference is 67 ms); matrices
+    this small gain nothing from more threads. The limit is set on entry and the previous
+    setting restored on exit by the same thread (OpenBLAS keeps a thread's own setting when
+    another thread restores it); nested uses restore in order."""
     global _BLAS
     from threadpoolctl import ThreadpoolController
 
